@@ -1,0 +1,190 @@
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use oci_client::RegistryOperation;
+use oci_client::client::BlobResponse;
+use sha2::{Digest as _, Sha256};
+
+use super::{RegistryError, RegistryOptions, classify, credentials_for, to_oci};
+use crate::digest::Digest;
+use crate::error::StoreError;
+use crate::manifest::{Descriptor, MAX_MANIFEST_BYTES, Manifest};
+use crate::media;
+use crate::progress::Progress;
+use crate::reference::Reference;
+use crate::store::Store;
+
+/// Pull a model: manifest first (checked before any blob is fetched), then every blob not already
+/// present, each verified before it becomes visible; the reference is set only at the end.
+pub async fn pull(
+    store: &Store,
+    reference: &Reference,
+    options: &RegistryOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<Digest, StoreError> {
+    let client = options.client(reference);
+    let oref = to_oci(reference);
+    let auth = credentials_for(reference.registry(), options)?.to_auth();
+    client
+        .auth(&oref, &auth, RegistryOperation::Pull)
+        .await
+        .map_err(|e| classify(reference, e))?;
+    let (bytes, _) = client
+        .pull_manifest_raw(&oref, &auth, &[media::OCI_MANIFEST])
+        .await
+        .map_err(|e| classify(reference, e))?;
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(crate::manifest::ManifestError::TooLarge(bytes.len()).into());
+    }
+    let manifest_digest = Digest::of(&bytes);
+    if let Some(want) = reference.digest() {
+        if want != &manifest_digest {
+            return Err(StoreError::DigestMismatch {
+                expected: want.clone(),
+                actual: manifest_digest,
+            });
+        }
+    }
+    let manifest = Manifest::parse(&bytes)?;
+
+    let _writing = store.writer_lock()?;
+    for desc in manifest.blobs() {
+        if store.has_blob(&desc.digest, desc.size) {
+            progress.note(&format!("{} already present", desc.digest.short()));
+            continue;
+        }
+        fetch_blob(&client, &oref, reference, store, desc, progress.as_ref()).await?;
+    }
+    // The config must be readable before the model is announced.
+    store.config(&manifest)?;
+    store.put_bytes(&bytes)?;
+    store.set_ref(reference, &manifest_digest)?;
+    Ok(manifest_digest)
+}
+
+/// Download one blob into `incoming/<hex>.partial`, resuming what an earlier pull left there.
+async fn fetch_blob(
+    client: &oci_client::Client,
+    oref: &oci_client::Reference,
+    reference: &Reference,
+    store: &Store,
+    desc: &Descriptor,
+    progress: &dyn Progress,
+) -> Result<(), StoreError> {
+    let partial = store.partial_path(&desc.digest);
+    let io_err = |what: &str| StoreError::io(format!("{what} {}", partial.display()));
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&partial)
+        .map_err(io_err("opening"))?;
+    let mut have = file.metadata().map_err(io_err("reading"))?.len();
+    let mut hasher = Sha256::new();
+    if have > desc.size {
+        file.set_len(0).map_err(io_err("truncating"))?;
+        have = 0;
+    }
+    if have > 0 {
+        // Re-hash what is there: the digest must cover every byte, old and new.
+        let mut buf = vec![0u8; 1 << 20];
+        file.seek(SeekFrom::Start(0)).map_err(io_err("reading"))?;
+        let mut left = have;
+        while left > 0 {
+            let n = file
+                .read(&mut buf[..left.min(1 << 20) as usize])
+                .map_err(io_err("reading"))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+    }
+    file.seek(SeekFrom::Start(have))
+        .map_err(io_err("seeking in"))?;
+
+    let label = desc
+        .file_path()
+        .map(str::to_string)
+        .unwrap_or_else(|| desc.digest.short().to_string());
+    progress.start(&label, desc.size, have);
+    let digest_str = desc.digest.to_string();
+    let mut stream_error = None;
+    if have < desc.size {
+        let response = if have > 0 {
+            client
+                .pull_blob_stream_partial(oref, digest_str.as_str(), have, None)
+                .await
+        } else {
+            client
+                .pull_blob_stream(oref, digest_str.as_str())
+                .await
+                .map(BlobResponse::Full)
+        };
+        let mut stream = match response.map_err(|e| classify(reference, e))? {
+            BlobResponse::Partial(s) => s.stream,
+            BlobResponse::Full(s) => {
+                // The registry ignored the Range request: start over from byte zero.
+                if have > 0 {
+                    file.set_len(0).map_err(io_err("truncating"))?;
+                    file.seek(SeekFrom::Start(0))
+                        .map_err(io_err("seeking in"))?;
+                    hasher = Sha256::new();
+                    have = 0;
+                    progress.start(&label, desc.size, 0);
+                }
+                s.stream
+            }
+        };
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    stream_error = Some(e.to_string());
+                    break;
+                }
+            };
+            if have + chunk.len() as u64 > desc.size {
+                drop(file);
+                let _ = fs::remove_file(&partial);
+                progress.finish();
+                return Err(RegistryError::Oversized {
+                    registry: reference.registry().to_string(),
+                    digest: digest_str,
+                    size: desc.size,
+                }
+                .into());
+            }
+            file.write_all(&chunk).map_err(io_err("writing"))?;
+            hasher.update(&chunk);
+            have += chunk.len() as u64;
+            progress.advance(chunk.len() as u64);
+        }
+    }
+    progress.finish();
+    file.sync_all().map_err(io_err("flushing"))?;
+    drop(file);
+    if have < desc.size {
+        // Keep the partial file: the next pull continues from here.
+        return Err(RegistryError::Interrupted {
+            digest: digest_str,
+            done: have,
+            total: desc.size,
+            detail: stream_error.unwrap_or_else(|| "the connection closed early".into()),
+        }
+        .into());
+    }
+    let actual = Digest::from_hasher(hasher);
+    if actual != desc.digest {
+        let _ = fs::remove_file(&partial);
+        return Err(StoreError::DigestMismatch {
+            expected: desc.digest.clone(),
+            actual,
+        });
+    }
+    store.publish_partial(&desc.digest)
+}

@@ -1,0 +1,470 @@
+//! The local store under `$BERTH_HOME/models`:
+//!
+//! ```text
+//! blobs/sha256/<hex>        every blob (weights, configs, manifests), named by its verified digest
+//! incoming/<hex>.partial    downloads in progress, kept so an interrupted pull resumes
+//! tmp/                      files being written; never read
+//! index.json                references (tags and pinned digests) → manifest digest
+//! index.lock, gc.lock       advisory locks between berth processes
+//! ```
+//!
+//! Writers (pull, package) hold `gc.lock` shared until their manifest is tagged, and garbage
+//! collection holds it exclusively, so a blob written but not yet referenced is never collected.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::blobs::{BlobWriter, publish};
+use crate::config::ModelConfigFile;
+use crate::digest::Digest;
+use crate::error::StoreError;
+use crate::manifest::{MAX_MANIFEST_BYTES, Manifest};
+use crate::reference::Reference;
+
+pub struct Store {
+    root: PathBuf,
+}
+
+/// A model in the store, as `berth list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSummary {
+    pub reference: String,
+    pub digest: Digest,
+    pub format: String,
+    pub architecture: String,
+    pub parameters: String,
+    pub quantization: String,
+    pub size: u64,
+    pub created: Option<String>,
+}
+
+/// What `berth inspect` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelDetails {
+    pub reference: String,
+    pub digest: Digest,
+    pub manifest: Manifest,
+    pub config: ModelConfigFile,
+}
+
+/// What garbage collection removed.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct GcReport {
+    pub blobs_removed: u64,
+    pub bytes_freed: u64,
+}
+
+/// What `berth df` shows.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct DiskUsage {
+    pub models: u64,
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    /// Bytes in blobs no reference reaches (freed by the next `berth rm` or gc).
+    pub unreferenced_bytes: u64,
+    /// Bytes of interrupted downloads waiting to be resumed.
+    pub partial_bytes: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Index {
+    version: u32,
+    /// Canonical reference → manifest digest.
+    refs: BTreeMap<String, Digest>,
+}
+
+/// An advisory file lock, released on drop.
+pub struct LockGuard {
+    _file: File,
+}
+
+impl Store {
+    /// `$BERTH_HOME`, else `~/.berth`.
+    pub fn default_home() -> PathBuf {
+        if let Some(h) = std::env::var_os("BERTH_HOME") {
+            return PathBuf::from(h);
+        }
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
+        home.join(".berth")
+    }
+
+    /// Open (creating if needed) the store under a berth home folder.
+    pub fn open(home: &Path) -> Result<Store, StoreError> {
+        let root = home.join("models");
+        for dir in ["blobs/sha256", "incoming", "tmp"] {
+            let d = root.join(dir);
+            fs::create_dir_all(&d).map_err(StoreError::io(format!("creating {}", d.display())))?;
+        }
+        Ok(Store { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn blobs_dir(&self) -> PathBuf {
+        self.root.join("blobs/sha256")
+    }
+
+    /// Where a blob lives. The digest was validated when it was made, so the path stays inside.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs_dir().join(digest.hex())
+    }
+
+    pub(crate) fn partial_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("incoming")
+            .join(format!("{}.partial", digest.hex()))
+    }
+
+    /// Whether a blob is present with the expected size.
+    pub fn has_blob(&self, digest: &Digest, size: u64) -> bool {
+        fs::metadata(self.blob_path(digest)).is_ok_and(|m| m.is_file() && m.len() == size)
+    }
+
+    /// Start writing a new blob.
+    pub fn blob_writer(&self) -> Result<BlobWriter, StoreError> {
+        BlobWriter::create(&self.root.join("tmp"), &self.blobs_dir())
+    }
+
+    /// Store bytes as a blob.
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
+        let mut w = self.blob_writer()?;
+        std::io::Write::write_all(&mut w, bytes).map_err(StoreError::io("writing a blob"))?;
+        w.commit(None)
+    }
+
+    /// Move a fully downloaded, verified partial file into place.
+    pub(crate) fn publish_partial(&self, digest: &Digest) -> Result<(), StoreError> {
+        publish(&self.partial_path(digest), &self.blob_path(digest))
+    }
+
+    /// Read a small blob (manifest, config) and check its bytes against its digest.
+    pub fn read_small_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+        let path = self.blob_path(digest);
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::MissingBlob(digest.clone()),
+            _ => StoreError::Io {
+                context: format!("reading {}", path.display()),
+                source: e,
+            },
+        })?;
+        let mut bytes = Vec::new();
+        file.take(MAX_MANIFEST_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(StoreError::io(format!("reading {}", path.display())))?;
+        let actual = Digest::of(&bytes);
+        if &actual != digest {
+            return Err(StoreError::DigestMismatch {
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Hold off garbage collection while writing blobs that are not referenced yet.
+    pub fn writer_lock(&self) -> Result<LockGuard, StoreError> {
+        self.lock("gc.lock", false)
+    }
+
+    fn lock(&self, name: &str, exclusive: bool) -> Result<LockGuard, StoreError> {
+        let path = self.root.join(name);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(StoreError::io(format!("opening {}", path.display())))?;
+        let locked = if exclusive {
+            file.lock()
+        } else {
+            file.lock_shared()
+        };
+        locked.map_err(StoreError::io(format!("locking {}", path.display())))?;
+        Ok(LockGuard { _file: file })
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.root.join("index.json")
+    }
+
+    fn read_index(&self) -> Result<Index, StoreError> {
+        let path = self.index_path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Index {
+                    version: 1,
+                    ..Index::default()
+                });
+            }
+            Err(e) => {
+                return Err(StoreError::Io {
+                    context: format!("reading {}", path.display()),
+                    source: e,
+                });
+            }
+        };
+        let index: Index =
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::CorruptIndex {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        for key in index.refs.keys() {
+            Reference::parse(key).map_err(|e| StoreError::CorruptIndex {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(index)
+    }
+
+    /// Read-modify-write the index under its lock; the new index replaces the old atomically.
+    fn update_index<T>(
+        &self,
+        f: impl FnOnce(&mut Index) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let _lock = self.lock("index.lock", true)?;
+        let mut index = self.read_index()?;
+        let out = f(&mut index)?;
+        index.version = 1;
+        let bytes =
+            serde_json::to_vec_pretty(&index).map_err(|e| StoreError::Config(e.to_string()))?;
+        let tmp = self.root.join("tmp/index.json.new");
+        {
+            let mut file =
+                File::create(&tmp).map_err(StoreError::io(format!("writing {}", tmp.display())))?;
+            std::io::Write::write_all(&mut file, &bytes)
+                .map_err(StoreError::io("writing the index"))?;
+            file.sync_all()
+                .map_err(StoreError::io("flushing the index"))?;
+        }
+        publish(&tmp, &self.index_path())?;
+        Ok(out)
+    }
+
+    /// Point a reference at a manifest that is in the store.
+    pub fn set_ref(&self, reference: &Reference, manifest: &Digest) -> Result<(), StoreError> {
+        self.update_index(|index| {
+            index.refs.insert(reference.to_string(), manifest.clone());
+            Ok(())
+        })
+    }
+
+    /// The manifest digest a reference names locally.
+    pub fn resolve(&self, reference: &Reference) -> Result<Digest, StoreError> {
+        let index = self.read_index()?;
+        if let Some(d) = index.refs.get(&reference.to_string()) {
+            return Ok(d.clone());
+        }
+        // `name@digest` also finds a manifest stored under a tag of the same repository.
+        if let Some(d) = reference.digest() {
+            let name = reference.name();
+            let hit = index
+                .refs
+                .iter()
+                .any(|(k, v)| v == d && Reference::parse(k).is_ok_and(|r| r.name() == name));
+            if hit {
+                return Ok(d.clone());
+            }
+        }
+        Err(StoreError::NotFound(reference.familiar()))
+    }
+
+    /// The manifest and config of a local model.
+    pub fn load(
+        &self,
+        reference: &Reference,
+    ) -> Result<(Digest, Manifest, ModelConfigFile), StoreError> {
+        let digest = self.resolve(reference)?;
+        let manifest = self.manifest(&digest)?;
+        let config = self.config(&manifest)?;
+        Ok((digest, manifest, config))
+    }
+
+    pub fn manifest(&self, digest: &Digest) -> Result<Manifest, StoreError> {
+        Ok(Manifest::parse(&self.read_small_blob(digest)?)?)
+    }
+
+    pub fn config(&self, manifest: &Manifest) -> Result<ModelConfigFile, StoreError> {
+        let bytes = self.read_small_blob(&manifest.config.digest)?;
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::Config(e.to_string()))
+    }
+
+    pub fn inspect(&self, reference: &Reference) -> Result<ModelDetails, StoreError> {
+        let (digest, manifest, config) = self.load(reference)?;
+        Ok(ModelDetails {
+            reference: reference.familiar(),
+            digest,
+            manifest,
+            config,
+        })
+    }
+
+    /// Give a local model a second name.
+    pub fn tag(&self, source: &Reference, target: &Reference) -> Result<Digest, StoreError> {
+        let digest = self.resolve(source)?;
+        self.set_ref(target, &digest)?;
+        Ok(digest)
+    }
+
+    /// Every reference in the store, sorted.
+    pub fn list(&self) -> Result<Vec<ModelSummary>, StoreError> {
+        let index = self.read_index()?;
+        let mut out = Vec::with_capacity(index.refs.len());
+        for (key, digest) in &index.refs {
+            let reference = Reference::parse(key)?;
+            let manifest = self.manifest(digest)?;
+            let config = self.config(&manifest)?;
+            out.push(ModelSummary {
+                reference: reference.familiar(),
+                digest: digest.clone(),
+                format: config.config.format,
+                architecture: config.config.architecture,
+                parameters: config.config.parameters,
+                quantization: config.config.quantization,
+                size: manifest.total_size(),
+                created: config.descriptor.created,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Remove a reference (a `name@digest` removes every tag of that name pointing there), then
+    /// collect blobs nothing references any more. Returns the removed references.
+    pub fn remove(&self, reference: &Reference) -> Result<(Vec<String>, GcReport), StoreError> {
+        let removed = self.update_index(|index| {
+            let key = reference.to_string();
+            let mut removed = Vec::new();
+            if index.refs.remove(&key).is_some() {
+                removed.push(key);
+            } else if let Some(d) = reference.digest() {
+                let name = reference.name();
+                let keys: Vec<String> = index
+                    .refs
+                    .iter()
+                    .filter(|(k, v)| *v == d && Reference::parse(k).is_ok_and(|r| r.name() == name))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in keys {
+                    index.refs.remove(&k);
+                    removed.push(k);
+                }
+            }
+            if removed.is_empty() {
+                return Err(StoreError::NotFound(reference.familiar()));
+            }
+            Ok(removed)
+        })?;
+        let report = self.gc()?;
+        Ok((removed, report))
+    }
+
+    /// Blobs reachable from some reference.
+    fn reachable(&self) -> Result<BTreeSet<Digest>, StoreError> {
+        let index = self.read_index()?;
+        let mut live = BTreeSet::new();
+        for digest in index.refs.values() {
+            live.insert(digest.clone());
+            // A damaged manifest keeps only itself alive; its blobs go, and `berth pull` restores them.
+            if let Ok(m) = self.manifest(digest) {
+                live.extend(m.blobs().map(|d| d.digest.clone()));
+            }
+        }
+        Ok(live)
+    }
+
+    /// Remove every blob no reference reaches.
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        let _gc = self.lock("gc.lock", true)?;
+        let live = self.reachable()?;
+        let mut report = GcReport::default();
+        for (path, digest, len) in self.blob_files()? {
+            if !live.contains(&digest) {
+                fs::remove_file(&path)
+                    .map_err(StoreError::io(format!("removing {}", path.display())))?;
+                report.blobs_removed += 1;
+                report.bytes_freed += len;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Every blob file with a valid name (other files in the folder are left alone).
+    fn blob_files(&self) -> Result<Vec<(PathBuf, Digest, u64)>, StoreError> {
+        let dir = self.blobs_dir();
+        let mut out = Vec::new();
+        for entry in
+            fs::read_dir(&dir).map_err(StoreError::io(format!("listing {}", dir.display())))?
+        {
+            let entry = entry.map_err(StoreError::io(format!("listing {}", dir.display())))?;
+            let name = entry.file_name();
+            let Some(digest) = name
+                .to_str()
+                .and_then(|n| Digest::parse(&format!("sha256:{n}")).ok())
+            else {
+                continue;
+            };
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            out.push((entry.path(), digest, len));
+        }
+        Ok(out)
+    }
+
+    pub fn disk_usage(&self) -> Result<DiskUsage, StoreError> {
+        let live = self.reachable()?;
+        let mut du = DiskUsage {
+            models: self.read_index()?.refs.len() as u64,
+            ..DiskUsage::default()
+        };
+        for (_, digest, len) in self.blob_files()? {
+            du.blobs += 1;
+            du.blob_bytes += len;
+            if !live.contains(&digest) {
+                du.unreferenced_bytes += len;
+            }
+        }
+        let incoming = self.root.join("incoming");
+        if let Ok(entries) = fs::read_dir(&incoming) {
+            du.partial_bytes = entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+        }
+        Ok(du)
+    }
+
+    /// The files of a model, as (path inside the model folder, blob path), for engines to open.
+    pub fn model_files(&self, manifest: &Manifest) -> Vec<(String, String, PathBuf)> {
+        manifest
+            .layers
+            .iter()
+            .map(|l| {
+                let name = l
+                    .file_path()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| default_file_name(&l.media_type));
+                (l.media_type.clone(), name, self.blob_path(&l.digest))
+            })
+            .collect()
+    }
+}
+
+fn default_file_name(media_type: &str) -> String {
+    match media_type {
+        crate::media::GGUF => "model.gguf",
+        crate::media::LICENSE => "LICENSE",
+        crate::media::CHAT_TEMPLATE => "template.jinja",
+        crate::media::SAFETENSORS => "model.safetensors",
+        _ => "file",
+    }
+    .to_string()
+}

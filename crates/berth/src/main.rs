@@ -1,0 +1,80 @@
+//! The `berth` command line: a thin shell over berth's libraries.
+
+mod commands;
+mod progress;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "Package, run, serve and operate generative AI models"
+)]
+struct Cli {
+    /// berth's data folder (models, keys, usage).
+    #[arg(long, global = true, env = "BERTH_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// A registry (host[:port]) that may be reached over plain HTTP; loopback registries always may.
+    #[arg(
+        long = "insecure-registry",
+        global = true,
+        value_name = "HOST",
+        env = "BERTH_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure_registries: Vec<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Package a GGUF file or a safetensors folder as a model artifact in the local store.
+    Package(commands::package::Args),
+    /// Fetch a model from a registry into the local store.
+    Pull(commands::transfer::PullArgs),
+    /// Send a local model to a registry.
+    Push(commands::transfer::PushArgs),
+    /// Give a local model another name.
+    Tag(commands::manage::TagArgs),
+    /// List local models.
+    #[command(alias = "ls")]
+    List(commands::manage::ListArgs),
+    /// Show a local model's manifest and config.
+    Inspect(commands::manage::InspectArgs),
+    /// Remove local models and the files nothing else uses.
+    #[command(alias = "remove")]
+    Rm(commands::manage::RmArgs),
+    /// Show the store's disk usage.
+    Df(commands::manage::DfArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ctx = commands::Context {
+        home: cli.home.unwrap_or_else(berth_store::Store::default_home),
+        insecure_registries: cli.insecure_registries,
+    };
+    let result = match cli.command {
+        Command::Package(a) => commands::package::run(&ctx, a),
+        Command::Pull(a) => commands::transfer::pull(&ctx, a),
+        Command::Push(a) => commands::transfer::push(&ctx, a),
+        Command::Tag(a) => commands::manage::tag(&ctx, a),
+        Command::List(a) => commands::manage::list(&ctx, a),
+        Command::Inspect(a) => commands::manage::inspect(&ctx, a),
+        Command::Rm(a) => commands::manage::rm(&ctx, a),
+        Command::Df(a) => commands::manage::df(&ctx, a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
