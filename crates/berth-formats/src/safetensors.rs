@@ -33,21 +33,9 @@ pub enum SafetensorsError {
     #[error(
         "tensor {name:?} has shape {shape:?} of {dtype}, which needs {expected} bytes, but its range holds {actual}"
     )]
-    SizeMismatch {
-        name: String,
-        shape: Vec<u64>,
-        dtype: String,
-        expected: u64,
-        actual: u64,
-    },
-    #[error(
-        "tensor data is not contiguous: tensor {name:?} starts at {begin}, expected {expected}"
-    )]
-    NotContiguous {
-        name: String,
-        begin: u64,
-        expected: u64,
-    },
+    SizeMismatch { name: String, shape: Vec<u64>, dtype: String, expected: u64, actual: u64 },
+    #[error("tensor data is not contiguous: tensor {name:?} starts at {begin}, expected {expected}")]
+    NotContiguous { name: String, begin: u64, expected: u64 },
     #[error("the tensors cover {covered} data bytes but the file holds {available}")]
     DataLengthMismatch { covered: u64, available: u64 },
     #[error("size arithmetic overflowed for tensor {0:?}")]
@@ -107,10 +95,8 @@ impl SafetensorsHeader {
     /// Parse a whole file held in memory.
     pub fn parse(bytes: &[u8]) -> Result<Self, SafetensorsError> {
         let file_len = bytes.len() as u64;
-        let prefix: [u8; 8] = bytes
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(SafetensorsError::TooShort(file_len))?;
+        let prefix: [u8; 8] =
+            bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or(SafetensorsError::TooShort(file_len))?;
         let n = header_len(&prefix, file_len)?;
         // n <= file_len - 8, so the slice is in bounds.
         Self::parse_header(&bytes[8..8 + n as usize], file_len)
@@ -119,8 +105,7 @@ impl SafetensorsHeader {
     /// Parse the JSON header (the bytes after the 8-byte length) of a file of `file_len` bytes.
     pub fn parse_header(json: &[u8], file_len: u64) -> Result<Self, SafetensorsError> {
         let data_offset = 8 + json.len() as u64;
-        let Entries(entries) =
-            serde_json::from_slice(json).map_err(|e| SafetensorsError::BadJson(e.to_string()))?;
+        let Entries(entries) = serde_json::from_slice(json).map_err(|e| SafetensorsError::BadJson(e.to_string()))?;
         let mut metadata = BTreeMap::new();
         let mut seen = HashSet::new();
         let mut tensors = Vec::with_capacity(entries.len());
@@ -129,20 +114,14 @@ impl SafetensorsHeader {
                 return Err(SafetensorsError::DuplicateTensor { name });
             }
             if name == "__metadata__" {
-                metadata = serde_json::from_value(value).map_err(|e| {
-                    SafetensorsError::BadJson(format!(
-                        "__metadata__ must map strings to strings: {e}"
-                    ))
-                })?;
+                metadata = serde_json::from_value(value)
+                    .map_err(|e| SafetensorsError::BadJson(format!("__metadata__ must map strings to strings: {e}")))?;
                 continue;
             }
             let raw: RawTensor = serde_json::from_value(value)
                 .map_err(|e| SafetensorsError::BadJson(format!("tensor {name:?}: {e}")))?;
             let Some(size) = dtype_size(&raw.dtype) else {
-                return Err(SafetensorsError::UnknownDtype {
-                    name,
-                    dtype: raw.dtype,
-                });
+                return Err(SafetensorsError::UnknownDtype { name, dtype: raw.dtype });
             };
             let [begin, end] = raw.data_offsets;
             if end < begin {
@@ -162,51 +141,31 @@ impl SafetensorsHeader {
                     actual: end - begin,
                 });
             }
-            tensors.push(TensorEntry {
-                name,
-                dtype: raw.dtype,
-                shape: raw.shape,
-                begin,
-                end,
-            });
+            tensors.push(TensorEntry { name, dtype: raw.dtype, shape: raw.shape, begin, end });
         }
         tensors.sort_by_key(|t| (t.begin, t.end));
         let mut expected = 0u64;
         for t in &tensors {
             if t.begin != expected {
-                return Err(SafetensorsError::NotContiguous {
-                    name: t.name.clone(),
-                    begin: t.begin,
-                    expected,
-                });
+                return Err(SafetensorsError::NotContiguous { name: t.name.clone(), begin: t.begin, expected });
             }
             expected = t.end;
         }
         let available = file_len.saturating_sub(data_offset);
         if expected != available {
-            return Err(SafetensorsError::DataLengthMismatch {
-                covered: expected,
-                available,
-            });
+            return Err(SafetensorsError::DataLengthMismatch { covered: expected, available });
         }
         for t in &mut tensors {
             // Both fit: they are at most `available`, and data_offset + available = file_len.
             t.begin += data_offset;
             t.end += data_offset;
         }
-        Ok(Self {
-            tensors,
-            metadata,
-            data_offset,
-        })
+        Ok(Self { tensors, metadata, data_offset })
     }
 
     /// Total number of weights.
     pub fn parameter_count(&self) -> u64 {
-        self.tensors
-            .iter()
-            .map(TensorEntry::element_count)
-            .fold(0, u64::saturating_add)
+        self.tensors.iter().map(TensorEntry::element_count).fold(0, u64::saturating_add)
     }
 
     /// The dtypes present, most bytes first ("F32", or "BF16,F32" for a mixed file).
@@ -276,41 +235,13 @@ mod tests {
     #[test]
     fn refuses_lies_and_gaps() {
         let cases = [
-            (
-                r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
-                8,
-                "SizeMismatch",
-            ),
-            (
-                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
-                12,
-                "NotContiguous",
-            ),
-            (
-                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
-                100,
-                "DataLengthMismatch",
-            ),
-            (
-                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
-                4,
-                "DataLengthMismatch",
-            ),
-            (
-                r#"{"a":{"dtype":"Q9","shape":[2],"data_offsets":[0,8]}}"#,
-                8,
-                "UnknownDtype",
-            ),
-            (
-                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#,
-                8,
-                "BackwardsRange",
-            ),
-            (
-                r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#,
-                8,
-                "Overflow",
-            ),
+            (r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8, "SizeMismatch"),
+            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, 12, "NotContiguous"),
+            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 100, "DataLengthMismatch"),
+            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 4, "DataLengthMismatch"),
+            (r#"{"a":{"dtype":"Q9","shape":[2],"data_offsets":[0,8]}}"#, 8, "UnknownDtype"),
+            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#, 8, "BackwardsRange"),
+            (r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#, 8, "Overflow"),
             (
                 r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
                 8,
@@ -320,10 +251,7 @@ mod tests {
         ];
         for (header, data, want) in cases {
             let err = SafetensorsHeader::parse(&file(header, data)).unwrap_err();
-            assert!(
-                format!("{err:?}").starts_with(want),
-                "{header}: got {err:?}, want {want}"
-            );
+            assert!(format!("{err:?}").starts_with(want), "{header}: got {err:?}, want {want}");
         }
     }
 
@@ -331,14 +259,8 @@ mod tests {
     fn refuses_a_header_longer_than_the_file_or_the_cap() {
         let mut bytes = (1u64 << 40).to_le_bytes().to_vec();
         bytes.extend_from_slice(b"{}");
-        assert!(matches!(
-            SafetensorsHeader::parse(&bytes),
-            Err(SafetensorsError::HeaderTooLarge { .. })
-        ));
-        assert!(matches!(
-            SafetensorsHeader::parse(&[1, 2, 3]),
-            Err(SafetensorsError::TooShort(3))
-        ));
+        assert!(matches!(SafetensorsHeader::parse(&bytes), Err(SafetensorsError::HeaderTooLarge { .. })));
+        assert!(matches!(SafetensorsHeader::parse(&[1, 2, 3]), Err(SafetensorsError::TooShort(3))));
         assert!(matches!(
             header_len(&(MAX_HEADER_LEN + 1).to_le_bytes(), u64::MAX),
             Err(SafetensorsError::HeaderTooLarge { .. })

@@ -24,21 +24,10 @@ impl BlobWriter {
         let tmp = tempfile::Builder::new()
             .prefix("blob-")
             .tempfile_in(tmp_dir)
-            .map_err(StoreError::io(format!(
-                "creating a temporary file in {}",
-                tmp_dir.display()
-            )))?;
-        let (file, tmp) = tmp.keep().map_err(|e| StoreError::Io {
-            context: "keeping a temporary file".into(),
-            source: e.error,
-        })?;
-        Ok(BlobWriter {
-            file: Some(file),
-            tmp,
-            blobs_dir: blobs_dir.to_path_buf(),
-            hasher: Sha256::new(),
-            len: 0,
-        })
+            .map_err(StoreError::io(format!("creating a temporary file in {}", tmp_dir.display())))?;
+        let (file, tmp) =
+            tmp.keep().map_err(|e| StoreError::Io { context: "keeping a temporary file".into(), source: e.error })?;
+        Ok(BlobWriter { file: Some(file), tmp, blobs_dir: blobs_dir.to_path_buf(), hasher: Sha256::new(), len: 0 })
     }
 
     /// Bytes written so far.
@@ -55,25 +44,17 @@ impl BlobWriter {
         let digest = Digest::from_hasher(std::mem::take(&mut self.hasher));
         if let Some((want, size)) = expected {
             if self.len != size {
-                return Err(StoreError::SizeMismatch {
-                    digest: want.clone(),
-                    expected: size,
-                    actual: self.len,
-                });
+                return Err(StoreError::SizeMismatch { digest: want.clone(), expected: size, actual: self.len });
             }
             if &digest != want {
-                return Err(StoreError::DigestMismatch {
-                    expected: want.clone(),
-                    actual: digest,
-                });
+                return Err(StoreError::DigestMismatch { expected: want.clone(), actual: digest });
             }
         }
         let file = self.file.take().ok_or_else(|| StoreError::Io {
             context: "committing a blob twice".into(),
             source: io::Error::other("already committed"),
         })?;
-        file.sync_all()
-            .map_err(StoreError::io("flushing a blob to disk"))?;
+        file.sync_all().map_err(StoreError::io("flushing a blob to disk"))?;
         drop(file);
         let dest = self.blobs_dir.join(digest.hex());
         publish(&self.tmp, &dest)?;
@@ -83,10 +64,7 @@ impl BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("blob already committed"))?;
+        let file = self.file.as_mut().ok_or_else(|| io::Error::other("blob already committed"))?;
         let n = file.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.len += n as u64;
@@ -106,10 +84,7 @@ impl Drop for BlobWriter {
 
 /// Rename a verified, flushed file to its final name and flush the directory entry.
 pub(crate) fn publish(from: &Path, to: &Path) -> Result<(), StoreError> {
-    fs::rename(from, to).map_err(StoreError::io(format!(
-        "moving a verified blob into {}",
-        to.display()
-    )))?;
+    fs::rename(from, to).map_err(StoreError::io(format!("moving a verified blob into {}", to.display())))?;
     if let Some(dir) = to.parent() {
         // Flushing the directory makes the rename itself durable; where a filesystem cannot, the
         // blob is still whole, only maybe not yet visible after a power cut.

@@ -51,10 +51,7 @@ pub struct RootFs {
 
 impl Default for RootFs {
     fn default() -> Self {
-        RootFs {
-            kind: "rootfs".to_string(),
-            diff_ids: Vec::new(),
-        }
+        RootFs { kind: "rootfs".to_string(), diff_ids: Vec::new() }
     }
 }
 
@@ -88,11 +85,7 @@ pub fn format_size(bytes: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.2} {}", UNITS[unit])
-    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{v:.2} {}", UNITS[unit]) }
 }
 
 #[cfg(test)]

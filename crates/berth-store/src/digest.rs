@@ -9,9 +9,7 @@ use sha2::{Digest as _, Sha256};
 /// Why a string is not a digest berth accepts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DigestError {
-    #[error(
-        "digest {0:?} does not use sha256 (berth accepts only \"sha256:\" followed by 64 lowercase hex digits)"
-    )]
+    #[error("digest {0:?} does not use sha256 (berth accepts only \"sha256:\" followed by 64 lowercase hex digits)")]
     Algorithm(String),
     #[error("digest {0:?} must have exactly 64 lowercase hex digits after \"sha256:\"")]
     Hex(String),
@@ -30,16 +28,10 @@ impl Digest {
         let Some(hex) = s.strip_prefix("sha256:") else {
             return Err(DigestError::Algorithm(truncated()));
         };
-        if hex.len() != 64
-            || !hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(DigestError::Hex(truncated()));
         }
-        Ok(Digest {
-            hex: hex.to_string(),
-        })
+        Ok(Digest { hex: hex.to_string() })
     }
 
     /// The digest of some bytes.
@@ -49,9 +41,7 @@ impl Digest {
 
     /// The digest a running hasher has computed.
     pub fn from_hasher(h: Sha256) -> Digest {
-        Digest {
-            hex: hex::encode(h.finalize()),
-        }
+        Digest { hex: hex::encode(h.finalize()) }
     }
 
     /// The 64 hex digits, safe to use as a file name.

@@ -54,9 +54,7 @@ pub enum ManifestError {
     SchemaVersion(u32),
     #[error("manifest media type {0:?} is not an OCI image manifest; berth handles {mt}", mt = media::OCI_MANIFEST)]
     ManifestMediaType(String),
-    #[error(
-        "config media type {0:?} is not a Docker model config; this is not a model artifact berth can use"
-    )]
+    #[error("config media type {0:?} is not a Docker model config; this is not a model artifact berth can use")]
     ConfigMediaType(String),
     #[error("layer {digest} has media type {media_type:?}, which berth does not know")]
     LayerMediaType { media_type: String, digest: Digest },
@@ -74,8 +72,7 @@ impl Manifest {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooLarge(bytes.len()));
         }
-        let m: Manifest =
-            serde_json::from_slice(bytes).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| ManifestError::Malformed(e.to_string()))?;
         m.validate()?;
         Ok(m)
     }
@@ -84,21 +81,16 @@ impl Manifest {
         if self.schema_version != 2 {
             return Err(ManifestError::SchemaVersion(self.schema_version));
         }
-        if let Some(mt) = &self.media_type {
-            if mt != media::OCI_MANIFEST {
-                return Err(ManifestError::ManifestMediaType(mt.clone()));
-            }
+        if let Some(mt) = &self.media_type
+            && mt != media::OCI_MANIFEST
+        {
+            return Err(ManifestError::ManifestMediaType(mt.clone()));
         }
         if !media::CONFIG_TYPES.contains(&self.config.media_type.as_str()) {
-            return Err(ManifestError::ConfigMediaType(
-                self.config.media_type.clone(),
-            ));
+            return Err(ManifestError::ConfigMediaType(self.config.media_type.clone()));
         }
         if self.config.size > MAX_MANIFEST_BYTES as u64 {
-            return Err(ManifestError::BlobTooLarge {
-                digest: self.config.digest.clone(),
-                size: self.config.size,
-            });
+            return Err(ManifestError::BlobTooLarge { digest: self.config.digest.clone(), size: self.config.size });
         }
         for l in &self.layers {
             if !media::LAYER_TYPES.contains(&l.media_type.as_str()) {
@@ -108,22 +100,15 @@ impl Manifest {
                 });
             }
             if l.size > MAX_BLOB_BYTES {
-                return Err(ManifestError::BlobTooLarge {
-                    digest: l.digest.clone(),
-                    size: l.size,
-                });
+                return Err(ManifestError::BlobTooLarge { digest: l.digest.clone(), size: l.size });
             }
-            if let Some(p) = l.file_path() {
-                if !is_safe_relative_path(p) {
-                    return Err(ManifestError::UnsafePath(p.to_string()));
-                }
+            if let Some(p) = l.file_path()
+                && !is_safe_relative_path(p)
+            {
+                return Err(ManifestError::UnsafePath(p.to_string()));
             }
         }
-        if !self
-            .layers
-            .iter()
-            .any(|l| l.media_type == media::GGUF || l.media_type == media::SAFETENSORS)
-        {
+        if !self.layers.iter().any(|l| l.media_type == media::GGUF || l.media_type == media::SAFETENSORS) {
             return Err(ManifestError::NoWeights);
         }
         Ok(())
@@ -179,21 +164,13 @@ mod tests {
     fn refuses_unknown_types_and_escaping_paths() {
         let e = Manifest::parse(manifest_json("application/x-evil", "a").as_bytes()).unwrap_err();
         assert!(matches!(e, ManifestError::LayerMediaType { .. }), "{e}");
-        let e =
-            Manifest::parse(manifest_json(media::GGUF, "../../etc/passwd").as_bytes()).unwrap_err();
+        let e = Manifest::parse(manifest_json(media::GGUF, "../../etc/passwd").as_bytes()).unwrap_err();
         assert!(matches!(e, ManifestError::UnsafePath(_)), "{e}");
         let e = Manifest::parse(manifest_json(media::LICENSE, "LICENSE").as_bytes()).unwrap_err();
         assert!(matches!(e, ManifestError::NoWeights), "{e}");
-        let bad_digest =
-            manifest_json(media::GGUF, "m").replace(&"1".repeat(64), "../../etc/passwd");
-        assert!(matches!(
-            Manifest::parse(bad_digest.as_bytes()),
-            Err(ManifestError::Malformed(_))
-        ));
-        assert!(matches!(
-            Manifest::parse(&vec![b' '; MAX_MANIFEST_BYTES + 1]),
-            Err(ManifestError::TooLarge(_))
-        ));
+        let bad_digest = manifest_json(media::GGUF, "m").replace(&"1".repeat(64), "../../etc/passwd");
+        assert!(matches!(Manifest::parse(bad_digest.as_bytes()), Err(ManifestError::Malformed(_))));
+        assert!(matches!(Manifest::parse(&vec![b' '; MAX_MANIFEST_BYTES + 1]), Err(ManifestError::TooLarge(_))));
     }
 
     #[test]

@@ -21,13 +21,5 @@ pub const ANNOTATION_FILEPATH: &str = "org.cncf.model.filepath";
 pub const ANNOTATION_TITLE: &str = "org.opencontainers.image.title";
 
 pub const CONFIG_TYPES: &[&str] = &[MODEL_CONFIG_V01, MODEL_CONFIG_V02];
-pub const LAYER_TYPES: &[&str] = &[
-    GGUF,
-    SAFETENSORS,
-    LICENSE,
-    CHAT_TEMPLATE,
-    MODEL_FILE,
-    MMPROJ,
-    VLLM_CONFIG_TAR,
-    DIR_TAR,
-];
+pub const LAYER_TYPES: &[&str] =
+    &[GGUF, SAFETENSORS, LICENSE, CHAT_TEMPLATE, MODEL_FILE, MMPROJ, VLLM_CONFIG_TAR, DIR_TAR];

@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use berth_formats::gguf::GgufFile;
 use berth_formats::safetensors::{self, SafetensorsHeader};
 
-use crate::config::{
-    ModelConfig, ModelConfigFile, Provenance, RootFs, format_parameters, format_size,
-};
+use crate::config::{ModelConfig, ModelConfigFile, Provenance, RootFs, format_parameters, format_size};
 use crate::digest::Digest;
 use crate::error::StoreError;
 use crate::manifest::{Descriptor, Manifest, is_safe_relative_path};
@@ -47,22 +45,18 @@ pub fn package_gguf(
     let file = File::open(path).map_err(StoreError::io(format!("opening {}", path.display())))?;
     // SAFETY: the map is read-only and lives only while we parse; a file truncated underneath
     // us would fault, which is the documented risk of mapping files berth does not own.
-    let map = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(StoreError::io(format!("mapping {}", path.display())))?;
-    let gguf = GgufFile::parse(&map).map_err(|source| StoreError::Gguf {
-        path: path.clone(),
-        source,
-    })?;
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(StoreError::io(format!("mapping {}", path.display())))?;
+    let gguf = GgufFile::parse(&map).map_err(|source| StoreError::Gguf { path: path.clone(), source })?;
     let architecture = gguf.architecture().unwrap_or("unknown").to_string();
     let mut metadata = BTreeMap::new();
     for (key, value) in &gguf.metadata {
         if key.starts_with("tokenizer.") {
             continue;
         }
-        if let Some(s) = value.scalar_to_string() {
-            if s.len() <= MAX_CONFIG_VALUE {
-                metadata.insert(key.clone(), s);
-            }
+        if let Some(s) = value.scalar_to_string()
+            && s.len() <= MAX_CONFIG_VALUE
+        {
+            metadata.insert(key.clone(), s);
         }
     }
     let size = map.len() as u64;
@@ -79,32 +73,14 @@ pub fn package_gguf(
     drop(map);
 
     let _writing = store.writer_lock()?;
-    let mut layers = vec![copy_in(
-        store,
-        path,
-        media::GGUF,
-        file_name(path),
-        progress,
-    )?];
+    let mut layers = vec![copy_in(store, path, media::GGUF, file_name(path), progress)?];
     for license in &pkg.licenses {
         check_text_file(license)?;
-        layers.push(copy_in(
-            store,
-            license,
-            media::LICENSE,
-            file_name(license),
-            progress,
-        )?);
+        layers.push(copy_in(store, license, media::LICENSE, file_name(license), progress)?);
     }
     if let Some(template) = &pkg.chat_template {
         check_text_file(template)?;
-        layers.push(copy_in(
-            store,
-            template,
-            media::CHAT_TEMPLATE,
-            file_name(template),
-            progress,
-        )?);
+        layers.push(copy_in(store, template, media::CHAT_TEMPLATE, file_name(template), progress)?);
     }
     finish(store, reference, config, media::MODEL_CONFIG_V01, layers)
 }
@@ -122,10 +98,7 @@ pub fn package_safetensors(
     if !has("config.json") {
         return Err(package_error(dir, "it has no config.json"));
     }
-    let weights: Vec<_> = files
-        .iter()
-        .filter(|(rel, _)| rel.ends_with(".safetensors"))
-        .collect();
+    let weights: Vec<_> = files.iter().filter(|(rel, _)| rel.ends_with(".safetensors")).collect();
     if weights.is_empty() {
         return Err(package_error(dir, "it has no .safetensors file"));
     }
@@ -155,9 +128,7 @@ pub fn package_safetensors(
         .or_else(|| hf_config.get("model_type").and_then(|m| m.as_str()))
         .unwrap_or("unknown")
         .to_string();
-    let context_size = hf_config
-        .get("max_position_embeddings")
-        .and_then(|v| v.as_u64());
+    let context_size = hf_config.get("max_position_embeddings").and_then(|v| v.as_u64());
     let mut st_meta = BTreeMap::new();
     st_meta.insert("tensors".to_string(), tensors.to_string());
     st_meta.insert("files".to_string(), weights.len().to_string());
@@ -178,15 +149,9 @@ pub fn package_safetensors(
     let _writing = store.writer_lock()?;
     let mut layers = Vec::with_capacity(files.len());
     for (rel, path) in &files {
-        let media_type = if rel.ends_with(".safetensors") {
-            media::SAFETENSORS
-        } else {
-            media::MODEL_FILE
-        };
+        let media_type = if rel.ends_with(".safetensors") { media::SAFETENSORS } else { media::MODEL_FILE };
         let mut layer = copy_in(store, path, media_type, file_name(path), progress)?;
-        layer
-            .annotations
-            .insert(media::ANNOTATION_FILEPATH.to_string(), rel.clone());
+        layer.annotations.insert(media::ANNOTATION_FILEPATH.to_string(), rel.clone());
         layers.push(layer);
     }
     finish(store, reference, config, media::MODEL_CONFIG_V02, layers)
@@ -201,13 +166,8 @@ fn finish(
 ) -> Result<Digest, StoreError> {
     let config_file = ModelConfigFile {
         config,
-        descriptor: Provenance {
-            created: Some(created_now()),
-        },
-        rootfs: RootFs {
-            kind: "rootfs".into(),
-            diff_ids: layers.iter().map(|l| l.digest.clone()).collect(),
-        },
+        descriptor: Provenance { created: Some(created_now()) },
+        rootfs: RootFs { kind: "rootfs".into(), diff_ids: layers.iter().map(|l| l.digest.clone()).collect() },
     };
     let config_bytes = config_file.to_bytes();
     let config_digest = store.put_bytes(&config_bytes)?;
@@ -247,16 +207,13 @@ fn copy_in(
     title: String,
     progress: &dyn Progress,
 ) -> Result<Descriptor, StoreError> {
-    let mut file =
-        File::open(path).map_err(StoreError::io(format!("opening {}", path.display())))?;
+    let mut file = File::open(path).map_err(StoreError::io(format!("opening {}", path.display())))?;
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
     progress.start(&title, total, 0);
     let mut writer = store.blob_writer()?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(StoreError::io(format!("reading {}", path.display())))?;
+        let n = file.read(&mut buf).map_err(StoreError::io(format!("reading {}", path.display())))?;
         if n == 0 {
             break;
         }
@@ -268,25 +225,15 @@ fn copy_in(
     let digest = writer.commit(None)?;
     let mut annotations = BTreeMap::new();
     annotations.insert(media::ANNOTATION_TITLE.to_string(), title);
-    Ok(Descriptor {
-        media_type: media_type.to_string(),
-        digest,
-        size,
-        annotations,
-    })
+    Ok(Descriptor { media_type: media_type.to_string(), digest, size, annotations })
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into())
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into())
 }
 
 fn package_error(path: &Path, reason: impl Into<String>) -> StoreError {
-    StoreError::Package {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    StoreError::Package { path: path.to_path_buf(), reason: reason.into() }
 }
 
 fn check_text_file(path: &Path) -> Result<(), StoreError> {
@@ -297,10 +244,7 @@ fn check_text_file(path: &Path) -> Result<(), StoreError> {
     if meta.len() > MAX_TEXT_FILE {
         return Err(package_error(
             path,
-            format!(
-                "it is {} bytes; text layers are limited to {MAX_TEXT_FILE}",
-                meta.len()
-            ),
+            format!("it is {} bytes; text layers are limited to {MAX_TEXT_FILE}", meta.len()),
         ));
     }
     let bytes = fs::read(path).map_err(StoreError::io(format!("reading {}", path.display())))?;
@@ -311,24 +255,14 @@ fn check_text_file(path: &Path) -> Result<(), StoreError> {
 }
 
 fn read_safetensors_header(path: &Path) -> Result<SafetensorsHeader, StoreError> {
-    let mut file =
-        File::open(path).map_err(StoreError::io(format!("opening {}", path.display())))?;
-    let file_len = file
-        .metadata()
-        .map_err(StoreError::io(format!("reading {}", path.display())))?
-        .len();
-    let wrap = |source| StoreError::Safetensors {
-        path: path.to_path_buf(),
-        source,
-    };
+    let mut file = File::open(path).map_err(StoreError::io(format!("opening {}", path.display())))?;
+    let file_len = file.metadata().map_err(StoreError::io(format!("reading {}", path.display())))?.len();
+    let wrap = |source| StoreError::Safetensors { path: path.to_path_buf(), source };
     let mut prefix = [0u8; 8];
-    file.read_exact(&mut prefix)
-        .map_err(|_| wrap(safetensors::SafetensorsError::TooShort(file_len)))?;
+    file.read_exact(&mut prefix).map_err(|_| wrap(safetensors::SafetensorsError::TooShort(file_len)))?;
     let n = safetensors::header_len(&prefix, file_len).map_err(wrap)?;
     let mut json = Vec::new();
-    file.take(n)
-        .read_to_end(&mut json)
-        .map_err(StoreError::io(format!("reading {}", path.display())))?;
+    file.take(n).read_to_end(&mut json).map_err(StoreError::io(format!("reading {}", path.display())))?;
     SafetensorsHeader::parse_header(&json, file_len).map_err(wrap)
 }
 
@@ -338,8 +272,7 @@ fn read_json(path: &Path) -> Result<serde_json::Value, StoreError> {
         return Err(package_error(path, "it is too large for a config file"));
     }
     let bytes = fs::read(path).map_err(StoreError::io(format!("reading {}", path.display())))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| package_error(path, format!("it is not valid JSON: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| package_error(path, format!("it is not valid JSON: {e}")))
 }
 
 /// The regular files under `dir`, as (relative path with '/', full path), sorted. Hidden files are
@@ -348,8 +281,7 @@ fn walk(dir: &Path) -> Result<Vec<(String, PathBuf)>, StoreError> {
     let mut out = Vec::new();
     let mut stack = vec![(String::new(), dir.to_path_buf())];
     while let Some((prefix, path)) = stack.pop() {
-        let entries =
-            fs::read_dir(&path).map_err(StoreError::io(format!("listing {}", path.display())))?;
+        let entries = fs::read_dir(&path).map_err(StoreError::io(format!("listing {}", path.display())))?;
         for entry in entries {
             let entry = entry.map_err(StoreError::io(format!("listing {}", path.display())))?;
             let name = entry.file_name();
@@ -359,35 +291,19 @@ fn walk(dir: &Path) -> Result<Vec<(String, PathBuf)>, StoreError> {
             if name.starts_with('.') {
                 continue;
             }
-            let rel = if prefix.is_empty() {
-                name.to_string()
-            } else {
-                format!("{prefix}/{name}")
-            };
-            let kind = entry.file_type().map_err(StoreError::io(format!(
-                "reading {}",
-                entry.path().display()
-            )))?;
+            let rel = if prefix.is_empty() { name.to_string() } else { format!("{prefix}/{name}") };
+            let kind = entry.file_type().map_err(StoreError::io(format!("reading {}", entry.path().display())))?;
             if kind.is_symlink() {
-                return Err(package_error(
-                    &entry.path(),
-                    "it is a symbolic link; copy the file into the folder",
-                ));
+                return Err(package_error(&entry.path(), "it is a symbolic link; copy the file into the folder"));
             } else if kind.is_dir() {
                 stack.push((rel, entry.path()));
             } else if kind.is_file() {
                 if !is_safe_relative_path(&rel) {
-                    return Err(package_error(
-                        &entry.path(),
-                        "its path cannot be stored safely",
-                    ));
+                    return Err(package_error(&entry.path(), "its path cannot be stored safely"));
                 }
                 out.push((rel, entry.path()));
                 if out.len() > MAX_FOLDER_FILES {
-                    return Err(package_error(
-                        dir,
-                        format!("it holds more than {MAX_FOLDER_FILES} files"),
-                    ));
+                    return Err(package_error(dir, format!("it holds more than {MAX_FOLDER_FILES} files")));
                 }
             }
         }

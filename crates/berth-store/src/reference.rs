@@ -16,19 +16,14 @@ const MAX_TAG_LEN: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReferenceError {
-    #[error(
-        "the reference is empty; write it as [registry/]namespace/name[:tag], e.g. ai/smollm2:latest"
-    )]
+    #[error("the reference is empty; write it as [registry/]namespace/name[:tag], e.g. ai/smollm2:latest")]
     Empty,
     #[error("reference {0:?} is longer than {MAX_NAME_LEN} characters")]
     TooLong(String),
     #[error(
         "{reference:?}: {component:?} is not a valid name component (lowercase letters, digits, and single '.', '_', '__' or '-' between them)"
     )]
-    BadComponent {
-        reference: String,
-        component: String,
-    },
+    BadComponent { reference: String, component: String },
     #[error(
         "{reference:?}: tag {tag:?} is not valid (letters, digits, '_', '.', '-'; at most 128; not starting with '.' or '-')"
     )]
@@ -36,10 +31,7 @@ pub enum ReferenceError {
     #[error("{reference:?}: registry {registry:?} is not a valid host[:port]")]
     BadRegistry { reference: String, registry: String },
     #[error("{reference:?}: {source}")]
-    BadDigest {
-        reference: String,
-        source: DigestError,
-    },
+    BadDigest { reference: String, source: DigestError },
 }
 
 /// A parsed, normalised model reference.
@@ -61,10 +53,8 @@ impl Reference {
         }
         let (rest, digest) = match input.split_once('@') {
             Some((rest, d)) => {
-                let digest = Digest::parse(d).map_err(|source| ReferenceError::BadDigest {
-                    reference: input.to_string(),
-                    source,
-                })?;
+                let digest = Digest::parse(d)
+                    .map_err(|source| ReferenceError::BadDigest { reference: input.to_string(), source })?;
                 (rest, Some(digest))
             }
             None => (input, None),
@@ -74,13 +64,10 @@ impl Reference {
             Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
             None => (rest, None),
         };
-        if let Some(tag) = tag {
-            if !valid_tag(tag) {
-                return Err(ReferenceError::BadTag {
-                    reference: input.to_string(),
-                    tag: tag.to_string(),
-                });
-            }
+        if let Some(tag) = tag
+            && !valid_tag(tag)
+        {
+            return Err(ReferenceError::BadTag { reference: input.to_string(), tag: tag.to_string() });
         }
         let (registry, path) = match name.split_once('/') {
             Some((first, path)) if first.contains(['.', ':']) || first == "localhost" => {
@@ -94,16 +81,10 @@ impl Reference {
             registry
         };
         if !valid_registry(&registry) {
-            return Err(ReferenceError::BadRegistry {
-                reference: input.to_string(),
-                registry,
-            });
+            return Err(ReferenceError::BadRegistry { reference: input.to_string(), registry });
         }
         if path.is_empty() {
-            return Err(ReferenceError::BadComponent {
-                reference: input.to_string(),
-                component: String::new(),
-            });
+            return Err(ReferenceError::BadComponent { reference: input.to_string(), component: String::new() });
         }
         for component in path.split('/') {
             if !valid_component(component) {
@@ -119,21 +100,14 @@ impl Reference {
             path
         };
         if repository.len() > MAX_NAME_LEN {
-            return Err(ReferenceError::TooLong(
-                repository.chars().take(64).collect(),
-            ));
+            return Err(ReferenceError::TooLong(repository.chars().take(64).collect()));
         }
         let tag = match (tag, &digest) {
             (Some(t), _) => Some(t.to_string()),
             (None, Some(_)) => None,
             (None, None) => Some(DEFAULT_TAG.to_string()),
         };
-        Ok(Reference {
-            registry,
-            repository,
-            tag,
-            digest,
-        })
+        Ok(Reference { registry, repository, tag, digest })
     }
 
     pub fn registry(&self) -> &str {
@@ -151,20 +125,12 @@ impl Reference {
 
     /// The same repository with another tag and no digest.
     pub fn with_tag(&self, tag: &str) -> Reference {
-        Reference {
-            tag: Some(tag.to_string()),
-            digest: None,
-            ..self.clone()
-        }
+        Reference { tag: Some(tag.to_string()), digest: None, ..self.clone() }
     }
 
     /// The same repository pinned to a digest, without a tag.
     pub fn with_digest(&self, digest: Digest) -> Reference {
-        Reference {
-            tag: None,
-            digest: Some(digest),
-            ..self.clone()
-        }
+        Reference { tag: None, digest: Some(digest), ..self.clone() }
     }
 
     /// `registry/repository`.
@@ -184,11 +150,7 @@ impl Reference {
     /// Whether the registry is on this machine, where plain HTTP is allowed.
     pub fn is_loopback_registry(&self) -> bool {
         let host = host_of(&self.registry);
-        host == "localhost"
-            || host == "[::1]"
-            || host
-                .parse::<std::net::Ipv4Addr>()
-                .is_ok_and(|ip| ip.is_loopback())
+        host == "localhost" || host == "[::1]" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
     }
 }
 
@@ -254,8 +216,7 @@ fn valid_tag(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= MAX_TAG_LEN
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter()
-            .all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'))
+        && b.iter().all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'))
 }
 
 fn valid_registry(r: &str) -> bool {
@@ -278,13 +239,10 @@ fn valid_registry(r: &str) -> bool {
                 !label.is_empty()
                     && !label.starts_with('-')
                     && !label.ends_with('-')
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             })
     };
-    let port_ok =
-        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
     host_ok && port_ok
 }
 
@@ -299,27 +257,15 @@ mod tests {
     #[test]
     fn normalises_like_docker_model_runner() {
         assert_eq!(canon("smollm2"), "docker.io/ai/smollm2:latest");
-        assert_eq!(
-            canon("ai/smollm2:360M-Q4_K_M"),
-            "docker.io/ai/smollm2:360M-Q4_K_M"
-        );
+        assert_eq!(canon("ai/smollm2:360M-Q4_K_M"), "docker.io/ai/smollm2:360M-Q4_K_M");
         assert_eq!(canon("index.docker.io/foo/bar"), "docker.io/foo/bar:latest");
-        assert_eq!(
-            canon("localhost:5000/smollm2"),
-            "localhost:5000/smollm2:latest"
-        );
+        assert_eq!(canon("localhost:5000/smollm2"), "localhost:5000/smollm2:latest");
         assert_eq!(canon("127.0.0.1:5000/a/b/c:v1"), "127.0.0.1:5000/a/b/c:v1");
         assert_eq!(canon("ghcr.io/org/model"), "ghcr.io/org/model:latest");
         let d = format!("sha256:{}", "0".repeat(64));
         assert_eq!(canon(&format!("ai/x@{d}")), format!("docker.io/ai/x@{d}"));
-        assert_eq!(
-            canon(&format!("ai/x:v1@{d}")),
-            format!("docker.io/ai/x:v1@{d}")
-        );
-        assert_eq!(
-            Reference::parse("smollm2").unwrap().familiar(),
-            "ai/smollm2:latest"
-        );
+        assert_eq!(canon(&format!("ai/x:v1@{d}")), format!("docker.io/ai/x:v1@{d}"));
+        assert_eq!(Reference::parse("smollm2").unwrap().familiar(), "ai/smollm2:latest");
     }
 
     #[test]
@@ -348,26 +294,10 @@ mod tests {
 
     #[test]
     fn knows_loopback_registries() {
-        assert!(
-            Reference::parse("localhost:5000/a")
-                .unwrap()
-                .is_loopback_registry()
-        );
-        assert!(
-            Reference::parse("127.0.0.1:5000/a")
-                .unwrap()
-                .is_loopback_registry()
-        );
-        assert!(
-            Reference::parse("[::1]:5000/a")
-                .unwrap()
-                .is_loopback_registry()
-        );
-        assert!(
-            !Reference::parse("registry.example.com/a")
-                .unwrap()
-                .is_loopback_registry()
-        );
+        assert!(Reference::parse("localhost:5000/a").unwrap().is_loopback_registry());
+        assert!(Reference::parse("127.0.0.1:5000/a").unwrap().is_loopback_registry());
+        assert!(Reference::parse("[::1]:5000/a").unwrap().is_loopback_registry());
+        assert!(!Reference::parse("registry.example.com/a").unwrap().is_loopback_registry());
         assert!(!Reference::parse("a").unwrap().is_loopback_registry());
     }
 }

@@ -88,9 +88,7 @@ impl Store {
         if let Some(h) = std::env::var_os("BERTH_HOME") {
             return PathBuf::from(h);
         }
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
         home.join(".berth")
     }
 
@@ -118,9 +116,7 @@ impl Store {
     }
 
     pub(crate) fn partial_path(&self, digest: &Digest) -> PathBuf {
-        self.root
-            .join("incoming")
-            .join(format!("{}.partial", digest.hex()))
+        self.root.join("incoming").join(format!("{}.partial", digest.hex()))
     }
 
     /// Whether a blob is present with the expected size.
@@ -150,10 +146,7 @@ impl Store {
         let path = self.blob_path(digest);
         let file = File::open(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => StoreError::MissingBlob(digest.clone()),
-            _ => StoreError::Io {
-                context: format!("reading {}", path.display()),
-                source: e,
-            },
+            _ => StoreError::Io { context: format!("reading {}", path.display()), source: e },
         })?;
         let mut bytes = Vec::new();
         file.take(MAX_MANIFEST_BYTES as u64 + 1)
@@ -161,10 +154,7 @@ impl Store {
             .map_err(StoreError::io(format!("reading {}", path.display())))?;
         let actual = Digest::of(&bytes);
         if &actual != digest {
-            return Err(StoreError::DigestMismatch {
-                expected: digest.clone(),
-                actual,
-            });
+            return Err(StoreError::DigestMismatch { expected: digest.clone(), actual });
         }
         Ok(bytes)
     }
@@ -182,11 +172,7 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(StoreError::io(format!("opening {}", path.display())))?;
-        let locked = if exclusive {
-            file.lock()
-        } else {
-            file.lock_shared()
-        };
+        let locked = if exclusive { file.lock() } else { file.lock_shared() };
         locked.map_err(StoreError::io(format!("locking {}", path.display())))?;
         Ok(LockGuard { _file: file })
     }
@@ -200,51 +186,33 @@ impl Store {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Index {
-                    version: 1,
-                    ..Index::default()
-                });
+                return Ok(Index { version: 1, ..Index::default() });
             }
             Err(e) => {
-                return Err(StoreError::Io {
-                    context: format!("reading {}", path.display()),
-                    source: e,
-                });
+                return Err(StoreError::Io { context: format!("reading {}", path.display()), source: e });
             }
         };
-        let index: Index =
-            serde_json::from_slice(&bytes).map_err(|e| StoreError::CorruptIndex {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let index: Index = serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::CorruptIndex { path: path.clone(), reason: e.to_string() })?;
         for key in index.refs.keys() {
-            Reference::parse(key).map_err(|e| StoreError::CorruptIndex {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+            Reference::parse(key)
+                .map_err(|e| StoreError::CorruptIndex { path: path.clone(), reason: e.to_string() })?;
         }
         Ok(index)
     }
 
     /// Read-modify-write the index under its lock; the new index replaces the old atomically.
-    fn update_index<T>(
-        &self,
-        f: impl FnOnce(&mut Index) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    fn update_index<T>(&self, f: impl FnOnce(&mut Index) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let _lock = self.lock("index.lock", true)?;
         let mut index = self.read_index()?;
         let out = f(&mut index)?;
         index.version = 1;
-        let bytes =
-            serde_json::to_vec_pretty(&index).map_err(|e| StoreError::Config(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&index).map_err(|e| StoreError::Config(e.to_string()))?;
         let tmp = self.root.join("tmp/index.json.new");
         {
-            let mut file =
-                File::create(&tmp).map_err(StoreError::io(format!("writing {}", tmp.display())))?;
-            std::io::Write::write_all(&mut file, &bytes)
-                .map_err(StoreError::io("writing the index"))?;
-            file.sync_all()
-                .map_err(StoreError::io("flushing the index"))?;
+            let mut file = File::create(&tmp).map_err(StoreError::io(format!("writing {}", tmp.display())))?;
+            std::io::Write::write_all(&mut file, &bytes).map_err(StoreError::io("writing the index"))?;
+            file.sync_all().map_err(StoreError::io("flushing the index"))?;
         }
         publish(&tmp, &self.index_path())?;
         Ok(out)
@@ -267,10 +235,7 @@ impl Store {
         // `name@digest` also finds a manifest stored under a tag of the same repository.
         if let Some(d) = reference.digest() {
             let name = reference.name();
-            let hit = index
-                .refs
-                .iter()
-                .any(|(k, v)| v == d && Reference::parse(k).is_ok_and(|r| r.name() == name));
+            let hit = index.refs.iter().any(|(k, v)| v == d && Reference::parse(k).is_ok_and(|r| r.name() == name));
             if hit {
                 return Ok(d.clone());
             }
@@ -279,10 +244,7 @@ impl Store {
     }
 
     /// The manifest and config of a local model.
-    pub fn load(
-        &self,
-        reference: &Reference,
-    ) -> Result<(Digest, Manifest, ModelConfigFile), StoreError> {
+    pub fn load(&self, reference: &Reference) -> Result<(Digest, Manifest, ModelConfigFile), StoreError> {
         let digest = self.resolve(reference)?;
         let manifest = self.manifest(&digest)?;
         let config = self.config(&manifest)?;
@@ -300,12 +262,7 @@ impl Store {
 
     pub fn inspect(&self, reference: &Reference) -> Result<ModelDetails, StoreError> {
         let (digest, manifest, config) = self.load(reference)?;
-        Ok(ModelDetails {
-            reference: reference.familiar(),
-            digest,
-            manifest,
-            config,
-        })
+        Ok(ModelDetails { reference: reference.familiar(), digest, manifest, config })
     }
 
     /// Give a local model a second name.
@@ -388,8 +345,7 @@ impl Store {
         let mut report = GcReport::default();
         for (path, digest, len) in self.blob_files()? {
             if !live.contains(&digest) {
-                fs::remove_file(&path)
-                    .map_err(StoreError::io(format!("removing {}", path.display())))?;
+                fs::remove_file(&path).map_err(StoreError::io(format!("removing {}", path.display())))?;
                 report.blobs_removed += 1;
                 report.bytes_freed += len;
             }
@@ -401,15 +357,10 @@ impl Store {
     fn blob_files(&self) -> Result<Vec<(PathBuf, Digest, u64)>, StoreError> {
         let dir = self.blobs_dir();
         let mut out = Vec::new();
-        for entry in
-            fs::read_dir(&dir).map_err(StoreError::io(format!("listing {}", dir.display())))?
-        {
+        for entry in fs::read_dir(&dir).map_err(StoreError::io(format!("listing {}", dir.display())))? {
             let entry = entry.map_err(StoreError::io(format!("listing {}", dir.display())))?;
             let name = entry.file_name();
-            let Some(digest) = name
-                .to_str()
-                .and_then(|n| Digest::parse(&format!("sha256:{n}")).ok())
-            else {
+            let Some(digest) = name.to_str().and_then(|n| Digest::parse(&format!("sha256:{n}")).ok()) else {
                 continue;
             };
             let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
@@ -420,10 +371,7 @@ impl Store {
 
     pub fn disk_usage(&self) -> Result<DiskUsage, StoreError> {
         let live = self.reachable()?;
-        let mut du = DiskUsage {
-            models: self.read_index()?.refs.len() as u64,
-            ..DiskUsage::default()
-        };
+        let mut du = DiskUsage { models: self.read_index()?.refs.len() as u64, ..DiskUsage::default() };
         for (_, digest, len) in self.blob_files()? {
             du.blobs += 1;
             du.blob_bytes += len;
@@ -433,11 +381,7 @@ impl Store {
         }
         let incoming = self.root.join("incoming");
         if let Ok(entries) = fs::read_dir(&incoming) {
-            du.partial_bytes = entries
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum();
+            du.partial_bytes = entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
         }
         Ok(du)
     }
@@ -448,10 +392,7 @@ impl Store {
             .layers
             .iter()
             .map(|l| {
-                let name = l
-                    .file_path()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| default_file_name(&l.media_type));
+                let name = l.file_path().map(str::to_string).unwrap_or_else(|| default_file_name(&l.media_type));
                 (l.media_type.clone(), name, self.blob_path(&l.digest))
             })
             .collect()

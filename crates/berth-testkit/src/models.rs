@@ -8,9 +8,7 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("BERTH_TEST_MODELS") {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".cache/berth/test-models")
 }
 
@@ -39,10 +37,6 @@ pub fn minilm_dir() -> PathBuf {
 pub fn golden_dir() -> PathBuf {
     let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = here.join("../../../shared/golden");
-    assert!(
-        dir.exists(),
-        "golden data {} is missing: it ships beside the repository in shared/",
-        dir.display()
-    );
+    assert!(dir.exists(), "golden data {} is missing: it ships beside the repository in shared/", dir.display());
     dir
 }

@@ -50,9 +50,7 @@ impl CutProxy {
     /// Cut connections once `bytes` more have gone downstream.
     pub fn cut_after(&self, bytes: u64) {
         let now = self.state.downstream.load(Ordering::SeqCst);
-        self.state
-            .cut_after
-            .store(now.saturating_add(bytes), Ordering::SeqCst);
+        self.state.cut_after.store(now.saturating_add(bytes), Ordering::SeqCst);
     }
 
     /// Forward without limit.

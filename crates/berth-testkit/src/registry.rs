@@ -45,10 +45,7 @@ impl Registry {
         if let Some(htpasswd) = htpasswd {
             let path = dir.path().join("htpasswd");
             std::fs::write(&path, htpasswd).expect("write htpasswd");
-            config.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n",
-                path.display()
-            ));
+            config.push_str(&format!("auth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n", path.display()));
         }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).expect("write registry config");
@@ -70,23 +67,16 @@ impl Registry {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "docker-registry exited with {status} before it was ready; log:\n{}",
-                    self.log()
-                );
+                panic!("docker-registry exited with {status} before it was ready; log:\n{}", self.log());
             }
-            if let Ok(status) = http_status(self.port, "GET", "/v2/") {
-                if status == 200 || status == 401 {
-                    return;
-                }
+            if let Ok(status) = http_status(self.port, "GET", "/v2/")
+                && (status == 200 || status == 401)
+            {
+                return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "docker-registry did not answer on port {} within 20 s; log:\n{}",
-            self.port,
-            self.log()
-        );
+        panic!("docker-registry did not answer on port {} within 20 s; log:\n{}", self.port, self.log());
     }
 
     /// `127.0.0.1:PORT`, the registry part of a reference.
@@ -101,10 +91,7 @@ impl Registry {
 
     /// Where the registry keeps a blob's bytes, to damage them in tests.
     pub fn blob_data_path(&self, hex: &str) -> PathBuf {
-        self.storage().join(format!(
-            "docker/registry/v2/blobs/sha256/{}/{hex}/data",
-            &hex[..2]
-        ))
+        self.storage().join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
     }
 
     pub fn log(&self) -> String {

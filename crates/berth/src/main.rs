@@ -10,11 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "berth",
-    version,
-    about = "Package, run, serve and operate generative AI models"
-)]
+#[command(name = "berth", version, about = "Package, run, serve and operate generative AI models")]
 struct Cli {
     /// berth's data folder (models, keys, usage).
     #[arg(long, global = true, env = "BERTH_HOME", value_name = "DIR")]
@@ -73,8 +69,25 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("berth: {e:#}");
+            eprintln!("berth: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, skipping causes whose text the message already holds
+/// (many errors print their source as part of their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

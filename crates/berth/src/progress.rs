@@ -21,26 +21,26 @@ impl Progress for Bars {
         bar.set_style(style);
         bar.set_message(label.to_string());
         bar.set_position(done);
-        if let Ok(mut cur) = self.current.lock() {
-            if let Some(old) = cur.replace(bar) {
-                old.finish_and_clear();
-            }
+        if let Ok(mut cur) = self.current.lock()
+            && let Some(old) = cur.replace(bar)
+        {
+            old.finish_and_clear();
         }
     }
 
     fn advance(&self, bytes: u64) {
-        if let Ok(cur) = self.current.lock() {
-            if let Some(bar) = cur.as_ref() {
-                bar.inc(bytes);
-            }
+        if let Ok(cur) = self.current.lock()
+            && let Some(bar) = cur.as_ref()
+        {
+            bar.inc(bytes);
         }
     }
 
     fn finish(&self) {
-        if let Ok(mut cur) = self.current.lock() {
-            if let Some(bar) = cur.take() {
-                bar.finish();
-            }
+        if let Ok(mut cur) = self.current.lock()
+            && let Some(bar) = cur.take()
+        {
+            bar.finish();
         }
     }
 
@@ -51,11 +51,5 @@ impl Progress for Bars {
 
 /// Bars when a person is watching, nothing otherwise.
 pub fn for_terminal() -> Arc<dyn Progress> {
-    if std::io::stderr().is_terminal() {
-        Arc::new(Bars {
-            current: Mutex::new(None),
-        })
-    } else {
-        Arc::new(NoProgress)
-    }
+    if std::io::stderr().is_terminal() { Arc::new(Bars { current: Mutex::new(None) }) } else { Arc::new(NoProgress) }
 }

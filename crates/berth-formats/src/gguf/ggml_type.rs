@@ -64,12 +64,7 @@ impl GgmlType {
         while i < TYPES.len() {
             if TYPES[i].0 == id {
                 let (id, name, block_size, type_size) = TYPES[i];
-                return GgmlType {
-                    id,
-                    name,
-                    block_size,
-                    type_size,
-                };
+                return GgmlType { id, name, block_size, type_size };
             }
             i += 1;
         }
@@ -78,15 +73,12 @@ impl GgmlType {
 
     /// The type with this id, if berth knows its layout.
     pub fn from_id(id: u32) -> Option<GgmlType> {
-        TYPES
-            .iter()
-            .find(|t| t.0 == id)
-            .map(|&(id, name, block_size, type_size)| GgmlType {
-                id,
-                name,
-                block_size,
-                type_size,
-            })
+        TYPES.iter().find(|t| t.0 == id).map(|&(id, name, block_size, type_size)| GgmlType {
+            id,
+            name,
+            block_size,
+            type_size,
+        })
     }
 
     pub fn id(self) -> u32 {
@@ -107,7 +99,7 @@ impl GgmlType {
     /// Bytes needed for `elements` weights, or `None` when `elements` is not a whole number of
     /// blocks or the size overflows.
     pub fn bytes_for(self, elements: u64) -> Option<u64> {
-        if elements % self.block_size != 0 {
+        if !elements.is_multiple_of(self.block_size) {
             return None;
         }
         (elements / self.block_size).checked_mul(self.type_size)
@@ -171,20 +163,13 @@ mod tests {
             assert_eq!(t.name(), name);
             assert_eq!(t.id(), id);
         }
-        assert!(
-            GgmlType::from_id(4).is_none(),
-            "4 was Q4_2, removed from GGML"
-        );
+        assert!(GgmlType::from_id(4).is_none(), "4 was Q4_2, removed from GGML");
     }
 
     #[test]
     fn sizes_follow_the_block_layout() {
         assert_eq!(GgmlType::Q4_1.bytes_for(576), Some(18 * 20));
         assert_eq!(GgmlType::Q8_0.bytes_for(33), None);
-        assert_eq!(
-            GgmlType::F32.bytes_for(u64::MAX),
-            None,
-            "overflow is refused"
-        );
+        assert_eq!(GgmlType::F32.bytes_for(u64::MAX), None, "overflow is refused");
     }
 }

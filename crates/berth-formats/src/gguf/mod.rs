@@ -28,21 +28,10 @@ pub enum GgufError {
     BadMagic,
     #[error("GGUF version {0} is not supported (berth reads versions 2 and 3)")]
     UnsupportedVersion(u32),
-    #[error(
-        "the file ends early: {what} needs {needed} bytes at offset {offset}, but the file has {len}"
-    )]
-    Truncated {
-        what: &'static str,
-        offset: u64,
-        needed: u64,
-        len: u64,
-    },
+    #[error("the file ends early: {what} needs {needed} bytes at offset {offset}, but the file has {len}")]
+    Truncated { what: &'static str, offset: u64, needed: u64, len: u64 },
     #[error("{what} is {value}, more than the limit of {limit}")]
-    TooLarge {
-        what: &'static str,
-        value: u64,
-        limit: u64,
-    },
+    TooLarge { what: &'static str, value: u64, limit: u64 },
     #[error("metadata key {key:?} appears twice")]
     DuplicateKey { key: String },
     #[error("tensor {name:?} appears twice")]
@@ -59,34 +48,18 @@ pub enum GgufError {
     ZeroDimension { name: String },
     #[error("tensor {name:?} has unknown tensor type {type_id}")]
     UnknownTensorType { name: String, type_id: u32 },
-    #[error(
-        "tensor {name:?} of type {ggml_type} has {ne0} columns, not a multiple of the block size {block}"
-    )]
-    RaggedBlocks {
-        name: String,
-        ggml_type: GgmlType,
-        ne0: u64,
-        block: u64,
-    },
+    #[error("tensor {name:?} of type {ggml_type} has {ne0} columns, not a multiple of the block size {block}")]
+    RaggedBlocks { name: String, ggml_type: GgmlType, ne0: u64, block: u64 },
     #[error("general.alignment is {0}; it must be a non-zero power of two")]
     BadAlignment(u64),
     #[error("general.alignment must be an unsigned 32-bit integer")]
     BadAlignmentType,
     #[error("tensor {name:?} at offset {offset} is not aligned to {alignment} bytes")]
-    MisalignedTensor {
-        name: String,
-        offset: u64,
-        alignment: u64,
-    },
+    MisalignedTensor { name: String, offset: u64, alignment: u64 },
     #[error(
         "tensor {name:?} ({size} bytes at data offset {offset}) extends past the end of the file ({available} data bytes)"
     )]
-    TensorOutOfBounds {
-        name: String,
-        offset: u64,
-        size: u64,
-        available: u64,
-    },
+    TensorOutOfBounds { name: String, offset: u64, size: u64, available: u64 },
     #[error("size arithmetic overflowed while reading {0}")]
     Overflow(&'static str),
 }
@@ -144,25 +117,9 @@ impl GgufFile {
         alignment: u64,
         data_offset: u64,
     ) -> Self {
-        let index = metadata
-            .iter()
-            .enumerate()
-            .map(|(i, (k, _))| (k.clone(), i))
-            .collect();
-        let tensor_index = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
-        Self {
-            version,
-            metadata,
-            tensors,
-            alignment,
-            data_offset,
-            index,
-            tensor_index,
-        }
+        let index = metadata.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect();
+        let tensor_index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Self { version, metadata, tensors, alignment, data_offset, index, tensor_index }
     }
 
     /// A metadata value by key.
@@ -192,10 +149,7 @@ impl GgufFile {
 
     /// Total number of weights in all tensors.
     pub fn parameter_count(&self) -> u64 {
-        self.tensors
-            .iter()
-            .map(TensorInfo::element_count)
-            .fold(0u64, u64::saturating_add)
+        self.tensors.iter().map(TensorInfo::element_count).fold(0u64, u64::saturating_add)
     }
 
     /// The quantisation in llama.cpp's words ("Q4_1", "Q4_K_M"): from `general.file_type` when

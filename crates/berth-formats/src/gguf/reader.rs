@@ -84,20 +84,11 @@ impl<'a> Cursor<'a> {
 
     /// A count that must be plausible: at most `cap`, and at most the bytes left divided by the
     /// smallest size one element can take.
-    fn count(
-        &mut self,
-        what: &'static str,
-        cap: u64,
-        min_element_size: u64,
-    ) -> Result<u64, GgufError> {
+    fn count(&mut self, what: &'static str, cap: u64, min_element_size: u64) -> Result<u64, GgufError> {
         let n = self.u64(what)?;
         let limit = cap.min(self.remaining() / min_element_size.max(1));
         if n > limit {
-            return Err(GgufError::TooLarge {
-                what,
-                value: n,
-                limit,
-            });
+            return Err(GgufError::TooLarge { what, value: n, limit });
         }
         Ok(n)
     }
@@ -105,11 +96,7 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, what: &'static str, cap: u64) -> Result<String, GgufError> {
         let len = self.u64(what)?;
         if len > cap {
-            return Err(GgufError::TooLarge {
-                what,
-                value: len,
-                limit: cap,
-            });
+            return Err(GgufError::TooLarge { what, value: len, limit: cap });
         }
         let offset = self.pos as u64;
         let raw = self.take(len, what)?;
@@ -139,16 +126,8 @@ pub(super) fn parse(bytes: &[u8], limits: &Limits) -> Result<GgufFile, GgufError
         return Err(GgufError::UnsupportedVersion(version));
     }
     // Bound the counts by the bytes that must follow each entry at minimum.
-    let tensor_count = c.count(
-        "the tensor count",
-        limits.max_tensor_count,
-        8 + 1 + 4 + 8 + 4 + 8,
-    )?;
-    let kv_count = c.count(
-        "the metadata count",
-        limits.max_metadata_count,
-        8 + 1 + 4 + 1,
-    )?;
+    let tensor_count = c.count("the tensor count", limits.max_tensor_count, 8 + 1 + 4 + 8 + 4 + 8)?;
+    let kv_count = c.count("the metadata count", limits.max_metadata_count, 8 + 1 + 4 + 1)?;
 
     let mut metadata = Vec::with_capacity(kv_count as usize);
     let mut keys = HashSet::with_capacity(kv_count as usize);
@@ -192,9 +171,7 @@ pub(super) fn parse(bytes: &[u8], limits: &Limits) -> Result<GgufFile, GgufError
     }
 
     let header_end = c.pos as u64;
-    let data_offset = header_end
-        .checked_next_multiple_of(alignment)
-        .ok_or(GgufError::Overflow("the data offset"))?;
+    let data_offset = header_end.checked_next_multiple_of(alignment).ok_or(GgufError::Overflow("the data offset"))?;
     let file_len = bytes.len() as u64;
     let available = file_len.saturating_sub(data_offset);
 
@@ -207,54 +184,24 @@ pub(super) fn parse(bytes: &[u8], limits: &Limits) -> Result<GgufFile, GgufError
             return Err(GgufError::ZeroDimension { name });
         }
         if dims[0] % ggml_type.block_size() != 0 {
-            return Err(GgufError::RaggedBlocks {
-                name,
-                ggml_type,
-                ne0: dims[0],
-                block: ggml_type.block_size(),
-            });
+            return Err(GgufError::RaggedBlocks { name, ggml_type, ne0: dims[0], block: ggml_type.block_size() });
         }
         let elements = dims
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .ok_or(GgufError::Overflow("a tensor's element count"))?;
-        let size = ggml_type
-            .bytes_for(elements)
-            .ok_or(GgufError::Overflow("a tensor's byte size"))?;
+        let size = ggml_type.bytes_for(elements).ok_or(GgufError::Overflow("a tensor's byte size"))?;
         if offset % alignment != 0 {
-            return Err(GgufError::MisalignedTensor {
-                name,
-                offset,
-                alignment,
-            });
+            return Err(GgufError::MisalignedTensor { name, offset, alignment });
         }
-        let end = offset
-            .checked_add(size)
-            .ok_or(GgufError::Overflow("a tensor's end"))?;
+        let end = offset.checked_add(size).ok_or(GgufError::Overflow("a tensor's end"))?;
         if end > available {
-            return Err(GgufError::TensorOutOfBounds {
-                name,
-                offset,
-                size,
-                available,
-            });
+            return Err(GgufError::TensorOutOfBounds { name, offset, size, available });
         }
-        tensors.push(TensorInfo {
-            name,
-            dims,
-            ggml_type,
-            offset: data_offset + offset,
-            size,
-        });
+        tensors.push(TensorInfo { name, dims, ggml_type, offset: data_offset + offset, size });
     }
 
-    Ok(GgufFile::new(
-        version,
-        metadata,
-        tensors,
-        alignment,
-        data_offset,
-    ))
+    Ok(GgufFile::new(version, metadata, tensors, alignment, data_offset))
 }
 
 fn read_value(c: &mut Cursor<'_>, value_type: u32, limits: &Limits) -> Result<Value, GgufError> {
@@ -284,11 +231,7 @@ fn read_array(c: &mut Cursor<'_>, limits: &Limits, depth: usize) -> Result<Array
     if element_type > 12 {
         return Err(GgufError::UnknownValueType(element_type));
     }
-    let n = c.count(
-        "an array length",
-        limits.max_array_len,
-        min_size(element_type),
-    )?;
+    let n = c.count("an array length", limits.max_array_len, min_size(element_type))?;
     // `n` is bounded by the bytes left, so these allocations are bounded by the input's size.
     macro_rules! collect {
         ($variant:ident, $read:expr) => {{

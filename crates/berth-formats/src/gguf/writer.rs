@@ -144,24 +144,16 @@ fn write_array(out: &mut Vec<u8>, array: &Array) {
     match array {
         Array::U8(v) => out.extend_from_slice(v),
         Array::I8(v) => each!(v, |o: &mut Vec<u8>, x: &i8| o.push(*x as u8)),
-        Array::U16(v) => each!(v, |o: &mut Vec<u8>, x: &u16| o
-            .extend_from_slice(&x.to_le_bytes())),
-        Array::I16(v) => each!(v, |o: &mut Vec<u8>, x: &i16| o
-            .extend_from_slice(&x.to_le_bytes())),
-        Array::U32(v) => each!(v, |o: &mut Vec<u8>, x: &u32| o
-            .extend_from_slice(&x.to_le_bytes())),
-        Array::I32(v) => each!(v, |o: &mut Vec<u8>, x: &i32| o
-            .extend_from_slice(&x.to_le_bytes())),
-        Array::F32(v) => each!(v, |o: &mut Vec<u8>, x: &f32| o
-            .extend_from_slice(&x.to_le_bytes())),
+        Array::U16(v) => each!(v, |o: &mut Vec<u8>, x: &u16| o.extend_from_slice(&x.to_le_bytes())),
+        Array::I16(v) => each!(v, |o: &mut Vec<u8>, x: &i16| o.extend_from_slice(&x.to_le_bytes())),
+        Array::U32(v) => each!(v, |o: &mut Vec<u8>, x: &u32| o.extend_from_slice(&x.to_le_bytes())),
+        Array::I32(v) => each!(v, |o: &mut Vec<u8>, x: &i32| o.extend_from_slice(&x.to_le_bytes())),
+        Array::F32(v) => each!(v, |o: &mut Vec<u8>, x: &f32| o.extend_from_slice(&x.to_le_bytes())),
         Array::Bool(v) => each!(v, |o: &mut Vec<u8>, x: &bool| o.push(u8::from(*x))),
         Array::String(v) => each!(v, |o: &mut Vec<u8>, x: &String| write_string(o, x)),
         Array::Array(v) => each!(v, write_array),
-        Array::U64(v) => each!(v, |o: &mut Vec<u8>, x: &u64| o
-            .extend_from_slice(&x.to_le_bytes())),
-        Array::I64(v) => each!(v, |o: &mut Vec<u8>, x: &i64| o
-            .extend_from_slice(&x.to_le_bytes())),
-        Array::F64(v) => each!(v, |o: &mut Vec<u8>, x: &f64| o
-            .extend_from_slice(&x.to_le_bytes())),
+        Array::U64(v) => each!(v, |o: &mut Vec<u8>, x: &u64| o.extend_from_slice(&x.to_le_bytes())),
+        Array::I64(v) => each!(v, |o: &mut Vec<u8>, x: &i64| o.extend_from_slice(&x.to_le_bytes())),
+        Array::F64(v) => each!(v, |o: &mut Vec<u8>, x: &f64| o.extend_from_slice(&x.to_le_bytes())),
     }
 }

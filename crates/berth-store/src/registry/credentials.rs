@@ -33,9 +33,7 @@ impl Credentials {
     pub(crate) fn to_auth(&self) -> RegistryAuth {
         match self {
             Credentials::Anonymous => RegistryAuth::Anonymous,
-            Credentials::Basic { username, password } => {
-                RegistryAuth::Basic(username.clone(), password.clone())
-            }
+            Credentials::Basic { username, password } => RegistryAuth::Basic(username.clone(), password.clone()),
             Credentials::Bearer(t) => RegistryAuth::Bearer(t.clone()),
         }
     }
@@ -64,28 +62,18 @@ fn server_keys(registry: &str) -> Vec<String> {
             "registry-1.docker.io".into(),
         ]
     } else {
-        vec![
-            registry.to_string(),
-            format!("https://{registry}"),
-            format!("http://{registry}"),
-        ]
+        vec![registry.to_string(), format!("https://{registry}"), format!("http://{registry}")]
     }
 }
 
 /// Normalise an `auths` key (`https://host:port/v1/` → `host:port`).
 fn key_host(key: &str) -> &str {
-    let k = key
-        .strip_prefix("https://")
-        .or_else(|| key.strip_prefix("http://"))
-        .unwrap_or(key);
+    let k = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
     k.split('/').next().unwrap_or(k)
 }
 
 /// The credentials Docker's config holds for a registry, or anonymous access.
-pub fn credentials_for(
-    registry: &str,
-    options: &RegistryOptions,
-) -> Result<Credentials, RegistryError> {
+pub fn credentials_for(registry: &str, options: &RegistryOptions) -> Result<Credentials, RegistryError> {
     let Some(path) = config_path(options) else {
         return Ok(Credentials::Anonymous);
     };
@@ -95,22 +83,16 @@ pub fn credentials_for(
         Err(e) => return Err(cred_err(&path, e.to_string())),
     };
     let mut bytes = Vec::new();
-    file.take(MAX_CONFIG_BYTES)
-        .read_to_end(&mut bytes)
-        .map_err(|e| cred_err(&path, e.to_string()))?;
-    let config: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| cred_err(&path, format!("not valid JSON: {e}")))?;
+    file.take(MAX_CONFIG_BYTES).read_to_end(&mut bytes).map_err(|e| cred_err(&path, e.to_string()))?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| cred_err(&path, format!("not valid JSON: {e}")))?;
     let keys = server_keys(registry);
     let wanted_host = key_host(&keys[0]).to_string();
 
     let helper = config
         .get("credHelpers")
         .and_then(|h| h.as_object())
-        .and_then(|h| {
-            keys.iter()
-                .find_map(|k| h.get(k))
-                .or_else(|| h.get(&wanted_host))
-        })
+        .and_then(|h| keys.iter().find_map(|k| h.get(k)).or_else(|| h.get(&wanted_host)))
         .and_then(|v| v.as_str())
         .or_else(|| config.get("credsStore").and_then(|v| v.as_str()));
 
@@ -123,41 +105,21 @@ pub fn credentials_for(
             if let Some(token) = entry.get("registrytoken").and_then(|t| t.as_str()) {
                 return Ok(Credentials::Bearer(token.to_string()));
             }
-            if let (Some(u), Some(p)) = (
-                entry.get("username").and_then(|v| v.as_str()),
-                entry.get("password").and_then(|v| v.as_str()),
-            ) {
-                return Ok(Credentials::Basic {
-                    username: u.into(),
-                    password: p.into(),
-                });
-            }
-            if let Some(auth) = entry
-                .get("auth")
-                .and_then(|a| a.as_str())
-                .filter(|a| !a.is_empty())
+            if let (Some(u), Some(p)) =
+                (entry.get("username").and_then(|v| v.as_str()), entry.get("password").and_then(|v| v.as_str()))
             {
+                return Ok(Credentials::Basic { username: u.into(), password: p.into() });
+            }
+            if let Some(auth) = entry.get("auth").and_then(|a| a.as_str()).filter(|a| !a.is_empty()) {
                 let decoded = base64::engine::general_purpose::STANDARD
                     .decode(auth)
-                    .map_err(|_| {
-                        cred_err(
-                            &path,
-                            format!("the auth entry for {registry} is not base64"),
-                        )
-                    })?;
-                let text = String::from_utf8(decoded).map_err(|_| {
-                    cred_err(&path, format!("the auth entry for {registry} is not UTF-8"))
-                })?;
-                let (u, p) = text.split_once(':').ok_or_else(|| {
-                    cred_err(
-                        &path,
-                        format!("the auth entry for {registry} is not user:password"),
-                    )
-                })?;
-                return Ok(Credentials::Basic {
-                    username: u.into(),
-                    password: p.into(),
-                });
+                    .map_err(|_| cred_err(&path, format!("the auth entry for {registry} is not base64")))?;
+                let text = String::from_utf8(decoded)
+                    .map_err(|_| cred_err(&path, format!("the auth entry for {registry} is not UTF-8")))?;
+                let (u, p) = text
+                    .split_once(':')
+                    .ok_or_else(|| cred_err(&path, format!("the auth entry for {registry} is not user:password")))?;
+                return Ok(Credentials::Basic { username: u.into(), password: p.into() });
             }
         }
     }
@@ -168,26 +130,13 @@ pub fn credentials_for(
 }
 
 fn cred_err(path: &std::path::Path, reason: String) -> RegistryError {
-    RegistryError::Credentials {
-        path: path.display().to_string(),
-        reason,
-    }
+    RegistryError::Credentials { path: path.display().to_string(), reason }
 }
 
 /// Ask `docker-credential-<helper> get`, as Docker does.
-fn run_helper(
-    helper: &str,
-    server: &str,
-    path: &std::path::Path,
-) -> Result<Credentials, RegistryError> {
-    if !helper
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(cred_err(
-            path,
-            format!("credential helper name {helper:?} is not a plain name"),
-        ));
+fn run_helper(helper: &str, server: &str, path: &std::path::Path) -> Result<Credentials, RegistryError> {
+    if !helper.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(cred_err(path, format!("credential helper name {helper:?} is not a plain name")));
     }
     let program = format!("docker-credential-{helper}");
     let mut child = match Command::new(&program)
@@ -209,27 +158,19 @@ fn run_helper(
     if let Some(stdout) = child.stdout.take() {
         let _ = stdout.take(MAX_HELPER_OUTPUT).read_to_end(&mut out);
     }
-    let status = child
-        .wait()
-        .map_err(|e| cred_err(path, format!("running {program}: {e}")))?;
+    let status = child.wait().map_err(|e| cred_err(path, format!("running {program}: {e}")))?;
     if !status.success() {
         // "credentials not found" is an ordinary answer: go anonymous.
         return Ok(Credentials::Anonymous);
     }
     let v: serde_json::Value = serde_json::from_slice(&out)
         .map_err(|e| cred_err(path, format!("{program} answered with invalid JSON: {e}")))?;
-    let user = v
-        .get("Username")
-        .and_then(|u| u.as_str())
-        .unwrap_or_default();
+    let user = v.get("Username").and_then(|u| u.as_str()).unwrap_or_default();
     let secret = v.get("Secret").and_then(|s| s.as_str()).unwrap_or_default();
     Ok(match (user, secret) {
         (_, "") => Credentials::Anonymous,
         ("<token>", token) => Credentials::Bearer(token.to_string()),
-        (u, s) => Credentials::Basic {
-            username: u.to_string(),
-            password: s.to_string(),
-        },
+        (u, s) => Credentials::Basic { username: u.to_string(), password: s.to_string() },
     })
 }
 
@@ -241,13 +182,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
         std::fs::write(&path, json).unwrap();
-        credentials_for(
-            registry,
-            &RegistryOptions {
-                docker_config: Some(path),
-                ..Default::default()
-            },
-        )
+        credentials_for(registry, &RegistryOptions { docker_config: Some(path), ..Default::default() })
     }
 
     #[test]
@@ -256,30 +191,18 @@ mod tests {
         let json = format!(
             r#"{{"auths":{{"https://index.docker.io/v1/":{{"auth":"{auth}"}},"127.0.0.1:5000":{{"auth":"{auth}"}}}}}}"#
         );
-        let want = Credentials::Basic {
-            username: "ada".into(),
-            password: "s3cret".into(),
-        };
+        let want = Credentials::Basic { username: "ada".into(), password: "s3cret".into() };
         assert_eq!(with_config(&json, "docker.io").unwrap(), want);
         assert_eq!(with_config(&json, "127.0.0.1:5000").unwrap(), want);
-        assert_eq!(
-            with_config(&json, "ghcr.io").unwrap(),
-            Credentials::Anonymous
-        );
+        assert_eq!(with_config(&json, "ghcr.io").unwrap(), Credentials::Anonymous);
     }
 
     #[test]
     fn missing_or_broken_configs() {
-        assert_eq!(
-            with_config("{}", "docker.io").unwrap(),
-            Credentials::Anonymous
-        );
+        assert_eq!(with_config("{}", "docker.io").unwrap(), Credentials::Anonymous);
         assert!(with_config("not json", "docker.io").is_err());
         assert!(with_config(r#"{"auths":{"docker.io":{"auth":"!!"}}}"#, "docker.io").is_err());
         let missing_helper = r#"{"credsStore":"berth-test-no-such-helper"}"#;
-        assert_eq!(
-            with_config(missing_helper, "docker.io").unwrap(),
-            Credentials::Anonymous
-        );
+        assert_eq!(with_config(missing_helper, "docker.io").unwrap(), Credentials::Anonymous);
     }
 }

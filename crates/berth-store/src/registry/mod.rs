@@ -35,20 +35,9 @@ pub enum RegistryError {
     #[error(
         "the download of {digest} stopped after {done} of {total} bytes ({detail}); run the same pull again to resume it"
     )]
-    Interrupted {
-        digest: String,
-        done: u64,
-        total: u64,
-        detail: String,
-    },
-    #[error(
-        "registry {registry} sent more bytes for {digest} than the manifest's {size}; the download was discarded"
-    )]
-    Oversized {
-        registry: String,
-        digest: String,
-        size: u64,
-    },
+    Interrupted { digest: String, done: u64, total: u64, detail: String },
+    #[error("registry {registry} sent more bytes for {digest} than the manifest's {size}; the download was discarded")]
+    Oversized { registry: String, digest: String, size: u64 },
     #[error("Docker credentials at {path}: {reason}")]
     Credentials { path: String, reason: String },
     #[error("registry {registry}: {detail}")]
@@ -69,26 +58,14 @@ impl RegistryOptions {
     /// Options from the environment: `BERTH_INSECURE_REGISTRIES` (comma-separated).
     pub fn from_env() -> RegistryOptions {
         let insecure_registries = std::env::var("BERTH_INSECURE_REGISTRIES")
-            .map(|v| {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(String::from)
-                    .collect()
-            })
+            .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
             .unwrap_or_default();
-        RegistryOptions {
-            insecure_registries,
-            docker_config: None,
-        }
+        RegistryOptions { insecure_registries, docker_config: None }
     }
 
     fn allows_plain_http(&self, reference: &Reference) -> bool {
         reference.is_loopback_registry()
-            || self
-                .insecure_registries
-                .iter()
-                .any(|r| r == reference.registry() || r == host_of(reference.registry()))
+            || self.insecure_registries.iter().any(|r| r == reference.registry() || r == host_of(reference.registry()))
     }
 
     pub(crate) fn client(&self, reference: &Reference) -> oci_client::Client {
@@ -118,12 +95,9 @@ pub(crate) fn to_oci(reference: &Reference) -> oci_client::Reference {
     let registry = reference.registry().to_string();
     let repository = reference.repository().to_string();
     match (reference.tag(), reference.digest()) {
-        (Some(tag), Some(d)) => oci_client::Reference::with_tag_and_digest(
-            registry,
-            repository,
-            tag.into(),
-            d.to_string(),
-        ),
+        (Some(tag), Some(d)) => {
+            oci_client::Reference::with_tag_and_digest(registry, repository, tag.into(), d.to_string())
+        }
         (None, Some(d)) => oci_client::Reference::with_digest(registry, repository, d.to_string()),
         (Some(tag), None) => oci_client::Reference::with_tag(registry, repository, tag.into()),
         (None, None) => oci_client::Reference::with_tag(registry, repository, "latest".into()),
@@ -135,56 +109,39 @@ pub(crate) fn classify(reference: &Reference, e: OciDistributionError) -> Regist
     let registry = reference.registry().to_string();
     let name = reference.familiar();
     match e {
-        OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => RegistryError::Unauthorized {
-            registry,
-            reference: name,
-        },
-        OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound {
-            registry,
-            reference: name,
-        },
-        OciDistributionError::ServerError {
-            code: 401 | 403, ..
-        } => RegistryError::Unauthorized {
-            registry,
-            reference: name,
-        },
-        OciDistributionError::ServerError { code: 404, .. } => RegistryError::NotFound {
-            registry,
-            reference: name,
-        },
+        OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
+            RegistryError::Unauthorized { registry, reference: name }
+        }
+        OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound { registry, reference: name },
+        OciDistributionError::ServerError { code: 401 | 403, .. } => {
+            RegistryError::Unauthorized { registry, reference: name }
+        }
+        OciDistributionError::ServerError { code: 404, .. } => RegistryError::NotFound { registry, reference: name },
         OciDistributionError::RegistryError { envelope, .. } => {
             let text = envelope.to_string();
-            if text.contains("UNAUTHORIZED") || text.contains("DENIED") {
-                RegistryError::Unauthorized {
-                    registry,
-                    reference: name,
-                }
-            } else if text.contains("UNKNOWN") {
-                RegistryError::NotFound {
-                    registry,
-                    reference: name,
-                }
+            let lower = text.to_lowercase();
+            if lower.contains("unauthorized") || lower.contains("denied") {
+                RegistryError::Unauthorized { registry, reference: name }
+            } else if lower.contains("unknown") {
+                RegistryError::NotFound { registry, reference: name }
             } else {
-                RegistryError::Protocol {
-                    registry,
-                    detail: text,
+                RegistryError::Protocol { registry, detail: text }
+            }
+        }
+        OciDistributionError::RequestError(err) => match err.status().map(|s| s.as_u16()) {
+            Some(401 | 403) => RegistryError::Unauthorized { registry, reference: name },
+            Some(404) => RegistryError::NotFound { registry, reference: name },
+            Some(_) => RegistryError::Protocol { registry, detail: err.to_string() },
+            None => {
+                let mut detail = err.to_string();
+                let mut source = std::error::Error::source(&err);
+                while let Some(s) = source {
+                    detail = format!("{detail}: {s}");
+                    source = s.source();
                 }
+                RegistryError::Unreachable { registry, detail }
             }
-        }
-        OciDistributionError::RequestError(err) => {
-            let mut detail = err.to_string();
-            let mut source = std::error::Error::source(&err);
-            while let Some(s) = source {
-                detail = format!("{detail}: {s}");
-                source = s.source();
-            }
-            RegistryError::Unreachable { registry, detail }
-        }
-        other => RegistryError::Protocol {
-            registry,
-            detail: other.to_string(),
         },
+        other => RegistryError::Protocol { registry, detail: other.to_string() },
     }
 }

@@ -27,35 +27,34 @@ pub async fn pull(
     let client = options.client(reference);
     let oref = to_oci(reference);
     let auth = credentials_for(reference.registry(), options)?.to_auth();
-    client
-        .auth(&oref, &auth, RegistryOperation::Pull)
-        .await
-        .map_err(|e| classify(reference, e))?;
-    let (bytes, _) = client
-        .pull_manifest_raw(&oref, &auth, &[media::OCI_MANIFEST])
-        .await
-        .map_err(|e| classify(reference, e))?;
+    client.auth(&oref, &auth, RegistryOperation::Pull).await.map_err(|e| classify(reference, e))?;
+    let (bytes, _) =
+        client.pull_manifest_raw(&oref, &auth, &[media::OCI_MANIFEST]).await.map_err(|e| classify(reference, e))?;
     if bytes.len() > MAX_MANIFEST_BYTES {
         return Err(crate::manifest::ManifestError::TooLarge(bytes.len()).into());
     }
     let manifest_digest = Digest::of(&bytes);
-    if let Some(want) = reference.digest() {
-        if want != &manifest_digest {
-            return Err(StoreError::DigestMismatch {
-                expected: want.clone(),
-                actual: manifest_digest,
-            });
-        }
+    if let Some(want) = reference.digest()
+        && want != &manifest_digest
+    {
+        return Err(StoreError::DigestMismatch { expected: want.clone(), actual: manifest_digest });
     }
     let manifest = Manifest::parse(&bytes)?;
 
     let _writing = store.writer_lock()?;
+    let mut fetched = Vec::new();
     for desc in manifest.blobs() {
         if store.has_blob(&desc.digest, desc.size) {
             progress.note(&format!("{} already present", desc.digest.short()));
             continue;
         }
         fetch_blob(&client, &oref, reference, store, desc, progress.as_ref()).await?;
+        fetched.push(&desc.digest);
+    }
+    // Only when every blob is verified does any of them enter the store: a pull that fails
+    // halfway adds nothing (what it verified waits in incoming/ for the next try).
+    for digest in fetched {
+        store.publish_partial(digest)?;
     }
     // The config must be readable before the model is announced.
     store.config(&manifest)?;
@@ -64,7 +63,8 @@ pub async fn pull(
     Ok(manifest_digest)
 }
 
-/// Download one blob into `incoming/<hex>.partial`, resuming what an earlier pull left there.
+/// Download one blob into `incoming/<hex>.partial`, resuming what an earlier pull left there, and
+/// verify it there.
 async fn fetch_blob(
     client: &oci_client::Client,
     oref: &oci_client::Reference,
@@ -94,9 +94,7 @@ async fn fetch_blob(
         file.seek(SeekFrom::Start(0)).map_err(io_err("reading"))?;
         let mut left = have;
         while left > 0 {
-            let n = file
-                .read(&mut buf[..left.min(1 << 20) as usize])
-                .map_err(io_err("reading"))?;
+            let n = file.read(&mut buf[..left.min(1 << 20) as usize]).map_err(io_err("reading"))?;
             if n == 0 {
                 break;
             }
@@ -104,26 +102,17 @@ async fn fetch_blob(
             left -= n as u64;
         }
     }
-    file.seek(SeekFrom::Start(have))
-        .map_err(io_err("seeking in"))?;
+    file.seek(SeekFrom::Start(have)).map_err(io_err("seeking in"))?;
 
-    let label = desc
-        .file_path()
-        .map(str::to_string)
-        .unwrap_or_else(|| desc.digest.short().to_string());
+    let label = desc.file_path().map(str::to_string).unwrap_or_else(|| desc.digest.short().to_string());
     progress.start(&label, desc.size, have);
     let digest_str = desc.digest.to_string();
     let mut stream_error = None;
     if have < desc.size {
         let response = if have > 0 {
-            client
-                .pull_blob_stream_partial(oref, digest_str.as_str(), have, None)
-                .await
+            client.pull_blob_stream_partial(oref, digest_str.as_str(), have, None).await
         } else {
-            client
-                .pull_blob_stream(oref, digest_str.as_str())
-                .await
-                .map(BlobResponse::Full)
+            client.pull_blob_stream(oref, digest_str.as_str()).await.map(BlobResponse::Full)
         };
         let mut stream = match response.map_err(|e| classify(reference, e))? {
             BlobResponse::Partial(s) => s.stream,
@@ -131,8 +120,7 @@ async fn fetch_blob(
                 // The registry ignored the Range request: start over from byte zero.
                 if have > 0 {
                     file.set_len(0).map_err(io_err("truncating"))?;
-                    file.seek(SeekFrom::Start(0))
-                        .map_err(io_err("seeking in"))?;
+                    file.seek(SeekFrom::Start(0)).map_err(io_err("seeking in"))?;
                     hasher = Sha256::new();
                     have = 0;
                     progress.start(&label, desc.size, 0);
@@ -181,10 +169,7 @@ async fn fetch_blob(
     let actual = Digest::from_hasher(hasher);
     if actual != desc.digest {
         let _ = fs::remove_file(&partial);
-        return Err(StoreError::DigestMismatch {
-            expected: desc.digest.clone(),
-            actual,
-        });
+        return Err(StoreError::DigestMismatch { expected: desc.digest.clone(), actual });
     }
-    store.publish_partial(&desc.digest)
+    Ok(())
 }

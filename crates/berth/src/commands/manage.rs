@@ -45,11 +45,7 @@ pub fn tag(ctx: &Context, args: TagArgs) -> anyhow::Result<()> {
     let source = parse_ref(&args.source)?;
     let target = parse_ref(&args.target)?;
     let digest = ctx.store()?.tag(&source, &target)?;
-    println!(
-        "Tagged {} as {} ({digest})",
-        source.familiar(),
-        target.familiar()
-    );
+    println!("Tagged {} as {} ({digest})", source.familiar(), target.familiar());
     Ok(())
 }
 
@@ -59,16 +55,7 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&models)?);
         return Ok(());
     }
-    let mut t = Table::new([
-        "MODEL",
-        "ID",
-        "FORMAT",
-        "ARCHITECTURE",
-        "PARAMETERS",
-        "QUANTIZATION",
-        "SIZE",
-        "CREATED",
-    ]);
+    let mut t = Table::new(["MODEL", "ID", "FORMAT", "ARCHITECTURE", "PARAMETERS", "QUANTIZATION", "SIZE", "CREATED"]);
     for m in models {
         t.row([
             m.reference,
@@ -109,13 +96,7 @@ pub fn inspect(ctx: &Context, args: InspectArgs) -> anyhow::Result<()> {
     println!("Layers:");
     for l in &d.manifest.layers {
         let name = l.file_path().unwrap_or("");
-        println!(
-            "  {}  {:>10}  {}  {}",
-            l.digest.short(),
-            format_size(l.size),
-            l.media_type,
-            name
-        );
+        println!("  {}  {:>10}  {}  {}", l.digest.short(), format_size(l.size), l.media_type, name);
     }
     Ok(())
 }
@@ -126,17 +107,11 @@ pub fn rm(ctx: &Context, args: RmArgs) -> anyhow::Result<()> {
         let reference = parse_ref(r)?;
         let (removed, gc) = store.remove(&reference)?;
         for name in removed {
-            let shown = berth_store::Reference::parse(&name)
-                .map(|r| r.familiar())
-                .unwrap_or(name);
+            let shown = berth_store::Reference::parse(&name).map(|r| r.familiar()).unwrap_or(name);
             println!("Removed {shown}");
         }
         if gc.blobs_removed > 0 {
-            println!(
-                "Freed {} in {} files",
-                format_size(gc.bytes_freed),
-                gc.blobs_removed
-            );
+            println!("Freed {} in {} files", format_size(gc.bytes_freed), gc.blobs_removed);
         }
     }
     Ok(())
@@ -151,21 +126,9 @@ pub fn df(ctx: &Context, args: DfArgs) -> anyhow::Result<()> {
     }
     let mut t = Table::new(["WHAT", "COUNT", "SIZE"]);
     t.row(["models".to_string(), du.models.to_string(), String::new()]);
-    t.row([
-        "blobs".to_string(),
-        du.blobs.to_string(),
-        format_size(du.blob_bytes),
-    ]);
-    t.row([
-        "unreferenced".to_string(),
-        String::new(),
-        format_size(du.unreferenced_bytes),
-    ]);
-    t.row([
-        "partial downloads".to_string(),
-        String::new(),
-        format_size(du.partial_bytes),
-    ]);
+    t.row(["blobs".to_string(), du.blobs.to_string(), format_size(du.blob_bytes)]);
+    t.row(["unreferenced".to_string(), String::new(), format_size(du.unreferenced_bytes)]);
+    t.row(["partial downloads".to_string(), String::new(), format_size(du.partial_bytes)]);
     print!("{t}");
     println!("Store: {}", store.root().display());
     Ok(())

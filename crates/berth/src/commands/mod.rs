@@ -15,8 +15,7 @@ pub struct Context {
 
 impl Context {
     pub fn store(&self) -> anyhow::Result<Store> {
-        Store::open(&self.home)
-            .with_context(|| format!("cannot open the model store in {}", self.home.display()))
+        Store::open(&self.home).with_context(|| format!("cannot open the model store in {}", self.home.display()))
     }
 }
 

@@ -16,17 +16,11 @@ pub struct PushArgs {
 }
 
 fn options(ctx: &Context) -> RegistryOptions {
-    RegistryOptions {
-        insecure_registries: ctx.insecure_registries.clone(),
-        docker_config: None,
-    }
+    RegistryOptions { insecure_registries: ctx.insecure_registries.clone(), docker_config: None }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
 pub fn pull(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
