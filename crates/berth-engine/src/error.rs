@@ -1,0 +1,32 @@
+use std::path::PathBuf;
+
+use berth_formats::gguf::GgufError;
+
+/// Why a model cannot be loaded or run, said so a user can act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a usable GGUF file: {source}")]
+    Gguf { path: PathBuf, source: GgufError },
+    #[error("architecture {0:?} is not supported; berth runs the llama family (llama, mistral, TinyLlama, SmolLM)")]
+    UnsupportedArchitecture(String),
+    #[error("tensor type {0} is not supported; berth runs F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K")]
+    UnsupportedTensorType(String),
+    #[error("the model file lacks tensor {0:?}")]
+    MissingTensor(String),
+    #[error("tensor {name:?} has shape {actual:?}, expected {expected:?}")]
+    WrongShape { name: String, expected: Vec<u64>, actual: Vec<u64> },
+    #[error("the model's metadata lacks {0:?}")]
+    MissingMetadata(String),
+    #[error("the model is malformed: {0}")]
+    BadModel(String),
+    #[error("the prompt and answer need {needed} tokens but the context holds {limit}; shorten the prompt or lower max_tokens")]
+    ContextOverflow { needed: usize, limit: usize },
+    #[error("the tokenizer cannot be built from the model file: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("invalid sampling parameter: {0}")]
+    Sampling(String),
+}

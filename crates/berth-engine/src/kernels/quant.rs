@@ -1,0 +1,398 @@
+//! GGML block formats: dequantisation, activation quantisation, and block dot products.
+//!
+//! Layouts follow ggml-common.h. The integer dot products mirror llama.cpp's CPU path (Q4_0 and
+//! Q8_0 weights against Q8_0 activations, Q4_1 against Q8_1), so berth's numbers agree with it to
+//! within float rounding; other formats are dequantised to f32 and dotted in f32.
+
+use berth_formats::gguf::GgmlType;
+use half::{bf16, f16};
+
+const QK: usize = 32;
+const QK_K: usize = 256;
+
+/// Whether berth can multiply by this type.
+pub fn supported(t: GgmlType) -> bool {
+    [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ]
+    .contains(&t)
+}
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// Dequantise a row of `out.len()` weights.
+pub fn dequantize(t: GgmlType, src: &[u8], out: &mut [f32]) {
+    match t {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        GgmlType::Q4_0 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(18)) {
+                let d = f16_at(b, 0);
+                for j in 0..16 {
+                    o[j] = d * ((b[2 + j] & 0xF) as i32 - 8) as f32;
+                    o[j + 16] = d * ((b[2 + j] >> 4) as i32 - 8) as f32;
+                }
+            }
+        }
+        GgmlType::Q4_1 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(20)) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                for j in 0..16 {
+                    o[j] = d * (b[4 + j] & 0xF) as f32 + m;
+                    o[j + 16] = d * (b[4 + j] >> 4) as f32 + m;
+                }
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(34)) {
+                let d = f16_at(b, 0);
+                for j in 0..QK {
+                    o[j] = d * (b[2 + j] as i8) as f32;
+                }
+            }
+        }
+        GgmlType::Q4_K => {
+            for (o, b) in out.chunks_exact_mut(QK_K).zip(src.chunks_exact(144)) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let qs = &b[16..144];
+                for (g, o64) in o.chunks_exact_mut(64).enumerate() {
+                    let (sc1, m1) = scale_min_k4(2 * g, scales);
+                    let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
+                    let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+                    let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+                    let q = &qs[32 * g..32 * g + 32];
+                    for l in 0..32 {
+                        o64[l] = d1 * (q[l] & 0xF) as f32 - m1;
+                        o64[32 + l] = d2 * (q[l] >> 4) as f32 - m2;
+                    }
+                }
+            }
+        }
+        GgmlType::Q5_K => {
+            for (o, b) in out.chunks_exact_mut(QK_K).zip(src.chunks_exact(176)) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let qh = &b[16..48];
+                let qs = &b[48..176];
+                for (g, o64) in o.chunks_exact_mut(64).enumerate() {
+                    let (sc1, m1) = scale_min_k4(2 * g, scales);
+                    let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
+                    let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+                    let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+                    let (u1, u2) = (1u8 << (2 * g), 2u8 << (2 * g));
+                    let q = &qs[32 * g..32 * g + 32];
+                    for l in 0..32 {
+                        let hi1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+                        let hi2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+                        o64[l] = d1 * ((q[l] & 0xF) + hi1) as f32 - m1;
+                        o64[32 + l] = d2 * ((q[l] >> 4) + hi2) as f32 - m2;
+                    }
+                }
+            }
+        }
+        GgmlType::Q6_K => {
+            for (o, b) in out.chunks_exact_mut(QK_K).zip(src.chunks_exact(210)) {
+                let ql = &b[0..128];
+                let qh = &b[128..192];
+                let sc = &b[192..208];
+                let d = f16_at(b, 208);
+                for (h, o128) in o.chunks_exact_mut(128).enumerate() {
+                    let ql = &ql[64 * h..];
+                    let qh = &qh[32 * h..];
+                    let sc = &sc[8 * h..];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        o128[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                        o128[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                        o128[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                        o128[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                    }
+                }
+            }
+        }
+        other => unreachable!("dequantize called for unsupported type {other}"),
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block.
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// How activations are prepared for a weight type.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ActivationFormat {
+    /// 32-value blocks, 8-bit values, one scale (llama.cpp's Q8_0).
+    Q8_0,
+    /// Q8_0 plus the block's scaled sum (llama.cpp's Q8_1), for weights with an offset (Q4_1).
+    Q8_1,
+    /// Plain f32, for weights dequantised before the dot product.
+    F32,
+}
+
+impl ActivationFormat {
+    pub fn for_weights(t: GgmlType) -> Self {
+        match t {
+            GgmlType::Q4_0 | GgmlType::Q8_0 => ActivationFormat::Q8_0,
+            GgmlType::Q4_1 => ActivationFormat::Q8_1,
+            _ => ActivationFormat::F32,
+        }
+    }
+}
+
+/// A batch of activation rows prepared for one weight format.
+pub struct QuantizedActivations<'x> {
+    pub format: ActivationFormat,
+    pub cols: usize,
+    blocks_per_row: usize,
+    /// Per block: the scale (rounded through f16, as llama.cpp stores it).
+    d: Vec<f32>,
+    /// Per block: scale × sum of the quantised values (Q8_1 only).
+    s: Vec<f32>,
+    qs: Vec<i8>,
+    f32_rows: &'x [f32],
+}
+
+impl<'x> QuantizedActivations<'x> {
+    pub fn new(format: ActivationFormat, x: &'x [f32], n: usize, cols: usize) -> Self {
+        let blocks_per_row = cols / QK;
+        let mut acts =
+            Self { format, cols, blocks_per_row, d: Vec::new(), s: Vec::new(), qs: Vec::new(), f32_rows: x };
+        if format == ActivationFormat::F32 {
+            return acts;
+        }
+        let nb = n * blocks_per_row;
+        acts.d = vec![0.0; nb];
+        acts.qs = vec![0; nb * QK];
+        if format == ActivationFormat::Q8_1 {
+            acts.s = vec![0.0; nb];
+        }
+        for (b, block) in x.chunks_exact(QK).enumerate().take(nb) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Exactly llama.cpp's quantize_row_q8_0/q8_1: scale by 127/amax, round half to even.
+            let d = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in acts.qs[b * QK..(b + 1) * QK].iter_mut().zip(block) {
+                let r = (v * id).round_ties_even() as i32;
+                *q = r as i8;
+                sum += r;
+            }
+            acts.d[b] = f16::from_f32(d).to_f32();
+            if format == ActivationFormat::Q8_1 {
+                acts.s[b] = f16::from_f32(d * sum as f32).to_f32();
+            }
+        }
+        acts
+    }
+
+    fn row_f32(&self, t: usize) -> &[f32] {
+        &self.f32_rows[t * self.cols..(t + 1) * self.cols]
+    }
+}
+
+/// Dot product of one weight row with activation row `t`.
+pub fn vec_dot(t: GgmlType, w: &[u8], acts: &QuantizedActivations<'_>, row: usize) -> f32 {
+    let nb = acts.blocks_per_row;
+    let base = row * nb;
+    match (t, acts.format) {
+        (GgmlType::Q8_0, ActivationFormat::Q8_0) => dispatch_q8_0(w, acts, base, nb),
+        (GgmlType::Q4_0, ActivationFormat::Q8_0) => dispatch_q4_0(w, acts, base, nb),
+        (GgmlType::Q4_1, ActivationFormat::Q8_1) => dispatch_q4_1(w, acts, base, nb),
+        _ => {
+            // Formats without an integer path: dequantise the row, then an f32 dot product.
+            let mut buf = vec![0f32; acts.cols];
+            dequantize(t, w, &mut buf);
+            dot_f32(&buf, acts.row_f32(row))
+        }
+    }
+}
+
+/// f32 dot product in eight lanes, so the compiler vectorises it.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (x, y) in ar.iter().zip(br) {
+        sum += x * y;
+    }
+    sum
+}
+
+macro_rules! multiversion {
+    ($name:ident, $body:ident) => {
+        fn $name(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
+                    $body(w, acts, base, nb)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU was just checked for AVX2 and FMA.
+                    return unsafe { avx2(w, acts, base, nb) };
+                }
+            }
+            $body(w, acts, base, nb)
+        }
+    };
+}
+
+multiversion!(dispatch_q8_0, dot_q8_0_q8_0);
+multiversion!(dispatch_q4_0, dot_q4_0_q8_0);
+multiversion!(dispatch_q4_1, dot_q4_1_q8_1);
+
+#[inline(always)]
+fn dot_q8_0_q8_0(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (b, wb) in w.chunks_exact(34).enumerate().take(nb) {
+        let q = &acts.qs[(base + b) * QK..(base + b + 1) * QK];
+        let mut isum = 0i32;
+        for j in 0..QK {
+            isum += (wb[2 + j] as i8 as i32) * (q[j] as i32);
+        }
+        sum += f16_at(wb, 0) * acts.d[base + b] * isum as f32;
+    }
+    sum
+}
+
+#[inline(always)]
+fn dot_q4_0_q8_0(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (b, wb) in w.chunks_exact(18).enumerate().take(nb) {
+        let q = &acts.qs[(base + b) * QK..(base + b + 1) * QK];
+        let mut isum = 0i32;
+        for j in 0..16 {
+            isum += ((wb[2 + j] & 0xF) as i32 - 8) * q[j] as i32;
+            isum += ((wb[2 + j] >> 4) as i32 - 8) * q[j + 16] as i32;
+        }
+        sum += f16_at(wb, 0) * acts.d[base + b] * isum as f32;
+    }
+    sum
+}
+
+#[inline(always)]
+fn dot_q4_1_q8_1(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (b, wb) in w.chunks_exact(20).enumerate().take(nb) {
+        let q = &acts.qs[(base + b) * QK..(base + b + 1) * QK];
+        let mut isum = 0i32;
+        for j in 0..16 {
+            isum += (wb[4 + j] & 0xF) as i32 * q[j] as i32;
+            isum += (wb[4 + j] >> 4) as i32 * q[j + 16] as i32;
+        }
+        sum += f16_at(wb, 0) * acts.d[base + b] * isum as f32 + f16_at(wb, 2) * acts.s[base + b];
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for b in x.chunks(32) {
+            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+            for v in b {
+                out.push(((v / d).round() as i8) as u8);
+            }
+        }
+        out
+    }
+
+    fn quantize_q4_1(x: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for b in x.chunks(32) {
+            let (min, max) = b.iter().fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let d = (max - min) / 15.0;
+            out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+            out.extend_from_slice(&f16::from_f32(min).to_bits().to_le_bytes());
+            for j in 0..16 {
+                let q0 = (((b[j] - min) / d).round() as u8).min(15);
+                let q1 = (((b[j + 16] - min) / d).round() as u8).min(15);
+                out.push(q0 | (q1 << 4));
+            }
+        }
+        out
+    }
+
+    /// The integer paths agree with dequantise-then-f32 to within activation rounding.
+    #[test]
+    fn integer_dots_match_the_float_reference() {
+        let mut seed = 7;
+        for cols in [32usize, 64, 576] {
+            let w: Vec<f32> = (0..cols).map(|_| lcg(&mut seed)).collect();
+            let x: Vec<f32> = (0..cols * 3).map(|_| lcg(&mut seed)).collect();
+            for (ty, bytes) in [(GgmlType::Q8_0, quantize_q8_0(&w)), (GgmlType::Q4_1, quantize_q4_1(&w))] {
+                let mut deq = vec![0f32; cols];
+                dequantize(ty, &bytes, &mut deq);
+                let acts = QuantizedActivations::new(ActivationFormat::for_weights(ty), &x, 3, cols);
+                for t in 0..3 {
+                    let want = dot_f32(&deq, &x[t * cols..(t + 1) * cols]);
+                    let got = vec_dot(ty, &bytes, &acts, t);
+                    let tol = 0.02 * (cols as f32).sqrt();
+                    assert!((want - got).abs() < tol, "{ty} cols {cols}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_dequantises_exactly() {
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 - 32.0) / 8.0).collect();
+        let bytes = quantize_q8_0(&x);
+        let mut out = vec![0f32; 64];
+        dequantize(GgmlType::Q8_0, &bytes, &mut out);
+        for (a, b) in x.iter().zip(&out) {
+            assert!((a - b).abs() < 0.02, "{a} vs {b}");
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! berth's inference engine: llama-family GGUF models on CPU, with the tokenizer and chat template
+//! read from the model file itself, sampling, and generation with stop strings and logprobs.
+//!
+//! The forward pass is batched from the start ([`model::LlamaModel::forward`] takes many sequences,
+//! each with its own positions and KV cache), so the scheduler that serves many users builds on it
+//! rather than replacing it.
+
+pub mod error;
+pub mod kernels;
+pub mod model;
+pub mod tokenizer;
+
+pub use error::EngineError;

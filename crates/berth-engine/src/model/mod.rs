@@ -1,0 +1,7 @@
+//! Models: loading weights from a memory-mapped GGUF file and running batched forward passes.
+
+mod config;
+mod llama;
+
+pub use config::LlamaConfig;
+pub use llama::{KvCache, LlamaModel, SeqStep};

@@ -1,0 +1,147 @@
+//! GPT-2 style byte-level BPE: text bytes are mapped to printable characters, then merged by the
+//! ranks of `tokenizer.ggml.merges`. A priority queue over a linked list of symbols keeps encoding
+//! O(n log n) even for long pieces.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use super::pretokenize::PreTokenizer;
+use crate::error::EngineError;
+
+pub struct Bpe {
+    vocab: HashMap<String, u32>,
+    ranks: HashMap<(String, String), u32>,
+    byte_to_char: [char; 256],
+    char_to_byte: HashMap<char, u8>,
+    pre: PreTokenizer,
+}
+
+/// GPT-2's reversible byte → character map: printable bytes map to themselves, the rest to U+0100+.
+fn byte_chars() -> [char; 256] {
+    let mut map = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..=255u8 {
+        let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        map[b as usize] = if printable {
+            b as char
+        } else {
+            n += 1;
+            char::from_u32(255 + n).unwrap_or('?')
+        };
+    }
+    map
+}
+
+#[derive(Clone, Copy)]
+struct Symbol {
+    start: usize,
+    len: usize,
+    prev: Option<usize>,
+    next: Option<usize>,
+}
+
+impl Bpe {
+    pub fn new(tokens: &[String], merges: &[String], pre: PreTokenizer) -> Result<Self, EngineError> {
+        let mut ranks = HashMap::with_capacity(merges.len());
+        for (rank, m) in merges.iter().enumerate() {
+            let (a, b) = m
+                .split_once(' ')
+                .ok_or_else(|| EngineError::Tokenizer(format!("merge {rank} ({m:?}) is not two symbols")))?;
+            ranks.entry((a.to_string(), b.to_string())).or_insert(rank as u32);
+        }
+        let byte_to_char = byte_chars();
+        let char_to_byte = byte_to_char.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        Ok(Self { vocab: super::index(tokens), ranks, byte_to_char, char_to_byte, pre })
+    }
+
+    pub fn encode(&self, text: &str, out: &mut Vec<u32>) {
+        for piece in self.pre.split(text) {
+            let mapped: String = piece.bytes().map(|b| self.byte_to_char[b as usize]).collect();
+            if let Some(&id) = self.vocab.get(&mapped) {
+                out.push(id);
+                continue;
+            }
+            self.merge(&mapped, out);
+        }
+    }
+
+    fn rank(&self, word: &str, a: &Symbol, b: &Symbol) -> Option<u32> {
+        let left = &word[a.start..a.start + a.len];
+        let right = &word[b.start..b.start + b.len];
+        self.ranks.get(&(left.to_string(), right.to_string())).copied()
+    }
+
+    fn merge(&self, word: &str, out: &mut Vec<u32>) {
+        let mut symbols: Vec<Symbol> = Vec::new();
+        for (i, (start, c)) in word.char_indices().enumerate() {
+            symbols.push(Symbol {
+                start,
+                len: c.len_utf8(),
+                prev: i.checked_sub(1),
+                next: Some(i + 1),
+            });
+        }
+        if let Some(last) = symbols.last_mut() {
+            last.next = None;
+        }
+        // (rank, left index, size of the merged text) — lowest rank first, then leftmost.
+        let mut queue = BinaryHeap::new();
+        for i in 1..symbols.len() {
+            if let Some(r) = self.rank(word, &symbols[i - 1], &symbols[i]) {
+                queue.push(Reverse((r, i - 1, symbols[i - 1].len + symbols[i].len)));
+            }
+        }
+        while let Some(Reverse((_, left, size))) = queue.pop() {
+            let Some(right) = symbols[left].next else { continue };
+            // Skip stale entries: one side was merged away or changed since this pair was queued.
+            if symbols[left].len == 0 || symbols[right].len == 0 || symbols[left].len + symbols[right].len != size {
+                continue;
+            }
+            symbols[left].len += symbols[right].len;
+            symbols[right].len = 0;
+            symbols[left].next = symbols[right].next;
+            if let Some(n) = symbols[right].next {
+                symbols[n].prev = Some(left);
+            }
+            if let Some(p) = symbols[left].prev {
+                if let Some(r) = self.rank(word, &symbols[p], &symbols[left]) {
+                    queue.push(Reverse((r, p, symbols[p].len + symbols[left].len)));
+                }
+            }
+            if let Some(n) = symbols[left].next {
+                if let Some(r) = self.rank(word, &symbols[left], &symbols[n]) {
+                    queue.push(Reverse((r, left, symbols[left].len + symbols[n].len)));
+                }
+            }
+        }
+        let mut at = Some(0);
+        while let Some(i) = at {
+            let s = symbols[i];
+            let text = &word[s.start..s.start + s.len];
+            match self.vocab.get(text) {
+                Some(&id) => out.push(id),
+                // A merge result missing from the vocabulary: fall back to its characters.
+                None => {
+                    for c in text.chars() {
+                        if let Some(&id) = self.vocab.get(c.encode_utf8(&mut [0; 4]) as &str) {
+                            out.push(id);
+                        }
+                    }
+                }
+            }
+            at = s.next;
+        }
+    }
+
+    /// The bytes a vocabulary entry stands for.
+    pub fn token_bytes(&self, text: &str) -> Vec<u8> {
+        text.chars()
+            .map(|c| match self.char_to_byte.get(&c) {
+                Some(&b) => vec![b],
+                // Not a byte-level character (an added token's text): its UTF-8 as is.
+                None => c.to_string().into_bytes(),
+            })
+            .flat_map(|v| v.into_iter())
+            .collect()
+    }
+}
