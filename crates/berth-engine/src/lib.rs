@@ -8,6 +8,12 @@
 pub mod error;
 pub mod kernels;
 pub mod model;
+pub mod template;
 pub mod tokenizer;
 
 pub use error::EngineError;
+pub mod generate;
+pub mod sampling;
+pub mod stop;
+
+pub use generate::{Engine, FinishReason, GenerationOutput, GenerationRequest, TokenEvent};

@@ -5,6 +5,7 @@
 pub mod models;
 pub mod proxy;
 pub mod registry;
+pub mod synthetic;
 
 use std::net::TcpListener;
 
