@@ -21,7 +21,9 @@ pub enum EngineError {
     MissingMetadata(String),
     #[error("the model is malformed: {0}")]
     BadModel(String),
-    #[error("the prompt and answer need {needed} tokens but the context holds {limit}; shorten the prompt or lower max_tokens")]
+    #[error(
+        "the prompt and answer need {needed} tokens but the context holds {limit}; shorten the prompt or lower max_tokens"
+    )]
     ContextOverflow { needed: usize, limit: usize },
     #[error("the tokenizer cannot be built from the model file: {0}")]
     Tokenizer(String),

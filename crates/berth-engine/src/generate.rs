@@ -115,10 +115,10 @@ impl Engine {
     }
 
     fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
-        if let (true, Some(bos)) = (self.tokenizer.add_bos, self.tokenizer.bos) {
-            if ids.first() != Some(&bos) {
-                ids.insert(0, bos);
-            }
+        if let (true, Some(bos)) = (self.tokenizer.add_bos, self.tokenizer.bos)
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
         }
         ids
     }
@@ -166,7 +166,8 @@ impl Engine {
         };
         while out.tokens.len() < req.max_tokens && cache.len() < ctx {
             let (token, lp) = sampler.sample(&mut logits, req.logprobs);
-            let ends = !req.ignore_eos && self.tokenizer.is_end_of_generation(token) || req.stop_token_ids.contains(&token);
+            let ends =
+                !req.ignore_eos && self.tokenizer.is_end_of_generation(token) || req.stop_token_ids.contains(&token);
             if ends {
                 out.finish = FinishReason::Stop;
                 break;
@@ -194,7 +195,10 @@ impl Engine {
             if out.tokens.len() >= req.max_tokens || cache.len() >= ctx {
                 break;
             }
-            logits = self.model.forward(&mut [SeqStep { cache: &mut cache, tokens: &[token], all_logits: false }])?.remove(0);
+            logits = self
+                .model
+                .forward(&mut [SeqStep { cache: &mut cache, tokens: &[token], all_logits: false }])?
+                .remove(0);
         }
         // Text held back for a possible stop string was not one after all: release it.
         if !hit_stop_string {

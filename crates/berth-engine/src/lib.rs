@@ -17,3 +17,13 @@ pub mod sampling;
 pub mod stop;
 
 pub use generate::{Engine, FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
+
+/// Size the engine's worker pool (call once, before the first model runs). Default: one worker
+/// per CPU the process may use.
+pub fn set_threads(n: usize) -> Result<(), EngineError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("berth-worker-{i}"))
+        .build_global()
+        .map_err(|e| EngineError::BadModel(format!("cannot size the worker pool: {e}")))
+}

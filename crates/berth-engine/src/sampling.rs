@@ -133,7 +133,8 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let seed = params.seed.unwrap_or_else(|| {
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let t =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
             (t as u64) ^ ((std::process::id() as u64) << 32)
         });
         Self { params, rng: Rng::new(seed), history: Vec::new(), counts: HashMap::new() }
@@ -272,7 +273,8 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens() {
-        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: Some(42), ..Default::default() };
+        let params =
+            SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: Some(42), ..Default::default() };
         let run = || {
             let mut s = Sampler::new(params.clone());
             (0..50).map(|_| s.sample(&mut logits(), None).0).collect::<Vec<_>>()
@@ -297,7 +299,8 @@ mod tests {
 
     #[test]
     fn penalties_discourage_repeats() {
-        let mut s = Sampler::new(SamplingParams { frequency_penalty: 2.0, presence_penalty: 2.0, ..SamplingParams::greedy() });
+        let mut s =
+            Sampler::new(SamplingParams { frequency_penalty: 2.0, presence_penalty: 2.0, ..SamplingParams::greedy() });
         let flat = vec![1.0f32; 4];
         let mut seen = Vec::new();
         for _ in 0..4 {

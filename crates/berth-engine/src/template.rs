@@ -140,8 +140,20 @@ fn strftime_now(fmt: &str) -> String {
     let days = (secs / 86_400) as i64;
     let (y, m, d) = civil_from_days(days);
     let (hh, mm, ss) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
-    const MONTHS: [&str; 12] =
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     let month = MONTHS[(m - 1) as usize];
     let mut out = String::new();
     let mut chars = fmt.chars();
@@ -200,8 +212,13 @@ mod tests {
 
     #[test]
     fn python_string_methods_work() {
-        let t = ChatTemplate::new("{{ messages[0].content.strip().upper() }}{{ 'x'.startswith('x') }}", "", "").unwrap();
-        assert_eq!(t.render(&[Message::new("user", "  a b ")], false).unwrap().text, "A BTrue", "Python spelling of booleans");
+        let t =
+            ChatTemplate::new("{{ messages[0].content.strip().upper() }}{{ 'x'.startswith('x') }}", "", "").unwrap();
+        assert_eq!(
+            t.render(&[Message::new("user", "  a b ")], false).unwrap().text,
+            "A BTrue",
+            "Python spelling of booleans"
+        );
     }
 
     #[test]
@@ -212,7 +229,12 @@ mod tests {
         assert!(t.render(&[], false).unwrap_err().to_string().contains("undefined"));
         let t = ChatTemplate::new("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "", "").unwrap();
         assert!(t.render(&[], false).is_err(), "runaway recursion is stopped");
-        let t = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "", "").unwrap();
+        let t = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
         assert!(t.render(&[], false).is_err(), "runaway loops are stopped");
         let t = ChatTemplate::new("{{ raise_exception('only user and assistant roles') }}", "", "").unwrap();
         assert!(t.render(&[], false).unwrap_err().to_string().contains("only user and assistant roles"));

@@ -12,8 +12,10 @@ fn renders_every_golden_prompt_exactly() {
     let source = gguf.get_str("tokenizer.chat_template").expect("SmolLM2 ships a chat template");
     let template = ChatTemplate::new(source, "<|im_start|>", "<|im_end|>").unwrap();
     let golden: Value =
-        serde_json::from_slice(&std::fs::read(models::golden_dir().join("smollm2-q4_1.llamacpp.json")).unwrap()).unwrap();
-    let cases: Value = serde_json::from_slice(&std::fs::read(models::golden_dir().join("cases.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(models::golden_dir().join("smollm2-q4_1.llamacpp.json")).unwrap())
+            .unwrap();
+    let cases: Value =
+        serde_json::from_slice(&std::fs::read(models::golden_dir().join("cases.json")).unwrap()).unwrap();
     let mut rendered = 0;
     for (case, want) in cases.as_array().unwrap().iter().zip(golden["cases"].as_array().unwrap()) {
         let Some(messages) = case["messages"].as_array() else { continue };

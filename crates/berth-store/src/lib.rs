@@ -35,4 +35,4 @@ pub use blobs::BlobWriter;
 pub use digest::Digest;
 pub use error::StoreError;
 pub use reference::Reference;
-pub use store::{DiskUsage, GcReport, LockGuard, ModelDetails, ModelSummary, Store};
+pub use store::{DiskUsage, GcReport, GgufModel, LockGuard, ModelDetails, ModelSummary, Store};

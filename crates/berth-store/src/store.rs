@@ -51,6 +51,14 @@ pub struct ModelDetails {
     pub config: ModelConfigFile,
 }
 
+/// A runnable GGUF model from the store.
+#[derive(Debug, Clone)]
+pub struct GgufModel {
+    pub path: PathBuf,
+    pub chat_template: Option<String>,
+    pub context_size: Option<u64>,
+}
+
 /// What garbage collection removed.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct GcReport {
@@ -384,6 +392,29 @@ impl Store {
             du.partial_bytes = entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
         }
         Ok(du)
+    }
+
+    /// What an engine needs to run a local GGUF model: the weights' path and the artifact's chat
+    /// template, if it carries one (it overrides the template inside the GGUF file).
+    pub fn gguf_model(&self, reference: &Reference) -> Result<GgufModel, StoreError> {
+        let (_, manifest, config) = self.load(reference)?;
+        let weights = manifest.layers.iter().find(|l| l.media_type == crate::media::GGUF).ok_or_else(|| {
+            StoreError::Config(format!("{} has no GGUF layer; berth runs GGUF models", reference.familiar()))
+        })?;
+        if !self.has_blob(&weights.digest, weights.size) {
+            return Err(StoreError::MissingBlob(weights.digest.clone()));
+        }
+        let chat_template = match manifest.layers.iter().find(|l| l.media_type == crate::media::CHAT_TEMPLATE) {
+            Some(l) => {
+                let bytes = self.read_small_blob(&l.digest)?;
+                Some(
+                    String::from_utf8(bytes)
+                        .map_err(|_| StoreError::Config("the chat template layer is not UTF-8".into()))?,
+                )
+            }
+            None => None,
+        };
+        Ok(GgufModel { path: self.blob_path(&weights.digest), chat_template, context_size: config.config.context_size })
     }
 
     /// The files of a model, as (path inside the model folder, blob path), for engines to open.

@@ -18,7 +18,15 @@ pub struct LlamaShape {
 
 impl Default for LlamaShape {
     fn default() -> Self {
-        Self { architecture: "llama".into(), n_layers: 2, n_embd: 64, n_head: 4, n_head_kv: 2, n_ff: 128, context_length: 256 }
+        Self {
+            architecture: "llama".into(),
+            n_layers: 2,
+            n_embd: 64,
+            n_head: 4,
+            n_head_kv: 2,
+            n_ff: 128,
+            context_length: 256,
+        }
     }
 }
 

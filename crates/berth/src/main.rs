@@ -48,6 +48,8 @@ enum Command {
     Rm(commands::manage::RmArgs),
     /// Show the store's disk usage.
     Df(commands::manage::DfArgs),
+    /// Run a model: answer a prompt, or chat on a terminal.
+    Run(commands::run::Args),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::manage::inspect(&ctx, a),
         Command::Rm(a) => commands::manage::rm(&ctx, a),
         Command::Df(a) => commands::manage::df(&ctx, a),
+        Command::Run(a) => commands::run::run(&ctx, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

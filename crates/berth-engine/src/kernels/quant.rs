@@ -190,8 +190,7 @@ pub struct QuantizedActivations<'x> {
 impl<'x> QuantizedActivations<'x> {
     pub fn new(format: ActivationFormat, x: &'x [f32], n: usize, cols: usize) -> Self {
         let blocks_per_row = cols / QK;
-        let mut acts =
-            Self { format, cols, blocks_per_row, d: Vec::new(), s: Vec::new(), qs: Vec::new(), f32_rows: x };
+        let mut acts = Self { format, cols, blocks_per_row, d: Vec::new(), s: Vec::new(), qs: Vec::new(), f32_rows: x };
         if format == ActivationFormat::F32 {
             return acts;
         }

@@ -30,9 +30,10 @@ impl LlamaConfig {
         let int = |key: &str| -> Result<usize, EngineError> {
             let full = format!("{arch}.{key}");
             let v = gguf.get_u64(&full).ok_or_else(|| EngineError::MissingMetadata(full.clone()))?;
-            usize::try_from(v).ok().filter(|&v| v > 0 && v < 1 << 24).ok_or_else(|| {
-                EngineError::BadModel(format!("{full} = {v} is out of range"))
-            })
+            usize::try_from(v)
+                .ok()
+                .filter(|&v| v > 0 && v < 1 << 24)
+                .ok_or_else(|| EngineError::BadModel(format!("{full} = {v} is out of range")))
         };
         let float = |key: &str, default: f32| -> f32 {
             gguf.get(&format!("{arch}.{key}")).and_then(|v| v.as_f64()).map(|v| v as f32).unwrap_or(default)
@@ -60,7 +61,7 @@ impl LlamaConfig {
         };
         let rms_eps = float("attention.layer_norm_rms_epsilon", 1e-5);
         let rope_base = float("rope.freq_base", 10_000.0);
-        if !(rms_eps > 0.0 && rms_eps < 1.0) || !(rope_base > 1.0 && rope_base.is_finite()) {
+        if !(rms_eps > 0.0 && rms_eps < 1.0 && rope_base > 1.0 && rope_base.is_finite()) {
             return Err(EngineError::BadModel("RMS epsilon or RoPE base out of range".into()));
         }
         Ok(Self {

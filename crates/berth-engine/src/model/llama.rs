@@ -193,12 +193,12 @@ impl LlamaModel {
             self.mat(&layer.wq).matmul(&h, n, &mut q);
             self.mat(&layer.wk).matmul(&h, n, &mut k);
             self.mat(&layer.wv).matmul(&h, n, &mut v);
-            q.par_chunks_exact_mut(q_dim).zip(&positions).for_each(|(row, &p)| {
-                ops::rope_norm(row, c.head_dim, c.rope_dim, p, c.rope_base)
-            });
-            k.par_chunks_exact_mut(kv_dim).zip(&positions).for_each(|(row, &p)| {
-                ops::rope_norm(row, c.head_dim, c.rope_dim, p, c.rope_base)
-            });
+            q.par_chunks_exact_mut(q_dim)
+                .zip(&positions)
+                .for_each(|(row, &p)| ops::rope_norm(row, c.head_dim, c.rope_dim, p, c.rope_base));
+            k.par_chunks_exact_mut(kv_dim)
+                .zip(&positions)
+                .for_each(|(row, &p)| ops::rope_norm(row, c.head_dim, c.rope_dim, p, c.rope_base));
             // Append the new keys and values to each sequence's cache, in token order.
             for (i, &s) in owner.iter().enumerate() {
                 let cache = &mut *steps[s].cache;
@@ -298,7 +298,11 @@ impl LlamaModel {
 
 fn expect_shape(t: &TensorInfo, expected: &[u64]) -> Result<(), EngineError> {
     if t.dims != expected {
-        return Err(EngineError::WrongShape { name: t.name.clone(), expected: expected.to_vec(), actual: t.dims.clone() });
+        return Err(EngineError::WrongShape {
+            name: t.name.clone(),
+            expected: expected.to_vec(),
+            actual: t.dims.clone(),
+        });
     }
     Ok(())
 }

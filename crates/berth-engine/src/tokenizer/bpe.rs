@@ -74,12 +74,7 @@ impl Bpe {
     fn merge(&self, word: &str, out: &mut Vec<u32>) {
         let mut symbols: Vec<Symbol> = Vec::new();
         for (i, (start, c)) in word.char_indices().enumerate() {
-            symbols.push(Symbol {
-                start,
-                len: c.len_utf8(),
-                prev: i.checked_sub(1),
-                next: Some(i + 1),
-            });
+            symbols.push(Symbol { start, len: c.len_utf8(), prev: i.checked_sub(1), next: Some(i + 1) });
         }
         if let Some(last) = symbols.last_mut() {
             last.next = None;
@@ -103,15 +98,15 @@ impl Bpe {
             if let Some(n) = symbols[right].next {
                 symbols[n].prev = Some(left);
             }
-            if let Some(p) = symbols[left].prev {
-                if let Some(r) = self.rank(word, &symbols[p], &symbols[left]) {
-                    queue.push(Reverse((r, p, symbols[p].len + symbols[left].len)));
-                }
+            if let Some(p) = symbols[left].prev
+                && let Some(r) = self.rank(word, &symbols[p], &symbols[left])
+            {
+                queue.push(Reverse((r, p, symbols[p].len + symbols[left].len)));
             }
-            if let Some(n) = symbols[left].next {
-                if let Some(r) = self.rank(word, &symbols[left], &symbols[n]) {
-                    queue.push(Reverse((r, left, symbols[left].len + symbols[n].len)));
-                }
+            if let Some(n) = symbols[left].next
+                && let Some(r) = self.rank(word, &symbols[left], &symbols[n])
+            {
+                queue.push(Reverse((r, left, symbols[left].len + symbols[n].len)));
             }
         }
         let mut at = Some(0);

@@ -29,8 +29,8 @@ pub mod token_type {
 }
 
 enum Model {
-    Bpe(bpe::Bpe),
-    Spm(spm::Spm),
+    Bpe(Box<bpe::Bpe>),
+    Spm(Box<spm::Spm>),
 }
 
 pub struct Tokenizer {
@@ -83,7 +83,7 @@ impl Tokenizer {
                 };
                 let pre = gguf.get_str("tokenizer.ggml.pre").unwrap_or("default");
                 let pretokenizer = pretokenize::PreTokenizer::named(pre)?;
-                (Model::Bpe(bpe::Bpe::new(&tokens, &merges, pretokenizer)?), false)
+                (Model::Bpe(Box::new(bpe::Bpe::new(&tokens, &merges, pretokenizer)?)), false)
             }
             "llama" => {
                 let scores = match gguf.get("tokenizer.ggml.scores").and_then(|v| v.as_array()) {
@@ -93,7 +93,7 @@ impl Tokenizer {
                 };
                 let unk = id("tokenizer.ggml.unknown_token_id")?;
                 let add_space = flag("tokenizer.ggml.add_space_prefix", true);
-                (Model::Spm(spm::Spm::new(&tokens, &scores, &types, unk, add_space)), true)
+                (Model::Spm(Box::new(spm::Spm::new(&tokens, &scores, &types, unk, add_space))), true)
             }
             other => {
                 return Err(err(format!(
@@ -103,14 +103,15 @@ impl Tokenizer {
         };
         let bos = id("tokenizer.ggml.bos_token_id")?;
         let eos = id("tokenizer.ggml.eos_token_id")?;
-        let mut end_of_generation: Vec<u32> = [eos, id("tokenizer.ggml.eot_token_id")?, id("tokenizer.ggml.eom_token_id")?]
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut end_of_generation: Vec<u32> =
+            [eos, id("tokenizer.ggml.eot_token_id")?, id("tokenizer.ggml.eom_token_id")?]
+                .into_iter()
+                .flatten()
+                .collect();
         // Like llama.cpp, also stop at the control tokens that close a turn in common templates.
         for (i, t) in tokens.iter().enumerate() {
-            let closes_turn =
-                ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>"].contains(&t.as_str());
+            let closes_turn = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>"]
+                .contains(&t.as_str());
             if closes_turn && types[i] == token_type::CONTROL && !end_of_generation.contains(&(i as u32)) {
                 end_of_generation.push(i as u32);
             }

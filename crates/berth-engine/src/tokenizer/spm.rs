@@ -47,10 +47,10 @@ impl Spm {
     pub fn new(tokens: &[String], scores: &[f32], types: &[i32], unk: Option<u32>, add_space_prefix: bool) -> Self {
         let mut byte_tokens = [None; 256];
         for (i, t) in tokens.iter().enumerate() {
-            if types[i] == token_type::BYTE {
-                if let Some(b) = parse_byte_token(t) {
-                    byte_tokens[b as usize] = Some(i as u32);
-                }
+            if types[i] == token_type::BYTE
+                && let Some(b) = parse_byte_token(t)
+            {
+                byte_tokens[b as usize] = Some(i as u32);
             }
         }
         Self { vocab: super::index(tokens), scores: scores.to_vec(), byte_tokens, unk, add_space_prefix }
@@ -126,18 +126,17 @@ impl Spm {
             return;
         }
         for b in text.bytes() {
-            match self.byte_tokens[b as usize].or(self.unk) {
-                Some(id) => out.push(id),
-                None => {}
+            if let Some(id) = self.byte_tokens[b as usize].or(self.unk) {
+                out.push(id)
             }
         }
     }
 
     pub fn token_bytes(&self, text: &str, ty: i32) -> Vec<u8> {
-        if ty == token_type::BYTE {
-            if let Some(b) = parse_byte_token(text) {
-                return vec![b];
-            }
+        if ty == token_type::BYTE
+            && let Some(b) = parse_byte_token(text)
+        {
+            return vec![b];
         }
         text.replace('▁', " ").into_bytes()
     }
@@ -159,7 +158,10 @@ mod tests {
             tokens.push(format!("<0x{b:02X}>"));
             types.push(token_type::BYTE);
         }
-        for t in ["▁", "h", "e", "l", "o", "▁h", "he", "ll", "llo", "▁he", "▁hello", "w", "r", "d", "▁w", "or", "▁wor", "ld", "▁world"] {
+        for t in [
+            "▁", "h", "e", "l", "o", "▁h", "he", "ll", "llo", "▁he", "▁hello", "w", "r", "d", "▁w", "or", "▁wor", "ld",
+            "▁world",
+        ] {
             tokens.push(t.into());
             types.push(1);
         }

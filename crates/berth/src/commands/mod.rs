@@ -1,5 +1,6 @@
 pub mod manage;
 pub mod package;
+pub mod run;
 pub mod transfer;
 
 use std::path::PathBuf;
