@@ -34,15 +34,21 @@ fn teacher_forcing_agrees_with_llama_cpp() {
         let prompt = ids(&case["prompt_ids"]);
         let greedy = case["greedy"].as_array().unwrap();
         let reference: Vec<u32> = greedy.iter().map(|s| s["id"].as_u64().unwrap() as u32).collect();
-        let mut input = prompt.clone();
-        input.extend_from_slice(&reference[..reference.len().saturating_sub(1)]);
+        // As llama.cpp produced the reference: the prompt in one step, then one token per step.
         let mut cache = model.new_cache();
-        let logits = model
-            .forward(&mut [SeqStep { cache: &mut cache, tokens: &input, all_logits: true }])
+        let mut logits = model
+            .forward(&mut [SeqStep { cache: &mut cache, tokens: &prompt, all_logits: false }])
             .expect("forward")
             .remove(0);
+        for &t in &reference[..reference.len().saturating_sub(1)] {
+            let next = model
+                .forward(&mut [SeqStep { cache: &mut cache, tokens: &[t], all_logits: false }])
+                .expect("forward")
+                .remove(0);
+            logits.extend(next);
+        }
         for (i, step) in greedy.iter().enumerate() {
-            let row = &logits[(prompt.len() - 1 + i) * vocab..(prompt.len() + i) * vocab];
+            let row = &logits[i * vocab..(i + 1) * vocab];
             let lp = log_softmax(row);
             let ours = lp.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap();
             let want = step["id"].as_u64().unwrap() as u32;
@@ -65,14 +71,11 @@ fn teacher_forcing_agrees_with_llama_cpp() {
         q(0.99),
         q(1.0)
     );
-    // Bounds that a wrong RoPE, mask, norm or kernel breaks by a wide margin (they give median
-    // differences of whole nats). They are below the issue's 99% / 95%: this model amplifies the
-    // last bits of 8-bit activation rounding into ~0.1-nat differences (see ARCHITECTURE.md,
-    // "Agreement with llama.cpp"), so no implementation short of llama.cpp's exact float order
-    // reaches those figures; an independent float64 forward pass scores the same as berth.
-    assert!(top1_agree as f64 >= 0.95 * steps as f64, "top-1 agreement below 95%");
-    assert!(close as f64 >= 0.85 * steps as f64, "logprobs within 0.1 nats at fewer than 85% of steps");
-    assert!(q(0.5) <= 0.05, "median logprob difference above 0.05 nats");
+    // berth reproduces llama.cpp's arithmetic operation for operation (ARCHITECTURE.md, "Agreement
+    // with llama.cpp"), so on the machine kind the reference was made on the two agree exactly;
+    // the bounds are the issue's, loose enough for a CPU where llama.cpp takes other code paths.
+    assert!(top1_agree as f64 >= 0.99 * steps as f64, "top-1 agreement below 99%");
+    assert!(close as f64 >= 0.95 * steps as f64, "logprobs within 0.1 nats at fewer than 95% of steps");
 }
 
 fn engine() -> Engine {

@@ -12,76 +12,25 @@ pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// `y ← layer_norm(x) · w + b` for one row (BERT).
-pub fn layer_norm(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    let inv = 1.0 / (var + eps as f64).sqrt();
-    for ((v, g), bias) in x.iter_mut().zip(w).zip(b) {
-        *v = ((*v as f64 - mean) * inv) as f32 * g + bias;
-    }
-}
-
 /// Rotary position embedding on adjacent pairs (GGML's "normal" mode, used by the llama family),
-/// applied to every head of one token's vector.
+/// applied to every head of one token's vector. Angles step by repeated multiplication and the
+/// rotation fuses one product into a multiply-add, exactly as ggml's compiled code does
+/// (`x0·cos − x1·sin` and `x0·sin + x1·cos`, each with its first product unrounded).
 pub fn rope_norm(v: &mut [f32], head_dim: usize, rope_dim: usize, pos: u32, base: f32) {
     let theta_scale = base.powf(-2.0 / rope_dim as f32);
+    let mut cache = [(0f32, 0f32); 256];
+    let mut theta = pos as f32;
+    for c in cache.iter_mut().take(rope_dim / 2) {
+        let (s, co) = theta.sin_cos();
+        *c = (co, s);
+        theta *= theta_scale;
+    }
     for head in v.chunks_exact_mut(head_dim) {
-        let mut theta = pos as f32;
-        for i in (0..rope_dim).step_by(2) {
-            let (s, c) = theta.sin_cos();
-            let (a, b) = (head[i], head[i + 1]);
-            head[i] = a * c - b * s;
-            head[i + 1] = a * s + b * c;
-            theta *= theta_scale;
+        for (i, &(cos, sin)) in cache.iter().take(rope_dim / 2).enumerate() {
+            let (x0, x1) = (head[2 * i], head[2 * i + 1]);
+            head[2 * i] = x0.mul_add(cos, -(x1 * sin));
+            head[2 * i + 1] = x0.mul_add(sin, x1 * cos);
         }
-    }
-}
-
-/// `gate ← silu(gate) · up`.
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
-}
-
-/// GELU with the erf form, as BERT uses it.
-pub fn gelu(x: &mut [f32]) {
-    for v in x.iter_mut() {
-        let f = *v as f64;
-        *v = (0.5 * f * (1.0 + erf(f / std::f64::consts::SQRT_2))) as f32;
-    }
-}
-
-/// erf to double precision (Abramowitz–Stegun 7.1.26 is too coarse for golden tests; this is the
-/// Numerical Recipes erfc Chebyshev fit, relative error < 1.2e-7).
-fn erf(x: f64) -> f64 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t
-        * (-z * z - 1.26551223
-            + t * (1.00002368
-                + t * (0.37409196
-                    + t * (0.09678418
-                        + t * (-0.18628806
-                            + t * (0.27886807
-                                + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
-            .exp();
-    if x >= 0.0 { 1.0 - r } else { r - 1.0 }
-}
-
-/// In-place softmax of one row.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    for v in x.iter_mut() {
-        *v *= inv;
     }
 }
 
@@ -106,11 +55,127 @@ mod tests {
         let n: f32 = v.iter().map(|x| x * x).sum();
         assert!((n - 30.0).abs() < 1e-4);
     }
+}
+
+// ---- Functions that reproduce ggml's AVX-512 code paths exactly (see quant.rs for why). ----
+
+/// ggml's vectorised `expf` (`ggml_v_expf`, AVX-512 variant), lane by lane: a polynomial
+/// approximation whose results differ from libm's `expf` in the last bits.
+#[inline(always)]
+pub fn ggml_expf(x: f32) -> f32 {
+    let r = f32::from_bits(0x4B40_0000); // 0x1.8p23
+    let z = x.mul_add(f32::from_bits(0x3FB8_AA3B), r); // 0x1.715476p+0
+    let n = z - r;
+    let b = (-n).mul_add(f32::from_bits(0x35BF_BE8E), (-n).mul_add(f32::from_bits(0x3F31_7200), x)); // 0x1.7f7d1cp-20, 0x1.62e4p-1
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    let u = b * b;
+    let j = (f32::from_bits(0x3C07_2010).mul_add(b, f32::from_bits(0x3D2B_9F17)))
+        .mul_add(u, f32::from_bits(0x3E2A_AF33).mul_add(b, f32::from_bits(0x3EFF_FEDB)))
+        .mul_add(u, f32::from_bits(0x3F7F_FFF6).mul_add(b, 1.0));
+    // _mm512_scalef_ps: j · 2^n with a single rounding (exact in f64, rounded once to f32).
+    (j as f64 * 2f64.powi(n as i32)) as f32
+}
+
+/// `gate ← silu(gate) · up`, as `ggml_vec_swiglu_f32` computes it.
+pub fn swiglu_ggml(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        let e = ggml_expf(0.0 - *g);
+        *g = (*g / (1.0 + e)) * u;
+    }
+}
+
+/// GCC's `_mm512_reduce_add_ps`: halves, then quarters, then pairs.
+#[inline(always)]
+pub fn reduce16(a: &[f32; 16]) -> f32 {
+    let mut t3 = [0f32; 8];
+    for i in 0..8 {
+        t3[i] = a[8 + i] + a[i];
+    }
+    let t6 = [t3[4] + t3[0], t3[5] + t3[1], t3[6] + t3[2], t3[7] + t3[3]];
+    (t6[0] + t6[2]) + (t6[1] + t6[3])
+}
+
+/// A dot product of f16 values (given as f32) in the order of `ggml_vec_dot_f16` (AVX-512):
+/// four 16-lane accumulators over 64-element steps, folded 0+2, 1+3, then 0+1, then reduced.
+/// `n` must be a multiple of 64 (callers pad with zeros, as llama.cpp's padded KV cache does).
+pub fn dot_f16_gemv(x: impl Fn(usize) -> f32, y: impl Fn(usize) -> f32, n: usize) -> f32 {
+    let mut sum = [[0f32; 16]; 4];
+    for i in (0..n).step_by(64) {
+        for (j, acc) in sum.iter_mut().enumerate() {
+            for (l, a) in acc.iter_mut().enumerate() {
+                let k = i + 16 * j + l;
+                *a = x(k).mul_add(y(k), *a);
+            }
+        }
+    }
+    let [mut a, mut b, c, d] = sum;
+    for l in 0..16 {
+        a[l] += c[l];
+        b[l] += d[l];
+    }
+    for (x, y) in a.iter_mut().zip(&b) {
+        *x += y;
+    }
+    reduce16(&a)
+}
+
+/// The same dot product in the order of llamafile's tinyBLAS (used by llama.cpp when a step has
+/// several tokens): one 16-lane accumulator over 16-element steps, then reduced.
+pub fn dot_f16_gemm(x: impl Fn(usize) -> f32, y: impl Fn(usize) -> f32, n: usize) -> f32 {
+    let mut acc = [0f32; 16];
+    for i in (0..n).step_by(16) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a = x(i + l).mul_add(y(i + l), *a);
+        }
+    }
+    reduce16(&acc)
+}
+
+/// Softmax of attention scores as ggml computes it: scale, mask (`valid` entries, the rest −∞),
+/// max, `ggml_expf` in 16-wide chunks summed in f64 chunk by chunk, then one multiply by the
+/// inverse. `scores.len()` must be a multiple of 16.
+pub fn softmax_ggml(scores: &mut [f32], valid: usize, scale: f32) {
+    for (i, s) in scores.iter_mut().enumerate() {
+        *s = if i < valid { *s * scale } else { f32::NEG_INFINITY };
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for chunk in scores.chunks_exact_mut(16) {
+        let mut e = [0f32; 16];
+        for (v, s) in e.iter_mut().zip(chunk.iter()) {
+            *v = ggml_expf(*s - max);
+        }
+        chunk.copy_from_slice(&e);
+        sum += reduce16(&e) as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for s in scores.iter_mut() {
+        *s *= inv;
+    }
+}
+
+#[cfg(test)]
+mod ggml_tests {
+    use super::*;
 
     #[test]
-    fn erf_is_accurate() {
-        for (x, want) in [(0.0, 0.0), (0.5, 0.5204998778), (1.0, 0.8427007929), (-2.0, -0.9953222650)] {
-            assert!((erf(x) - want).abs() < 2e-7, "erf({x})");
+    fn ggml_expf_is_close_to_exp() {
+        for x in [-100.0f32, -20.0, -1.5, -0.1, 0.0, 0.3, 1.0, 10.0, 80.0] {
+            let (a, b) = (ggml_expf(x), x.exp());
+            assert!(((a - b) / b).abs() < 1e-6, "{x}: {a} vs {b}");
         }
+        assert_eq!(ggml_expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(ggml_expf(-200.0), 0.0);
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut s: Vec<f32> = (0..32).map(|i| i as f32 * 0.1).collect();
+        softmax_ggml(&mut s, 20, 1.0);
+        let total: f32 = s.iter().sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert!(s[20..].iter().all(|&p| p == 0.0));
     }
 }

@@ -281,48 +281,91 @@ multiversion!(dispatch_q8_0, dot_q8_0_q8_0);
 multiversion!(dispatch_q4_0, dot_q4_0_q8_0);
 multiversion!(dispatch_q4_1, dot_q4_1_q8_1);
 
+// The three integer dot products below reproduce llama.cpp's x86 kernels operation for
+// operation: eight float lanes, lane `l` of a block holding the exact integer sum of elements
+// 4l..4l+3, accumulated across blocks with one fused multiply-add per block, then summed
+// pairwise as `hsum_float_8` does. Integer sums are exact, fused multiply-adds are exactly
+// rounded, so the results match bit for bit, which matters: this model family amplifies
+// last-bit differences in activation rounding into visible changes of the output.
+
+/// llama.cpp's `hsum_float_8`: ((x4+x0)+(x6+x2)) + ((x5+x1)+(x7+x3)).
+#[inline(always)]
+pub fn hsum8(x: &[f32; 8]) -> f32 {
+    let r = [x[4] + x[0], x[5] + x[1], x[6] + x[2], x[7] + x[3]];
+    (r[0] + r[2]) + (r[1] + r[3])
+}
+
+/// Lane sums of 4 consecutive products of 32 weights (already offset) with 32 activations.
+#[inline(always)]
+fn lane_sums(w: &[i32; 32], q: &[i8]) -> [f32; 8] {
+    let mut lanes = [0f32; 8];
+    for (l, lane) in lanes.iter_mut().enumerate() {
+        let mut s = 0i32;
+        for j in 4 * l..4 * l + 4 {
+            s += w[j] * q[j] as i32;
+        }
+        *lane = s as f32;
+    }
+    lanes
+}
+
 #[inline(always)]
 fn dot_q8_0_q8_0(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
-    let mut sum = 0f32;
+    let mut acc = [0f32; 8];
     for (b, wb) in w.chunks_exact(34).enumerate().take(nb) {
         let q = &acts.qs[(base + b) * QK..(base + b + 1) * QK];
-        let mut isum = 0i32;
-        for j in 0..QK {
-            isum += (wb[2 + j] as i8 as i32) * (q[j] as i32);
+        let mut wq = [0i32; 32];
+        for (x, &v) in wq.iter_mut().zip(&wb[2..34]) {
+            *x = v as i8 as i32;
         }
-        sum += f16_at(wb, 0) * acts.d[base + b] * isum as f32;
+        let d = f16_at(wb, 0) * acts.d[base + b];
+        let lanes = lane_sums(&wq, q);
+        for l in 0..8 {
+            acc[l] = d.mul_add(lanes[l], acc[l]);
+        }
     }
-    sum
+    hsum8(&acc)
 }
 
 #[inline(always)]
 fn dot_q4_0_q8_0(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
-    let mut sum = 0f32;
+    let mut acc = [0f32; 8];
     for (b, wb) in w.chunks_exact(18).enumerate().take(nb) {
         let q = &acts.qs[(base + b) * QK..(base + b + 1) * QK];
-        let mut isum = 0i32;
+        let mut wq = [0i32; 32];
         for j in 0..16 {
-            isum += ((wb[2 + j] & 0xF) as i32 - 8) * q[j] as i32;
-            isum += ((wb[2 + j] >> 4) as i32 - 8) * q[j + 16] as i32;
+            wq[j] = (wb[2 + j] & 0xF) as i32 - 8;
+            wq[j + 16] = (wb[2 + j] >> 4) as i32 - 8;
         }
-        sum += f16_at(wb, 0) * acts.d[base + b] * isum as f32;
+        let d = f16_at(wb, 0) * acts.d[base + b];
+        let lanes = lane_sums(&wq, q);
+        for l in 0..8 {
+            acc[l] = d.mul_add(lanes[l], acc[l]);
+        }
     }
-    sum
+    hsum8(&acc)
 }
 
 #[inline(always)]
 fn dot_q4_1_q8_1(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
-    let mut sum = 0f32;
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
     for (b, wb) in w.chunks_exact(20).enumerate().take(nb) {
         let q = &acts.qs[(base + b) * QK..(base + b + 1) * QK];
-        let mut isum = 0i32;
+        let mut wq = [0i32; 32];
         for j in 0..16 {
-            isum += (wb[4 + j] & 0xF) as i32 * q[j] as i32;
-            isum += (wb[4 + j] >> 4) as i32 * q[j + 16] as i32;
+            wq[j] = (wb[4 + j] & 0xF) as i32;
+            wq[j + 16] = (wb[4 + j] >> 4) as i32;
         }
-        sum += f16_at(wb, 0) * acts.d[base + b] * isum as f32 + f16_at(wb, 2) * acts.s[base + b];
+        // The compiler fuses llama.cpp's `summs += m * s` into one multiply-add.
+        summs = f16_at(wb, 2).mul_add(acts.s[base + b], summs);
+        let d = f16_at(wb, 0) * acts.d[base + b];
+        let lanes = lane_sums(&wq, q);
+        for l in 0..8 {
+            acc[l] = d.mul_add(lanes[l], acc[l]);
+        }
     }
-    sum
+    hsum8(&acc) + summs
 }
 
 #[cfg(test)]

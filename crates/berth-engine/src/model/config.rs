@@ -48,7 +48,7 @@ impl LlamaConfig {
         }
         let head_dim = int("attention.key_length").unwrap_or(n_embd / n_head);
         let rope_dim = int("rope.dimension_count").unwrap_or(head_dim);
-        if rope_dim > head_dim || rope_dim % 2 != 0 {
+        if rope_dim > head_dim || rope_dim % 2 != 0 || rope_dim > 512 {
             return Err(EngineError::BadModel(format!("rope dimension {rope_dim} does not fit head size {head_dim}")));
         }
         let vocab_size = match int("vocab_size") {

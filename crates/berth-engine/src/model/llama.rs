@@ -193,12 +193,13 @@ impl LlamaModel {
             self.mat(&layer.wq).matmul(&h, n, &mut q);
             self.mat(&layer.wk).matmul(&h, n, &mut k);
             self.mat(&layer.wv).matmul(&h, n, &mut v);
-            q.par_chunks_exact_mut(q_dim)
-                .zip(&positions)
-                .for_each(|(row, &p)| ops::rope_norm(row, c.head_dim, c.rope_dim, p, c.rope_base));
-            k.par_chunks_exact_mut(kv_dim)
-                .zip(&positions)
-                .for_each(|(row, &p)| ops::rope_norm(row, c.head_dim, c.rope_dim, p, c.rope_base));
+            let rope = |v: &mut [f32], dim: usize| {
+                v.par_chunks_exact_mut(dim)
+                    .zip(&positions)
+                    .for_each(|(row, &p)| ops::rope_norm(row, c.head_dim, c.rope_dim, p, c.rope_base))
+            };
+            rope(&mut q, q_dim);
+            rope(&mut k, kv_dim);
             // Append the new keys and values to each sequence's cache, in token order.
             for (i, &s) in owner.iter().enumerate() {
                 let cache = &mut *steps[s].cache;
@@ -206,9 +207,13 @@ impl LlamaModel {
                 cache.v[li].extend(v[i * kv_dim..(i + 1) * kv_dim].iter().map(|&f| f16::from_f32(f)));
             }
             let caches: Vec<&KvCache> = steps.iter().map(|s| &*s.cache).collect();
+            // llama.cpp reduces attention products in one order for single-token steps and another
+            // for steps of several tokens; berth follows it (see `attend`).
+            let several = n > 1;
             attn.par_chunks_exact_mut(q_dim).enumerate().for_each(|(i, out)| {
                 let cache = caches[owner[i]];
-                self.attend(&q[i * q_dim..(i + 1) * q_dim], &cache.k[li], &cache.v[li], positions[i] as usize, out);
+                let q_row = &q[i * q_dim..(i + 1) * q_dim];
+                self.attend(q_row, &cache.k[li], &cache.v[li], positions[i] as usize, several, out);
             });
             self.mat(&layer.wo).matmul(&attn, n, &mut o);
             for (xv, ov) in x.iter_mut().zip(&o) {
@@ -218,7 +223,7 @@ impl LlamaModel {
             h.par_chunks_exact_mut(d).for_each(|row| ops::rms_norm(row, &layer.ffn_norm, c.rms_eps));
             self.mat(&layer.w_gate).matmul(&h, n, &mut gate);
             self.mat(&layer.w_up).matmul(&h, n, &mut up);
-            gate.par_chunks_mut(c.n_ff).zip(up.par_chunks(c.n_ff)).for_each(|(g, u)| ops::silu_mul(g, u));
+            gate.par_chunks_mut(c.n_ff).zip(up.par_chunks(c.n_ff)).for_each(|(g, u)| ops::swiglu_ggml(g, u));
             self.mat(&layer.w_down).matmul(&gate, n, &mut o);
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
@@ -257,40 +262,44 @@ impl LlamaModel {
         Ok(out)
     }
 
-    /// Causal attention of one token's query (all heads) over its sequence's cache up to `pos`.
-    fn attend(&self, q: &[f32], k_cache: &[f16], v_cache: &[f16], pos: usize, out: &mut [f32]) {
+    /// Causal attention of one token's query (all heads) over its sequence's cache up to `pos`,
+    /// computed as llama.cpp computes it without flash attention: f16 keys times the query rounded
+    /// to f16, ggml's softmax, then f16 values times the probabilities rounded to f16, each product
+    /// reduced in the order of the kernel llama.cpp would pick for this step.
+    fn attend(&self, q: &[f32], k_cache: &[f16], v_cache: &[f16], pos: usize, several: bool, out: &mut [f32]) {
         let c = &self.config;
         let (hd, kv_dim) = (c.head_dim, c.kv_dim());
         let group = c.n_head / c.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut scores = vec![0f32; pos + 1];
-        let mut qh = vec![0f32; hd];
+        let valid = pos + 1;
+        // Positions are padded with zeros to whole reduction steps, as llama.cpp's KV cache is.
+        let padded = valid.next_multiple_of(64);
+        let hd_padded = hd.next_multiple_of(64);
+        let mut scores = vec![0f32; padded];
+        let mut qh = vec![0f32; hd_padded];
+        let mut probs = vec![0f32; padded];
+        let dot = |x: &dyn Fn(usize) -> f32, y: &dyn Fn(usize) -> f32, n: usize| {
+            if several { ops::dot_f16_gemm(x, y, n) } else { ops::dot_f16_gemv(x, y, n) }
+        };
         for h in 0..c.n_head {
             let kvh = h / group;
-            // llama.cpp multiplies f16 keys by queries converted to f16; so does berth.
             for (dst, &src) in qh.iter_mut().zip(&q[h * hd..(h + 1) * hd]) {
                 *dst = f16::from_f32(src).to_f32();
             }
-            for (j, s) in scores.iter_mut().enumerate() {
-                let kj = &k_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-                let mut dot = 0f32;
-                for (a, b) in qh.iter().zip(kj) {
-                    dot += a * b.to_f32();
-                }
-                *s = dot * scale;
+            for (j, s) in scores.iter_mut().enumerate().take(valid) {
+                let base = j * kv_dim + kvh * hd;
+                let k_at = |d: usize| if d < hd { k_cache[base + d].to_f32() } else { 0.0 };
+                *s = dot(&k_at, &|d| qh[d], hd_padded);
             }
-            ops::softmax(&mut scores);
-            // llama.cpp multiplies the f16 value cache by the probabilities converted to f16.
-            for s in scores.iter_mut() {
-                *s = f16::from_f32(*s).to_f32();
+            ops::softmax_ggml(&mut scores, valid, scale);
+            for (p, &s) in probs.iter_mut().zip(&scores) {
+                *p = f16::from_f32(s).to_f32();
             }
             let oh = &mut out[h * hd..(h + 1) * hd];
-            oh.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let vj = &v_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-                for (o, b) in oh.iter_mut().zip(vj) {
-                    *o += p * b.to_f32();
-                }
+            for (d, o) in oh.iter_mut().enumerate() {
+                let col = kvh * hd + d;
+                let v_at = |j: usize| if j < valid { v_cache[j * kv_dim + col].to_f32() } else { 0.0 };
+                *o = dot(&v_at, &|j| probs[j], padded);
             }
         }
     }
