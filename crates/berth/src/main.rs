@@ -50,6 +50,8 @@ enum Command {
     Df(commands::manage::DfArgs),
     /// Run a model: answer a prompt, or chat on a terminal.
     Run(commands::run::Args),
+    /// Measure a model's prefill and decode speed on this machine.
+    Bench(commands::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
         Command::Rm(a) => commands::manage::rm(&ctx, a),
         Command::Df(a) => commands::manage::df(&ctx, a),
         Command::Run(a) => commands::run::run(&ctx, a),
+        Command::Bench(a) => commands::bench::run(&ctx, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,8 +5,34 @@
 //! and the products are computed in integers, which is both what makes results agree with llama.cpp
 //! and what makes them fast. The CPU-speed work replaces the insides of this module, not its callers.
 
+/// Define a function whose body is compiled twice: portably, and with AVX2+FMA for CPUs that
+/// have them (chosen at run time, so one binary runs on any x86-64). Fused multiply-adds must be
+/// instructions, not library calls, in the hot loops; the results are the same either way.
+macro_rules! fma_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                if crate::kernels::x86::has_avx2() {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+pub mod attention;
+pub mod f16;
 pub mod ops;
 pub mod quant;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86;
 
 use berth_formats::gguf::GgmlType;
 use rayon::prelude::*;
@@ -59,19 +85,26 @@ impl<'a> QMatrix<'a> {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(out.len(), n * self.rows);
         let acts = QuantizedActivations::new(ActivationFormat::for_weights(self.ggml_type), x, n, self.cols);
-        // Work is split by output rows; each task writes a contiguous [rows_chunk × n] block of a
-        // transposed result, copied into place afterwards.
-        const ROWS_PER_TASK: usize = 16;
+        // Work is split by output rows, a few tasks per worker; each task writes a contiguous
+        // [rows × n] block of a transposed result, copied into place afterwards.
+        let workers = rayon::current_num_threads();
+        let rows_per_task = self.rows.div_ceil(workers * 4).max(16);
         let mut transposed = vec![0f32; self.rows * n];
-        transposed.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(chunk, block)| {
-            let first = chunk * ROWS_PER_TASK;
+        let task = |(chunk, block): (usize, &mut [f32])| {
+            let first = chunk * rows_per_task;
             for (i, row_out) in block.chunks_mut(n).enumerate() {
                 let w = self.row(first + i);
                 for (t, o) in row_out.iter_mut().enumerate() {
                     *o = quant::vec_dot(self.ggml_type, w, &acts, t);
                 }
             }
-        });
+        };
+        if workers == 1 {
+            // One worker: no hand-off to the pool (and no thread switches per matrix).
+            transposed.chunks_mut(rows_per_task * n).enumerate().for_each(task);
+        } else {
+            transposed.par_chunks_mut(rows_per_task * n).enumerate().for_each(task);
+        }
         for t in 0..n {
             for r in 0..self.rows {
                 out[t * self.rows + r] = transposed[r * n + t];

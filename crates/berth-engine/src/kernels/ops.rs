@@ -1,6 +1,7 @@
 //! Element-wise and row operations of a transformer step, computed the way ggml computes them
 //! (sums of squares in f64, RoPE angles stepped in f32) so results track llama.cpp's.
 
+fma_dispatch! {
 /// `x ← x / rms(x) · w` for one row.
 pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     // ggml squares in f32 and sums in f64.
@@ -11,7 +12,9 @@ pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
         *v = *v * scale * g;
     }
 }
+}
 
+fma_dispatch! {
 /// Rotary position embedding on adjacent pairs (GGML's "normal" mode, used by the llama family),
 /// applied to every head of one token's vector. Angles step by repeated multiplication and the
 /// rotation fuses one product into a multiply-add, exactly as ggml's compiled code does
@@ -32,6 +35,7 @@ pub fn rope_norm(v: &mut [f32], head_dim: usize, rope_dim: usize, pos: u32, base
             head[2 * i + 1] = x0.mul_add(sin, x1 * cos);
         }
     }
+}
 }
 
 #[cfg(test)]
@@ -78,12 +82,14 @@ pub fn ggml_expf(x: f32) -> f32 {
     (j as f64 * 2f64.powi(n as i32)) as f32
 }
 
+fma_dispatch! {
 /// `gate ← silu(gate) · up`, as `ggml_vec_swiglu_f32` computes it.
 pub fn swiglu_ggml(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
         let e = ggml_expf(0.0 - *g);
         *g = (*g / (1.0 + e)) * u;
     }
+}
 }
 
 /// GCC's `_mm512_reduce_add_ps`: halves, then quarters, then pairs.
@@ -100,6 +106,7 @@ pub fn reduce16(a: &[f32; 16]) -> f32 {
 /// A dot product of f16 values (given as f32) in the order of `ggml_vec_dot_f16` (AVX-512):
 /// four 16-lane accumulators over 64-element steps, folded 0+2, 1+3, then 0+1, then reduced.
 /// `n` must be a multiple of 64 (callers pad with zeros, as llama.cpp's padded KV cache does).
+#[inline(always)]
 pub fn dot_f16_gemv(x: impl Fn(usize) -> f32, y: impl Fn(usize) -> f32, n: usize) -> f32 {
     let mut sum = [[0f32; 16]; 4];
     for i in (0..n).step_by(64) {
@@ -123,6 +130,7 @@ pub fn dot_f16_gemv(x: impl Fn(usize) -> f32, y: impl Fn(usize) -> f32, n: usize
 
 /// The same dot product in the order of llamafile's tinyBLAS (used by llama.cpp when a step has
 /// several tokens): one 16-lane accumulator over 16-element steps, then reduced.
+#[inline(always)]
 pub fn dot_f16_gemm(x: impl Fn(usize) -> f32, y: impl Fn(usize) -> f32, n: usize) -> f32 {
     let mut acc = [0f32; 16];
     for i in (0..n).step_by(16) {
@@ -136,6 +144,7 @@ pub fn dot_f16_gemm(x: impl Fn(usize) -> f32, y: impl Fn(usize) -> f32, n: usize
 /// Softmax of attention scores as ggml computes it: scale, mask (`valid` entries, the rest −∞),
 /// max, `ggml_expf` in 16-wide chunks summed in f64 chunk by chunk, then one multiply by the
 /// inverse. `scores.len()` must be a multiple of 16.
+#[inline(always)]
 pub fn softmax_ggml(scores: &mut [f32], valid: usize, scale: f32) {
     for (i, s) in scores.iter_mut().enumerate() {
         *s = if i < valid { *s * scale } else { f32::NEG_INFINITY };

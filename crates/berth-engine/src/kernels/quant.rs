@@ -27,8 +27,8 @@ pub fn supported(t: GgmlType) -> bool {
 }
 
 #[inline(always)]
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
+    super::f16::to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
 }
 
 /// Dequantise a row of `out.len()` weights.
@@ -200,22 +200,7 @@ impl<'x> QuantizedActivations<'x> {
         if format == ActivationFormat::Q8_1 {
             acts.s = vec![0.0; nb];
         }
-        for (b, block) in x.chunks_exact(QK).enumerate().take(nb) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            // Exactly llama.cpp's quantize_row_q8_0/q8_1: scale by 127/amax, round half to even.
-            let d = amax / 127.0;
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in acts.qs[b * QK..(b + 1) * QK].iter_mut().zip(block) {
-                let r = (v * id).round_ties_even() as i32;
-                *q = r as i8;
-                sum += r;
-            }
-            acts.d[b] = f16::from_f32(d).to_f32();
-            if format == ActivationFormat::Q8_1 {
-                acts.s[b] = f16::from_f32(d * sum as f32).to_f32();
-            }
-        }
+        quantize_blocks(format, &x[..nb * QK], &mut acts.d, &mut acts.s, &mut acts.qs);
         acts
     }
 
@@ -224,14 +209,49 @@ impl<'x> QuantizedActivations<'x> {
     }
 }
 
+fma_dispatch! {
+/// Quantise activation blocks exactly as llama.cpp's `quantize_row_q8_0/q8_1` do: scale by
+/// 127/amax, round half to even, scale stored through f16 (and for Q8_1 the scaled block sum).
+fn quantize_blocks(format: ActivationFormat, x: &[f32], d: &mut [f32], s: &mut [f32], qs: &mut [i8]) {
+    for (b, block) in x.chunks_exact(QK).enumerate() {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in qs[b * QK..(b + 1) * QK].iter_mut().zip(block) {
+            let r = (v * id).round_ties_even() as i32;
+            *q = r as i8;
+            sum += r;
+        }
+        d[b] = f16::from_f32(scale).to_f32();
+        if format == ActivationFormat::Q8_1 {
+            s[b] = f16::from_f32(scale * sum as f32).to_f32();
+        }
+    }
+}
+}
+
 /// Dot product of one weight row with activation row `t`.
 pub fn vec_dot(t: GgmlType, w: &[u8], acts: &QuantizedActivations<'_>, row: usize) -> f32 {
     let nb = acts.blocks_per_row;
     let base = row * nb;
     match (t, acts.format) {
-        (GgmlType::Q8_0, ActivationFormat::Q8_0) => dispatch_q8_0(w, acts, base, nb),
-        (GgmlType::Q4_0, ActivationFormat::Q8_0) => dispatch_q4_0(w, acts, base, nb),
-        (GgmlType::Q4_1, ActivationFormat::Q8_1) => dispatch_q4_1(w, acts, base, nb),
+        #[cfg(target_arch = "x86_64")]
+        (GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1, _) if super::x86::has_avx2() => {
+            let qs = &acts.qs[base * QK..(base + nb) * QK];
+            let d = &acts.d[base..base + nb];
+            // SAFETY: AVX2 and FMA were detected; slices are sized for `nb` blocks.
+            unsafe {
+                match t {
+                    GgmlType::Q8_0 => super::x86::dot_q8_0_q8_0(w, qs, d, nb),
+                    GgmlType::Q4_0 => super::x86::dot_q4_0_q8_0(w, qs, d, nb),
+                    _ => super::x86::dot_q4_1_q8_1(w, qs, d, &acts.s[base..base + nb], nb),
+                }
+            }
+        }
+        (GgmlType::Q8_0, ActivationFormat::Q8_0) => dot_q8_0_q8_0(w, acts, base, nb),
+        (GgmlType::Q4_0, ActivationFormat::Q8_0) => dot_q4_0_q8_0(w, acts, base, nb),
+        (GgmlType::Q4_1, ActivationFormat::Q8_1) => dot_q4_1_q8_1(w, acts, base, nb),
         _ => {
             // Formats without an integer path: dequantise the row, then an f32 dot product.
             let mut buf = vec![0f32; acts.cols];
@@ -257,29 +277,6 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     }
     sum
 }
-
-macro_rules! multiversion {
-    ($name:ident, $body:ident) => {
-        fn $name(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
-                    $body(w, acts, base, nb)
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU was just checked for AVX2 and FMA.
-                    return unsafe { avx2(w, acts, base, nb) };
-                }
-            }
-            $body(w, acts, base, nb)
-        }
-    };
-}
-
-multiversion!(dispatch_q8_0, dot_q8_0_q8_0);
-multiversion!(dispatch_q4_0, dot_q4_0_q8_0);
-multiversion!(dispatch_q4_1, dot_q4_1_q8_1);
 
 // The three integer dot products below reproduce llama.cpp's x86 kernels operation for
 // operation: eight float lanes, lane `l` of a block holding the exact integer sum of elements
@@ -309,8 +306,9 @@ fn lane_sums(w: &[i32; 32], q: &[i8]) -> [f32; 8] {
     lanes
 }
 
+/// Portable reference kernels; the x86 ones must produce the same bits.
 #[inline(always)]
-fn dot_q8_0_q8_0(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
+pub(crate) fn dot_q8_0_q8_0(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
     let mut acc = [0f32; 8];
     for (b, wb) in w.chunks_exact(34).enumerate().take(nb) {
         let q = &acts.qs[(base + b) * QK..(base + b + 1) * QK];
@@ -328,7 +326,7 @@ fn dot_q8_0_q8_0(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usi
 }
 
 #[inline(always)]
-fn dot_q4_0_q8_0(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
+pub(crate) fn dot_q4_0_q8_0(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
     let mut acc = [0f32; 8];
     for (b, wb) in w.chunks_exact(18).enumerate().take(nb) {
         let q = &acts.qs[(base + b) * QK..(base + b + 1) * QK];
@@ -347,7 +345,7 @@ fn dot_q4_0_q8_0(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usi
 }
 
 #[inline(always)]
-fn dot_q4_1_q8_1(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
+pub(crate) fn dot_q4_1_q8_1(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
     let mut acc = [0f32; 8];
     let mut summs = 0f32;
     for (b, wb) in w.chunks_exact(20).enumerate().take(nb) {
@@ -422,6 +420,37 @@ mod tests {
                     let got = vec_dot(ty, &bytes, &acts, t);
                     let tol = 0.02 * (cols as f32).sqrt();
                     assert!((want - got).abs() < tol, "{ty} cols {cols}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn x86_kernels_match_the_portable_ones_bit_for_bit() {
+        if !crate::kernels::x86::has_avx2() {
+            return;
+        }
+        let mut seed = 11;
+        for cols in [32usize, 96, 576, 1536] {
+            let w: Vec<f32> = (0..cols).map(|_| lcg(&mut seed) * 3.0).collect();
+            let x: Vec<f32> = (0..cols * 2).map(|_| lcg(&mut seed) * 50.0).collect();
+            let mut q4_0 = quantize_q8_0(&w);
+            // Turn the Q8_0 blocks into valid Q4_0 ones: keep the scale, take low nibbles.
+            q4_0 = q4_0.chunks(34).flat_map(|b| [&b[..2], &b[2..18]].concat()).collect();
+            for (ty, bytes) in
+                [(GgmlType::Q8_0, quantize_q8_0(&w)), (GgmlType::Q4_1, quantize_q4_1(&w)), (GgmlType::Q4_0, q4_0)]
+            {
+                let acts = QuantizedActivations::new(ActivationFormat::for_weights(ty), &x, 2, cols);
+                let nb = cols / 32;
+                for t in 0..2 {
+                    let fast = vec_dot(ty, &bytes, &acts, t);
+                    let portable = match ty {
+                        GgmlType::Q8_0 => dot_q8_0_q8_0(&bytes, &acts, t * nb, nb),
+                        GgmlType::Q4_0 => dot_q4_0_q8_0(&bytes, &acts, t * nb, nb),
+                        _ => dot_q4_1_q8_1(&bytes, &acts, t * nb, nb),
+                    };
+                    assert_eq!(fast.to_bits(), portable.to_bits(), "{ty} cols {cols}");
                 }
             }
         }

@@ -5,13 +5,13 @@ use std::fs::File;
 use std::path::Path;
 
 use berth_formats::gguf::{GgmlType, GgufFile, TensorInfo};
-use half::f16;
 use memmap2::Mmap;
 use rayon::prelude::*;
 
 use super::config::LlamaConfig;
 use crate::error::EngineError;
-use crate::kernels::{QMatrix, ops, quant};
+use crate::kernels::attention::{Attention, Order};
+use crate::kernels::{QMatrix, f16, ops, quant};
 
 /// Where a weight matrix lies in the mapped file.
 #[derive(Debug, Clone)]
@@ -46,11 +46,11 @@ pub struct LlamaModel {
     output: Weight,
 }
 
-/// One sequence's keys and values for every layer, stored as f16 (as llama.cpp does by default).
+/// One sequence's keys and values for every layer, stored as f16 bits (as llama.cpp does by default).
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    k: Vec<Vec<f16>>,
-    v: Vec<Vec<f16>>,
+    k: Vec<Vec<u16>>,
+    v: Vec<Vec<u16>>,
     len: usize,
 }
 
@@ -149,6 +149,12 @@ impl LlamaModel {
     /// Run one step for a batch of sequences. Returns, per sequence, its logits rows
     /// (`rows × vocab`): all of its new tokens' or only the last one's.
     pub fn forward(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        // Run inside the engine's pool, so the step's parallel loops hand work between its own
+        // workers instead of waking them from outside for every operation.
+        crate::pool().install(|| self.forward_in_pool(steps))
+    }
+
+    fn forward_in_pool(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
         let c = &self.config;
         let (d, kv_dim, q_dim) = (c.n_embd, c.kv_dim(), c.q_dim());
         // Which sequence and position each token of the batch belongs to.
@@ -209,11 +215,12 @@ impl LlamaModel {
             let caches: Vec<&KvCache> = steps.iter().map(|s| &*s.cache).collect();
             // llama.cpp reduces attention products in one order for single-token steps and another
             // for steps of several tokens; berth follows it (see `attend`).
-            let several = n > 1;
+            let order = if n > 1 { Order::Gemm } else { Order::Gemv };
+            let attention = Attention { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim };
             attn.par_chunks_exact_mut(q_dim).enumerate().for_each(|(i, out)| {
                 let cache = caches[owner[i]];
                 let q_row = &q[i * q_dim..(i + 1) * q_dim];
-                self.attend(q_row, &cache.k[li], &cache.v[li], positions[i] as usize, several, out);
+                attention.token(q_row, &cache.k[li], &cache.v[li], positions[i] as usize, order, out);
             });
             self.mat(&layer.wo).matmul(&attn, n, &mut o);
             for (xv, ov) in x.iter_mut().zip(&o) {
@@ -260,48 +267,6 @@ impl LlamaModel {
             at += count;
         }
         Ok(out)
-    }
-
-    /// Causal attention of one token's query (all heads) over its sequence's cache up to `pos`,
-    /// computed as llama.cpp computes it without flash attention: f16 keys times the query rounded
-    /// to f16, ggml's softmax, then f16 values times the probabilities rounded to f16, each product
-    /// reduced in the order of the kernel llama.cpp would pick for this step.
-    fn attend(&self, q: &[f32], k_cache: &[f16], v_cache: &[f16], pos: usize, several: bool, out: &mut [f32]) {
-        let c = &self.config;
-        let (hd, kv_dim) = (c.head_dim, c.kv_dim());
-        let group = c.n_head / c.n_head_kv;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let valid = pos + 1;
-        // Positions are padded with zeros to whole reduction steps, as llama.cpp's KV cache is.
-        let padded = valid.next_multiple_of(64);
-        let hd_padded = hd.next_multiple_of(64);
-        let mut scores = vec![0f32; padded];
-        let mut qh = vec![0f32; hd_padded];
-        let mut probs = vec![0f32; padded];
-        let dot = |x: &dyn Fn(usize) -> f32, y: &dyn Fn(usize) -> f32, n: usize| {
-            if several { ops::dot_f16_gemm(x, y, n) } else { ops::dot_f16_gemv(x, y, n) }
-        };
-        for h in 0..c.n_head {
-            let kvh = h / group;
-            for (dst, &src) in qh.iter_mut().zip(&q[h * hd..(h + 1) * hd]) {
-                *dst = f16::from_f32(src).to_f32();
-            }
-            for (j, s) in scores.iter_mut().enumerate().take(valid) {
-                let base = j * kv_dim + kvh * hd;
-                let k_at = |d: usize| if d < hd { k_cache[base + d].to_f32() } else { 0.0 };
-                *s = dot(&k_at, &|d| qh[d], hd_padded);
-            }
-            ops::softmax_ggml(&mut scores, valid, scale);
-            for (p, &s) in probs.iter_mut().zip(&scores) {
-                *p = f16::from_f32(s).to_f32();
-            }
-            let oh = &mut out[h * hd..(h + 1) * hd];
-            for (d, o) in oh.iter_mut().enumerate() {
-                let col = kvh * hd + d;
-                let v_at = |j: usize| if j < valid { v_cache[j * kv_dim + col].to_f32() } else { 0.0 };
-                *o = dot(&v_at, &|j| probs[j], padded);
-            }
-        }
     }
 }
 

@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod manage;
 pub mod package;
 pub mod run;

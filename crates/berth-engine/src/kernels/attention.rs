@@ -1,0 +1,200 @@
+//! Causal attention over one sequence's f16 KV cache, computed as llama.cpp computes it without
+//! flash attention (see ARCHITECTURE.md, "Agreement with llama.cpp"): keys times the query
+//! rounded to f16, ggml's softmax, values times the probabilities rounded to f16, each product
+//! reduced in the order of the kernel llama.cpp picks for the step.
+//!
+//! The loops walk the cache row by row (each position's keys and values are contiguous) and keep
+//! the reduction lanes in small accumulator arrays, so they vectorise over the head dimension
+//! while producing exactly the bits of the lane-by-lane definition in `ops`.
+
+use super::{f16, ops};
+
+/// How llama.cpp reduces a dot product in this step.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Order {
+    /// One token in the step: `ggml_vec_dot_f16` (four 16-lane accumulators over 64-element steps).
+    Gemv,
+    /// Several tokens: tinyBLAS (one 16-lane accumulator over 16-element steps).
+    Gemm,
+}
+
+/// Shape of the attention and the per-call scratch space.
+pub struct Attention {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+}
+
+/// Fold four 16-lane accumulators the way `GGML_F32x16_REDUCE` does before the final reduction.
+#[inline(always)]
+fn fold4(acc: &[[f32; 16]; 4]) -> [f32; 16] {
+    let mut out = [0f32; 16];
+    for l in 0..16 {
+        let a = acc[0][l] + acc[2][l];
+        let b = acc[1][l] + acc[3][l];
+        out[l] = a + b;
+    }
+    out
+}
+
+/// q·k over the head dimension (a multiple of 16, zero-padded to 64 for the gemv order).
+#[inline(always)]
+fn dot_qk(q: &[f32], k: &[u16], order: Order) -> f32 {
+    let t = f16::table();
+    match order {
+        Order::Gemm => {
+            let mut acc = [0f32; 16];
+            for (qc, kc) in q.chunks_exact(16).zip(k.chunks_exact(16)) {
+                for l in 0..16 {
+                    acc[l] = t[kc[l] as usize].mul_add(qc[l], acc[l]);
+                }
+            }
+            ops::reduce16(&acc)
+        }
+        Order::Gemv => {
+            let mut acc = [[0f32; 16]; 4];
+            for (i, (qc, kc)) in q.chunks_exact(16).zip(k.chunks_exact(16)).enumerate() {
+                let a = &mut acc[i % 4];
+                for l in 0..16 {
+                    a[l] = t[kc[l] as usize].mul_add(qc[l], a[l]);
+                }
+            }
+            ops::reduce16(&fold4(&acc))
+        }
+    }
+}
+
+impl Attention {
+    /// Attention for one token at position `pos` (all heads). `k_cache`/`v_cache` hold f16 bits,
+    /// `kv_dim` values per position; `out` receives `n_head · head_dim` values.
+    pub fn token(&self, q: &[f32], k_cache: &[u16], v_cache: &[u16], pos: usize, order: Order, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::has_avx2() {
+            // SAFETY: AVX2 and FMA were detected; the body is the portable one, compiled with them.
+            unsafe { self.token_avx2(q, k_cache, v_cache, pos, order, out) };
+            return;
+        }
+        self.token_portable(q, k_cache, v_cache, pos, order, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn token_avx2(&self, q: &[f32], k: &[u16], v: &[u16], pos: usize, order: Order, out: &mut [f32]) {
+        self.token_portable(q, k, v, pos, order, out)
+    }
+
+    #[inline(always)]
+    fn token_portable(&self, q: &[f32], k_cache: &[u16], v_cache: &[u16], pos: usize, order: Order, out: &mut [f32]) {
+        let hd = self.head_dim;
+        let kv_dim = self.n_head_kv * hd;
+        let group = self.n_head / self.n_head_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let valid = pos + 1;
+        // Positions are padded with zeros to whole reduction steps, as llama.cpp's KV cache is.
+        let padded = valid.next_multiple_of(64);
+        let hd_padded = hd.next_multiple_of(64);
+        let t = f16::table();
+        let mut qh = vec![0f32; hd_padded];
+        let mut kbuf = vec![0u16; hd_padded];
+        let mut scores = vec![0f32; padded];
+        let mut acc_gemm = vec![[0f32; 16]; hd];
+        let mut acc_gemv = vec![[[0f32; 16]; 4]; hd];
+        for h in 0..self.n_head {
+            let kvh = h / group;
+            for (dst, &src) in qh.iter_mut().zip(&q[h * hd..(h + 1) * hd]) {
+                *dst = t[f16::from_f32(src) as usize];
+            }
+            for (j, s) in scores.iter_mut().enumerate().take(valid) {
+                let row = &k_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
+                kbuf[..hd].copy_from_slice(row);
+                *s = dot_qk(&qh, &kbuf, order);
+            }
+            ops::softmax_ggml(&mut scores, valid, scale);
+            // Values: position j feeds lane j % 16 (and accumulator (j % 64) / 16 in gemv order)
+            // of every output dimension; positions past `valid` carry probability zero.
+            let oh = &mut out[h * hd..(h + 1) * hd];
+            match order {
+                Order::Gemm => {
+                    acc_gemm.iter_mut().for_each(|a| *a = [0.0; 16]);
+                    for (j, &s) in scores.iter().enumerate().take(valid) {
+                        let p = t[f16::from_f32(s) as usize];
+                        let row = &v_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
+                        let l = j % 16;
+                        for (a, &vb) in acc_gemm.iter_mut().zip(row) {
+                            a[l] = t[vb as usize].mul_add(p, a[l]);
+                        }
+                    }
+                    for (o, a) in oh.iter_mut().zip(&acc_gemm) {
+                        *o = ops::reduce16(a);
+                    }
+                }
+                Order::Gemv => {
+                    acc_gemv.iter_mut().for_each(|a| *a = [[0.0; 16]; 4]);
+                    for (j, &s) in scores.iter().enumerate().take(valid) {
+                        let p = t[f16::from_f32(s) as usize];
+                        let row = &v_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
+                        let (k, l) = ((j % 64) / 16, j % 16);
+                        for (a, &vb) in acc_gemv.iter_mut().zip(row) {
+                            a[k][l] = t[vb as usize].mul_add(p, a[k][l]);
+                        }
+                    }
+                    for (o, a) in oh.iter_mut().zip(&acc_gemv) {
+                        *o = ops::reduce16(&fold4(a));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fast loops equal the lane-by-lane definitions in `ops` bit for bit.
+    #[test]
+    fn matches_the_reference_reductions() {
+        let (n_head, n_head_kv, hd) = (4, 2, 64);
+        let kv_dim = n_head_kv * hd;
+        let mut seed = 5u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        };
+        let positions = 70;
+        let k: Vec<u16> = (0..positions * kv_dim).map(|_| f16::from_f32(rnd())).collect();
+        let v: Vec<u16> = (0..positions * kv_dim).map(|_| f16::from_f32(rnd())).collect();
+        let q: Vec<f32> = (0..n_head * hd).map(|_| rnd()).collect();
+        let att = Attention { n_head, n_head_kv, head_dim: hd };
+        for order in [Order::Gemm, Order::Gemv] {
+            let pos = positions - 1;
+            let mut fast = vec![0f32; n_head * hd];
+            att.token(&q, &k, &v, pos, order, &mut fast);
+            // Reference: the closure-based definitions.
+            let t = f16::table();
+            for h in 0..n_head {
+                let kvh = h / 2;
+                let qh: Vec<f32> = q[h * hd..(h + 1) * hd].iter().map(|&x| t[f16::from_f32(x) as usize]).collect();
+                let padded = (pos + 1).next_multiple_of(64);
+                let mut scores = vec![0f32; padded];
+                for (j, s) in scores.iter_mut().enumerate().take(pos + 1) {
+                    let kat = |d: usize| t[k[j * kv_dim + kvh * hd + d] as usize];
+                    *s = match order {
+                        Order::Gemm => ops::dot_f16_gemm(kat, |d| qh[d], hd),
+                        Order::Gemv => ops::dot_f16_gemv(kat, |d| qh[d], hd),
+                    };
+                }
+                ops::softmax_ggml(&mut scores, pos + 1, 1.0 / 8.0);
+                let probs: Vec<f32> = scores.iter().map(|&s| t[f16::from_f32(s) as usize]).collect();
+                for d in 0..hd {
+                    let vat = |j: usize| if j <= pos { t[v[j * kv_dim + kvh * hd + d] as usize] } else { 0.0 };
+                    let want = match order {
+                        Order::Gemm => ops::dot_f16_gemm(vat, |j| probs[j], padded),
+                        Order::Gemv => ops::dot_f16_gemv(vat, |j| probs[j], padded),
+                    };
+                    assert_eq!(fast[h * hd + d].to_bits(), want.to_bits(), "{order:?} head {h} dim {d}");
+                }
+            }
+        }
+    }
+}

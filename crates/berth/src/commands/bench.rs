@@ -1,0 +1,127 @@
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use berth_engine::Engine;
+use berth_engine::model::SeqStep;
+use serde::Serialize;
+
+use super::{Context, parse_ref};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A local model (e.g. ai/smollm2) or a path to a .gguf file.
+    model: String,
+    /// Prompt length for the prefill measurement (llama-bench's pp).
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens generated one at a time for the decode measurement (llama-bench's tg).
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Measurements of each kind; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repetitions: usize,
+    /// Worker threads (default: the CPUs available).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    threads: usize,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    prefill_tokens_per_second: f64,
+    decode_tokens_per_second: f64,
+}
+
+/// Deterministic token ids spread over the vocabulary, skipping the first ids (control tokens).
+fn tokens(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
+    let mut s = 0x9E37_79B9_7F4A_7C15u64 ^ salt;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (256 + (s >> 33) as usize % (vocab - 256)) as u32
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    if let Some(n) = args.threads {
+        berth_engine::set_threads(n.into())?;
+    }
+    let path = PathBuf::from(&args.model);
+    let engine = if path.is_file() {
+        Engine::load(&path, None)?
+    } else {
+        let found = ctx.store()?.gguf_model(&parse_ref(&args.model)?)?;
+        Engine::load(&found.path, None)?
+    };
+    let model = &engine.model;
+    let vocab = model.config.vocab_size;
+    anyhow::ensure!(vocab > 512, "the model's vocabulary is too small to benchmark");
+    anyhow::ensure!(
+        args.prompt_tokens + args.gen_tokens <= model.config.context_length && args.repetitions > 0,
+        "prompt and generated tokens must fit the context of {} tokens",
+        model.config.context_length
+    );
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for rep in 0..args.repetitions {
+        let prompt = tokens(args.prompt_tokens, vocab, rep as u64);
+        let mut cache = model.new_cache();
+        let t = Instant::now();
+        for chunk in prompt.chunks(512) {
+            model.forward(&mut [SeqStep { cache: &mut cache, tokens: chunk, all_logits: false }])?;
+        }
+        prefill.push(args.prompt_tokens as f64 / t.elapsed().as_secs_f64());
+
+        let generated = tokens(args.gen_tokens, vocab, 1000 + rep as u64);
+        let mut cache = model.new_cache();
+        let t = Instant::now();
+        for tok in &generated {
+            model.forward(&mut [SeqStep {
+                cache: &mut cache,
+                tokens: std::slice::from_ref(tok),
+                all_logits: false,
+            }])?;
+        }
+        decode.push(args.gen_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    let report = Report {
+        model: args.model,
+        threads: rayon_threads(),
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        prefill_tokens_per_second: median(prefill),
+        decode_tokens_per_second: median(decode),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report).context("report")?);
+    } else {
+        println!(
+            "{}: {} threads, prefill pp{} {:.1} tokens/s, decode tg{} {:.1} tokens/s (median of {})",
+            report.model,
+            report.threads,
+            report.prompt_tokens,
+            report.prefill_tokens_per_second,
+            report.gen_tokens,
+            report.decode_tokens_per_second,
+            args.repetitions
+        );
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    berth_engine::threads()
+}
