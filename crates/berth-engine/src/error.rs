@@ -11,7 +11,9 @@ pub enum EngineError {
     Gguf { path: PathBuf, source: GgufError },
     #[error("architecture {0:?} is not supported; berth runs the llama family (llama, mistral, TinyLlama, SmolLM)")]
     UnsupportedArchitecture(String),
-    #[error("tensor type {0} is not supported; berth runs F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K")]
+    #[error(
+        "tensor type {0} is not supported; berth runs F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K"
+    )]
     UnsupportedTensorType(String),
     #[error("the model file lacks tensor {0:?}")]
     MissingTensor(String),

@@ -18,6 +18,8 @@ pub fn supported(t: GgmlType) -> bool {
         GgmlType::BF16,
         GgmlType::Q4_0,
         GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Q4_K,
         GgmlType::Q5_K,
@@ -64,6 +66,23 @@ pub fn dequantize(t: GgmlType, src: &[u8], out: &mut [f32]) {
                 for j in 0..16 {
                     o[j] = d * (b[4 + j] & 0xF) as f32 + m;
                     o[j + 16] = d * (b[4 + j] >> 4) as f32 + m;
+                }
+            }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            // Q5_0: d, 32 high bits, 16 bytes of low nibbles; x = d·(q − 16).
+            // Q5_1: d, m, 32 high bits, 16 bytes of low nibbles; x = d·q + m.
+            let (size, offset) = if t == GgmlType::Q5_0 { (22, 2) } else { (24, 4) };
+            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(size)) {
+                let d = f16_at(b, 0);
+                let (bias, m) = if t == GgmlType::Q5_0 { (16, 0.0) } else { (0, f16_at(b, 2)) };
+                let qh = u32::from_le_bytes([b[offset], b[offset + 1], b[offset + 2], b[offset + 3]]);
+                let qs = &b[offset + 4..offset + 20];
+                for j in 0..16 {
+                    let lo = (qs[j] & 0xF) as i32 | ((((qh >> j) & 1) as i32) << 4);
+                    let hi = (qs[j] >> 4) as i32 | ((((qh >> (j + 16)) & 1) as i32) << 4);
+                    o[j] = d * (lo - bias) as f32 + m;
+                    o[j + 16] = d * (hi - bias) as f32 + m;
                 }
             }
         }

@@ -53,6 +53,8 @@ impl GgmlType {
     pub const F16: GgmlType = GgmlType::known(1);
     pub const Q4_0: GgmlType = GgmlType::known(2);
     pub const Q4_1: GgmlType = GgmlType::known(3);
+    pub const Q5_0: GgmlType = GgmlType::known(6);
+    pub const Q5_1: GgmlType = GgmlType::known(7);
     pub const Q8_0: GgmlType = GgmlType::known(8);
     pub const Q4_K: GgmlType = GgmlType::known(12);
     pub const Q5_K: GgmlType = GgmlType::known(13);

@@ -35,6 +35,9 @@ pub struct Args {
     /// Print load time and tokens per second to standard error.
     #[arg(long)]
     verbose: bool,
+    /// Continue the prompt as plain text instead of answering it as a chat message.
+    #[arg(long, conflicts_with = "system")]
+    raw: bool,
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
@@ -48,7 +51,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     }
     let sampling = SamplingParams { temperature: args.temperature, seed: args.seed, ..SamplingParams::default() };
     sampling.validate(engine.model.config.vocab_size).context("check --temperature")?;
-    let chat = Chat { engine: &engine, sampling, max_tokens: args.max_tokens, verbose: args.verbose };
+    let chat = Chat { engine: &engine, sampling, max_tokens: args.max_tokens, verbose: args.verbose, raw: args.raw };
     let system = args.system.as_deref().map(|s| Message::new("system", s));
 
     let prompt = if !args.prompt.is_empty() {
@@ -87,12 +90,16 @@ struct Chat<'e> {
     sampling: SamplingParams,
     max_tokens: Option<usize>,
     verbose: bool,
+    raw: bool,
 }
 
 impl Chat<'_> {
     /// Stream one answer to standard output; `stop` ends it early.
     fn answer(&self, messages: &[Message], stop: &AtomicBool) -> anyhow::Result<GenerationOutput> {
-        let prompt = self.engine.chat_prompt(messages)?;
+        let prompt = match (self.raw, messages.last()) {
+            (true, Some(last)) => self.engine.text_prompt(&last.content)?,
+            _ => self.engine.chat_prompt(messages)?,
+        };
         let room = self.engine.context_length().saturating_sub(prompt.len());
         let req = GenerationRequest {
             prompt,
