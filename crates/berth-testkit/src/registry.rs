@@ -135,9 +135,10 @@ pub fn http_request(
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes())?;
-    s.write_all(body)?;
+    // A server may answer (413) and close before a large body is fully sent: read its answer.
+    let _ = s.write_all(body);
     let mut out = Vec::new();
-    s.read_to_end(&mut out)?;
+    let _ = s.read_to_end(&mut out);
     let head = String::from_utf8_lossy(&out[..out.len().min(64)]).to_string();
     let status = head
         .split_whitespace()

@@ -52,6 +52,8 @@ enum Command {
     Run(commands::run::Args),
     /// Measure a model's prefill and decode speed on this machine.
     Bench(commands::bench::Args),
+    /// Serve the OpenAI- and Ollama-compatible APIs.
+    Serve(commands::serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::Df(a) => commands::manage::df(&ctx, a),
         Command::Run(a) => commands::run::run(&ctx, a),
         Command::Bench(a) => commands::bench::run(&ctx, a),
+        Command::Serve(a) => commands::serve::run(&ctx, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@ pub mod bench;
 pub mod manage;
 pub mod package;
 pub mod run;
+pub mod serve;
 pub mod transfer;
 
 use std::path::PathBuf;

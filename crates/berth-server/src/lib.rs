@@ -1,0 +1,163 @@
+//! berth's daemon: the OpenAI- and Ollama-compatible HTTP APIs over the engine and the model store.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), berth_server::ServerError> {
+//! let config = berth_server::ServerConfig { home: berth_store::Store::default_home(), ..Default::default() };
+//! berth_server::serve(config).await
+//! # }
+//! ```
+
+mod error;
+mod models;
+mod ollama;
+mod openai;
+mod request;
+mod run;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+
+pub use error::ApiError;
+
+/// How to run the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Models to load before the server reports ready.
+    pub models: Vec<String>,
+    /// The largest request body accepted (bytes).
+    pub body_limit: usize,
+    /// berth's data folder.
+    pub home: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 12480,
+            models: Vec::new(),
+            body_limit: 2 << 20,
+            home: PathBuf::from("."),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source} (is another server using the port? choose one with --port)")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("cannot load {model} at start: {message}")]
+    Preload { model: String, message: String },
+    #[error("the server stopped: {0}")]
+    Serve(std::io::Error),
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    models: Arc<models::ModelManager>,
+    ready: Arc<AtomicBool>,
+}
+
+/// The routes, for tests and embedding.
+pub fn router(state: AppState, body_limit: usize) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/models/{*id}", get(openai::get_model))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/show", post(ollama::show))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/version", get(ollama::version))
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/ready", get(ready))
+        .route("/", get(|| async { "berth is running" }))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    if state.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
+/// Prometheus text format; names follow vLLM's with the `berth:` prefix.
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let mut out = String::new();
+    out.push_str(
+        "# HELP berth:prompt_tokens_total Prompt tokens processed.\n# TYPE berth:prompt_tokens_total counter\n",
+    );
+    let loaded = state.models.loaded().await;
+    for m in &loaded {
+        out.push_str(&format!(
+            "berth:prompt_tokens_total{{model_name=\"{}\"}} {}\n",
+            m.name,
+            m.prompt_tokens.load(Ordering::Relaxed)
+        ));
+    }
+    out.push_str(
+        "# HELP berth:generation_tokens_total Tokens generated.\n# TYPE berth:generation_tokens_total counter\n",
+    );
+    for m in &loaded {
+        out.push_str(&format!(
+            "berth:generation_tokens_total{{model_name=\"{}\"}} {}\n",
+            m.name,
+            m.generated_tokens.load(Ordering::Relaxed)
+        ));
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Bind, load the named models, and serve until the process is stopped.
+pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
+    let state = AppState {
+        models: Arc::new(models::ModelManager::new(config.home.clone())),
+        ready: Arc::new(AtomicBool::new(false)),
+    };
+    let app = router(state.clone(), config.body_limit);
+    let local: SocketAddr = listener.local_addr().map_err(ServerError::Serve)?;
+    eprintln!("berth: listening on http://{local}");
+    let preload = {
+        let state = state.clone();
+        async move {
+            for model in &config.models {
+                state
+                    .models
+                    .get(model)
+                    .await
+                    .map_err(|e| ServerError::Preload { model: model.clone(), message: e.message })?;
+                eprintln!("berth: loaded {model}");
+            }
+            state.ready.store(true, Ordering::SeqCst);
+            Ok::<(), ServerError>(())
+        }
+    };
+    let server = axum::serve(listener, app).into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => return r.map_err(ServerError::Serve),
+        p = preload => p?,
+    }
+    server.await.map_err(ServerError::Serve)
+}

@@ -1,0 +1,106 @@
+//! Loaded models: loaded on first use (concurrent first requests share one load) and kept.
+//! Each model runs one generation at a time until the batching scheduler arrives; requests queue
+//! for it in arrival order.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use berth_engine::Engine;
+use berth_store::{Reference, Store};
+use tokio::sync::{Mutex, OnceCell, Semaphore};
+
+use crate::error::ApiError;
+
+pub struct LoadedModel {
+    /// The name clients use (`ai/smollm2:latest`).
+    pub name: String,
+    pub engine: Engine,
+    /// One generation at a time.
+    pub gate: Arc<Semaphore>,
+    pub size: u64,
+    /// Tokens generated so far (all requests).
+    pub generated_tokens: std::sync::atomic::AtomicU64,
+    /// Prompt tokens processed so far.
+    pub prompt_tokens: std::sync::atomic::AtomicU64,
+}
+
+pub struct ModelManager {
+    home: PathBuf,
+    loaded: Mutex<HashMap<String, Arc<OnceCell<Arc<LoadedModel>>>>>,
+}
+
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl ModelManager {
+    pub fn new(home: PathBuf) -> Self {
+        Self { home, loaded: Mutex::new(HashMap::new()) }
+    }
+
+    fn store(&self) -> Result<Store, ApiError> {
+        Store::open(&self.home).map_err(|e| ApiError::internal(e.to_string()))
+    }
+
+    /// Names of the models in the store, as clients write them.
+    pub fn available(&self) -> Vec<String> {
+        self.store()
+            .and_then(|s| s.list().map_err(|e| ApiError::internal(e.to_string())))
+            .map(|l| l.into_iter().map(|m| m.reference).collect())
+            .unwrap_or_default()
+    }
+
+    /// The models in the store with their details.
+    pub fn list(&self) -> Result<Vec<berth_store::ModelSummary>, ApiError> {
+        self.store()?.list().map_err(|e| ApiError::internal(e.to_string()))
+    }
+
+    pub fn details(&self, model: &str) -> Result<berth_store::ModelDetails, ApiError> {
+        let reference = Reference::parse(model).map_err(|_| ApiError::model_not_found(model, &self.available()))?;
+        self.store()?.inspect(&reference).map_err(|_| ApiError::model_not_found(model, &self.available()))
+    }
+
+    /// Models in memory now.
+    pub async fn loaded(&self) -> Vec<Arc<LoadedModel>> {
+        let map = self.loaded.lock().await;
+        map.values().filter_map(|c| c.get().cloned()).collect()
+    }
+
+    /// The loaded model, loading it first if needed.
+    pub async fn get(&self, model: &str) -> Result<Arc<LoadedModel>, ApiError> {
+        let reference = Reference::parse(model).map_err(|_| ApiError::model_not_found(model, &self.available()))?;
+        let key = reference.to_string();
+        let cell = {
+            let mut map = self.loaded.lock().await;
+            map.entry(key).or_default().clone()
+        };
+        let home = self.home.clone();
+        let available = self.available();
+        let name = reference.familiar();
+        cell.get_or_try_init(|| async move {
+            let store = Store::open(&home).map_err(|e| ApiError::internal(e.to_string()))?;
+            let found = store.gguf_model(&reference).map_err(|e| match e {
+                berth_store::StoreError::NotFound(_) => ApiError::model_not_found(model, &available),
+                berth_store::StoreError::Config(m) => ApiError::invalid("model", m),
+                other => ApiError::internal(format!("cannot load {name}: {other}")),
+            })?;
+            let size = std::fs::metadata(&found.path).map(|m| m.len()).unwrap_or(0);
+            let engine = tokio::task::spawn_blocking(move || Engine::load(&found.path, found.chat_template.as_deref()))
+                .await
+                .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))?
+                .map_err(|e| ApiError::internal(format!("cannot load {name}: {e}")))?;
+            Ok(Arc::new(LoadedModel {
+                name,
+                engine,
+                gate: Arc::new(Semaphore::new(1)),
+                size,
+                generated_tokens: Default::default(),
+                prompt_tokens: Default::default(),
+            }))
+        })
+        .await
+        .cloned()
+    }
+}

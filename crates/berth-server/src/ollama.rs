@@ -1,0 +1,324 @@
+//! Ollama-compatible endpoints: `/api/chat`, `/api/generate` (NDJSON streaming), `/api/tags`,
+//! `/api/show`, `/api/ps`, `/api/version`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use berth_engine::template::Message;
+use berth_engine::{FinishReason, GenerationOutput, GenerationRequest};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::models::LoadedModel;
+use crate::request::{JsonBody, Sampling, StopField};
+
+#[derive(Deserialize, Default)]
+struct Options {
+    temperature: Option<f64>,
+    top_k: Option<i64>,
+    top_p: Option<f64>,
+    min_p: Option<f64>,
+    num_predict: Option<i64>,
+    seed: Option<i64>,
+    stop: Option<Vec<String>>,
+    repeat_penalty: Option<f64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+}
+
+impl Options {
+    fn sampling(&self) -> Sampling {
+        Sampling {
+            // Ollama: -1 (or -2) means "until the context is full".
+            max_tokens: self.num_predict.filter(|&n| n >= 0),
+            temperature: Some(self.temperature.unwrap_or(0.8)),
+            top_k: Some(self.top_k.unwrap_or(40)),
+            top_p: Some(self.top_p.unwrap_or(0.9)),
+            min_p: self.min_p,
+            seed: self.seed,
+            stop: self.stop.clone().map(StopField::Many),
+            repetition_penalty: Some(self.repeat_penalty.unwrap_or(1.1)),
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            ..Sampling::default()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ChatRequest {
+    model: String,
+    #[serde(default)]
+    messages: Vec<OllamaMessage>,
+    stream: Option<bool>,
+    format: Option<Value>,
+    #[serde(default)]
+    options: Options,
+}
+
+#[derive(Deserialize)]
+struct OllamaMessage {
+    role: String,
+    #[serde(default)]
+    content: String,
+    #[serde(default)]
+    images: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+pub struct GenerateRequest {
+    model: String,
+    #[serde(default)]
+    prompt: String,
+    system: Option<String>,
+    #[serde(default)]
+    raw: bool,
+    stream: Option<bool>,
+    format: Option<Value>,
+    #[serde(default)]
+    options: Options,
+}
+
+fn check_format(format: &Option<Value>) -> Result<(), ApiError> {
+    match format {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) if s.is_empty() => Ok(()),
+        Some(_) => Err(ApiError::invalid(
+            "format",
+            "structured output (`format`) is not supported yet (constrained decoding is coming)",
+        )),
+    }
+}
+
+fn created_at() -> String {
+    let secs = crate::models::now();
+    let days = secs / 86_400;
+    let (y, m, d) = civil(days as i64);
+    let t = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", t / 3600, (t / 60) % 60, t % 60)
+}
+
+fn civil(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {
+    let prepared = async {
+        check_format(&req.format)?;
+        if req.messages.iter().any(|m| m.images.as_ref().is_some_and(|i| !i.is_empty())) {
+            return Err(ApiError::invalid("messages", "images are not supported by this model"));
+        }
+        let model = state.models.get(&req.model).await?;
+        if req.messages.is_empty() {
+            // Ollama loads the model and answers with an empty message.
+            return Ok((model, None));
+        }
+        let messages: Vec<Message> = req.messages.iter().map(|m| Message::new(&m.role, &m.content)).collect();
+        let prompt = model.engine.chat_prompt(&messages)?;
+        let request = req.options.sampling().to_request(&model, prompt, None)?;
+        Ok::<_, ApiError>((model, Some(request)))
+    }
+    .await;
+    match prepared {
+        Ok((model, request)) => answer(model, request, req.stream.unwrap_or(true), true).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn generate(State(state): State<AppState>, JsonBody(req): JsonBody<GenerateRequest>) -> Response {
+    let prepared = async {
+        check_format(&req.format)?;
+        let model = state.models.get(&req.model).await?;
+        if req.prompt.is_empty() {
+            return Ok((model, None));
+        }
+        let prompt = if req.raw {
+            model.engine.text_prompt(&req.prompt)?
+        } else {
+            let mut messages = Vec::new();
+            if let Some(s) = &req.system {
+                messages.push(Message::new("system", s));
+            }
+            messages.push(Message::new("user", &req.prompt));
+            model.engine.chat_prompt(&messages)?
+        };
+        let request = req.options.sampling().to_request(&model, prompt, None)?;
+        Ok::<_, ApiError>((model, Some(request)))
+    }
+    .await;
+    match prepared {
+        Ok((model, request)) => answer(model, request, req.stream.unwrap_or(true), false).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn body(model: &LoadedModel, chat: bool, text: &str, done: Option<(&GenerationOutput, f64)>) -> Value {
+    let mut v = json!({"model": model.name, "created_at": created_at()});
+    if chat {
+        v["message"] = json!({"role": "assistant", "content": text});
+    } else {
+        v["response"] = json!(text);
+    }
+    v["done"] = json!(done.is_some());
+    if let Some((out, total)) = done {
+        let ns = |d: std::time::Duration| d.as_nanos() as u64;
+        v["done_reason"] = json!(match out.finish {
+            FinishReason::Length => "length",
+            _ => "stop",
+        });
+        v["total_duration"] = json!((total * 1e9) as u64);
+        v["load_duration"] = json!(0);
+        v["prompt_eval_count"] = json!(out.prompt_tokens);
+        v["prompt_eval_duration"] = json!(ns(out.prefill_time));
+        v["eval_count"] = json!(out.tokens.len());
+        v["eval_duration"] = json!(ns(out.decode_time));
+    }
+    v
+}
+
+async fn answer(model: Arc<LoadedModel>, request: Option<GenerationRequest>, stream: bool, chat: bool) -> Response {
+    let started = Instant::now();
+    let Some(request) = request else {
+        let mut v = body(&model, chat, "", None);
+        v["done"] = json!(true);
+        v["done_reason"] = json!("load");
+        return Json(v).into_response();
+    };
+    if !stream {
+        return match crate::run::generate(model.clone(), request, |_| true).await {
+            Ok(out) => {
+                Json(body(&model, chat, &out.text, Some((&out, started.elapsed().as_secs_f64())))).into_response()
+            }
+            Err(e) => e.into_response(),
+        };
+    }
+    let (tx, rx) = mpsc::channel::<String>(64);
+    let m = model.clone();
+    tokio::spawn(async move {
+        let sender = tx.clone();
+        let mm = m.clone();
+        let result = crate::run::generate(m.clone(), request, move |ev| {
+            if ev.text.is_empty() {
+                return !sender.is_closed();
+            }
+            sender.blocking_send(format!("{}\n", body(&mm, chat, &ev.text, None))).is_ok()
+        })
+        .await;
+        let last = match result {
+            Ok(out) if out.finish == FinishReason::Cancelled => return,
+            Ok(out) => body(&m, chat, "", Some((&out, started.elapsed().as_secs_f64()))),
+            Err(e) => json!({"error": e.message}),
+        };
+        let _ = tx.send(format!("{last}\n")).await;
+    });
+    let stream = ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>);
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response()
+}
+
+fn details(m: &berth_store::ModelSummary) -> Value {
+    json!({
+        "parent_model": "",
+        "format": m.format,
+        "family": m.architecture,
+        "families": [m.architecture],
+        "parameter_size": m.parameters,
+        "quantization_level": m.quantization,
+    })
+}
+
+pub async fn tags(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let models: Vec<Value> = state
+        .models
+        .list()?
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.reference,
+                "model": m.reference,
+                "modified_at": m.created.clone().unwrap_or_default(),
+                "size": m.size,
+                "digest": m.digest.hex(),
+                "details": details(m),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"models": models})))
+}
+
+#[derive(Deserialize)]
+pub struct ShowRequest {
+    #[serde(alias = "name")]
+    model: String,
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<ShowRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let d = state.models.details(&req.model)?;
+    let c = &d.config.config;
+    let template = state
+        .models
+        .get(&req.model)
+        .await
+        .ok()
+        .and_then(|m| m.engine.model.gguf.get_str("tokenizer.chat_template").map(str::to_string));
+    let info: serde_json::Map<String, Value> = c.gguf.iter().flatten().map(|(k, v)| (k.clone(), json!(v))).collect();
+    Ok(Json(json!({
+        "license": "",
+        "modelfile": format!("FROM {}\n", d.reference),
+        "parameters": "",
+        "template": template.unwrap_or_default(),
+        "details": {
+            "parent_model": "",
+            "format": c.format,
+            "family": c.architecture,
+            "families": [c.architecture],
+            "parameter_size": c.parameters,
+            "quantization_level": c.quantization,
+        },
+        "model_info": info,
+        "capabilities": ["completion"],
+        "modified_at": d.config.descriptor.created.clone().unwrap_or_default(),
+    })))
+}
+
+pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let listed = state.models.list()?;
+    let mut models = Vec::new();
+    for m in state.models.loaded().await {
+        let summary = listed.iter().find(|s| s.reference == m.name);
+        models.push(json!({
+            "name": m.name,
+            "model": m.name,
+            "size": m.size,
+            "digest": summary.map(|s| s.digest.hex().to_string()).unwrap_or_default(),
+            "details": summary.map(details).unwrap_or(json!({})),
+            "expires_at": "9999-12-31T23:59:59Z",
+            "size_vram": 0,
+        }));
+    }
+    Ok(Json(json!({"models": models})))
+}
+
+pub async fn version() -> Json<Value> {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")}))
+}

@@ -1,0 +1,472 @@
+//! OpenAI-compatible endpoints: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use berth_engine::sampling::TokenLogprob;
+use berth_engine::template::Message;
+use berth_engine::{FinishReason, GenerationOutput, GenerationRequest};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::models::{LoadedModel, now};
+use crate::request::{JsonBody, Sampling, request_id};
+
+#[derive(Deserialize)]
+pub struct ChatRequest {
+    model: String,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    #[serde(default = "one")]
+    n: u32,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<i64>,
+    response_format: Option<ResponseFormat>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Deserialize)]
+pub struct CompletionRequest {
+    model: String,
+    prompt: PromptField,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    #[serde(default = "one")]
+    n: u32,
+    #[serde(default)]
+    echo: bool,
+    logprobs: Option<i64>,
+    suffix: Option<String>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+pub struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+impl ChatMessage {
+    fn to_message(&self, index: usize) -> Result<Message, ApiError> {
+        let param = format!("messages[{index}].content");
+        let content = match &self.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid(
+                                &param,
+                                format!("content parts of type `{kind}` are not supported; send text"),
+                            ));
+                        }
+                    }
+                }
+                text
+            }
+        };
+        if !matches!(self.role.as_str(), "system" | "user" | "assistant" | "developer" | "tool") {
+            return Err(ApiError::invalid(&format!("messages[{index}].role"), format!("unknown role `{}`", self.role)));
+        }
+        let role = if self.role == "developer" { "system" } else { self.role.as_str() };
+        Ok(Message::new(role, &content))
+    }
+}
+
+struct Plan {
+    model: Arc<LoadedModel>,
+    prompts: Vec<Vec<u32>>,
+    echo_texts: Vec<String>,
+    request: GenerationRequest,
+    n: u32,
+    stream: bool,
+    include_usage: bool,
+    top_logprobs: Option<usize>,
+}
+
+fn check_n(n: u32) -> Result<(), ApiError> {
+    if !(1..=8).contains(&n) {
+        return Err(ApiError::invalid("n", format!("n must be between 1 and 8, got {n}")));
+    }
+    Ok(())
+}
+
+pub async fn chat_completions(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {
+    let plan = async {
+        if req.messages.is_empty() {
+            return Err(ApiError::invalid("messages", "messages must not be empty"));
+        }
+        check_n(req.n)?;
+        if let Some(f) = &req.response_format
+            && f.kind != "text"
+        {
+            return Err(ApiError::invalid(
+                "response_format",
+                format!(
+                    "response_format `{}` is not supported yet (constrained decoding is coming); use `text`",
+                    f.kind
+                ),
+            ));
+        }
+        let top = match (req.logprobs, req.top_logprobs) {
+            (_, Some(t)) if !(0..=20).contains(&t) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    format!("top_logprobs must be between 0 and 20, got {t}"),
+                ));
+            }
+            (true, t) => Some(t.unwrap_or(0) as usize),
+            (false, Some(_)) => return Err(ApiError::invalid("top_logprobs", "top_logprobs needs logprobs: true")),
+            (false, None) => None,
+        };
+        let messages: Vec<Message> =
+            req.messages.iter().enumerate().map(|(i, m)| m.to_message(i)).collect::<Result<_, _>>()?;
+        let model = state.models.get(&req.model).await?;
+        let prompt = model.engine.chat_prompt(&messages)?;
+        let request = req.sampling.to_request(&model, prompt.clone(), top)?;
+        Ok(Plan {
+            model,
+            prompts: vec![prompt],
+            echo_texts: vec![String::new()],
+            request,
+            n: req.n,
+            stream: req.stream,
+            include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+            top_logprobs: top,
+        })
+    }
+    .await;
+    match plan {
+        Ok(plan) => respond(plan, Kind::Chat).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn completions(State(state): State<AppState>, JsonBody(req): JsonBody<CompletionRequest>) -> Response {
+    let plan = async {
+        check_n(req.n)?;
+        if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::invalid("suffix", "suffix (fill-in-the-middle) is not supported"));
+        }
+        let top = match req.logprobs {
+            Some(t) if !(0..=5).contains(&t) => {
+                return Err(ApiError::invalid("logprobs", format!("logprobs must be between 0 and 5, got {t}")));
+            }
+            t => t.map(|t| t as usize),
+        };
+        let texts = match req.prompt {
+            PromptField::One(p) => vec![p],
+            PromptField::Many(ps) if !ps.is_empty() && ps.len() <= 16 => ps,
+            PromptField::Many(_) => return Err(ApiError::invalid("prompt", "prompt lists must hold 1 to 16 prompts")),
+        };
+        if req.stream && texts.len() > 1 {
+            return Err(ApiError::invalid("prompt", "streaming takes a single prompt"));
+        }
+        let model = state.models.get(&req.model).await?;
+        let prompts: Vec<Vec<u32>> =
+            texts.iter().map(|t| model.engine.text_prompt(t)).collect::<Result<_, _>>().map_err(ApiError::from)?;
+        if prompts.iter().any(|p| p.is_empty()) {
+            return Err(ApiError::invalid("prompt", "the prompt is empty"));
+        }
+        let request = req.sampling.to_request(&model, prompts[0].clone(), top)?;
+        Ok(Plan {
+            model,
+            prompts,
+            echo_texts: if req.echo { texts } else { vec![String::new(); 16] },
+            request,
+            n: req.n,
+            stream: req.stream,
+            include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+            top_logprobs: top,
+        })
+    }
+    .await;
+    match plan {
+        Ok(plan) => respond(plan, Kind::Completion).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn token_text(model: &LoadedModel, id: u32) -> String {
+    String::from_utf8_lossy(&model.engine.tokenizer.token_bytes(id)).into_owned()
+}
+
+fn chat_logprobs(model: &LoadedModel, lps: &[TokenLogprob]) -> Value {
+    let entry = |id: u32, lp: f32| {
+        let bytes = model.engine.tokenizer.token_bytes(id);
+        json!({"token": String::from_utf8_lossy(&bytes), "logprob": lp, "bytes": bytes})
+    };
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|lp| {
+            let mut e = entry(lp.token, lp.logprob);
+            e["top_logprobs"] = Value::Array(lp.top.iter().map(|&(id, v)| entry(id, v)).collect());
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+fn completion_logprobs(model: &LoadedModel, lps: &[TokenLogprob], offset: usize) -> Value {
+    let mut at = offset;
+    let mut tokens = Vec::new();
+    let mut token_logprobs = Vec::new();
+    let mut top = Vec::new();
+    let mut offsets = Vec::new();
+    for lp in lps {
+        let text = token_text(model, lp.token);
+        offsets.push(at);
+        at += text.len();
+        tokens.push(text);
+        token_logprobs.push(lp.logprob);
+        let mut m = serde_json::Map::new();
+        for &(id, v) in &lp.top {
+            m.insert(token_text(model, id), json!(v));
+        }
+        top.push(Value::Object(m));
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+async fn respond(plan: Plan, kind: Kind) -> Response {
+    if plan.stream {
+        return stream(plan, kind).into_response();
+    }
+    let id = request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
+    let mut choices = Vec::new();
+    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    let mut index = 0;
+    for (p, prompt) in plan.prompts.iter().enumerate() {
+        for i in 0..plan.n {
+            let mut req = plan.request.clone();
+            req.prompt = prompt.clone();
+            req.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            let out: GenerationOutput = match crate::run::generate(plan.model.clone(), req, |_| true).await {
+                Ok(o) => o,
+                Err(e) => return e.into_response(),
+            };
+            if i == 0 {
+                prompt_tokens += out.prompt_tokens;
+            }
+            completion_tokens += out.tokens.len();
+            let choice = match kind {
+                Kind::Chat => json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": out.text, "refusal": null},
+                    "logprobs": plan.top_logprobs.map(|_| chat_logprobs(&plan.model, &out.logprobs)),
+                    "finish_reason": finish_reason(out.finish),
+                }),
+                Kind::Completion => {
+                    let echo = &plan.echo_texts[p];
+                    json!({
+                        "index": index,
+                        "text": format!("{echo}{}", out.text),
+                        "logprobs": plan.top_logprobs.map(|_| completion_logprobs(&plan.model, &out.logprobs, echo.len())),
+                        "finish_reason": finish_reason(out.finish),
+                    })
+                }
+            };
+            choices.push(choice);
+            index += 1;
+        }
+    }
+    let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+    Json(json!({
+        "id": id,
+        "object": object,
+        "created": now(),
+        "model": plan.model.name,
+        "system_fingerprint": "berth",
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }))
+    .into_response()
+}
+
+fn stream(plan: Plan, kind: Kind) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let (tx, rx) = mpsc::channel::<Event>(64);
+    let id = request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
+    let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+    let created = now();
+    let name = plan.model.name.clone();
+    let chunk = move |choices: Value, usage: Option<Value>| -> Event {
+        let mut v = json!({"id": id, "object": object, "created": created, "model": name, "system_fingerprint": "berth", "choices": choices});
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        Event::default().data(v.to_string())
+    };
+    tokio::spawn(async move {
+        let mut prompt_tokens = 0;
+        let mut completion_tokens = 0;
+        for i in 0..plan.n {
+            let index = i;
+            if kind == Kind::Chat {
+                let first = json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+                if tx.send(chunk(first, None)).await.is_err() {
+                    return;
+                }
+            } else if !plan.echo_texts[0].is_empty() {
+                let echo =
+                    json!([{"index": index, "text": plan.echo_texts[0], "logprobs": null, "finish_reason": null}]);
+                if tx.send(chunk(echo, None)).await.is_err() {
+                    return;
+                }
+            }
+            let mut req = plan.request.clone();
+            req.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            let sender = tx.clone();
+            let make = chunk.clone();
+            let model = plan.model.clone();
+            let with_lp = plan.top_logprobs.is_some();
+            let result = crate::run::generate(plan.model.clone(), req, move |ev| {
+                if ev.text.is_empty() && !with_lp {
+                    return !sender.is_closed();
+                }
+                let lp = match (&ev.logprob, with_lp) {
+                    (Some(lp), true) => match kind {
+                        Kind::Chat => chat_logprobs(&model, std::slice::from_ref(lp)),
+                        Kind::Completion => completion_logprobs(&model, std::slice::from_ref(lp), 0),
+                    },
+                    _ => Value::Null,
+                };
+                let choice = match kind {
+                    Kind::Chat => {
+                        json!([{"index": index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": null}])
+                    }
+                    Kind::Completion => {
+                        json!([{"index": index, "text": ev.text, "logprobs": lp, "finish_reason": null}])
+                    }
+                };
+                sender.blocking_send(make(choice, None)).is_ok()
+            })
+            .await;
+            match result {
+                Ok(out) => {
+                    if i == 0 {
+                        prompt_tokens = out.prompt_tokens;
+                    }
+                    completion_tokens += out.tokens.len();
+                    if out.finish == FinishReason::Cancelled {
+                        return;
+                    }
+                    let last = match kind {
+                        Kind::Chat => {
+                            json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason(out.finish)}])
+                        }
+                        Kind::Completion => {
+                            json!([{"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason(out.finish)}])
+                        }
+                    };
+                    if tx.send(chunk(last, None)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Event::default().data(e.body().to_string())).await;
+                    return;
+                }
+            }
+        }
+        if plan.include_usage {
+            let _ = tx.send(chunk(json!([]), Some(usage(prompt_tokens, completion_tokens)))).await;
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    Sse::new(ReceiverStream::new(rx).map(Ok))
+}
+
+pub async fn list_models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let models = state.models.list()?;
+    let data: Vec<Value> = models.iter().map(model_object).collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+fn model_object(m: &berth_store::ModelSummary) -> Value {
+    let created = m.created.as_deref().and_then(crate::request::parse_rfc3339).unwrap_or(0);
+    json!({"id": m.reference, "object": "model", "created": created, "owned_by": "berth"})
+}
+
+pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let models = state.models.list()?;
+    let wanted = berth_store::Reference::parse(&id).map(|r| r.familiar()).unwrap_or(id.clone());
+    let found = models.iter().find(|m| m.reference == wanted);
+    match found {
+        Some(m) => Ok(Json(model_object(m))),
+        None => Err(ApiError::model_not_found(&id, &models.iter().map(|m| m.reference.clone()).collect::<Vec<_>>())),
+    }
+}

@@ -1,0 +1,31 @@
+"""The official ollama client against a running berth server: every check raises on failure."""
+import sys
+
+import ollama
+
+host, model = sys.argv[1], sys.argv[2]
+client = ollama.Client(host=host, timeout=120)
+
+r = client.chat(model=model, messages=[{"role": "user", "content": "Say hello."}], options={"num_predict": 8, "temperature": 0})
+assert r.message.role == "assistant" and r.message.content and r.done, r
+parts = [p.message.content for p in client.chat(model=model, messages=[{"role": "user", "content": "Say hello."}],
+                                                   options={"num_predict": 8, "temperature": 0}, stream=True)]
+assert "".join(parts) == r.message.content, (parts, r.message.content)
+
+g = client.generate(model=model, prompt="Why is the sky blue?", options={"num_predict": 8, "temperature": 0})
+assert g.response and g.done and g.eval_count > 0, g
+g = client.generate(model=model, prompt="Once upon a time", raw=True, options={"num_predict": 4})
+assert g.response, g
+
+names = [m.model for m in client.list().models]
+assert model in names, names
+shown = client.show(model)
+assert shown.details.family == "llama" and "im_start" in (shown.template or ""), shown
+running = [m.model for m in client.ps().models]
+assert model in running, running
+try:
+    client.chat(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    raise AssertionError("an unknown model must fail")
+except ollama.ResponseError as e:
+    assert e.status_code == 404, e
+print("ollama client: all checks passed")

@@ -1,0 +1,208 @@
+//! `berth serve` through the real binary on a free port: the official openai and ollama Python
+//! clients, bad requests, and a client that hangs up mid-stream.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth_testkit::models;
+use berth_testkit::registry::http_request;
+use util::Berth;
+
+struct Server {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    _berth: Berth,
+}
+
+impl Server {
+    /// Package SmolLM2 into a fresh home and serve it.
+    fn start() -> Server {
+        let berth = Berth::new();
+        berth.ok(&["package", "--gguf", &models::smollm2_gguf().display().to_string(), "smollm2"]);
+        let port = berth_testkit::free_port();
+        let log = berth.home().join("server.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = berth
+            .command(&["serve", "--port", &port.to_string(), "--model", "smollm2"])
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("start berth serve");
+        let mut server = Server { child, port, log, _berth: berth };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, _)) = http_request(port, "GET", "/ready", &[], b"") {
+                break;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("berth serve exited with {status}; log:\n{}", server.log());
+            }
+            assert!(Instant::now() < deadline, "berth serve was not ready within 60 s; log:\n{}", server.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn post(&self, path: &str, body: &str) -> (u16, String) {
+        let (status, raw) =
+            http_request(self.port, "POST", path, &[("Content-Type", "application/json")], body.as_bytes())
+                .expect("request");
+        (status, body_of(&raw))
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        let (_, raw) = http_request(self.port, "GET", "/metrics", &[], b"").expect("metrics");
+        body_of(&raw)
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn body_of(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw);
+    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("BERTH_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    assert!(
+        venv.exists(),
+        "the Python clients for the API tests are missing: run .ci/run, or `python3 -m venv .venv && .venv/bin/pip install openai ollama` at the repository root (or set BERTH_TEST_PYTHON)"
+    );
+    venv
+}
+
+fn run_python(script: &str, args: &[&str], server: &Server) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
+    let out = Command::new(python()).arg(&path).args(args).output().expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n--- stdout\n{}\n--- stderr\n{}\n--- server log\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+}
+
+#[test]
+fn the_official_openai_client_works() {
+    let server = Server::start();
+    run_python("openai_client.py", &[&format!("http://127.0.0.1:{}/v1", server.port), "ai/smollm2:latest"], &server);
+}
+
+#[test]
+fn the_official_ollama_client_works() {
+    let server = Server::start();
+    run_python("ollama_client.py", &[&format!("http://127.0.0.1:{}", server.port), "ai/smollm2:latest"], &server);
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
+    let server = Server::start();
+    let chat = |extra: &str| {
+        format!(r#"{{"model":"smollm2","messages":[{{"role":"user","content":"hi"}}],"max_tokens":4{extra}}}"#)
+    };
+    let long_prompt =
+        format!(r#"{{"model":"smollm2","messages":[{{"role":"user","content":"{}"}}]}}"#, "hello ".repeat(100_000));
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("invalid JSON", "{not json".into(), 400, "not valid JSON"),
+        ("wrong type", chat(r#","temperature":"hot""#), 400, "temperature"),
+        ("negative max_tokens", chat(r#","max_tokens":-5"#).replace(r#""max_tokens":4,"#, ""), 400, "max_tokens"),
+        ("huge max_tokens", chat("").replace(r#""max_tokens":4"#, r#""max_tokens":100000000"#), 400, "context"),
+        ("top_logprobs 21", chat(r#","logprobs":true,"top_logprobs":21"#), 400, "top_logprobs"),
+        ("temperature -1", chat(r#","temperature":-1"#), 400, "temperature"),
+        ("empty messages", r#"{"model":"smollm2","messages":[]}"#.into(), 400, "messages"),
+        ("unknown model", chat("").replace("smollm2", "nope"), 404, "nope"),
+        ("100k-token prompt", long_prompt, 400, "context"),
+        ("json_schema", chat(r#","response_format":{"type":"json_schema"}"#), 400, "response_format"),
+    ];
+    for (name, body, status, needle) in cases {
+        let (got, text) = server.post("/v1/chat/completions", &body);
+        assert_eq!(got, status, "{name}: {text}");
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: not JSON ({e}): {text}"));
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{name}: {message}");
+        assert!(v["error"]["type"].is_string(), "{name}: OpenAI error shape: {text}");
+    }
+
+    // A 10 MB body is refused at the limit.
+    let huge = format!(r#"{{"model":"smollm2","messages":[{{"role":"user","content":"{}"}}]}}"#, "a".repeat(10 << 20));
+    let (status, _) = server.post("/v1/chat/completions", &huge);
+    assert_eq!(status, 413);
+
+    // A 1 MB header is refused by the HTTP layer.
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let header = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20));
+    let _ = s.write_all(header.as_bytes());
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let head = String::from_utf8_lossy(&resp[..resp.len().min(40)]).to_string();
+    assert!(head.is_empty() || head.contains(" 431 ") || head.contains(" 400 "), "big header: {head}");
+
+    // Unknown fields are ignored, and the server still answers.
+    let (status, text) = server.post("/v1/chat/completions", &chat(r#","no_such_field":{"x":1}"#));
+    assert_eq!(status, 200, "{text}");
+    let (status, _) = http_request(server.port, "GET", "/health", &[], b"").unwrap();
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_client_that_hangs_up_stops_its_generation() {
+    let server = Server::start();
+    let before = server.metric("berth:generation_tokens_total");
+    let body = r#"{"model":"smollm2","messages":[{"role":"user","content":"Write a long story about a dragon."}],"max_tokens":500,"stream":true,"temperature":0}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    // Read until a few content chunks arrived, then hang up.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen).matches("\"content\"").count() < 4 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    std::thread::sleep(Duration::from_millis(1500));
+    let after_hangup = server.metric("berth:generation_tokens_total");
+    std::thread::sleep(Duration::from_millis(1500));
+    let later = server.metric("berth:generation_tokens_total");
+    assert_eq!(after_hangup, later, "generation went on after the client left");
+    let received = String::from_utf8_lossy(&seen).matches("\"content\"").count() as u64;
+    // At most one decoding step runs after the hang-up is noticed (plus chunks in flight).
+    assert!(
+        after_hangup - before <= received + 8,
+        "generated {} tokens for a client that read {received}",
+        after_hangup - before
+    );
+    assert!(after_hangup - before < 500, "the generation ran to its end");
+}
