@@ -81,6 +81,8 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/api/show", post(ollama::show))
         .route("/api/ps", get(ollama::ps))
         .route("/api/version", get(ollama::version))
+        .route("/api/pull", post(ollama::pull))
+        .route("/api/delete", axum::routing::delete(ollama::delete))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/ready", get(ready))

@@ -44,6 +44,15 @@ impl ModelManager {
         Store::open(&self.home).map_err(|e| ApiError::internal(e.to_string()))
     }
 
+    pub fn home(&self) -> &std::path::Path {
+        &self.home
+    }
+
+    /// Forget a loaded model (requests running on it finish; its memory goes with the last one).
+    pub async fn unload(&self, reference: &Reference) {
+        self.loaded.lock().await.remove(&reference.to_string());
+    }
+
     /// Names of the models in the store, as clients write them.
     pub fn available(&self) -> Vec<String> {
         self.store()

@@ -322,3 +322,73 @@ pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
 pub async fn version() -> Json<Value> {
     Json(json!({"version": env!("CARGO_PKG_VERSION")}))
 }
+
+#[derive(Deserialize)]
+pub struct PullRequest {
+    #[serde(alias = "name")]
+    model: String,
+    #[serde(default)]
+    insecure: bool,
+    stream: Option<bool>,
+}
+
+/// `/api/pull`: fetch a model from its registry into the store.
+pub async fn pull(State(state): State<AppState>, JsonBody(req): JsonBody<PullRequest>) -> Response {
+    let reference = match berth_store::Reference::parse(&req.model) {
+        Ok(r) => r,
+        Err(e) => return ApiError::invalid("model", e.to_string()).into_response(),
+    };
+    let mut options = berth_store::registry::RegistryOptions::from_env();
+    if req.insecure {
+        options.insecure_registries.push(reference.registry().to_string());
+    }
+    let home = state.models.home().to_path_buf();
+    let pulled = async move {
+        let store = berth_store::Store::open(&home).map_err(|e| ApiError::internal(e.to_string()))?;
+        berth_store::registry::pull(&store, &reference, &options, Arc::new(berth_store::progress::NoProgress))
+            .await
+            .map_err(|e| match e {
+                berth_store::StoreError::Registry(berth_store::registry::RegistryError::NotFound { .. }) => {
+                    ApiError::not_found(e.to_string())
+                }
+                other => ApiError::bad_request(other.to_string()),
+            })
+    };
+    if req.stream.unwrap_or(true) {
+        let (tx, rx) = mpsc::channel::<String>(4);
+        tokio::spawn(async move {
+            let _ = tx.send(format!("{}\n", json!({"status": "pulling manifest"}))).await;
+            let last = match pulled.await {
+                Ok(digest) => json!({"status": "success", "digest": digest.to_string()}),
+                Err(e) => json!({"error": e.message}),
+            };
+            let _ = tx.send(format!("{last}\n")).await;
+        });
+        let stream = ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>);
+        return ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response();
+    }
+    match pulled.await {
+        Ok(_) => Json(json!({"status": "success"})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct DeleteRequest {
+    #[serde(alias = "name")]
+    model: String,
+}
+
+/// `/api/delete`: remove a model from the store (and unload it).
+pub async fn delete(State(state): State<AppState>, JsonBody(req): JsonBody<DeleteRequest>) -> Result<Json<Value>, ApiError> {
+    let reference = berth_store::Reference::parse(&req.model).map_err(|e| ApiError::invalid("model", e.to_string()))?;
+    let store = berth_store::Store::open(state.models.home()).map_err(|e| ApiError::internal(e.to_string()))?;
+    match store.remove(&reference) {
+        Ok(_) => {
+            state.models.unload(&reference).await;
+            Ok(Json(json!({})))
+        }
+        Err(berth_store::StoreError::NotFound(_)) => Err(ApiError::not_found(format!("model '{}' not found", req.model))),
+        Err(e) => Err(ApiError::internal(e.to_string())),
+    }
+}

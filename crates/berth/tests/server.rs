@@ -116,8 +116,16 @@ fn the_official_openai_client_works() {
 
 #[test]
 fn the_official_ollama_client_works() {
+    // A real registry holding a copy of the model, for /api/pull.
+    let registry = berth_testkit::registry::Registry::start();
+    let remote = format!("{}/berth-test/smollm2:v1", registry.host());
+    let pusher = Berth::new();
+    pusher.ok(&["package", "--gguf", &models::smollm2_gguf().display().to_string(), &remote]);
+    pusher.ok(&["push", &remote]);
     let server = Server::start();
-    run_python("ollama_client.py", &[&format!("http://127.0.0.1:{}", server.port), "ai/smollm2:latest"], &server);
+    let (status, _) = http_request(server.port, "HEAD", "/", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    run_python("ollama_client.py", &[&format!("http://127.0.0.1:{}", server.port), "ai/smollm2:latest", &remote], &server);
 }
 
 #[test]

@@ -28,4 +28,16 @@ try:
     raise AssertionError("an unknown model must fail")
 except ollama.ResponseError as e:
     assert e.status_code == 404, e
+# Pull from a registry and delete (the test passes the registry's reference as a third argument).
+if len(sys.argv) > 3:
+    pulled = sys.argv[3]
+    assert client.pull(pulled).status == "success"
+    assert pulled in [m.model for m in client.list().models]
+    client.delete(pulled)
+    assert pulled not in [m.model for m in client.list().models]
+    try:
+        client.delete(pulled)
+        raise AssertionError("deleting a missing model must fail")
+    except ollama.ResponseError as e:
+        assert e.status_code == 404, e
 print("ollama client: all checks passed")
