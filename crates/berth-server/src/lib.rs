@@ -7,6 +7,7 @@
 //! # }
 //! ```
 
+mod embeddings;
 mod error;
 mod models;
 mod ollama;
@@ -74,6 +75,8 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::list_models))
+        .route("/v1/embeddings", post(embeddings::openai_embeddings))
+        .route("/api/embed", post(embeddings::ollama_embed))
         .route("/v1/models/{*id}", get(openai::get_model))
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))
@@ -106,7 +109,16 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     out.push_str(
         "# HELP berth:prompt_tokens_total Prompt tokens processed.\n# TYPE berth:prompt_tokens_total counter\n",
     );
-    let loaded = state.models.loaded().await;
+    let loaded: Vec<Arc<models::LoadedModel>> = state
+        .models
+        .loaded()
+        .await
+        .into_iter()
+        .filter_map(|m| match m {
+            models::Loaded::Chat(m) => Some(m),
+            models::Loaded::Embed(_) => None,
+        })
+        .collect();
     for m in &loaded {
         out.push_str(&format!(
             "berth:prompt_tokens_total{{model_name=\"{}\"}} {}\n",
@@ -146,7 +158,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             for model in &config.models {
                 state
                     .models
-                    .get(model)
+                    .preload(model)
                     .await
                     .map_err(|e| ServerError::Preload { model: model.clone(), message: e.message })?;
                 eprintln!("berth: loaded {model}");

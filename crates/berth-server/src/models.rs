@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use berth_engine::Engine;
+use berth_engine::model::bert::BertEmbedder;
 use berth_store::{Reference, Store};
 use tokio::sync::{Mutex, OnceCell, Semaphore};
 
@@ -26,9 +27,39 @@ pub struct LoadedModel {
     pub prompt_tokens: std::sync::atomic::AtomicU64,
 }
 
+/// A sentence-embedding model.
+pub struct EmbeddingModel {
+    pub name: String,
+    pub embedder: BertEmbedder,
+    pub size: u64,
+}
+
+/// What a name loaded into: a model that generates text or one that embeds it.
+#[derive(Clone)]
+pub enum Loaded {
+    Chat(Arc<LoadedModel>),
+    Embed(Arc<EmbeddingModel>),
+}
+
+impl Loaded {
+    pub fn name(&self) -> &str {
+        match self {
+            Loaded::Chat(m) => &m.name,
+            Loaded::Embed(m) => &m.name,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            Loaded::Chat(m) => m.size,
+            Loaded::Embed(m) => m.size,
+        }
+    }
+}
+
 pub struct ModelManager {
     home: PathBuf,
-    loaded: Mutex<HashMap<String, Arc<OnceCell<Arc<LoadedModel>>>>>,
+    loaded: Mutex<HashMap<String, Arc<OnceCell<Loaded>>>>,
 }
 
 pub fn now() -> u64 {
@@ -72,13 +103,43 @@ impl ModelManager {
     }
 
     /// Models in memory now.
-    pub async fn loaded(&self) -> Vec<Arc<LoadedModel>> {
+    pub async fn loaded(&self) -> Vec<Loaded> {
         let map = self.loaded.lock().await;
         map.values().filter_map(|c| c.get().cloned()).collect()
     }
 
-    /// The loaded model, loading it first if needed.
+    /// A text-generation model, loading it first if needed.
     pub async fn get(&self, model: &str) -> Result<Arc<LoadedModel>, ApiError> {
+        match self.load(model).await? {
+            Loaded::Chat(m) => Ok(m),
+            Loaded::Embed(m) => Err(ApiError::invalid(
+                "model",
+                format!("`{}` is an embedding model; use /v1/embeddings or /api/embed", m.name),
+            )),
+        }
+    }
+
+    /// An embedding model, loading it first if needed.
+    pub async fn get_embedder(&self, model: &str) -> Result<Arc<EmbeddingModel>, ApiError> {
+        match self.load(model).await? {
+            Loaded::Embed(m) => Ok(m),
+            Loaded::Chat(m) => Err(ApiError::invalid(
+                "model",
+                format!(
+                    "`{}` generates text; embeddings need an embedding model (a BERT safetensors artifact)",
+                    m.name
+                ),
+            )),
+        }
+    }
+
+    /// Load a model of either kind (at server start).
+    pub async fn preload(&self, model: &str) -> Result<(), ApiError> {
+        self.load(model).await.map(|_| ())
+    }
+
+    /// The loaded model, loading it first if needed.
+    async fn load(&self, model: &str) -> Result<Loaded, ApiError> {
         let reference = Reference::parse(model).map_err(|_| ApiError::model_not_found(model, &self.available()))?;
         let key = reference.to_string();
         let cell = {
@@ -90,24 +151,38 @@ impl ModelManager {
         let name = reference.familiar();
         cell.get_or_try_init(|| async move {
             let store = Store::open(&home).map_err(|e| ApiError::internal(e.to_string()))?;
+            let (_, manifest, _) = store.load(&reference).map_err(|e| match e {
+                berth_store::StoreError::NotFound(_) => ApiError::model_not_found(model, &available),
+                other => ApiError::internal(format!("cannot load {name}: {other}")),
+            })?;
+            let size = manifest.total_size();
+            if !manifest.layers.iter().any(|l| l.media_type == berth_store::media::GGUF) {
+                // A safetensors folder: the embedding engine reads it by its files' paths.
+                let files: HashMap<String, PathBuf> =
+                    store.model_files(&manifest).into_iter().map(|(_, path, blob)| (path, blob)).collect();
+                let embedder = tokio::task::spawn_blocking(move || BertEmbedder::load(&files))
+                    .await
+                    .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))?
+                    .map_err(|e| ApiError::invalid("model", format!("cannot load {name}: {e}")))?;
+                return Ok(Loaded::Embed(Arc::new(EmbeddingModel { name, embedder, size })));
+            }
             let found = store.gguf_model(&reference).map_err(|e| match e {
                 berth_store::StoreError::NotFound(_) => ApiError::model_not_found(model, &available),
                 berth_store::StoreError::Config(m) => ApiError::invalid("model", m),
                 other => ApiError::internal(format!("cannot load {name}: {other}")),
             })?;
-            let size = std::fs::metadata(&found.path).map(|m| m.len()).unwrap_or(0);
             let engine = tokio::task::spawn_blocking(move || Engine::load(&found.path, found.chat_template.as_deref()))
                 .await
                 .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))?
                 .map_err(|e| ApiError::internal(format!("cannot load {name}: {e}")))?;
-            Ok(Arc::new(LoadedModel {
+            Ok(Loaded::Chat(Arc::new(LoadedModel {
                 name,
                 engine,
                 gate: Arc::new(Semaphore::new(1)),
                 size,
                 generated_tokens: Default::default(),
                 prompt_tokens: Default::default(),
-            }))
+            })))
         })
         .await
         .cloned()

@@ -275,12 +275,16 @@ pub async fn show(
 ) -> Result<Json<Value>, ApiError> {
     let d = state.models.details(&req.model)?;
     let c = &d.config.config;
-    let template = state
-        .models
-        .get(&req.model)
-        .await
-        .ok()
-        .and_then(|m| m.engine.model.gguf.get_str("tokenizer.chat_template").map(str::to_string));
+    // Only text models have a template; embedding models have none to show.
+    let template = match c.format.as_str() {
+        "gguf" => state
+            .models
+            .get(&req.model)
+            .await
+            .ok()
+            .and_then(|m| m.engine.model.gguf.get_str("tokenizer.chat_template").map(str::to_string)),
+        _ => None,
+    };
     let info: serde_json::Map<String, Value> = c.gguf.iter().flatten().map(|(k, v)| (k.clone(), json!(v))).collect();
     Ok(Json(json!({
         "license": "",
@@ -296,7 +300,7 @@ pub async fn show(
             "quantization_level": c.quantization,
         },
         "model_info": info,
-        "capabilities": ["completion"],
+        "capabilities": [if c.format == "gguf" { "completion" } else { "embedding" }],
         "modified_at": d.config.descriptor.created.clone().unwrap_or_default(),
     })))
 }
@@ -305,11 +309,11 @@ pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
     let listed = state.models.list()?;
     let mut models = Vec::new();
     for m in state.models.loaded().await {
-        let summary = listed.iter().find(|s| s.reference == m.name);
+        let summary = listed.iter().find(|s| s.reference == m.name());
         models.push(json!({
-            "name": m.name,
-            "model": m.name,
-            "size": m.size,
+            "name": m.name(),
+            "model": m.name(),
+            "size": m.size(),
             "digest": summary.map(|s| s.digest.hex().to_string()).unwrap_or_default(),
             "details": summary.map(details).unwrap_or(json!({})),
             "expires_at": "9999-12-31T23:59:59Z",
@@ -380,7 +384,10 @@ pub struct DeleteRequest {
 }
 
 /// `/api/delete`: remove a model from the store (and unload it).
-pub async fn delete(State(state): State<AppState>, JsonBody(req): JsonBody<DeleteRequest>) -> Result<Json<Value>, ApiError> {
+pub async fn delete(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<DeleteRequest>,
+) -> Result<Json<Value>, ApiError> {
     let reference = berth_store::Reference::parse(&req.model).map_err(|e| ApiError::invalid("model", e.to_string()))?;
     let store = berth_store::Store::open(state.models.home()).map_err(|e| ApiError::internal(e.to_string()))?;
     match store.remove(&reference) {
@@ -388,7 +395,9 @@ pub async fn delete(State(state): State<AppState>, JsonBody(req): JsonBody<Delet
             state.models.unload(&reference).await;
             Ok(Json(json!({})))
         }
-        Err(berth_store::StoreError::NotFound(_)) => Err(ApiError::not_found(format!("model '{}' not found", req.model))),
+        Err(berth_store::StoreError::NotFound(_)) => {
+            Err(ApiError::not_found(format!("model '{}' not found", req.model)))
+        }
         Err(e) => Err(ApiError::internal(e.to_string())),
     }
 }

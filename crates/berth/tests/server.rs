@@ -25,6 +25,7 @@ impl Server {
     fn start() -> Server {
         let berth = Berth::new();
         berth.ok(&["package", "--gguf", &models::smollm2_gguf().display().to_string(), "smollm2"]);
+        berth.ok(&["package", "--safetensors-dir", &models::minilm_dir().display().to_string(), "minilm"]);
         let port = berth_testkit::free_port();
         let log = berth.home().join("server.log");
         let file = std::fs::File::create(&log).unwrap();
@@ -111,7 +112,12 @@ fn run_python(script: &str, args: &[&str], server: &Server) {
 #[test]
 fn the_official_openai_client_works() {
     let server = Server::start();
-    run_python("openai_client.py", &[&format!("http://127.0.0.1:{}/v1", server.port), "ai/smollm2:latest"], &server);
+    let golden = models::golden_dir().join("minilm-l6-v2.reference.json").display().to_string();
+    run_python(
+        "openai_client.py",
+        &[&format!("http://127.0.0.1:{}/v1", server.port), "ai/smollm2:latest", "ai/minilm:latest", &golden],
+        &server,
+    );
 }
 
 #[test]
@@ -125,7 +131,11 @@ fn the_official_ollama_client_works() {
     let server = Server::start();
     let (status, _) = http_request(server.port, "HEAD", "/", &[], b"").unwrap();
     assert_eq!(status, 200);
-    run_python("ollama_client.py", &[&format!("http://127.0.0.1:{}", server.port), "ai/smollm2:latest", &remote], &server);
+    run_python(
+        "ollama_client.py",
+        &[&format!("http://127.0.0.1:{}", server.port), "ai/smollm2:latest", &remote],
+        &server,
+    );
 }
 
 #[test]

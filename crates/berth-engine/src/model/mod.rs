@@ -1,5 +1,6 @@
 //! Models: loading weights from a memory-mapped GGUF file and running batched forward passes.
 
+pub mod bert;
 mod config;
 mod llama;
 

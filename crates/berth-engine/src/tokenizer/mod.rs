@@ -9,6 +9,7 @@ mod bpe;
 mod pretokenize;
 mod spm;
 mod stream;
+pub mod wordpiece;
 
 pub use stream::StreamDecoder;
 

@@ -17,6 +17,11 @@ assert g.response and g.done and g.eval_count > 0, g
 g = client.generate(model=model, prompt="Once upon a time", raw=True, options={"num_predict": 4})
 assert g.response, g
 
+e = client.embed(model="ai/minilm:latest", input=["A man is eating food.", "A man is eating a piece of bread."])
+assert len(e.embeddings) == 2 and len(e.embeddings[0]) == 384, e
+cos = sum(a * b for a, b in zip(*e.embeddings))
+assert abs(cos - 0.755) < 0.01, cos
+
 names = [m.model for m in client.list().models]
 assert model in names, names
 shown = client.show(model)

@@ -4,7 +4,7 @@ import sys
 
 import openai
 
-base_url, model = sys.argv[1], sys.argv[2]
+base_url, model, embedder, golden_path = sys.argv[1:5]
 client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
 ask = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -87,4 +87,37 @@ try:
     raise AssertionError("json_schema must be refused, not ignored")
 except openai.BadRequestError as e:
     assert "response_format" in str(e), e
+# Embeddings: the client's default (base64) and float, both equal to the float64 reference.
+import json
+import math
+
+golden = json.load(open(golden_path))["items"]
+texts = [g["text"] for g in golden]
+
+
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+for fmt in (None, "float"):
+    kwargs = {} if fmt is None else {"encoding_format": fmt}
+    r = client.embeddings.create(model=embedder, input=texts, **kwargs)
+    assert len(r.data) == len(texts) and r.usage.prompt_tokens > 0, r.usage
+    for d, g in zip(r.data, golden):
+        assert len(d.embedding) == 384
+        c = cosine(d.embedding, g["embedding"])
+        assert c >= 0.9999, (fmt, g["text"], c)
+one = client.embeddings.create(model=embedder, input="A man is eating food.", encoding_format="float").data[0].embedding
+assert cosine(one, golden[0]["embedding"]) >= 0.9999
+try:
+    client.embeddings.create(model=embedder, input="x", dimensions=64)
+    raise AssertionError("dimensions must be refused")
+except openai.BadRequestError as e:
+    assert "dimensions" in str(e), e
+try:
+    client.embeddings.create(model=model, input="x")
+    raise AssertionError("a chat model does not embed")
+except openai.BadRequestError as e:
+    assert "embedding" in str(e), e
 print("openai client: all checks passed")

@@ -1,0 +1,167 @@
+//! Embeddings: OpenAI's `/v1/embeddings` (float or base64) and Ollama's `/api/embed`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::State;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::models::EmbeddingModel;
+use crate::request::JsonBody;
+
+/// Most inputs in one request.
+const MAX_INPUTS: usize = 256;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Input {
+    One(String),
+    Many(Vec<String>),
+    Tokens(Vec<u32>),
+    ManyTokens(Vec<Vec<u32>>),
+}
+
+#[derive(Deserialize)]
+pub struct OpenAiRequest {
+    model: String,
+    input: Input,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    dimensions: Option<i64>,
+}
+
+#[derive(Deserialize)]
+pub struct OllamaRequest {
+    model: String,
+    input: Option<Input>,
+    prompt: Option<String>,
+}
+
+enum Item {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+fn items(input: Input) -> Result<Vec<Item>, ApiError> {
+    let items: Vec<Item> = match input {
+        Input::One(s) => vec![Item::Text(s)],
+        Input::Many(v) => v.into_iter().map(Item::Text).collect(),
+        Input::Tokens(ids) => vec![Item::Ids(ids)],
+        Input::ManyTokens(v) => v.into_iter().map(Item::Ids).collect(),
+    };
+    if items.is_empty() || items.len() > MAX_INPUTS {
+        return Err(ApiError::invalid("input", format!("input must hold 1 to {MAX_INPUTS} items")));
+    }
+    Ok(items)
+}
+
+/// Embed every item on a blocking thread; returns the vectors and the tokens they took.
+async fn embed_all(model: Arc<EmbeddingModel>, items: Vec<Item>) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(items.len());
+        let mut tokens = 0;
+        for item in &items {
+            let (v, n) = match item {
+                Item::Text(t) => model.embedder.embed(t)?,
+                Item::Ids(ids) => (model.embedder.embed_ids(ids)?, ids.len()),
+            };
+            tokens += n;
+            out.push(v);
+        }
+        Ok::<_, berth_engine::EngineError>((out, tokens))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("embedding stopped: {e}")))?
+    .map_err(|e| match e {
+        berth_engine::EngineError::ContextOverflow { .. } | berth_engine::EngineError::BadModel(_) => {
+            ApiError::invalid("input", e.to_string())
+        }
+        other => ApiError::internal(other.to_string()),
+    })
+}
+
+fn base64(v: &[f32]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &b)| acc | (u32::from(b) << (16 - 8 * i)));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() { T[((n >> (18 - 6 * i)) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
+}
+
+pub async fn openai_embeddings(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<OpenAiRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let format = req.encoding_format.as_deref().unwrap_or("float");
+    if format != "float" && format != "base64" {
+        return Err(ApiError::invalid(
+            "encoding_format",
+            format!("encoding_format must be `float` or `base64`, got `{format}`"),
+        ));
+    }
+    let model = state.models.get_embedder(&req.model).await?;
+    if let Some(d) = req.dimensions
+        && d != model.embedder.dimensions() as i64
+    {
+        return Err(ApiError::invalid(
+            "dimensions",
+            format!("this model's embeddings have {} dimensions and cannot be shortened", model.embedder.dimensions()),
+        ));
+    }
+    let (vectors, tokens) = embed_all(model.clone(), items(req.input)?).await?;
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if format == "base64" { json!(base64(v)) } else { json!(v) };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model.name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })))
+}
+
+pub async fn ollama_embed(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<OllamaRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
+    let input = match (req.input, req.prompt) {
+        (Some(i), _) => i,
+        (None, Some(p)) => Input::One(p),
+        (None, None) => return Err(ApiError::invalid("input", "input is required")),
+    };
+    let model = state.models.get_embedder(&req.model).await?;
+    let (vectors, tokens) = embed_all(model.clone(), items(input)?).await?;
+    Ok(Json(json!({
+        "model": model.name,
+        "embeddings": vectors,
+        "total_duration": started.elapsed().as_nanos() as u64,
+        "load_duration": 0,
+        "prompt_eval_count": tokens,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_of_floats() {
+        assert_eq!(base64(&[1.0]), "AACAPw==");
+        assert_eq!(base64(&[]), "");
+    }
+}
