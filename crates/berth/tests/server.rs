@@ -139,6 +139,12 @@ fn the_official_ollama_client_works() {
 }
 
 #[test]
+fn langchain_chat_openai_works() {
+    let server = Server::start();
+    run_python("langchain_client.py", &[&format!("http://127.0.0.1:{}/v1", server.port), "ai/smollm2:latest"], &server);
+}
+
+#[test]
 fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     let server = Server::start();
     let chat = |extra: &str| {
