@@ -228,23 +228,9 @@ pub fn request_id(prefix: &str) -> String {
     format!("{prefix}-{x:016x}{n:04x}")
 }
 
-/// Seconds since the epoch of an RFC 3339 UTC time (`2026-11-28T18:43:01Z`).
+/// Seconds since the epoch of an RFC 3339 time (`2026-11-28T18:43:01Z`).
 pub fn parse_rfc3339(s: &str) -> Option<u64> {
-    let (date, time) = s.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let time = time.trim_end_matches('Z');
-    let mut t = time.split(':').map(|p| p.split('.').next().and_then(|x| x.parse::<i64>().ok()));
-    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
-    // Days from civil (Howard Hinnant).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
+    chrono::DateTime::parse_from_rfc3339(s).ok().and_then(|t| u64::try_from(t.timestamp()).ok())
 }
 
 #[cfg(test)]
