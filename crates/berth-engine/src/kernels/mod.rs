@@ -90,12 +90,22 @@ impl<'a> QMatrix<'a> {
         let workers = rayon::current_num_threads();
         let rows_per_task = self.rows.div_ceil(workers * 4).max(16);
         let mut transposed = vec![0f32; self.rows * n];
+        let integer = acts.format != ActivationFormat::F32;
         let task = |(chunk, block): (usize, &mut [f32])| {
             let first = chunk * rows_per_task;
+            // Formats without an integer kernel: dequantise each weight row once for all tokens.
+            let mut row_f32 = if integer { Vec::new() } else { vec![0f32; self.cols] };
             for (i, row_out) in block.chunks_mut(n).enumerate() {
                 let w = self.row(first + i);
-                for (t, o) in row_out.iter_mut().enumerate() {
-                    *o = quant::vec_dot(self.ggml_type, w, &acts, t);
+                if integer {
+                    for (t, o) in row_out.iter_mut().enumerate() {
+                        *o = quant::vec_dot(self.ggml_type, w, &acts, t);
+                    }
+                } else {
+                    quant::dequantize(self.ggml_type, w, &mut row_f32);
+                    for (t, o) in row_out.iter_mut().enumerate() {
+                        *o = quant::dot_f32(&row_f32, acts.row_f32(t));
+                    }
                 }
             }
         };

@@ -223,7 +223,7 @@ impl<'x> QuantizedActivations<'x> {
         acts
     }
 
-    fn row_f32(&self, t: usize) -> &[f32] {
+    pub fn row_f32(&self, t: usize) -> &[f32] {
         &self.f32_rows[t * self.cols..(t + 1) * self.cols]
     }
 }
