@@ -98,9 +98,7 @@ impl<'a> QMatrix<'a> {
             for (i, row_out) in block.chunks_mut(n).enumerate() {
                 let w = self.row(first + i);
                 if integer {
-                    for (t, o) in row_out.iter_mut().enumerate() {
-                        *o = quant::vec_dot(self.ggml_type, w, &acts, t);
-                    }
+                    quant::row_dots(self.ggml_type, w, &acts, row_out);
                 } else {
                     quant::dequantize(self.ggml_type, w, &mut row_f32);
                     for (t, o) in row_out.iter_mut().enumerate() {

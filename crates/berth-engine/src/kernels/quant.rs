@@ -250,6 +250,31 @@ fn quantize_blocks(format: ActivationFormat, x: &[f32], d: &mut [f32], s: &mut [
 }
 }
 
+/// One weight row against every activation row (`out.len()` of them), integer formats only.
+pub fn row_dots(t: GgmlType, w: &[u8], acts: &QuantizedActivations<'_>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::has_avx2() && matches!(t, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
+        let nb = acts.blocks_per_row;
+        let tokens = out.len();
+        // SAFETY: AVX2 and FMA were detected; activations hold `nb` blocks for each token.
+        unsafe {
+            super::x86::row_dots(
+                t,
+                w,
+                &acts.qs[..tokens * nb * QK],
+                &acts.d[..tokens * nb],
+                if acts.s.is_empty() { &[] } else { &acts.s[..tokens * nb] },
+                nb,
+                out,
+            )
+        };
+        return;
+    }
+    for (tok, o) in out.iter_mut().enumerate() {
+        *o = vec_dot(t, w, acts, tok);
+    }
+}
+
 /// Dot product of one weight row with activation row `t`.
 pub fn vec_dot(t: GgmlType, w: &[u8], acts: &QuantizedActivations<'_>, row: usize) -> f32 {
     let nb = acts.blocks_per_row;

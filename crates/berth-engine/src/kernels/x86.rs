@@ -5,6 +5,8 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
+use berth_formats::gguf::GgmlType;
+
 /// Whether this CPU has AVX2 and FMA (checked once).
 pub fn has_avx2() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
@@ -50,8 +52,30 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
 }
 
+/// One weight row against every activation row: `out[t]` for each token `t`, with the dispatch
+/// and the CPU check done once per row instead of once per product.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `qs`, `d` (and `s` for Q4_1) hold `nb` blocks per token for
+/// `out.len()` tokens; `w` holds `nb` blocks of `ty`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn row_dots(ty: GgmlType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32], nb: usize, out: &mut [f32]) {
+    for (t, o) in out.iter_mut().enumerate() {
+        let (qs, d) = (&qs[t * nb * 32..(t + 1) * nb * 32], &d[t * nb..(t + 1) * nb]);
+        // SAFETY: the caller's guarantees, per token.
+        *o = unsafe {
+            match ty {
+                GgmlType::Q8_0 => dot_q8_0_q8_0(w, qs, d, nb),
+                GgmlType::Q4_0 => dot_q4_0_q8_0(w, qs, d, nb),
+                _ => dot_q4_1_q8_1(w, qs, d, &s[t * nb..(t + 1) * nb], nb),
+            }
+        };
+    }
+}
+
 /// # Safety
 /// AVX2 and FMA must be available; `w` holds `nb` Q8_0 blocks, `qs` `32·nb` values, `d` `nb` scales.
+#[inline]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_q8_0_q8_0(w: &[u8], qs: &[i8], d: &[f32], nb: usize) -> f32 {
     assert!(w.len() >= nb * 34 && qs.len() >= nb * 32 && d.len() >= nb);
@@ -73,6 +97,7 @@ pub unsafe fn dot_q8_0_q8_0(w: &[u8], qs: &[i8], d: &[f32], nb: usize) -> f32 {
 
 /// # Safety
 /// As [`dot_q8_0_q8_0`], for Q4_0 weight blocks.
+#[inline]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_q4_0_q8_0(w: &[u8], qs: &[i8], d: &[f32], nb: usize) -> f32 {
     assert!(w.len() >= nb * 18 && qs.len() >= nb * 32 && d.len() >= nb);
@@ -91,6 +116,7 @@ pub unsafe fn dot_q4_0_q8_0(w: &[u8], qs: &[i8], d: &[f32], nb: usize) -> f32 {
 
 /// # Safety
 /// As [`dot_q8_0_q8_0`], for Q4_1 weight blocks and Q8_1 activations (`s`: scaled block sums).
+#[inline]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_q4_1_q8_1(w: &[u8], qs: &[i8], d: &[f32], s: &[f32], nb: usize) -> f32 {
     assert!(w.len() >= nb * 20 && qs.len() >= nb * 32 && d.len() >= nb && s.len() >= nb);
