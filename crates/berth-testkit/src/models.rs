@@ -33,10 +33,17 @@ pub fn minilm_dir() -> PathBuf {
     require("minilm")
 }
 
-/// The golden reference data in `../shared/golden` (next to the repository).
+/// The golden reference data: `$BERTH_SHARED_DIR/golden`, else `shared/golden` beside the repository.
 pub fn golden_dir() -> PathBuf {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = here.join("../../../shared/golden");
-    assert!(dir.exists(), "golden data {} is missing: it ships beside the repository in shared/", dir.display());
+    let shared = match std::env::var_os("BERTH_SHARED_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"),
+    };
+    let dir = shared.join("golden");
+    assert!(
+        dir.exists(),
+        "golden data {} is missing: it ships beside the repository in shared/ (or set BERTH_SHARED_DIR)",
+        dir.display()
+    );
     dir
 }
