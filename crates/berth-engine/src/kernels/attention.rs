@@ -39,14 +39,13 @@ fn fold4(acc: &[[f32; 16]; 4]) -> [f32; 16] {
 
 /// q·k over the head dimension (a multiple of 16, zero-padded to 64 for the gemv order).
 #[inline(always)]
-fn dot_qk(q: &[f32], k: &[u16], order: Order) -> f32 {
-    let t = f16::table();
+fn dot_qk(q: &[f32], k: &[f32], order: Order) -> f32 {
     match order {
         Order::Gemm => {
             let mut acc = [0f32; 16];
             for (qc, kc) in q.chunks_exact(16).zip(k.chunks_exact(16)) {
                 for l in 0..16 {
-                    acc[l] = t[kc[l] as usize].mul_add(qc[l], acc[l]);
+                    acc[l] = kc[l].mul_add(qc[l], acc[l]);
                 }
             }
             ops::reduce16(&acc)
@@ -56,12 +55,19 @@ fn dot_qk(q: &[f32], k: &[u16], order: Order) -> f32 {
             for (i, (qc, kc)) in q.chunks_exact(16).zip(k.chunks_exact(16)).enumerate() {
                 let a = &mut acc[i % 4];
                 for l in 0..16 {
-                    a[l] = t[kc[l] as usize].mul_add(qc[l], a[l]);
+                    a[l] = kc[l].mul_add(qc[l], a[l]);
                 }
             }
             ops::reduce16(&fold4(&acc))
         }
     }
+}
+
+/// f16 bits to f32 (hardware conversion where the CPU has it; exact either way).
+#[inline(always)]
+fn widen(src: &[u16], dst: &mut [f32]) {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    src.reinterpret_cast::<half::f16>().convert_to_f32_slice(dst);
 }
 
 impl Attention {
@@ -95,10 +101,13 @@ impl Attention {
         let hd_padded = hd.next_multiple_of(64);
         let t = f16::table();
         let mut qh = vec![0f32; hd_padded];
-        let mut kbuf = vec![0u16; hd_padded];
+        let mut kbuf = vec![0f32; hd_padded];
+        let mut vbuf = vec![0f32; hd];
         let mut scores = vec![0f32; padded];
-        let mut acc_gemm = vec![[0f32; 16]; hd];
-        let mut acc_gemv = vec![[[0f32; 16]; 4]; hd];
+        // Accumulators lane-major ([lane][dim]): each position's value row updates one contiguous
+        // slice, so the update vectorises over the head dimension.
+        let mut acc_gemm = vec![0f32; 16 * hd];
+        let mut acc_gemv = vec![0f32; 64 * hd];
         for h in 0..self.n_head {
             let kvh = h / group;
             for (dst, &src) in qh.iter_mut().zip(&q[h * hd..(h + 1) * hd]) {
@@ -106,42 +115,46 @@ impl Attention {
             }
             for (j, s) in scores.iter_mut().enumerate().take(valid) {
                 let row = &k_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-                kbuf[..hd].copy_from_slice(row);
+                widen(row, &mut kbuf[..hd]);
                 *s = dot_qk(&qh, &kbuf, order);
             }
             ops::softmax_ggml(&mut scores, valid, scale);
             // Values: position j feeds lane j % 16 (and accumulator (j % 64) / 16 in gemv order)
             // of every output dimension; positions past `valid` carry probability zero.
             let oh = &mut out[h * hd..(h + 1) * hd];
-            match order {
-                Order::Gemm => {
-                    acc_gemm.iter_mut().for_each(|a| *a = [0.0; 16]);
-                    for (j, &s) in scores.iter().enumerate().take(valid) {
-                        let p = t[f16::from_f32(s) as usize];
-                        let row = &v_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-                        let l = j % 16;
-                        for (a, &vb) in acc_gemm.iter_mut().zip(row) {
-                            a[l] = t[vb as usize].mul_add(p, a[l]);
-                        }
-                    }
-                    for (o, a) in oh.iter_mut().zip(&acc_gemm) {
-                        *o = ops::reduce16(a);
-                    }
+            let (acc, slots) = match order {
+                Order::Gemm => (&mut acc_gemm, 16),
+                Order::Gemv => (&mut acc_gemv, 64),
+            };
+            acc.fill(0.0);
+            for (j, &s) in scores.iter().enumerate().take(valid) {
+                let p = t[f16::from_f32(s) as usize];
+                widen(&v_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd], &mut vbuf);
+                // Gemm: lane j % 16. Gemv: accumulator (j % 64) / 16, lane j % 16, i.e. slot j % 64.
+                let slot = j % slots;
+                for (a, &v) in acc[slot * hd..(slot + 1) * hd].iter_mut().zip(&vbuf) {
+                    *a = v.mul_add(p, *a);
                 }
-                Order::Gemv => {
-                    acc_gemv.iter_mut().for_each(|a| *a = [[0.0; 16]; 4]);
-                    for (j, &s) in scores.iter().enumerate().take(valid) {
-                        let p = t[f16::from_f32(s) as usize];
-                        let row = &v_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-                        let (k, l) = ((j % 64) / 16, j % 16);
-                        for (a, &vb) in acc_gemv.iter_mut().zip(row) {
-                            a[k][l] = t[vb as usize].mul_add(p, a[k][l]);
+            }
+            for (d, o) in oh.iter_mut().enumerate() {
+                *o = match order {
+                    Order::Gemm => {
+                        let mut lanes = [0f32; 16];
+                        for (l, x) in lanes.iter_mut().enumerate() {
+                            *x = acc[l * hd + d];
                         }
+                        ops::reduce16(&lanes)
                     }
-                    for (o, a) in oh.iter_mut().zip(&acc_gemv) {
-                        *o = ops::reduce16(&fold4(a));
+                    Order::Gemv => {
+                        let mut four = [[0f32; 16]; 4];
+                        for (k, a) in four.iter_mut().enumerate() {
+                            for (l, x) in a.iter_mut().enumerate() {
+                                *x = acc[(k * 16 + l) * hd + d];
+                            }
+                        }
+                        ops::reduce16(&fold4(&four))
                     }
-                }
+                };
             }
         }
     }
