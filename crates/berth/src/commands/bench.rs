@@ -1,12 +1,10 @@
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use berth_engine::Engine;
 use berth_engine::model::SeqStep;
 use serde::Serialize;
 
-use super::{Context, parse_ref};
+use super::Context;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -59,13 +57,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.threads {
         berth_engine::set_threads(n.into())?;
     }
-    let path = PathBuf::from(&args.model);
-    let engine = if path.is_file() {
-        Engine::load(&path, None)?
-    } else {
-        let found = ctx.store()?.gguf_model(&parse_ref(&args.model)?)?;
-        Engine::load(&found.path, None)?
-    };
+    let engine = super::load_engine(ctx, &args.model)?;
     let model = &engine.model;
     let vocab = model.config.vocab_size;
     anyhow::ensure!(vocab > 512, "the model's vocabulary is too small to benchmark");
@@ -99,7 +91,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     }
     let report = Report {
         model: args.model,
-        threads: rayon_threads(),
+        threads: berth_engine::threads(),
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
         prefill_tokens_per_second: median(prefill),
@@ -120,8 +112,4 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn rayon_threads() -> usize {
-    berth_engine::threads()
 }

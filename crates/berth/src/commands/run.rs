@@ -1,5 +1,4 @@
 use std::io::{BufRead, IsTerminal, Read, Write};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -9,7 +8,7 @@ use berth_engine::sampling::SamplingParams;
 use berth_engine::template::Message;
 use berth_engine::{Engine, FinishReason, GenerationOutput, GenerationRequest};
 
-use super::{Context, parse_ref};
+use super::Context;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,7 +44,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         berth_engine::set_threads(n.into())?;
     }
     let loaded = Instant::now();
-    let engine = load(ctx, &args.model)?;
+    let engine = super::load_engine(ctx, &args.model)?;
     if args.verbose {
         eprintln!("loaded {} in {:.2} s", args.model, loaded.elapsed().as_secs_f64());
     }
@@ -72,17 +71,6 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
         None => chat.interactive(system),
     }
-}
-
-fn load(ctx: &Context, model: &str) -> anyhow::Result<Engine> {
-    let path = PathBuf::from(model);
-    if path.is_file() {
-        return Engine::load(&path, None).with_context(|| format!("cannot load {model}"));
-    }
-    let reference = parse_ref(model)?;
-    let found = ctx.store()?.gguf_model(&reference)?;
-    Engine::load(&found.path, found.chat_template.as_deref())
-        .with_context(|| format!("cannot load {}", reference.familiar()))
 }
 
 struct Chat<'e> {
