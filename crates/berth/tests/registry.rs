@@ -2,6 +2,8 @@
 
 mod util;
 
+use base64::Engine as _;
+
 use std::time::Instant;
 
 use berth_formats::gguf::{GgmlType, GgufBuilder, Value};
@@ -248,7 +250,7 @@ fn credentials_come_from_docker_config() {
     assert!(err.contains("docker login"), "{err}");
 
     let docker = tempfile::tempdir().unwrap();
-    let auth = base64_encode(b"ada:lovelace");
+    let auth = base64::engine::general_purpose::STANDARD.encode(b"ada:lovelace");
     std::fs::write(
         docker.path().join("config.json"),
         format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.host()),
@@ -262,22 +264,6 @@ fn credentials_come_from_docker_config() {
     puller.ok(&["pull", &reference]);
     let err = Berth::new().fails(&["pull", &reference]);
     assert!(err.contains("docker login"), "{err}");
-}
-
-fn base64_encode(bytes: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &b)| acc | (u32::from(b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[test]
