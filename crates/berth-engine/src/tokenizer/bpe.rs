@@ -6,6 +6,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
 use super::pretokenize::PreTokenizer;
+use super::symbols::{self, Symbol};
 use crate::error::EngineError;
 
 pub struct Bpe {
@@ -30,14 +31,6 @@ fn byte_chars() -> [char; 256] {
         };
     }
     map
-}
-
-#[derive(Clone, Copy)]
-struct Symbol {
-    start: usize,
-    len: usize,
-    prev: Option<usize>,
-    next: Option<usize>,
 }
 
 impl Bpe {
@@ -72,13 +65,7 @@ impl Bpe {
     }
 
     fn merge(&self, word: &str, out: &mut Vec<u32>) {
-        let mut symbols: Vec<Symbol> = Vec::new();
-        for (i, (start, c)) in word.char_indices().enumerate() {
-            symbols.push(Symbol { start, len: c.len_utf8(), prev: i.checked_sub(1), next: Some(i + 1) });
-        }
-        if let Some(last) = symbols.last_mut() {
-            last.next = None;
-        }
+        let mut symbols = symbols::from_chars(word);
         // (rank, left index, size of the merged text) — lowest rank first, then leftmost.
         let mut queue = BinaryHeap::new();
         for i in 1..symbols.len() {
@@ -89,15 +76,10 @@ impl Bpe {
         while let Some(Reverse((_, left, size))) = queue.pop() {
             let Some(right) = symbols[left].next else { continue };
             // Skip stale entries: one side was merged away or changed since this pair was queued.
-            if symbols[left].len == 0 || symbols[right].len == 0 || symbols[left].len + symbols[right].len != size {
+            if !symbols::still_valid(&symbols, left, right, size) {
                 continue;
             }
-            symbols[left].len += symbols[right].len;
-            symbols[right].len = 0;
-            symbols[left].next = symbols[right].next;
-            if let Some(n) = symbols[right].next {
-                symbols[n].prev = Some(left);
-            }
+            symbols::merge(&mut symbols, left, right);
             if let Some(p) = symbols[left].prev
                 && let Some(r) = self.rank(word, &symbols[p], &symbols[left])
             {

@@ -9,6 +9,7 @@ mod bpe;
 mod pretokenize;
 mod spm;
 mod stream;
+mod symbols;
 pub mod wordpiece;
 
 pub use stream::StreamDecoder;

@@ -4,6 +4,7 @@
 
 use std::collections::{BinaryHeap, HashMap};
 
+use super::symbols::{self, Symbol};
 use super::token_type;
 
 pub struct Spm {
@@ -12,14 +13,6 @@ pub struct Spm {
     byte_tokens: [Option<u32>; 256],
     unk: Option<u32>,
     add_space_prefix: bool,
-}
-
-#[derive(Clone, Copy)]
-struct Symbol {
-    start: usize,
-    len: usize,
-    prev: Option<usize>,
-    next: Option<usize>,
 }
 
 /// A candidate merge: highest score first, then leftmost.
@@ -62,14 +55,7 @@ impl Spm {
             s.push('▁');
         }
         s.push_str(&text.replace(' ', "▁"));
-        let mut symbols: Vec<Symbol> = s
-            .char_indices()
-            .enumerate()
-            .map(|(i, (start, c))| Symbol { start, len: c.len_utf8(), prev: i.checked_sub(1), next: Some(i + 1) })
-            .collect();
-        if let Some(last) = symbols.last_mut() {
-            last.next = None;
-        }
+        let mut symbols = symbols::from_chars(&s);
         let mut queue = BinaryHeap::new();
         let mut merged_from: HashMap<(usize, usize), (usize, usize)> = HashMap::new();
         let try_add = |queue: &mut BinaryHeap<Bigram>, symbols: &[Symbol], l: usize, r: usize| {
@@ -83,16 +69,11 @@ impl Spm {
         }
         while let Some(b) = queue.pop() {
             let (l, r) = (b.left, b.right);
-            if symbols[l].len == 0 || symbols[r].len == 0 || symbols[l].len + symbols[r].len != b.size {
+            if !symbols::still_valid(&symbols, l, r, b.size) {
                 continue;
             }
             merged_from.insert((symbols[l].start, b.size), (symbols[l].len, symbols[r].len));
-            symbols[l].len += symbols[r].len;
-            symbols[r].len = 0;
-            symbols[l].next = symbols[r].next;
-            if let Some(n) = symbols[r].next {
-                symbols[n].prev = Some(l);
-            }
+            symbols::merge(&mut symbols, l, r);
             if let Some(p) = symbols[l].prev {
                 try_add(&mut queue, &symbols, p, l);
             }
