@@ -229,7 +229,7 @@ pub async fn completions(State(state): State<AppState>, JsonBody(req): JsonBody<
         Ok(Plan {
             model,
             prompts,
-            echo_texts: if req.echo { texts } else { vec![String::new(); 16] },
+            echo_texts: if req.echo { texts } else { vec![String::new(); texts.len()] },
             request,
             n: req.n,
             stream: req.stream,
