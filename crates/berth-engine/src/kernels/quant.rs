@@ -337,6 +337,15 @@ pub fn hsum8(x: &[f32; 8]) -> f32 {
 }
 
 /// Lane sums of 4 consecutive products of 32 weights (already offset) with 32 activations.
+/// Accumulate one block: each lane gains `d` times its exact integer sum, with one fused multiply-add.
+#[inline(always)]
+fn add_block(acc: &mut [f32; 8], d: f32, w: &[i32; 32], q: &[i8]) {
+    let lanes = lane_sums(w, q);
+    for (a, l) in acc.iter_mut().zip(lanes) {
+        *a = d.mul_add(l, *a);
+    }
+}
+
 #[inline(always)]
 fn lane_sums(w: &[i32; 32], q: &[i8]) -> [f32; 8] {
     let mut lanes = [0f32; 8];
@@ -361,10 +370,7 @@ pub(crate) fn dot_q8_0_q8_0(w: &[u8], acts: &QuantizedActivations<'_>, base: usi
             *x = v as i8 as i32;
         }
         let d = f16_at(wb, 0) * acts.d[base + b];
-        let lanes = lane_sums(&wq, q);
-        for l in 0..8 {
-            acc[l] = d.mul_add(lanes[l], acc[l]);
-        }
+        add_block(&mut acc, d, &wq, q);
     }
     hsum8(&acc)
 }
@@ -380,10 +386,7 @@ pub(crate) fn dot_q4_0_q8_0(w: &[u8], acts: &QuantizedActivations<'_>, base: usi
             wq[j + 16] = (wb[2 + j] >> 4) as i32 - 8;
         }
         let d = f16_at(wb, 0) * acts.d[base + b];
-        let lanes = lane_sums(&wq, q);
-        for l in 0..8 {
-            acc[l] = d.mul_add(lanes[l], acc[l]);
-        }
+        add_block(&mut acc, d, &wq, q);
     }
     hsum8(&acc)
 }
@@ -402,10 +405,7 @@ pub(crate) fn dot_q4_1_q8_1(w: &[u8], acts: &QuantizedActivations<'_>, base: usi
         // The compiler fuses llama.cpp's `summs += m * s` into one multiply-add.
         summs = f16_at(wb, 2).mul_add(acts.s[base + b], summs);
         let d = f16_at(wb, 0) * acts.d[base + b];
-        let lanes = lane_sums(&wq, q);
-        for l in 0..8 {
-            acc[l] = d.mul_add(lanes[l], acc[l]);
-        }
+        add_block(&mut acc, d, &wq, q);
     }
     hsum8(&acc) + summs
 }
