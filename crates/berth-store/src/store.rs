@@ -333,8 +333,7 @@ impl Store {
     }
 
     /// Blobs reachable from some reference.
-    fn reachable(&self) -> Result<BTreeSet<Digest>, StoreError> {
-        let index = self.read_index()?;
+    fn reachable(&self, index: &Index) -> Result<BTreeSet<Digest>, StoreError> {
         let mut live = BTreeSet::new();
         for digest in index.refs.values() {
             live.insert(digest.clone());
@@ -349,7 +348,7 @@ impl Store {
     /// Remove every blob no reference reaches.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         let _gc = self.lock("gc.lock", true)?;
-        let live = self.reachable()?;
+        let live = self.reachable(&self.read_index()?)?;
         let mut report = GcReport::default();
         for (path, digest, len) in self.blob_files()? {
             if !live.contains(&digest) {
@@ -378,8 +377,9 @@ impl Store {
     }
 
     pub fn disk_usage(&self) -> Result<DiskUsage, StoreError> {
-        let live = self.reachable()?;
-        let mut du = DiskUsage { models: self.read_index()?.refs.len() as u64, ..DiskUsage::default() };
+        let index = self.read_index()?;
+        let live = self.reachable(&index)?;
+        let mut du = DiskUsage { models: index.refs.len() as u64, ..DiskUsage::default() };
         for (_, digest, len) in self.blob_files()? {
             du.blobs += 1;
             du.blob_bytes += len;
