@@ -34,6 +34,8 @@ pub mod quant;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
+use std::ops::Range;
+
 use berth_formats::gguf::GgmlType;
 use rayon::prelude::*;
 
@@ -80,43 +82,106 @@ impl<'a> QMatrix<'a> {
     }
 
     /// `out[t][r] = Σ_c W[r][c] · x[t][c]` for every activation row `t`: `x` is `n × cols`, `out` is
-    /// `n × rows`. Every weight row is read once for the whole batch.
+    /// `n × rows`.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(out.len(), n * self.rows);
         let acts = QuantizedActivations::new(ActivationFormat::for_weights(self.ggml_type), x, n, self.cols);
-        // Work is split by output rows, a few tasks per worker; each task writes a contiguous
-        // [rows × n] block of a transposed result, copied into place afterwards.
         let workers = rayon::current_num_threads();
-        let rows_per_task = self.rows.div_ceil(workers * 4).max(16);
-        let mut transposed = vec![0f32; self.rows * n];
-        let integer = acts.format != ActivationFormat::F32;
-        let task = |(chunk, block): (usize, &mut [f32])| {
-            let first = chunk * rows_per_task;
-            // Formats without an integer kernel: dequantise each weight row once for all tokens.
-            let mut row_f32 = if integer { Vec::new() } else { vec![0f32; self.cols] };
-            for (i, row_out) in block.chunks_mut(n).enumerate() {
-                let w = self.row(first + i);
-                if integer {
-                    quant::row_dots(self.ggml_type, w, &acts, row_out);
-                } else {
-                    quant::dequantize(self.ggml_type, w, &mut row_f32);
-                    for (t, o) in row_out.iter_mut().enumerate() {
-                        *o = quant::dot_f32(&row_f32, acts.row_f32(t));
-                    }
-                }
-            }
-        };
-        if workers == 1 {
-            // One worker: no hand-off to the pool (and no thread switches per matrix).
-            transposed.chunks_mut(rows_per_task * n).enumerate().for_each(task);
-        } else {
-            transposed.par_chunks_mut(rows_per_task * n).enumerate().for_each(task);
+        let rows = self.rows;
+        if n >= 4 * TOKEN_GROUP * workers {
+            // Many tokens (prefill): each task takes a run of tokens and every weight row, and
+            // writes its tokens' output rows in place. The weights are read once per task.
+            let per_task = n.div_ceil(workers).next_multiple_of(TOKEN_GROUP);
+            out.par_chunks_mut(per_task * rows).enumerate().for_each(|(i, chunk)| {
+                let first = i * per_task;
+                let layout = Layout { token_stride: rows, row_stride: 1 };
+                self.products(&acts, 0..rows, first..first + chunk.len() / rows, chunk, layout);
+            });
+            return;
         }
+        // Few tokens (decode): split by output rows, a few tasks per worker.
+        let rows_per_task = rows.div_ceil(workers * 4).max(16);
+        if n == 1 {
+            // One token: its output row is the transposed block layout, so write in place.
+            let layout = Layout { token_stride: 1, row_stride: 1 };
+            let task = |(i, chunk): (usize, &mut [f32])| {
+                let first = i * rows_per_task;
+                self.products(&acts, first..first + chunk.len(), 0..1, chunk, layout);
+            };
+            if workers == 1 {
+                out.chunks_mut(rows_per_task).enumerate().for_each(task);
+            } else {
+                out.par_chunks_mut(rows_per_task).enumerate().for_each(task);
+            }
+            return;
+        }
+        // Each task writes a contiguous [rows × n] block of a transposed result, copied into
+        // place afterwards.
+        let mut transposed = vec![0f32; rows * n];
+        let layout = Layout { token_stride: 1, row_stride: n };
+        transposed.par_chunks_mut(rows_per_task * n).enumerate().for_each(|(i, chunk)| {
+            let first = i * rows_per_task;
+            self.products(&acts, first..first + chunk.len() / n, 0..n, chunk, layout);
+        });
         for t in 0..n {
-            for r in 0..self.rows {
-                out[t * self.rows + r] = transposed[r * n + t];
+            for r in 0..rows {
+                out[t * rows + r] = transposed[r * n + t];
             }
         }
     }
+
+    /// Products of weight rows `rows` with activation rows `tokens`, written to `out` as `layout`
+    /// says (positions counted from the ranges' starts).
+    fn products(
+        &self,
+        acts: &QuantizedActivations<'_>,
+        rows: Range<usize>,
+        tokens: Range<usize>,
+        out: &mut [f32],
+        layout: Layout,
+    ) {
+        let at = |t: usize, r: usize| (t - tokens.start) * layout.token_stride + (r - rows.start) * layout.row_stride;
+        #[cfg(target_arch = "x86_64")]
+        if acts.format != ActivationFormat::F32
+            && let Some(level) = x86::level()
+        {
+            let w = &self.data[rows.start * self.row_bytes..rows.end * self.row_bytes];
+            // Tokens in runs whose quantised activations fit in L1 beside a block of weight rows.
+            for start in tokens.clone().step_by(TOKENS_PER_PASS) {
+                let run = start..(start + TOKENS_PER_PASS).min(tokens.end);
+                let o = &mut out[at(start, rows.start)..];
+                x86::matmul_tiles(level, self.ggml_type, w, rows.len(), acts.x86(), run, o, layout);
+            }
+            return;
+        }
+        if acts.format != ActivationFormat::F32 {
+            for r in rows.clone() {
+                for t in tokens.clone() {
+                    out[at(t, r)] = quant::vec_dot(self.ggml_type, self.row(r), acts, t);
+                }
+            }
+            return;
+        }
+        // Formats without an integer kernel: dequantise each weight row once for all tokens.
+        let mut row_f32 = vec![0f32; self.cols];
+        for r in rows.clone() {
+            quant::dequantize(self.ggml_type, self.row(r), &mut row_f32);
+            for t in tokens.clone() {
+                out[at(t, r)] = quant::dot_f32(&row_f32, acts.row_f32(t));
+            }
+        }
+    }
+}
+
+/// Tokens multiplied together by one weight block in the tile kernels.
+const TOKEN_GROUP: usize = 4;
+/// Tokens per pass over a task's weight rows (64 × 576 quantised values ≈ 37 KB, inside L1).
+const TOKENS_PER_PASS: usize = 64;
+
+/// Where products go: `out[t · token_stride + r · row_stride]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Layout {
+    pub token_stride: usize,
+    pub row_stride: usize,
 }

@@ -250,49 +250,20 @@ fn quantize_blocks(format: ActivationFormat, x: &[f32], d: &mut [f32], s: &mut [
 }
 }
 
-/// One weight row against every activation row (`out.len()` of them), integer formats only.
-pub fn row_dots(t: GgmlType, w: &[u8], acts: &QuantizedActivations<'_>, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if super::x86::has_avx2() && matches!(t, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
-        let nb = acts.blocks_per_row;
-        let tokens = out.len();
-        // SAFETY: AVX2 and FMA were detected; activations hold `nb` blocks for each token.
-        unsafe {
-            super::x86::row_dots(
-                t,
-                w,
-                &acts.qs[..tokens * nb * QK],
-                &acts.d[..tokens * nb],
-                if acts.s.is_empty() { &[] } else { &acts.s[..tokens * nb] },
-                nb,
-                out,
-            )
-        };
-        return;
-    }
-    for (tok, o) in out.iter_mut().enumerate() {
-        *o = vec_dot(t, w, acts, tok);
+/// The integer formats, as the x86 tile kernels see them.
+#[cfg(target_arch = "x86_64")]
+impl QuantizedActivations<'_> {
+    pub(crate) fn x86(&self) -> super::x86::Acts<'_> {
+        super::x86::Acts { qs: &self.qs, d: &self.d, s: &self.s, nb: self.blocks_per_row }
     }
 }
 
-/// Dot product of one weight row with activation row `t`.
+/// Portable dot product of one weight row with activation row `row` (the reference the x86
+/// kernels are tested against, and the path on other CPUs).
 pub fn vec_dot(t: GgmlType, w: &[u8], acts: &QuantizedActivations<'_>, row: usize) -> f32 {
     let nb = acts.blocks_per_row;
     let base = row * nb;
     match (t, acts.format) {
-        #[cfg(target_arch = "x86_64")]
-        (GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1, _) if super::x86::has_avx2() => {
-            let qs = &acts.qs[base * QK..(base + nb) * QK];
-            let d = &acts.d[base..base + nb];
-            // SAFETY: AVX2 and FMA were detected; slices are sized for `nb` blocks.
-            unsafe {
-                match t {
-                    GgmlType::Q8_0 => super::x86::dot_q8_0_q8_0(w, qs, d, nb),
-                    GgmlType::Q4_0 => super::x86::dot_q4_0_q8_0(w, qs, d, nb),
-                    _ => super::x86::dot_q4_1_q8_1(w, qs, d, &acts.s[base..base + nb], nb),
-                }
-            }
-        }
         (GgmlType::Q8_0, ActivationFormat::Q8_0) => dot_q8_0_q8_0(w, acts, base, nb),
         (GgmlType::Q4_0, ActivationFormat::Q8_0) => dot_q4_0_q8_0(w, acts, base, nb),
         (GgmlType::Q4_1, ActivationFormat::Q8_1) => dot_q4_1_q8_1(w, acts, base, nb),
@@ -469,35 +440,55 @@ mod tests {
         }
     }
 
+    /// Every x86 level's tile kernels give the portable reference's bits, for every integer
+    /// format, on random data, in shapes with ragged row blocks and token groups.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn x86_kernels_match_the_portable_ones_bit_for_bit() {
-        if !crate::kernels::x86::has_avx2() {
-            return;
-        }
+        use super::super::{Layout, x86};
+        let Some(best) = x86::level() else { return };
+        let levels: &[x86::Level] = if best == x86::Level::Vnni { &[x86::Level::Avx2, x86::Level::Vnni] } else { &[best] };
         let mut seed = 11;
-        for cols in [32usize, 96, 576, 1536] {
-            let w: Vec<f32> = (0..cols).map(|_| lcg(&mut seed) * 3.0).collect();
-            let x: Vec<f32> = (0..cols * 2).map(|_| lcg(&mut seed) * 50.0).collect();
-            let mut q4_0 = quantize_q8_0(&w);
-            // Turn the Q8_0 blocks into valid Q4_0 ones: keep the scale, take low nibbles.
-            q4_0 = q4_0.chunks(34).flat_map(|b| [&b[..2], &b[2..18]].concat()).collect();
+        for (rows, cols, n) in [(1usize, 32usize, 1usize), (17, 96, 3), (33, 576, 7), (5, 1536, 9), (16, 64, 4)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
+            let x: Vec<f32> = (0..cols * n).map(|_| lcg(&mut seed) * 50.0).collect();
+            // Q4_0 blocks from Q8_0 ones: keep the scale, take the low nibbles of the first half.
+            let q4_0: Vec<u8> = quantize_q8_0(&w).chunks(34).flat_map(|b| [&b[..2], &b[2..18]].concat()).collect();
             for (ty, bytes) in
                 [(GgmlType::Q8_0, quantize_q8_0(&w)), (GgmlType::Q4_1, quantize_q4_1(&w)), (GgmlType::Q4_0, q4_0)]
             {
-                let acts = QuantizedActivations::new(ActivationFormat::for_weights(ty), &x, 2, cols);
-                let nb = cols / 32;
-                for t in 0..2 {
-                    let fast = vec_dot(ty, &bytes, &acts, t);
-                    let portable = match ty {
-                        GgmlType::Q8_0 => dot_q8_0_q8_0(&bytes, &acts, t * nb, nb),
-                        GgmlType::Q4_0 => dot_q4_0_q8_0(&bytes, &acts, t * nb, nb),
-                        _ => dot_q4_1_q8_1(&bytes, &acts, t * nb, nb),
-                    };
-                    assert_eq!(fast.to_bits(), portable.to_bits(), "{ty} cols {cols}");
+                let acts = QuantizedActivations::new(ActivationFormat::for_weights(ty), &x, n, cols);
+                let row_bytes = bytes.len() / rows;
+                let mut want = vec![0f32; n * rows];
+                for t in 0..n {
+                    for r in 0..rows {
+                        want[t * rows + r] = vec_dot(ty, &bytes[r * row_bytes..(r + 1) * row_bytes], &acts, t);
+                    }
+                }
+                for &level in levels {
+                    // Token-major output, and a row-major one over a ragged token range.
+                    let mut got = vec![f32::NAN; n * rows];
+                    let layout = Layout { token_stride: rows, row_stride: 1 };
+                    x86::matmul_tiles(level, ty, &bytes, rows, acts.x86(), 0..n, &mut got, layout);
+                    assert_eq!(bits(&got), bits(&want), "{level:?} {ty} {rows}×{cols} by {n}");
+                    let mut got = vec![f32::NAN; rows * (n - 1)];
+                    if n > 1 {
+                        let layout = Layout { token_stride: 1, row_stride: n - 1 };
+                        x86::matmul_tiles(level, ty, &bytes, rows, acts.x86(), 1..n, &mut got, layout);
+                        for t in 1..n {
+                            for r in 0..rows {
+                                let (g, w) = (got[r * (n - 1) + t - 1], want[t * rows + r]);
+                                assert_eq!(g.to_bits(), w.to_bits(), "{level:?} {ty} row {r} token {t}");
+                            }
+                        }
+                    }
                 }
             }
         }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
     }
 
     #[test]

@@ -1,135 +1,299 @@
-//! AVX2 versions of the integer block dot products: llama.cpp's own instruction sequence
-//! (nibble unpacking, `maddubs`/`madd` into eight lanes, one FMA per block), so results are the
-//! bits the portable kernels in `quant.rs` compute, only many times faster.
+//! x86-64 versions of the integer block dot products: llama.cpp's own instruction sequence
+//! (nibble unpacking, byte products summed into eight lanes, one FMA per block), so results are
+//! the bits the portable kernels in `quant.rs` compute, only many times faster.
+//!
+//! Two levels are compiled into every binary and chosen at run time: AVX2+FMA, and the same with
+//! VNNI (`vpdpbusd` sums the byte products in one instruction instead of `vpmaddubsw`+`vpmaddwd`).
+//! The integer sums are identical — no product pair can reach `vpmaddubsw`'s saturation, because
+//! one side is always a 4-bit value or a quantised activation in [-127, 127] — so both levels give
+//! the same bits. Weights are multiplied in tiles of one row by up to four tokens: each weight
+//! block is unpacked once for the four, and four independent accumulators keep the FMA unit busy.
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use berth_formats::gguf::GgmlType;
 
-/// Whether this CPU has AVX2 and FMA (checked once).
-pub fn has_avx2() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+use super::Layout;
+
+/// The instruction-set levels berth has kernels for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Avx2,
+    /// AVX2 plus 256-bit VNNI (AVX-512 VNNI with VL, or AVX-VNNI).
+    Vnni,
 }
 
+/// The best level this CPU has, or `None` below AVX2 (checked once).
+pub fn level() -> Option<Level> {
+    static LEVEL: OnceLock<Option<Level>> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+        let vnni = is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+        match (avx2, vnni) {
+            (false, _) => None,
+            (true, false) => Some(Level::Avx2),
+            (true, true) => Some(Level::Vnni),
+        }
+    })
+}
+
+/// Whether this CPU has AVX2, FMA and F16C.
+pub fn has_avx2() -> bool {
+    level().is_some()
+}
+
+/// Quantised activations of a batch of tokens, `nb` blocks per token.
+#[derive(Clone, Copy)]
+pub struct Acts<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    /// Scaled block sums (Q8_1 only; empty otherwise).
+    pub s: &'a [f32],
+    pub nb: usize,
+}
+
+/// Multiply `rows` consecutive weight rows (`w`, `row_bytes` each) by the activations of
+/// `tokens`, writing every product into `out` as `layout` says (token and row counted from the
+/// starts of their ranges).
+///
+/// # Panics
+/// If the slices are too short for the shapes (checked once, before any unchecked access), or
+/// `ty` has no integer kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_tiles(
+    level: Level,
+    ty: GgmlType,
+    w: &[u8],
+    rows: usize,
+    acts: Acts<'_>,
+    tokens: Range<usize>,
+    out: &mut [f32],
+    layout: Layout,
+) {
+    let block_bytes = match ty {
+        GgmlType::Q8_0 => 34,
+        GgmlType::Q4_0 => 18,
+        GgmlType::Q4_1 => 20,
+        other => panic!("no integer kernel for {other}"),
+    };
+    let nb = acts.nb;
+    assert!(w.len() >= rows * nb * block_bytes);
+    assert!(acts.qs.len() >= tokens.end * nb * 32 && acts.d.len() >= tokens.end * nb);
+    assert!(ty != GgmlType::Q4_1 || acts.s.len() >= tokens.end * nb);
+    if rows == 0 || tokens.is_empty() {
+        return;
+    }
+    let last = (tokens.len() - 1) * layout.token_stride + (rows - 1) * layout.row_stride;
+    assert!(last < out.len());
+    let job = Job { w: w.as_ptr(), row_bytes: nb * block_bytes, rows, acts, tokens, out: out.as_mut_ptr(), layout };
+    // SAFETY: the features were detected (a `Level` only comes from `level()` or a test that
+    // checked it); every access stays inside the bounds asserted above.
+    unsafe {
+        match (level, ty) {
+            (Level::Avx2, GgmlType::Q8_0) => avx2::<Q8_0>(&job),
+            (Level::Avx2, GgmlType::Q4_0) => avx2::<Q4_0>(&job),
+            (Level::Avx2, _) => avx2::<Q4_1>(&job),
+            (Level::Vnni, GgmlType::Q8_0) => vnni::<Q8_0>(&job),
+            (Level::Vnni, GgmlType::Q4_0) => vnni::<Q4_0>(&job),
+            (Level::Vnni, _) => vnni::<Q4_1>(&job),
+        }
+    }
+}
+
+struct Job<'a> {
+    w: *const u8,
+    row_bytes: usize,
+    rows: usize,
+    acts: Acts<'a>,
+    tokens: Range<usize>,
+    out: *mut f32,
+    layout: Layout,
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2<B: Block>(job: &Job<'_>) {
+    // SAFETY: forwarded from the caller.
+    unsafe { tiles::<B, false>(job) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn vnni<B: Block>(job: &Job<'_>) {
+    // SAFETY: forwarded from the caller.
+    unsafe { tiles::<B, true>(job) }
+}
+
+/// Rows in blocks of 16 and tokens in groups of 4: a block's weights and a group's activations
+/// both stay in L1 while every pair of them is multiplied.
 #[inline(always)]
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    super::f16::to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
+unsafe fn tiles<B: Block, const VNNI: bool>(job: &Job<'_>) {
+    const ROW_BLOCK: usize = 16;
+    let (t0, t1) = (job.tokens.start, job.tokens.end);
+    for r0 in (0..job.rows).step_by(ROW_BLOCK) {
+        let r1 = (r0 + ROW_BLOCK).min(job.rows);
+        let mut t = t0;
+        while t < t1 {
+            let group = (t1 - t).min(4);
+            for r in r0..r1 {
+                // SAFETY: r < rows and t + group <= tokens.end, inside the asserted bounds.
+                unsafe {
+                    let w = job.w.add(r * job.row_bytes);
+                    let o = job.out.add((t - t0) * job.layout.token_stride + r * job.layout.row_stride);
+                    let ts = job.layout.token_stride;
+                    match group {
+                        4 => tile::<B, VNNI, 4>(w, &job.acts, t, o, ts),
+                        3 => tile::<B, VNNI, 3>(w, &job.acts, t, o, ts),
+                        2 => tile::<B, VNNI, 2>(w, &job.acts, t, o, ts),
+                        _ => tile::<B, VNNI, 1>(w, &job.acts, t, o, ts),
+                    }
+                }
+            }
+            t += group;
+        }
+    }
+}
+
+/// One weight row by `T` tokens starting at `first`, each product reduced exactly as llama.cpp's
+/// single dot product reduces it.
+#[inline(always)]
+unsafe fn tile<B: Block, const VNNI: bool, const T: usize>(
+    w: *const u8,
+    acts: &Acts<'_>,
+    first: usize,
+    out: *mut f32,
+    token_stride: usize,
+) {
+    let nb = acts.nb;
+    let mut summs = [0f32; T];
+    // SAFETY (whole body): the caller guarantees AVX2, `nb` blocks of weights at `w`, `nb`
+    // activation blocks for tokens first..first+T, and T outputs `token_stride` apart at `out`.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); T];
+        let qs = acts.qs.as_ptr().add(first * nb * 32);
+        let d = acts.d.as_ptr().add(first * nb);
+        let s = acts.s.as_ptr();
+        for b in 0..nb {
+            let wb = w.add(b * B::BYTES);
+            let (dw, qx) = B::load(wb);
+            let ax = if B::SIGNED { _mm256_sign_epi8(qx, qx) } else { qx };
+            for (t, a) in acc.iter_mut().enumerate() {
+                let qy = _mm256_loadu_si256(qs.add((t * nb + b) * 32) as *const __m256i);
+                let sy = if B::SIGNED { _mm256_sign_epi8(qy, qx) } else { qy };
+                if B::HAS_MIN {
+                    let s = *s.add((first + t) * nb + b);
+                    summs[t] = B::min(wb).mul_add(s, summs[t]);
+                }
+                let scale = _mm256_set1_ps(dw * *d.add(t * nb + b));
+                *a = _mm256_fmadd_ps(scale, lanes::<VNNI>(ax, sy), *a);
+            }
+        }
+        for t in 0..T {
+            let sum = hsum8(acc[t]);
+            *out.add(t * token_stride) = if B::HAS_MIN { sum + summs[t] } else { sum };
+        }
+    }
+}
+
+/// A weight block format with an integer kernel.
+trait Block {
+    const BYTES: usize;
+    /// Values are signed (multiplied with the sign trick) rather than unsigned nibbles.
+    const SIGNED: bool;
+    /// The block has a minimum (`m`), multiplied by the activations' scaled sums.
+    const HAS_MIN: bool;
+    /// The block's scale and its 32 values as bytes.
+    unsafe fn load(p: *const u8) -> (f32, __m256i);
+    unsafe fn min(_p: *const u8) -> f32 {
+        0.0
+    }
+}
+
+struct Q8_0;
+struct Q4_0;
+struct Q4_1;
+
+impl Block for Q8_0 {
+    const BYTES: usize = 34;
+    const SIGNED: bool = true;
+    const HAS_MIN: bool = false;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (f32, __m256i) {
+        // SAFETY: the caller guarantees a whole block at `p`.
+        unsafe { (f16_at(p), _mm256_loadu_si256(p.add(2) as *const __m256i)) }
+    }
+}
+
+impl Block for Q4_0 {
+    const BYTES: usize = 18;
+    const SIGNED: bool = true;
+    const HAS_MIN: bool = false;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (f32, __m256i) {
+        // SAFETY: the caller guarantees a whole block at `p`.
+        unsafe { (f16_at(p), _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8))) }
+    }
+}
+
+impl Block for Q4_1 {
+    const BYTES: usize = 20;
+    const SIGNED: bool = false;
+    const HAS_MIN: bool = true;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (f32, __m256i) {
+        // SAFETY: the caller guarantees a whole block at `p`.
+        unsafe { (f16_at(p), nibbles(p.add(4))) }
+    }
+    #[inline(always)]
+    unsafe fn min(p: *const u8) -> f32 {
+        // SAFETY: as `load`.
+        unsafe { f16_at(p.add(2)) }
+    }
+}
+
+/// An f16 at `p` as f32, with the F16C instruction (exact, like every f16 → f32 conversion).
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes and F16C.
+    unsafe {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
 }
 
 /// llama.cpp's `hsum_float_8`.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn hsum8(x: __m256) -> f32 {
-    let res = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-    let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-    let res = _mm_add_ss(res, _mm_movehdup_ps(res));
-    _mm_cvtss_f32(res)
+#[inline(always)]
+unsafe fn hsum8(x: __m256) -> f32 {
+    // SAFETY: AVX is implied by the callers' features.
+    unsafe {
+        let res = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+        let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+        let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+        _mm_cvtss_f32(res)
+    }
 }
 
-/// Eight lanes of sums of four consecutive products of unsigned weights with signed activations.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn lanes_u8_i8(ax: __m256i, sy: __m256i) -> __m256 {
-    let dot16 = _mm256_maddubs_epi16(ax, sy);
-    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot16))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn lanes_i8_i8(x: __m256i, y: __m256i) -> __m256 {
-    lanes_u8_i8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+/// Eight lanes of sums of four consecutive products of unsigned bytes with signed bytes.
+#[inline(always)]
+unsafe fn lanes<const VNNI: bool>(ax: __m256i, sy: __m256i) -> __m256 {
+    // SAFETY: the callers are compiled with AVX2, and with VNNI when `VNNI`.
+    unsafe {
+        let sums = if VNNI {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+        } else {
+            _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy))
+        };
+        _mm256_cvtepi32_ps(sums)
+    }
 }
 
 /// 16 bytes of nibbles → 32 bytes: low nibbles first, then high nibbles.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
+#[inline(always)]
 unsafe fn nibbles(p: *const u8) -> __m256i {
-    // SAFETY: the caller guarantees 16 readable bytes at `p`.
-    let tmp = unsafe { _mm_loadu_si128(p as *const __m128i) };
-    let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
-    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
-}
-
-/// One weight row against every activation row: `out[t]` for each token `t`, with the dispatch
-/// and the CPU check done once per row instead of once per product.
-///
-/// # Safety
-/// AVX2 and FMA must be available; `qs`, `d` (and `s` for Q4_1) hold `nb` blocks per token for
-/// `out.len()` tokens; `w` holds `nb` blocks of `ty`.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn row_dots(ty: GgmlType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32], nb: usize, out: &mut [f32]) {
-    for (t, o) in out.iter_mut().enumerate() {
-        let (qs, d) = (&qs[t * nb * 32..(t + 1) * nb * 32], &d[t * nb..(t + 1) * nb]);
-        // SAFETY: the caller's guarantees, per token.
-        *o = unsafe {
-            match ty {
-                GgmlType::Q8_0 => dot_q8_0_q8_0(w, qs, d, nb),
-                GgmlType::Q4_0 => dot_q4_0_q8_0(w, qs, d, nb),
-                _ => dot_q4_1_q8_1(w, qs, d, &s[t * nb..(t + 1) * nb], nb),
-            }
-        };
+    // SAFETY: the caller guarantees 16 readable bytes at `p`, and AVX2.
+    unsafe {
+        let tmp = _mm_loadu_si128(p as *const __m128i);
+        let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
     }
-}
-
-/// # Safety
-/// AVX2 and FMA must be available; `w` holds `nb` Q8_0 blocks, `qs` `32·nb` values, `d` `nb` scales.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_q8_0_q8_0(w: &[u8], qs: &[i8], d: &[f32], nb: usize) -> f32 {
-    assert!(w.len() >= nb * 34 && qs.len() >= nb * 32 && d.len() >= nb);
-    let mut acc = _mm256_setzero_ps();
-    for b in 0..nb {
-        let wb = &w[b * 34..b * 34 + 34];
-        let scale = _mm256_set1_ps(f16_at(wb, 0) * d[b]);
-        // SAFETY: bounds asserted above.
-        let (qx, qy) = unsafe {
-            (
-                _mm256_loadu_si256(wb.as_ptr().add(2) as *const __m256i),
-                _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i),
-            )
-        };
-        acc = _mm256_fmadd_ps(scale, lanes_i8_i8(qx, qy), acc);
-    }
-    hsum8(acc)
-}
-
-/// # Safety
-/// As [`dot_q8_0_q8_0`], for Q4_0 weight blocks.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_q4_0_q8_0(w: &[u8], qs: &[i8], d: &[f32], nb: usize) -> f32 {
-    assert!(w.len() >= nb * 18 && qs.len() >= nb * 32 && d.len() >= nb);
-    let mut acc = _mm256_setzero_ps();
-    let eight = _mm256_set1_epi8(8);
-    for b in 0..nb {
-        let wb = &w[b * 18..b * 18 + 18];
-        let scale = _mm256_set1_ps(f16_at(wb, 0) * d[b]);
-        // SAFETY: bounds asserted above.
-        let (qx, qy) =
-            unsafe { (nibbles(wb.as_ptr().add(2)), _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i)) };
-        acc = _mm256_fmadd_ps(scale, lanes_i8_i8(_mm256_sub_epi8(qx, eight), qy), acc);
-    }
-    hsum8(acc)
-}
-
-/// # Safety
-/// As [`dot_q8_0_q8_0`], for Q4_1 weight blocks and Q8_1 activations (`s`: scaled block sums).
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_q4_1_q8_1(w: &[u8], qs: &[i8], d: &[f32], s: &[f32], nb: usize) -> f32 {
-    assert!(w.len() >= nb * 20 && qs.len() >= nb * 32 && d.len() >= nb && s.len() >= nb);
-    let mut acc = _mm256_setzero_ps();
-    let mut summs = 0f32;
-    for b in 0..nb {
-        let wb = &w[b * 20..b * 20 + 20];
-        summs = f16_at(wb, 2).mul_add(s[b], summs);
-        let scale = _mm256_set1_ps(f16_at(wb, 0) * d[b]);
-        // SAFETY: bounds asserted above.
-        let (qx, qy) =
-            unsafe { (nibbles(wb.as_ptr().add(4)), _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i)) };
-        acc = _mm256_fmadd_ps(scale, lanes_u8_i8(qx, qy), acc);
-    }
-    hsum8(acc) + summs
 }
