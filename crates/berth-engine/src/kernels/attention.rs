@@ -7,6 +7,8 @@
 //! the reduction lanes in small accumulator arrays, so they vectorise over the head dimension
 //! while producing exactly the bits of the lane-by-lane definition in `ops`.
 
+use rayon::prelude::*;
+
 use super::{f16, ops};
 
 /// How llama.cpp reduces a dot product in this step.
@@ -64,98 +66,158 @@ fn dot_qk(q: &[f32], k: &[f32], order: Order) -> f32 {
 }
 
 /// f16 bits to f32 (hardware conversion where the CPU has it; exact either way).
-#[inline(always)]
 fn widen(src: &[u16], dst: &mut [f32]) {
     use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
     src.reinterpret_cast::<half::f16>().convert_to_f32_slice(dst);
 }
 
+/// Per-thread buffers of one head's computation, reused across calls.
+#[derive(Default)]
+struct HeadScratch {
+    qh: Vec<f32>,
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<HeadScratch> = std::cell::RefCell::new(HeadScratch::default());
+}
+
 impl Attention {
-    /// Attention for one token at position `pos` (all heads). `k_cache`/`v_cache` hold f16 bits,
-    /// `kv_dim` values per position; `out` receives `n_head · head_dim` values.
-    pub fn token(&self, q: &[f32], k_cache: &[u16], v_cache: &[u16], pos: usize, order: Order, out: &mut [f32]) {
+    /// Attention for a run of `n` consecutive tokens of one sequence at positions `first..first + n`
+    /// (`q` is `n × n_head·head_dim`). `k_cache`/`v_cache` hold f16 bits, `kv_dim` values per
+    /// position, for at least `first + n` positions; `out` receives `n × n_head·head_dim` values.
+    ///
+    /// The cache is widened to f32 once for the whole run, so every key and value is converted
+    /// once per layer instead of once per query and head.
+    pub fn sequence(&self, q: &[f32], first: usize, k_cache: &[u16], v_cache: &[u16], order: Order, out: &mut [f32]) {
+        let (hd, kv_dim) = (self.head_dim, self.n_head_kv * self.head_dim);
+        let q_dim = self.n_head * hd;
+        let n = q.len() / q_dim;
+        let len = first + n;
+        let mut k = vec![0f32; len * kv_dim];
+        let mut v = vec![0f32; len * kv_dim];
+        let chunk = 64 * kv_dim;
+        k.par_chunks_mut(chunk).zip(k_cache[..len * kv_dim].par_chunks(chunk)).for_each(|(d, s)| widen(s, d));
+        v.par_chunks_mut(chunk).zip(v_cache[..len * kv_dim].par_chunks(chunk)).for_each(|(d, s)| widen(s, d));
+        out.par_chunks_exact_mut(hd).enumerate().for_each(|(i, out_head)| {
+            let (t, h) = (i / self.n_head, i % self.n_head);
+            let q_head = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+            SCRATCH.with_borrow_mut(|scratch| {
+                self.head(q_head, &k, &v, h / (self.n_head / self.n_head_kv), first + t, order, out_head, scratch)
+            });
+        });
+    }
+
+    /// One head of one token at position `pos`, over f32 keys and values.
+    #[allow(clippy::too_many_arguments)]
+    fn head(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        kvh: usize,
+        pos: usize,
+        order: Order,
+        out: &mut [f32],
+        scratch: &mut HeadScratch,
+    ) {
         #[cfg(target_arch = "x86_64")]
         if super::x86::has_avx2() {
             // SAFETY: AVX2 and FMA were detected; the body is the portable one, compiled with them.
-            unsafe { self.token_avx2(q, k_cache, v_cache, pos, order, out) };
+            unsafe { self.head_avx2(q, k, v, kvh, pos, order, out, scratch) };
             return;
         }
-        self.token_portable(q, k_cache, v_cache, pos, order, out);
+        self.head_portable(q, k, v, kvh, pos, order, out, scratch);
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn token_avx2(&self, q: &[f32], k: &[u16], v: &[u16], pos: usize, order: Order, out: &mut [f32]) {
-        self.token_portable(q, k, v, pos, order, out)
+    unsafe fn head_avx2(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        kvh: usize,
+        pos: usize,
+        order: Order,
+        out: &mut [f32],
+        scratch: &mut HeadScratch,
+    ) {
+        self.head_portable(q, k, v, kvh, pos, order, out, scratch)
     }
 
     #[inline(always)]
-    fn token_portable(&self, q: &[f32], k_cache: &[u16], v_cache: &[u16], pos: usize, order: Order, out: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    fn head_portable(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        kvh: usize,
+        pos: usize,
+        order: Order,
+        out: &mut [f32],
+        scratch: &mut HeadScratch,
+    ) {
         let hd = self.head_dim;
         let kv_dim = self.n_head_kv * hd;
-        let group = self.n_head / self.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
         let valid = pos + 1;
-        // Positions are padded with zeros to whole reduction steps, as llama.cpp's KV cache is.
+        // Positions are padded with zeros to whole reduction steps, as llama.cpp's KV cache is;
+        // so is the query, for the gemv order's 64-element steps.
         let padded = valid.next_multiple_of(64);
         let hd_padded = hd.next_multiple_of(64);
         let t = f16::table();
-        let mut qh = vec![0f32; hd_padded];
-        let mut kbuf = vec![0f32; hd_padded];
-        let mut vbuf = vec![0f32; hd];
-        let mut scores = vec![0f32; padded];
-        // Accumulators lane-major ([lane][dim]): each position's value row updates one contiguous
-        // slice, so the update vectorises over the head dimension.
-        let mut acc_gemm = vec![0f32; 16 * hd];
-        let mut acc_gemv = vec![0f32; 64 * hd];
-        for h in 0..self.n_head {
-            let kvh = h / group;
-            for (dst, &src) in qh.iter_mut().zip(&q[h * hd..(h + 1) * hd]) {
-                *dst = t[f16::from_f32(src) as usize];
+        let HeadScratch { qh, scores, acc } = scratch;
+        qh.clear();
+        qh.extend(q.iter().map(|&x| t[f16::from_f32(x) as usize]));
+        qh.resize(hd_padded, 0.0);
+        scores.clear();
+        scores.resize(padded, 0.0);
+        for (j, s) in scores.iter_mut().enumerate().take(valid) {
+            let row = &k[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
+            *s = dot_qk(qh, row, order);
+        }
+        ops::softmax_ggml(scores, valid, scale);
+        // Values: position j feeds lane j % 16 (and accumulator (j % 64) / 16 in gemv order) of
+        // every output dimension; positions past `valid` carry probability zero. Accumulators
+        // are lane-major ([lane][dim]): each position's value row updates one contiguous slice,
+        // so the update vectorises over the head dimension.
+        let slots = match order {
+            Order::Gemm => 16,
+            Order::Gemv => 64,
+        };
+        acc.clear();
+        acc.resize(slots * hd, 0.0);
+        for (j, &s) in scores.iter().enumerate().take(valid) {
+            let p = t[f16::from_f32(s) as usize];
+            let row = &v[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
+            let slot = j % slots;
+            for (a, &x) in acc[slot * hd..(slot + 1) * hd].iter_mut().zip(row) {
+                *a = x.mul_add(p, *a);
             }
-            for (j, s) in scores.iter_mut().enumerate().take(valid) {
-                let row = &k_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-                widen(row, &mut kbuf[..hd]);
-                *s = dot_qk(&qh, &kbuf, order);
-            }
-            ops::softmax_ggml(&mut scores, valid, scale);
-            // Values: position j feeds lane j % 16 (and accumulator (j % 64) / 16 in gemv order)
-            // of every output dimension; positions past `valid` carry probability zero.
-            let oh = &mut out[h * hd..(h + 1) * hd];
-            let (acc, slots) = match order {
-                Order::Gemm => (&mut acc_gemm, 16),
-                Order::Gemv => (&mut acc_gemv, 64),
-            };
-            acc.fill(0.0);
-            for (j, &s) in scores.iter().enumerate().take(valid) {
-                let p = t[f16::from_f32(s) as usize];
-                widen(&v_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd], &mut vbuf);
-                // Gemm: lane j % 16. Gemv: accumulator (j % 64) / 16, lane j % 16, i.e. slot j % 64.
-                let slot = j % slots;
-                for (a, &v) in acc[slot * hd..(slot + 1) * hd].iter_mut().zip(&vbuf) {
-                    *a = v.mul_add(p, *a);
+        }
+        for (d, o) in out.iter_mut().enumerate() {
+            *o = match order {
+                Order::Gemm => {
+                    let mut lanes = [0f32; 16];
+                    for (l, x) in lanes.iter_mut().enumerate() {
+                        *x = acc[l * hd + d];
+                    }
+                    ops::reduce16(&lanes)
                 }
-            }
-            for (d, o) in oh.iter_mut().enumerate() {
-                *o = match order {
-                    Order::Gemm => {
-                        let mut lanes = [0f32; 16];
-                        for (l, x) in lanes.iter_mut().enumerate() {
-                            *x = acc[l * hd + d];
+                Order::Gemv => {
+                    let mut four = [[0f32; 16]; 4];
+                    for (k, a) in four.iter_mut().enumerate() {
+                        for (l, x) in a.iter_mut().enumerate() {
+                            *x = acc[(k * 16 + l) * hd + d];
                         }
-                        ops::reduce16(&lanes)
                     }
-                    Order::Gemv => {
-                        let mut four = [[0f32; 16]; 4];
-                        for (k, a) in four.iter_mut().enumerate() {
-                            for (l, x) in a.iter_mut().enumerate() {
-                                *x = acc[(k * 16 + l) * hd + d];
-                            }
-                        }
-                        ops::reduce16(&fold4(&four))
-                    }
-                };
-            }
+                    ops::reduce16(&fold4(&four))
+                }
+            };
         }
     }
 }
@@ -182,7 +244,7 @@ mod tests {
         for order in [Order::Gemm, Order::Gemv] {
             let pos = positions - 1;
             let mut fast = vec![0f32; n_head * hd];
-            att.token(&q, &k, &v, pos, order, &mut fast);
+            att.sequence(&q, pos, &k, &v, order, &mut fast);
             // Reference: the closure-based definitions.
             let t = f16::table();
             for h in 0..n_head {

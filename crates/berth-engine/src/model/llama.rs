@@ -212,15 +212,26 @@ impl LlamaModel {
                 cache.k[li].extend(k[i * kv_dim..(i + 1) * kv_dim].iter().map(|&f| f16::from_f32(f)));
                 cache.v[li].extend(v[i * kv_dim..(i + 1) * kv_dim].iter().map(|&f| f16::from_f32(f)));
             }
-            let caches: Vec<&KvCache> = steps.iter().map(|s| &*s.cache).collect();
             // llama.cpp reduces attention products in one order for single-token steps and another
             // for steps of several tokens; berth follows it (see `attend`).
             let order = if n > 1 { Order::Gemm } else { Order::Gemv };
             let attention = Attention { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim };
-            attn.par_chunks_exact_mut(q_dim).enumerate().for_each(|(i, out)| {
-                let cache = caches[owner[i]];
-                let q_row = &q[i * q_dim..(i + 1) * q_dim];
-                attention.token(q_row, &cache.k[li], &cache.v[li], positions[i] as usize, order, out);
+            // Each sequence's tokens are consecutive in the batch: split the queries and outputs
+            // by sequence and attend each run over its own cache.
+            let mut runs = Vec::with_capacity(steps.len());
+            let mut rest = attn.as_mut_slice();
+            let mut start = 0;
+            for step in steps.iter() {
+                let len = step.tokens.len();
+                let (out, tail) = rest.split_at_mut(len * q_dim);
+                rest = tail;
+                runs.push((&*step.cache, start, out));
+                start += len;
+            }
+            runs.into_par_iter().filter(|(_, _, out)| !out.is_empty()).for_each(|(cache, start, out)| {
+                let q_run = &q[start * q_dim..start * q_dim + out.len()];
+                let first = positions[start] as usize;
+                attention.sequence(q_run, first, &cache.k[li], &cache.v[li], order, out);
             });
             self.mat(&layer.wo).matmul(&attn, n, &mut o);
             for (xv, ov) in x.iter_mut().zip(&o) {
