@@ -54,7 +54,18 @@ fn dot_qk(q: &[f32], k: &[f32], order: Order) -> f32 {
         }
         Order::Gemv => {
             let mut acc = [[0f32; 16]; 4];
-            for (i, (qc, kc)) in q.chunks_exact(16).zip(k.chunks_exact(16)).enumerate() {
+            // Whole 64-element steps with the accumulator fixed per 16 lanes (so the loop
+            // vectorises), then any 16-element rest in the same rotation.
+            let steps = k.len() / 64;
+            for (qc, kc) in q.chunks_exact(64).zip(k.chunks_exact(64)) {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    for l in 0..16 {
+                        acc[l] = kc[a * 16 + l].mul_add(qc[a * 16 + l], acc[l]);
+                    }
+                }
+            }
+            let rest = q[steps * 64..].chunks_exact(16).zip(k[steps * 64..].chunks_exact(16));
+            for (i, (qc, kc)) in rest.enumerate() {
                 let a = &mut acc[i % 4];
                 for l in 0..16 {
                     a[l] = kc[l].mul_add(qc[l], a[l]);
@@ -199,25 +210,31 @@ impl Attention {
                 *a = x.mul_add(p, *a);
             }
         }
+        // The reductions of `fold4` and `reduce16`, done for every output dimension at once:
+        // each step adds whole lane rows, so it vectorises over the head dimension.
+        let add = |acc: &mut [f32], dst: usize, a: usize, b: usize| {
+            for d in 0..hd {
+                acc[dst * hd + d] = acc[a * hd + d] + acc[b * hd + d];
+            }
+        };
+        if order == Order::Gemv {
+            // fold4: lane l = (acc0 + acc2) + (acc1 + acc3), accumulator k's lane l in row 16k + l.
+            for l in 0..16 {
+                add(acc, 32 + l, l, 32 + l);
+                add(acc, 48 + l, 16 + l, 48 + l);
+                add(acc, l, 32 + l, 48 + l);
+            }
+        }
+        for i in 0..8 {
+            add(acc, i, 8 + i, i);
+        }
+        for i in 0..4 {
+            add(acc, i, 4 + i, i);
+        }
+        add(acc, 0, 0, 2);
+        add(acc, 1, 1, 3);
         for (d, o) in out.iter_mut().enumerate() {
-            *o = match order {
-                Order::Gemm => {
-                    let mut lanes = [0f32; 16];
-                    for (l, x) in lanes.iter_mut().enumerate() {
-                        *x = acc[l * hd + d];
-                    }
-                    ops::reduce16(&lanes)
-                }
-                Order::Gemv => {
-                    let mut four = [[0f32; 16]; 4];
-                    for (k, a) in four.iter_mut().enumerate() {
-                        for (l, x) in a.iter_mut().enumerate() {
-                            *x = acc[(k * 16 + l) * hd + d];
-                        }
-                    }
-                    ops::reduce16(&fold4(&four))
-                }
-            };
+            *o = acc[d] + acc[hd + d];
         }
     }
 }

@@ -100,22 +100,12 @@ impl<'a> QMatrix<'a> {
             });
             return;
         }
-        // Few tokens (decode): split by output rows, a few tasks per worker.
-        let rows_per_task = rows.div_ceil(workers * 4).max(16);
         if n == 1 {
-            // One token: its output row is the transposed block layout, so write in place.
-            let layout = Layout { token_stride: 1, row_stride: 1 };
-            let task = |(i, chunk): (usize, &mut [f32])| {
-                let first = i * rows_per_task;
-                self.products(&acts, first..first + chunk.len(), 0..1, chunk, layout);
-            };
-            if workers == 1 {
-                out.chunks_mut(rows_per_task).enumerate().for_each(task);
-            } else {
-                out.par_chunks_mut(rows_per_task).enumerate().for_each(task);
-            }
+            Self::matmul_many(x, 1, &mut [(*self, out)]);
             return;
         }
+        // Few tokens (batched decode): split by output rows, a few tasks per worker.
+        let rows_per_task = rows.div_ceil(workers * 4).max(16);
         // Each task writes a contiguous [rows × n] block of a transposed result, copied into
         // place afterwards.
         let mut transposed = vec![0f32; rows * n];
@@ -128,6 +118,46 @@ impl<'a> QMatrix<'a> {
             for r in 0..rows {
                 out[t * rows + r] = transposed[r * n + t];
             }
+        }
+    }
+
+    /// Several matrices times the same activations (a layer's query, key and value, or its gate
+    /// and up projections): for one token, all their rows are shared among the workers in one
+    /// parallel region, instead of one region per matrix.
+    pub fn matmul_many(x: &[f32], n: usize, products: &mut [(QMatrix<'_>, &mut [f32])]) {
+        if n != 1 {
+            for (m, out) in products.iter_mut() {
+                m.matmul(x, n, out);
+            }
+            return;
+        }
+        // Activations quantised once per format the matrices need.
+        let mut acts: Vec<QuantizedActivations<'_>> = Vec::new();
+        for (m, _) in products.iter() {
+            let format = ActivationFormat::for_weights(m.ggml_type);
+            if !acts.iter().any(|a| a.format == format) {
+                acts.push(QuantizedActivations::new(format, x, 1, m.cols));
+            }
+        }
+        let workers = rayon::current_num_threads();
+        let mut tasks = Vec::new();
+        for (m, out) in products.iter_mut() {
+            let format = ActivationFormat::for_weights(m.ggml_type);
+            let a = acts.iter().position(|a| a.format == format).unwrap_or_default();
+            let rows_per_task = m.rows.div_ceil(workers * 4).max(16);
+            for (i, chunk) in out.chunks_mut(rows_per_task).enumerate() {
+                tasks.push((*m, a, i * rows_per_task, chunk));
+            }
+        }
+        let layout = Layout { token_stride: 1, row_stride: 1 };
+        let run = |(m, a, first, chunk): (QMatrix<'_>, usize, usize, &mut [f32])| {
+            m.products(&acts[a], first..first + chunk.len(), 0..1, chunk, layout);
+        };
+        if workers == 1 {
+            // One worker: no hand-off to the pool.
+            tasks.into_iter().for_each(run);
+        } else {
+            tasks.into_par_iter().for_each(run);
         }
     }
 

@@ -195,14 +195,11 @@ impl LlamaModel {
         let mut up = vec![0f32; n * c.n_ff];
         for (li, layer) in self.layers.iter().enumerate() {
             h.copy_from_slice(&x);
-            h.par_chunks_exact_mut(d).for_each(|row| ops::rms_norm(row, &layer.attn_norm, c.rms_eps));
-            self.mat(&layer.wq).matmul(&h, n, &mut q);
-            self.mat(&layer.wk).matmul(&h, n, &mut k);
-            self.mat(&layer.wv).matmul(&h, n, &mut v);
+            rows(&mut h, d, |_, row| ops::rms_norm(row, &layer.attn_norm, c.rms_eps));
+            let (wq, wk, wv) = (self.mat(&layer.wq), self.mat(&layer.wk), self.mat(&layer.wv));
+            QMatrix::matmul_many(&h, n, &mut [(wq, &mut q), (wk, &mut k), (wv, &mut v)]);
             let rope = |v: &mut [f32], dim: usize| {
-                v.par_chunks_exact_mut(dim)
-                    .zip(&positions)
-                    .for_each(|(row, &p)| ops::rope_norm(row, c.head_dim, c.rope_dim, p, c.rope_base))
+                rows(v, dim, |i, row| ops::rope_norm(row, c.head_dim, c.rope_dim, positions[i], c.rope_base))
             };
             rope(&mut q, q_dim);
             rope(&mut k, kv_dim);
@@ -213,7 +210,7 @@ impl LlamaModel {
                 cache.v[li].extend(v[i * kv_dim..(i + 1) * kv_dim].iter().map(|&f| f16::from_f32(f)));
             }
             // llama.cpp reduces attention products in one order for single-token steps and another
-            // for steps of several tokens; berth follows it (see `attend`).
+            // for steps of several tokens; berth follows it (see `Order`).
             let order = if n > 1 { Order::Gemm } else { Order::Gemv };
             let attention = Attention { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim };
             // Each sequence's tokens are consecutive in the batch: split the queries and outputs
@@ -238,10 +235,10 @@ impl LlamaModel {
                 *xv += ov;
             }
             h.copy_from_slice(&x);
-            h.par_chunks_exact_mut(d).for_each(|row| ops::rms_norm(row, &layer.ffn_norm, c.rms_eps));
-            self.mat(&layer.w_gate).matmul(&h, n, &mut gate);
-            self.mat(&layer.w_up).matmul(&h, n, &mut up);
-            gate.par_chunks_mut(c.n_ff).zip(up.par_chunks(c.n_ff)).for_each(|(g, u)| ops::swiglu_ggml(g, u));
+            rows(&mut h, d, |_, row| ops::rms_norm(row, &layer.ffn_norm, c.rms_eps));
+            let (w_gate, w_up) = (self.mat(&layer.w_gate), self.mat(&layer.w_up));
+            QMatrix::matmul_many(&h, n, &mut [(w_gate, &mut gate), (w_up, &mut up)]);
+            rows(&mut gate, c.n_ff, |i, g| ops::swiglu_ggml(g, &up[i * c.n_ff..(i + 1) * c.n_ff]));
             self.mat(&layer.w_down).matmul(&gate, n, &mut o);
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
@@ -278,6 +275,17 @@ impl LlamaModel {
             at += count;
         }
         Ok(out)
+    }
+}
+
+/// Apply `f(index, row)` to every row of `rows`: in parallel for a batch, in the calling thread
+/// for a few rows, where handing work to the pool would cost more than the work.
+fn rows(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    const PARALLEL_FROM: usize = 8;
+    if data.len() / width < PARALLEL_FROM {
+        data.chunks_exact_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    } else {
+        data.par_chunks_exact_mut(width).enumerate().for_each(|(i, r)| f(i, r));
     }
 }
 
