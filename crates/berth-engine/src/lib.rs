@@ -15,40 +15,53 @@ pub use error::EngineError;
 pub mod generate;
 pub mod sampling;
 pub mod stop;
+mod team;
+
+use team::Team;
 
 pub use generate::{Engine, FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
 
-static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+static TEAM: std::sync::OnceLock<Team> = std::sync::OnceLock::new();
 
-fn build_pool(n: usize) -> Result<rayon::ThreadPool, EngineError> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .thread_name(|i| format!("berth-worker-{i}"))
-        .build()
-        .map_err(|e| EngineError::BadModel(format!("cannot start the worker pool: {e}")))
-}
-
-/// Size the engine's persistent worker pool. Call once, before the first model runs; later calls
-/// (and the default, one worker per CPU the process may use) keep the pool that exists.
+/// Size the engine's persistent worker team. Call once, before the first model runs; later calls
+/// (and the default, one worker per physical core the process may use) keep the team that exists.
 pub fn set_threads(n: usize) -> Result<(), EngineError> {
-    let pool = build_pool(n)?;
-    let _ = POOL.set(pool);
+    if TEAM.get().is_none() {
+        let team = Team::new(n).map_err(|e| EngineError::BadModel(format!("cannot start the worker threads: {e}")))?;
+        let _ = TEAM.set(team);
+    }
     Ok(())
 }
 
-/// The worker pool every forward pass runs in: work is split by output rows across its threads,
-/// and nothing is spawned per operation.
-pub(crate) fn pool() -> &'static rayon::ThreadPool {
-    POOL.get_or_init(|| {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        build_pool(n).unwrap_or_else(|_| {
-            // A pool of one thread cannot fail to start unless the process cannot create threads.
-            rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a thread for the engine")
-        })
+/// The worker team every forward pass runs on: work is split by output rows (or tokens) across
+/// its threads, and nothing is spawned per operation.
+pub(crate) fn team() -> &'static Team {
+    TEAM.get_or_init(|| {
+        // A team of one is the caller alone and cannot fail to start.
+        Team::new(physical_cores()).unwrap_or_else(|_| Team::new(1).expect("a team of one spawns nothing"))
     })
 }
 
-/// Workers in the engine's pool.
+/// Physical cores among the CPUs this process may run on: matrix kernels saturate a core's
+/// vector units, so a second hyper-thread per core adds contention, not speed.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let siblings = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list")
+        .map(|list| {
+            list.trim()
+                .split(',')
+                .map(|part| match part.split_once('-') {
+                    Some((a, b)) => b.parse::<usize>().unwrap_or(0).saturating_sub(a.parse().unwrap_or(0)) + 1,
+                    None => 1,
+                })
+                .sum::<usize>()
+        })
+        .unwrap_or(1)
+        .max(1);
+    (logical / siblings).max(1)
+}
+
+/// Workers in the engine's team.
 pub fn threads() -> usize {
-    pool().current_num_threads()
+    team().size()
 }

@@ -7,8 +7,6 @@
 //! the reduction lanes in small accumulator arrays, so they vectorise over the head dimension
 //! while producing exactly the bits of the lane-by-lane definition in `ops`.
 
-use rayon::prelude::*;
-
 use super::{f16, ops};
 
 /// How llama.cpp reduces a dot product in this step.
@@ -42,6 +40,16 @@ fn fold4(acc: &[[f32; 16]; 4]) -> [f32; 16] {
 /// q·k over the head dimension (a multiple of 16, zero-padded to 64 for the gemv order).
 #[inline(always)]
 fn dot_qk(q: &[f32], k: &[f32], order: Order) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::has_avx2() {
+        // SAFETY: AVX2 and FMA were detected.
+        return unsafe { x86::dot_qk(q, k, order) };
+    }
+    dot_qk_portable(q, k, order)
+}
+
+#[inline(always)]
+fn dot_qk_portable(q: &[f32], k: &[f32], order: Order) -> f32 {
     match order {
         Order::Gemm => {
             let mut acc = [0f32; 16];
@@ -73,6 +81,50 @@ fn dot_qk(q: &[f32], k: &[f32], order: Order) -> f32 {
             }
             ops::reduce16(&fold4(&acc))
         }
+    }
+}
+
+/// The dot products of `dot_qk` with the accumulators held in registers (the compiler keeps
+/// the portable version's 64 lanes on the stack and multiplies one lane at a time).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Order;
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_qk(q: &[f32], k: &[f32], order: Order) -> f32 {
+        let n = q.len().min(k.len()) / 16 * 16;
+        // SAFETY: every load reads 8 floats at an offset below `n`, inside both slices.
+        let at = |s: &[f32], i: usize| unsafe { _mm256_loadu_ps(s.as_ptr().add(i)) };
+        let mut lo = [_mm256_setzero_ps(); 4];
+        let mut hi = [_mm256_setzero_ps(); 4];
+        match order {
+            Order::Gemm => {
+                for i in (0..n).step_by(16) {
+                    lo[0] = _mm256_fmadd_ps(at(k, i), at(q, i), lo[0]);
+                    hi[0] = _mm256_fmadd_ps(at(k, i + 8), at(q, i + 8), hi[0]);
+                }
+            }
+            Order::Gemv => {
+                for (step, i) in (0..n).step_by(16).enumerate() {
+                    let a = step % 4;
+                    lo[a] = _mm256_fmadd_ps(at(k, i), at(q, i), lo[a]);
+                    hi[a] = _mm256_fmadd_ps(at(k, i + 8), at(q, i + 8), hi[a]);
+                }
+                // fold4: (0 + 2) + (1 + 3), lane by lane.
+                lo[0] = _mm256_add_ps(_mm256_add_ps(lo[0], lo[2]), _mm256_add_ps(lo[1], lo[3]));
+                hi[0] = _mm256_add_ps(_mm256_add_ps(hi[0], hi[2]), _mm256_add_ps(hi[1], hi[3]));
+            }
+        }
+        // reduce16: lanes 8..16 onto 0..8, then 4..8 onto 0..4, then (0 + 2) + (1 + 3).
+        let t3 = _mm256_add_ps(hi[0], lo[0]);
+        let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+        let pairs = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
+        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
     }
 }
 
@@ -108,10 +160,15 @@ impl Attention {
         let len = first + n;
         let mut k = vec![0f32; len * kv_dim];
         let mut v = vec![0f32; len * kv_dim];
-        let chunk = 64 * kv_dim;
-        k.par_chunks_mut(chunk).zip(k_cache[..len * kv_dim].par_chunks(chunk)).for_each(|(d, s)| widen(s, d));
-        v.par_chunks_mut(chunk).zip(v_cache[..len * kv_dim].par_chunks(chunk)).for_each(|(d, s)| widen(s, d));
-        out.par_chunks_exact_mut(hd).enumerate().for_each(|(i, out_head)| {
+        let chunk = 256 * kv_dim;
+        let team = crate::team();
+        let mut pieces: Vec<(&mut [f32], &[u16])> = k
+            .chunks_mut(chunk)
+            .zip(k_cache[..len * kv_dim].chunks(chunk))
+            .chain(v.chunks_mut(chunk).zip(v_cache[..len * kv_dim].chunks(chunk)))
+            .collect();
+        team.for_each_mut(&mut pieces, |(d, s)| widen(s, d));
+        team.for_each_chunk_mut(out, hd, |i, out_head| {
             let (t, h) = (i / self.n_head, i % self.n_head);
             let q_head = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
             SCRATCH.with_borrow_mut(|scratch| {
@@ -242,6 +299,30 @@ impl Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The register-held dot products equal the portable ones, in both orders and in lengths
+    /// with and without a 16-element rest.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn x86_dot_products_match_the_portable_ones() {
+        if !crate::kernels::x86::has_avx2() {
+            return;
+        }
+        let mut seed = 3u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for len in [16usize, 48, 64, 80, 128, 192] {
+            let q: Vec<f32> = (0..len).map(|_| rnd()).collect();
+            let k: Vec<f32> = (0..len).map(|_| rnd()).collect();
+            for order in [Order::Gemm, Order::Gemv] {
+                // SAFETY: AVX2 and FMA were detected above.
+                let fast = unsafe { x86::dot_qk(&q, &k, order) };
+                assert_eq!(fast.to_bits(), dot_qk_portable(&q, &k, order).to_bits(), "{order:?} {len}");
+            }
+        }
+    }
 
     /// The fast loops equal the lane-by-lane definitions in `ops` bit for bit.
     #[test]

@@ -37,7 +37,6 @@ pub(crate) mod x86;
 use std::ops::Range;
 
 use berth_formats::gguf::GgmlType;
-use rayon::prelude::*;
 
 use crate::error::EngineError;
 use quant::{ActivationFormat, QuantizedActivations};
@@ -87,13 +86,14 @@ impl<'a> QMatrix<'a> {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(out.len(), n * self.rows);
         let acts = QuantizedActivations::new(ActivationFormat::for_weights(self.ggml_type), x, n, self.cols);
-        let workers = rayon::current_num_threads();
+        let team = crate::team();
+        let workers = team.size();
         let rows = self.rows;
         if n >= 4 * TOKEN_GROUP * workers {
             // Many tokens (prefill): each task takes a run of tokens and every weight row, and
             // writes its tokens' output rows in place. The weights are read once per task.
             let per_task = n.div_ceil(workers).next_multiple_of(TOKEN_GROUP);
-            out.par_chunks_mut(per_task * rows).enumerate().for_each(|(i, chunk)| {
+            team.for_each_chunk_mut(out, per_task * rows, |i, chunk| {
                 let first = i * per_task;
                 let layout = Layout { token_stride: rows, row_stride: 1 };
                 self.products(&acts, 0..rows, first..first + chunk.len() / rows, chunk, layout);
@@ -110,7 +110,7 @@ impl<'a> QMatrix<'a> {
         // place afterwards.
         let mut transposed = vec![0f32; rows * n];
         let layout = Layout { token_stride: 1, row_stride: n };
-        transposed.par_chunks_mut(rows_per_task * n).enumerate().for_each(|(i, chunk)| {
+        team.for_each_chunk_mut(&mut transposed, rows_per_task * n, |i, chunk| {
             let first = i * rows_per_task;
             self.products(&acts, first..first + chunk.len() / n, 0..n, chunk, layout);
         });
@@ -139,7 +139,8 @@ impl<'a> QMatrix<'a> {
                 acts.push(QuantizedActivations::new(format, x, 1, m.cols));
             }
         }
-        let workers = rayon::current_num_threads();
+        let team = crate::team();
+        let workers = team.size();
         let mut tasks = Vec::new();
         for (m, out) in products.iter_mut() {
             let format = ActivationFormat::for_weights(m.ggml_type);
@@ -150,15 +151,9 @@ impl<'a> QMatrix<'a> {
             }
         }
         let layout = Layout { token_stride: 1, row_stride: 1 };
-        let run = |(m, a, first, chunk): (QMatrix<'_>, usize, usize, &mut [f32])| {
-            m.products(&acts[a], first..first + chunk.len(), 0..1, chunk, layout);
-        };
-        if workers == 1 {
-            // One worker: no hand-off to the pool.
-            tasks.into_iter().for_each(run);
-        } else {
-            tasks.into_par_iter().for_each(run);
-        }
+        team.for_each_mut(&mut tasks, |(m, a, first, chunk)| {
+            m.products(&acts[*a], *first..*first + chunk.len(), 0..1, chunk, layout);
+        });
     }
 
     /// Products of weight rows `rows` with activation rows `tokens`, written to `out` as `layout`

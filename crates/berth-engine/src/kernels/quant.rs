@@ -447,7 +447,8 @@ mod tests {
     fn x86_kernels_match_the_portable_ones_bit_for_bit() {
         use super::super::{Layout, x86};
         let Some(best) = x86::level() else { return };
-        let levels: &[x86::Level] = if best == x86::Level::Vnni { &[x86::Level::Avx2, x86::Level::Vnni] } else { &[best] };
+        let levels: &[x86::Level] =
+            if best == x86::Level::Vnni { &[x86::Level::Avx2, x86::Level::Vnni] } else { &[best] };
         let mut seed = 11;
         for (rows, cols, n) in [(1usize, 32usize, 1usize), (17, 96, 3), (33, 576, 7), (5, 1536, 9), (16, 64, 4)] {
             let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();

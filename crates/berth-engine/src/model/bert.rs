@@ -8,7 +8,6 @@ use std::path::PathBuf;
 
 use berth_formats::safetensors::SafetensorsHeader;
 use memmap2::Mmap;
-use rayon::prelude::*;
 use serde_json::Value;
 
 use crate::error::EngineError;
@@ -26,7 +25,7 @@ impl Linear {
     fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
         let outs = self.bias.len();
         let mut y = vec![0f32; n * outs];
-        y.par_chunks_mut(outs).enumerate().for_each(|(t, row)| {
+        crate::team().for_each_chunk_mut(&mut y, outs, |t, row| {
             let xt = &x[t * self.inputs..(t + 1) * self.inputs];
             for (o, out) in row.iter_mut().enumerate() {
                 *out = dot_f32(&self.weight[o * self.inputs..(o + 1) * self.inputs], xt) + self.bias[o];
@@ -193,7 +192,7 @@ impl BertEmbedder {
     /// The normalised sentence embedding of a text, and how many tokens it took.
     pub fn embed(&self, text: &str) -> Result<(Vec<f32>, usize), EngineError> {
         let ids = self.tokenize(text);
-        crate::pool().install(|| self.embed_ids(&ids)).map(|e| (e, ids.len()))
+        self.embed_ids(&ids).map(|e| (e, ids.len()))
     }
 
     /// The embedding of given token ids (already with `[CLS]`/`[SEP]`).
@@ -219,7 +218,7 @@ impl BertEmbedder {
         for layer in &self.layers {
             let (q, k, v) = (layer.q.forward(&x, n), layer.k.forward(&x, n), layer.v.forward(&x, n));
             let mut ctx = vec![0f32; n * h];
-            ctx.par_chunks_mut(h).enumerate().for_each(|(i, out)| {
+            crate::team().for_each_chunk_mut(&mut ctx, h, |i, out| {
                 let mut scores = vec![0f32; n];
                 for head in 0..self.heads {
                     let qi = &q[i * h + head * dh..i * h + (head + 1) * dh];

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use berth_formats::gguf::{GgmlType, GgufFile, TensorInfo};
 use memmap2::Mmap;
-use rayon::prelude::*;
 
 use super::config::LlamaConfig;
 use crate::error::EngineError;
@@ -149,12 +148,6 @@ impl LlamaModel {
     /// Run one step for a batch of sequences. Returns, per sequence, its logits rows
     /// (`rows × vocab`): all of its new tokens' or only the last one's.
     pub fn forward(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
-        // Run inside the engine's pool, so the step's parallel loops hand work between its own
-        // workers instead of waking them from outside for every operation.
-        crate::pool().install(|| self.forward_in_pool(steps))
-    }
-
-    fn forward_in_pool(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
         let c = &self.config;
         let (d, kv_dim, q_dim) = (c.n_embd, c.kv_dim(), c.q_dim());
         // Which sequence and position each token of the batch belongs to.
@@ -225,11 +218,12 @@ impl LlamaModel {
                 runs.push((&*step.cache, start, out));
                 start += len;
             }
-            runs.into_par_iter().filter(|(_, _, out)| !out.is_empty()).for_each(|(cache, start, out)| {
+            // Sequences one after another; inside each, heads and tokens are shared out.
+            for (cache, start, out) in runs.into_iter().filter(|(_, _, out)| !out.is_empty()) {
                 let q_run = &q[start * q_dim..start * q_dim + out.len()];
                 let first = positions[start] as usize;
                 attention.sequence(q_run, first, &cache.k[li], &cache.v[li], order, out);
-            });
+            }
             self.mat(&layer.wo).matmul(&attn, n, &mut o);
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
@@ -285,7 +279,7 @@ fn rows(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if data.len() / width < PARALLEL_FROM {
         data.chunks_exact_mut(width).enumerate().for_each(|(i, r)| f(i, r));
     } else {
-        data.par_chunks_exact_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+        crate::team().for_each_chunk_mut(data, width, f);
     }
 }
 
