@@ -14,6 +14,32 @@ pub struct LlamaShape {
     pub n_head_kv: usize,
     pub n_ff: usize,
     pub context_length: usize,
+    /// Tokens in the vocabulary: at least [`VOCAB`]; the rest are reserved control tokens.
+    pub vocab: usize,
+    /// Type of the weight matrices (F32 or Q4_1); norms are always F32.
+    pub weight_type: GgmlType,
+    /// Without `output.weight`: the embedding doubles as the output layer.
+    pub tied_embeddings: bool,
+}
+
+impl LlamaShape {
+    /// The shape of Llama-3.2-1B (16 layers of 2048, 32 query and 8 key/value heads, 8192 wide
+    /// feed-forward, 128,256 tokens, tied embeddings), in Q4_1: for speed measurements, where
+    /// the values of the weights do not matter.
+    pub fn llama_3_2_1b() -> Self {
+        Self {
+            architecture: "llama".into(),
+            n_layers: 16,
+            n_embd: 2048,
+            n_head: 32,
+            n_head_kv: 8,
+            n_ff: 8192,
+            context_length: 4096,
+            vocab: 128_256,
+            weight_type: GgmlType::Q4_1,
+            tied_embeddings: true,
+        }
+    }
 }
 
 impl Default for LlamaShape {
@@ -26,6 +52,9 @@ impl Default for LlamaShape {
             n_head_kv: 2,
             n_ff: 128,
             context_length: 256,
+            vocab: VOCAB,
+            weight_type: GgmlType::F32,
+            tied_embeddings: true,
         }
     }
 }
@@ -59,6 +88,30 @@ fn weights(n: usize, seed: &mut u64) -> Vec<u8> {
     out
 }
 
+/// Q4_1 blocks (scale, minimum, 32 nibbles) with pseudo-random nibbles and small, sane scales.
+fn q4_1_weights(n: usize, seed: &mut u64) -> Vec<u8> {
+    let (d, m) = (half_bits(0.002), half_bits(-0.015));
+    let mut out = Vec::with_capacity(n / 32 * 20);
+    for _ in 0..n / 32 {
+        out.extend_from_slice(&d.to_le_bytes());
+        out.extend_from_slice(&m.to_le_bytes());
+        for _ in 0..2 {
+            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            out.extend_from_slice(&seed.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// f16 bits of a normal value in f16's range (enough for the constants above).
+fn half_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xFF) as i32 - 127 + 15;
+    let mantissa = ((bits >> 13) & 0x3FF) as u16;
+    sign | ((exp as u16) << 10) | mantissa
+}
+
 /// A builder holding a complete model; tests may add or replace parts before `build()`.
 pub fn tiny_llama(shape: &LlamaShape) -> GgufBuilder {
     tiny_llama_without(shape, &[])
@@ -75,6 +128,10 @@ pub fn tiny_llama_without(shape: &LlamaShape, skip: &[&str]) -> GgufBuilder {
     tokens.push("<|im_end|>".into());
     let mut types = vec![1i32; 256];
     types.extend([3, 3]);
+    for i in VOCAB..s.vocab.max(VOCAB) {
+        tokens.push(format!("<|reserved_{i}|>"));
+        types.push(3);
+    }
     let mut b = GgufBuilder::new()
         .metadata("general.architecture", Value::String(arch.into()))
         .metadata(&format!("{arch}.block_count"), Value::U32(s.n_layers as u32))
@@ -102,9 +159,13 @@ pub fn tiny_llama_without(shape: &LlamaShape, skip: &[&str]) -> GgufBuilder {
             return b;
         }
         let n: u64 = dims.iter().product();
-        b.tensor(name, dims, GgmlType::F32, weights(n as usize, &mut seed))
+        if dims.len() == 2 && s.weight_type == GgmlType::Q4_1 {
+            b.tensor(name, dims, GgmlType::Q4_1, q4_1_weights(n as usize, &mut seed))
+        } else {
+            b.tensor(name, dims, GgmlType::F32, weights(n as usize, &mut seed))
+        }
     };
-    let (e, ff, v) = (s.n_embd as u64, s.n_ff as u64, VOCAB as u64);
+    let (e, ff, v) = (s.n_embd as u64, s.n_ff as u64, s.vocab.max(VOCAB) as u64);
     b = tensor(b, "token_embd.weight", &[e, v]);
     for i in 0..s.n_layers {
         b = tensor(b, &format!("blk.{i}.attn_norm.weight"), &[e]);
@@ -117,5 +178,9 @@ pub fn tiny_llama_without(shape: &LlamaShape, skip: &[&str]) -> GgufBuilder {
         b = tensor(b, &format!("blk.{i}.ffn_up.weight"), &[e, ff]);
         b = tensor(b, &format!("blk.{i}.ffn_down.weight"), &[ff, e]);
     }
-    tensor(b, "output_norm.weight", &[e])
+    b = tensor(b, "output_norm.weight", &[e]);
+    if !s.tied_embeddings {
+        b = tensor(b, "output.weight", &[e, v]);
+    }
+    b
 }

@@ -179,6 +179,9 @@ pub enum ActivationFormat {
     Q8_0,
     /// Q8_0 plus the block's scaled sum (llama.cpp's Q8_1), for weights with an offset (Q4_1).
     Q8_1,
+    /// 256-value blocks, 8-bit values, an f32 scale and sums of every 16 values (llama.cpp's
+    /// Q8_K), for the K-quants with integer kernels (Q4_K, Q6_K).
+    Q8K,
     /// Plain f32, for weights dequantised before the dot product.
     F32,
 }
@@ -186,8 +189,9 @@ pub enum ActivationFormat {
 impl ActivationFormat {
     pub fn for_weights(t: GgmlType) -> Self {
         match t {
-            GgmlType::Q4_0 | GgmlType::Q8_0 => ActivationFormat::Q8_0,
-            GgmlType::Q4_1 => ActivationFormat::Q8_1,
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => ActivationFormat::Q8_0,
+            GgmlType::Q4_1 | GgmlType::Q5_1 => ActivationFormat::Q8_1,
+            GgmlType::Q4_K | GgmlType::Q6_K => ActivationFormat::Q8K,
             _ => ActivationFormat::F32,
         }
     }
@@ -202,18 +206,38 @@ pub struct QuantizedActivations<'x> {
     d: Vec<f32>,
     /// Per block: scale × sum of the quantised values (Q8_1 only).
     s: Vec<f32>,
+    /// Per block: the sums of each 16 quantised values (Q8_K only).
+    bsums: Vec<i16>,
     qs: Vec<i8>,
     f32_rows: &'x [f32],
 }
 
 impl<'x> QuantizedActivations<'x> {
     pub fn new(format: ActivationFormat, x: &'x [f32], n: usize, cols: usize) -> Self {
-        let blocks_per_row = cols / QK;
-        let mut acts = Self { format, cols, blocks_per_row, d: Vec::new(), s: Vec::new(), qs: Vec::new(), f32_rows: x };
-        if format == ActivationFormat::F32 {
-            return acts;
-        }
+        let block = if format == ActivationFormat::Q8K { QK_K } else { QK };
+        let blocks_per_row = cols / block;
+        let mut acts = Self {
+            format,
+            cols,
+            blocks_per_row,
+            d: Vec::new(),
+            s: Vec::new(),
+            bsums: Vec::new(),
+            qs: Vec::new(),
+            f32_rows: x,
+        };
         let nb = n * blocks_per_row;
+        match format {
+            ActivationFormat::F32 => return acts,
+            ActivationFormat::Q8K => {
+                acts.d = vec![0.0; nb];
+                acts.qs = vec![0; nb * QK_K];
+                acts.bsums = vec![0; nb * QK_K / 16];
+                quantize_q8_k(&x[..nb * QK_K], &mut acts.d, &mut acts.qs, &mut acts.bsums);
+                return acts;
+            }
+            ActivationFormat::Q8_0 | ActivationFormat::Q8_1 => {}
+        }
         acts.d = vec![0.0; nb];
         acts.qs = vec![0; nb * QK];
         if format == ActivationFormat::Q8_1 {
@@ -250,11 +274,41 @@ fn quantize_blocks(format: ActivationFormat, x: &[f32], d: &mut [f32], s: &mut [
 }
 }
 
+/// Quantise 256-value blocks exactly as llama.cpp's `quantize_row_q8_K` does: scale by −127 over
+/// the signed value of largest magnitude (the first, if several tie), round half to even, cap at
+/// 127, keep the f32 scale and the sums of every 16 values.
+fn quantize_q8_k(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
+    for (b, block) in x.chunks_exact(QK_K).enumerate() {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in block {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let q = &mut qs[b * QK_K..(b + 1) * QK_K];
+        if amax == 0.0 {
+            d[b] = 0.0;
+            q.fill(0);
+            bsums[b * 16..(b + 1) * 16].fill(0);
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in q.iter_mut().zip(block) {
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (j, sum) in bsums[b * 16..(b + 1) * 16].iter_mut().enumerate() {
+            *sum = q[j * 16..(j + 1) * 16].iter().map(|&v| v as i16).sum();
+        }
+        d[b] = 1.0 / iscale;
+    }
+}
+
 /// The integer formats, as the x86 tile kernels see them.
 #[cfg(target_arch = "x86_64")]
 impl QuantizedActivations<'_> {
     pub(crate) fn x86(&self) -> super::x86::Acts<'_> {
-        super::x86::Acts { qs: &self.qs, d: &self.d, s: &self.s, nb: self.blocks_per_row }
+        super::x86::Acts { qs: &self.qs, d: &self.d, s: &self.s, bsums: &self.bsums, nb: self.blocks_per_row }
     }
 }
 
@@ -267,6 +321,10 @@ pub fn vec_dot(t: GgmlType, w: &[u8], acts: &QuantizedActivations<'_>, row: usiz
         (GgmlType::Q8_0, ActivationFormat::Q8_0) => dot_q8_0_q8_0(w, acts, base, nb),
         (GgmlType::Q4_0, ActivationFormat::Q8_0) => dot_q4_0_q8_0(w, acts, base, nb),
         (GgmlType::Q4_1, ActivationFormat::Q8_1) => dot_q4_1_q8_1(w, acts, base, nb),
+        (GgmlType::Q5_0, ActivationFormat::Q8_0) => dot_q5_q8(w, acts, base, nb, false),
+        (GgmlType::Q5_1, ActivationFormat::Q8_1) => dot_q5_q8(w, acts, base, nb, true),
+        (GgmlType::Q4_K, ActivationFormat::Q8K) => dot_q4_k_q8_k(w, acts, base, nb),
+        (GgmlType::Q6_K, ActivationFormat::Q8K) => dot_q6_k_q8_k(w, acts, base, nb),
         _ => {
             // Formats without an integer path: dequantise the row, then an f32 dot product.
             let mut buf = vec![0f32; acts.cols];
@@ -381,6 +439,115 @@ pub(crate) fn dot_q4_1_q8_1(w: &[u8], acts: &QuantizedActivations<'_>, base: usi
     hsum8(&acc) + summs
 }
 
+/// Q5_0 against Q8_0 activations (values nibble + 16·bit − 16), or Q5_1 against Q8_1 (values
+/// nibble + 16·bit, plus the minimum times the activations' scaled sum).
+#[inline(always)]
+pub(crate) fn dot_q5_q8(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize, with_min: bool) -> f32 {
+    let (size, offset) = if with_min { (24, 4) } else { (22, 2) };
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
+    for (b, wb) in w.chunks_exact(size).enumerate().take(nb) {
+        let q = &acts.qs[(base + b) * QK..(base + b + 1) * QK];
+        let qh = u32::from_le_bytes([wb[offset], wb[offset + 1], wb[offset + 2], wb[offset + 3]]);
+        let bias = if with_min { 0 } else { 16 };
+        let mut wq = [0i32; 32];
+        for j in 0..16 {
+            wq[j] = ((wb[offset + 4 + j] & 0xF) as i32 | (((qh >> j) & 1) as i32) << 4) - bias;
+            wq[j + 16] = ((wb[offset + 4 + j] >> 4) as i32 | (((qh >> (j + 16)) & 1) as i32) << 4) - bias;
+        }
+        if with_min {
+            summs = f16_at(wb, 2).mul_add(acts.s[base + b], summs);
+        }
+        let d = f16_at(wb, 0) * acts.d[base + b];
+        add_block(&mut acc, d, &wq, q);
+    }
+    hsum8(&acc) + summs
+}
+
+// The K-quant kernels follow llama.cpp's AVX2 `ggml_vec_dot_q4_K_q8_K` and
+// `ggml_vec_dot_q6_K_q8_K`: per 256-value block, exact integer sums in eight lanes (lane `l`
+// covers elements 4l..4l+3 of every 32-value chunk, each 16 or 32 values weighted by their
+// integer scale), one fused multiply-add per block and lane, and for Q4_K the minimums in four
+// separate lanes.
+
+#[inline(always)]
+pub(crate) fn dot_q4_k_q8_k(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut acc_m = [0f32; 4];
+    for (i, wb) in w.chunks_exact(144).enumerate().take(nb) {
+        let yd = acts.d[base + i];
+        let d = yd * f16_at(wb, 0);
+        let dmin = -yd * f16_at(wb, 2);
+        let q8 = &acts.qs[(base + i) * QK_K..(base + i + 1) * QK_K];
+        let bs = &acts.bsums[(base + i) * 16..(base + i + 1) * 16];
+        let (mut sc, mut mn) = ([0i32; 8], [0i32; 8]);
+        for j in 0..8 {
+            let (s, m) = scale_min_k4(j, &wb[4..16]);
+            (sc[j], mn[j]) = (s as i32, m as i32);
+        }
+        let pair = |k: usize| bs[2 * k] as i32 + bs[2 * k + 1] as i32;
+        for (p, a) in acc_m.iter_mut().enumerate() {
+            let prod = mn[2 * p] * pair(2 * p) + mn[2 * p + 1] * pair(2 * p + 1);
+            *a = dmin.mul_add(prod as f32, *a);
+        }
+        let qs = &wb[16..144];
+        let mut sumi = [0i32; 8];
+        for j in 0..4 {
+            for (lane, sum) in sumi.iter_mut().enumerate() {
+                let (mut lo, mut hi) = (0i32, 0i32);
+                for e in 4 * lane..4 * lane + 4 {
+                    lo += (qs[32 * j + e] & 0xF) as i32 * q8[64 * j + e] as i32;
+                    hi += (qs[32 * j + e] >> 4) as i32 * q8[64 * j + 32 + e] as i32;
+                }
+                *sum += sc[2 * j] * lo + sc[2 * j + 1] * hi;
+            }
+        }
+        for (a, s) in acc.iter_mut().zip(sumi) {
+            *a = d.mul_add(s as f32, *a);
+        }
+    }
+    hsum8(&acc) + ((acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]))
+}
+
+#[inline(always)]
+pub(crate) fn dot_q6_k_q8_k(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
+    let mut acc = [0f32; 8];
+    for (i, wb) in w.chunks_exact(210).enumerate().take(nb) {
+        let d = acts.d[base + i] * f16_at(wb, 208);
+        let q8 = &acts.qs[(base + i) * QK_K..(base + i + 1) * QK_K];
+        let bs = &acts.bsums[(base + i) * 16..(base + i + 1) * 16];
+        let (ql, qh) = (&wb[0..128], &wb[128..192]);
+        let sc = |k: usize| wb[192 + k] as i8 as i32;
+        let mut sumi = [0i32; 8];
+        for j in 0..2 {
+            for k in 0..4 {
+                for (lane, sum) in sumi.iter_mut().enumerate() {
+                    let mut p = 0i32;
+                    for e in 4 * lane..4 * lane + 4 {
+                        let (l1, l2, h) = (ql[64 * j + e], ql[64 * j + 32 + e], qh[32 * j + e]);
+                        let q = match k {
+                            0 => (l1 & 15) | ((h & 3) << 4),
+                            1 => (l2 & 15) | (((h >> 2) & 3) << 4),
+                            2 => (l1 >> 4) | (((h >> 4) & 3) << 4),
+                            _ => (l2 >> 4) | (((h >> 6) & 3) << 4),
+                        };
+                        p += q as i32 * q8[128 * j + 32 * k + e] as i32;
+                    }
+                    *sum += sc(8 * j + 2 * k + usize::from(lane >= 4)) * p;
+                }
+            }
+        }
+        for (lane, sum) in sumi.iter_mut().enumerate() {
+            // The values are stored plus 32: take 32 × scale × activation sum back out.
+            *sum -= 32 * (bs[2 * lane] as i32 * sc(2 * lane) + bs[2 * lane + 1] as i32 * sc(2 * lane + 1));
+        }
+        for (a, s) in acc.iter_mut().zip(sumi) {
+            *a = d.mul_add(s as f32, *a);
+        }
+    }
+    hsum8(&acc)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,6 +586,42 @@ mod tests {
         out
     }
 
+    /// `rows` rows of random K-quant blocks with sane scales (random bytes elsewhere are all valid).
+    fn random_k_blocks(ty: GgmlType, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
+        let (bytes, scale_at) = if ty == GgmlType::Q4_K { (144, vec![0, 2]) } else { (210, vec![208]) };
+        let mut out = Vec::new();
+        for _ in 0..rows * cols / QK_K {
+            let mut block: Vec<u8> = (0..bytes).map(|_| (lcg(seed) * 128.0 + 128.0) as u8).collect();
+            for &at in &scale_at {
+                let v = f16::from_f32(0.001 + 0.01 * lcg(seed).abs()).to_bits().to_le_bytes();
+                block[at..at + 2].copy_from_slice(&v);
+            }
+            out.extend(block);
+        }
+        out
+    }
+
+    /// The K-quant integer paths agree with dequantise-then-f32 to within activation rounding.
+    #[test]
+    fn k_quant_integer_dots_match_the_float_reference() {
+        let mut seed = 5;
+        for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+            for cols in [256usize, 768] {
+                let w = random_k_blocks(ty, 1, cols, &mut seed);
+                let x: Vec<f32> = (0..cols * 2).map(|_| lcg(&mut seed)).collect();
+                let mut deq = vec![0f32; cols];
+                dequantize(ty, &w, &mut deq);
+                let acts = QuantizedActivations::new(ActivationFormat::Q8K, &x, 2, cols);
+                for t in 0..2 {
+                    let want = dot_f32(&deq, &x[t * cols..(t + 1) * cols]);
+                    let got = vec_dot(ty, &w, &acts, t);
+                    let scale = deq.iter().map(|v| v.abs()).sum::<f32>() / 127.0;
+                    assert!((want - got).abs() <= scale, "{ty} cols {cols}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
     /// The integer paths agree with dequantise-then-f32 to within activation rounding.
     #[test]
     fn integer_dots_match_the_float_reference() {
@@ -426,14 +629,24 @@ mod tests {
         for cols in [32usize, 64, 576] {
             let w: Vec<f32> = (0..cols).map(|_| lcg(&mut seed)).collect();
             let x: Vec<f32> = (0..cols * 3).map(|_| lcg(&mut seed)).collect();
-            for (ty, bytes) in [(GgmlType::Q8_0, quantize_q8_0(&w)), (GgmlType::Q4_1, quantize_q4_1(&w))] {
+            // Q5 blocks from the Q4 ones, with alternating fifth bits; Q5_0 centres on 16.
+            let q4_1 = quantize_q4_1(&w);
+            let q5_1: Vec<u8> = q4_1.chunks(20).flat_map(|b| [&b[..4], &[0x55; 4], &b[4..]].concat()).collect();
+            let q5_0: Vec<u8> = q4_1.chunks(20).flat_map(|b| [&b[..2], &[0xAA; 4], &b[4..]].concat()).collect();
+            let cases = [
+                (GgmlType::Q8_0, quantize_q8_0(&w)),
+                (GgmlType::Q4_1, q4_1),
+                (GgmlType::Q5_1, q5_1),
+                (GgmlType::Q5_0, q5_0),
+            ];
+            for (ty, bytes) in cases {
                 let mut deq = vec![0f32; cols];
                 dequantize(ty, &bytes, &mut deq);
                 let acts = QuantizedActivations::new(ActivationFormat::for_weights(ty), &x, 3, cols);
                 for t in 0..3 {
                     let want = dot_f32(&deq, &x[t * cols..(t + 1) * cols]);
                     let got = vec_dot(ty, &bytes, &acts, t);
-                    let tol = 0.02 * (cols as f32).sqrt();
+                    let tol = 0.02 * (cols as f32).sqrt() * deq.iter().fold(1f32, |m, v| m.max(v.abs()));
                     assert!((want - got).abs() < tol, "{ty} cols {cols}: {got} vs {want}");
                 }
             }
@@ -450,14 +663,30 @@ mod tests {
         let levels: &[x86::Level] =
             if best == x86::Level::Vnni { &[x86::Level::Avx2, x86::Level::Vnni] } else { &[best] };
         let mut seed = 11;
-        for (rows, cols, n) in [(1usize, 32usize, 1usize), (17, 96, 3), (33, 576, 7), (5, 1536, 9), (16, 64, 4)] {
+        let shapes = [(1usize, 32usize, 1usize), (17, 96, 3), (33, 576, 7), (5, 1536, 9), (16, 64, 4), (19, 768, 6)];
+        for (rows, cols, n) in shapes {
             let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
             let x: Vec<f32> = (0..cols * n).map(|_| lcg(&mut seed) * 50.0).collect();
             // Q4_0 blocks from Q8_0 ones: keep the scale, take the low nibbles of the first half.
             let q4_0: Vec<u8> = quantize_q8_0(&w).chunks(34).flat_map(|b| [&b[..2], &b[2..18]].concat()).collect();
-            for (ty, bytes) in
-                [(GgmlType::Q8_0, quantize_q8_0(&w)), (GgmlType::Q4_1, quantize_q4_1(&w)), (GgmlType::Q4_0, q4_0)]
-            {
+            // Q5 blocks: random high bits spliced into the Q4 blocks.
+            let mut high_bits = || (0..4).map(|_| (lcg(&mut seed) * 128.0 + 128.0) as u8).collect::<Vec<u8>>();
+            let q5_0: Vec<u8> = q4_0.chunks(18).flat_map(|b| [&b[..2], &high_bits()[..], &b[2..]].concat()).collect();
+            let q4_1 = quantize_q4_1(&w);
+            let q5_1: Vec<u8> = q4_1.chunks(20).flat_map(|b| [&b[..4], &high_bits()[..], &b[4..]].concat()).collect();
+            let mut cases = vec![
+                (GgmlType::Q8_0, quantize_q8_0(&w)),
+                (GgmlType::Q4_1, q4_1),
+                (GgmlType::Q4_0, q4_0),
+                (GgmlType::Q5_0, q5_0),
+                (GgmlType::Q5_1, q5_1),
+            ];
+            if cols % QK_K == 0 {
+                for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+                    cases.push((ty, random_k_blocks(ty, rows, cols, &mut seed)));
+                }
+            }
+            for (ty, bytes) in cases {
                 let acts = QuantizedActivations::new(ActivationFormat::for_weights(ty), &x, n, cols);
                 let row_bytes = bytes.len() / rows;
                 let mut want = vec![0f32; n * rows];

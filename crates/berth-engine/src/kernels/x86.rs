@@ -52,6 +52,8 @@ pub struct Acts<'a> {
     pub d: &'a [f32],
     /// Scaled block sums (Q8_1 only; empty otherwise).
     pub s: &'a [f32],
+    /// Sums of every 16 values (Q8_K only; empty otherwise).
+    pub bsums: &'a [i16],
     pub nb: usize,
 }
 
@@ -73,16 +75,21 @@ pub fn matmul_tiles(
     out: &mut [f32],
     layout: Layout,
 ) {
-    let block_bytes = match ty {
-        GgmlType::Q8_0 => 34,
-        GgmlType::Q4_0 => 18,
-        GgmlType::Q4_1 => 20,
+    let (block_bytes, values) = match ty {
+        GgmlType::Q8_0 => (<Q8_0 as Kernel>::BYTES, 32),
+        GgmlType::Q4_0 => (<Q4_0 as Kernel>::BYTES, 32),
+        GgmlType::Q4_1 => (<Q4_1 as Kernel>::BYTES, 32),
+        GgmlType::Q5_0 => (<Q5_0 as Kernel>::BYTES, 32),
+        GgmlType::Q5_1 => (<Q5_1 as Kernel>::BYTES, 32),
+        GgmlType::Q4_K => (<Q4K as Kernel>::BYTES, 256),
+        GgmlType::Q6_K => (<Q6K as Kernel>::BYTES, 256),
         other => panic!("no integer kernel for {other}"),
     };
     let nb = acts.nb;
     assert!(w.len() >= rows * nb * block_bytes);
-    assert!(acts.qs.len() >= tokens.end * nb * 32 && acts.d.len() >= tokens.end * nb);
-    assert!(ty != GgmlType::Q4_1 || acts.s.len() >= tokens.end * nb);
+    assert!(acts.qs.len() >= tokens.end * nb * values && acts.d.len() >= tokens.end * nb);
+    assert!(!matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) || acts.s.len() >= tokens.end * nb);
+    assert!(values != 256 || acts.bsums.len() >= tokens.end * nb * 16);
     if rows == 0 || tokens.is_empty() {
         return;
     }
@@ -95,10 +102,18 @@ pub fn matmul_tiles(
         match (level, ty) {
             (Level::Avx2, GgmlType::Q8_0) => avx2::<Q8_0>(&job),
             (Level::Avx2, GgmlType::Q4_0) => avx2::<Q4_0>(&job),
-            (Level::Avx2, _) => avx2::<Q4_1>(&job),
+            (Level::Avx2, GgmlType::Q4_1) => avx2::<Q4_1>(&job),
+            (Level::Avx2, GgmlType::Q5_0) => avx2::<Q5_0>(&job),
+            (Level::Avx2, GgmlType::Q5_1) => avx2::<Q5_1>(&job),
+            (Level::Avx2, GgmlType::Q4_K) => avx2::<Q4K>(&job),
+            (Level::Avx2, _) => avx2::<Q6K>(&job),
             (Level::Vnni, GgmlType::Q8_0) => vnni::<Q8_0>(&job),
             (Level::Vnni, GgmlType::Q4_0) => vnni::<Q4_0>(&job),
-            (Level::Vnni, _) => vnni::<Q4_1>(&job),
+            (Level::Vnni, GgmlType::Q4_1) => vnni::<Q4_1>(&job),
+            (Level::Vnni, GgmlType::Q5_0) => vnni::<Q5_0>(&job),
+            (Level::Vnni, GgmlType::Q5_1) => vnni::<Q5_1>(&job),
+            (Level::Vnni, GgmlType::Q4_K) => vnni::<Q4K>(&job),
+            (Level::Vnni, _) => vnni::<Q6K>(&job),
         }
     }
 }
@@ -114,13 +129,13 @@ struct Job<'a> {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2<B: Block>(job: &Job<'_>) {
+unsafe fn avx2<B: Kernel>(job: &Job<'_>) {
     // SAFETY: forwarded from the caller.
     unsafe { tiles::<B, false>(job) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn vnni<B: Block>(job: &Job<'_>) {
+unsafe fn vnni<B: Kernel>(job: &Job<'_>) {
     // SAFETY: forwarded from the caller.
     unsafe { tiles::<B, true>(job) }
 }
@@ -128,7 +143,7 @@ unsafe fn vnni<B: Block>(job: &Job<'_>) {
 /// Rows in blocks of 16 and tokens in groups of 4: a block's weights and a group's activations
 /// both stay in L1 while every pair of them is multiplied.
 #[inline(always)]
-unsafe fn tiles<B: Block, const VNNI: bool>(job: &Job<'_>) {
+unsafe fn tiles<B: Kernel, const VNNI: bool>(job: &Job<'_>) {
     const ROW_BLOCK: usize = 16;
     let (t0, t1) = (job.tokens.start, job.tokens.end);
     for r0 in (0..job.rows).step_by(ROW_BLOCK) {
@@ -143,10 +158,10 @@ unsafe fn tiles<B: Block, const VNNI: bool>(job: &Job<'_>) {
                     let o = job.out.add((t - t0) * job.layout.token_stride + r * job.layout.row_stride);
                     let ts = job.layout.token_stride;
                     match group {
-                        4 => tile::<B, VNNI, 4>(w, &job.acts, t, o, ts),
-                        3 => tile::<B, VNNI, 3>(w, &job.acts, t, o, ts),
-                        2 => tile::<B, VNNI, 2>(w, &job.acts, t, o, ts),
-                        _ => tile::<B, VNNI, 1>(w, &job.acts, t, o, ts),
+                        4 => B::tile::<VNNI, 4>(w, &job.acts, t, o, ts),
+                        3 => B::tile::<VNNI, 3>(w, &job.acts, t, o, ts),
+                        2 => B::tile::<VNNI, 2>(w, &job.acts, t, o, ts),
+                        _ => B::tile::<VNNI, 1>(w, &job.acts, t, o, ts),
                     }
                 }
             }
@@ -155,10 +170,37 @@ unsafe fn tiles<B: Block, const VNNI: bool>(job: &Job<'_>) {
     }
 }
 
-/// One weight row by `T` tokens starting at `first`, each product reduced exactly as llama.cpp's
-/// single dot product reduces it.
+/// A weight format's tile kernel: one weight row by `T` tokens starting at `first`, each product
+/// reduced exactly as llama.cpp's single dot product reduces it, written `token_stride` apart.
+trait Kernel {
+    const BYTES: usize;
+    unsafe fn tile<const VNNI: bool, const T: usize>(
+        w: *const u8,
+        acts: &Acts<'_>,
+        first: usize,
+        out: *mut f32,
+        token_stride: usize,
+    );
+}
+
+impl<B: Block> Kernel for B {
+    const BYTES: usize = B::BYTES;
+    #[inline(always)]
+    unsafe fn tile<const VNNI: bool, const T: usize>(
+        w: *const u8,
+        acts: &Acts<'_>,
+        first: usize,
+        out: *mut f32,
+        token_stride: usize,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { tile_32::<B, VNNI, T>(w, acts, first, out, token_stride) }
+    }
+}
+
+/// The tile kernel of the 32-value formats.
 #[inline(always)]
-unsafe fn tile<B: Block, const VNNI: bool, const T: usize>(
+unsafe fn tile_32<B: Block, const VNNI: bool, const T: usize>(
     w: *const u8,
     acts: &Acts<'_>,
     first: usize,
@@ -196,6 +238,162 @@ unsafe fn tile<B: Block, const VNNI: bool, const T: usize>(
     }
 }
 
+struct Q4K;
+struct Q6K;
+
+impl Kernel for Q4K {
+    const BYTES: usize = 144;
+    /// llama.cpp's AVX2 `ggml_vec_dot_q4_K_q8_K`, with each weight chunk unpacked once for `T`
+    /// tokens.
+    #[inline(always)]
+    unsafe fn tile<const VNNI: bool, const T: usize>(
+        w: *const u8,
+        acts: &Acts<'_>,
+        first: usize,
+        out: *mut f32,
+        token_stride: usize,
+    ) {
+        let nb = acts.nb;
+        // SAFETY (whole body): the caller guarantees AVX2, `nb` blocks at `w`, and `nb` Q8_K
+        // activation blocks for tokens first..first+T.
+        unsafe {
+            let m4 = _mm256_set1_epi8(0xF);
+            let mut acc = [_mm256_setzero_ps(); T];
+            let mut acc_m = [_mm_setzero_ps(); T];
+            for i in 0..nb {
+                let x = w.add(i * Self::BYTES);
+                let wd = f16_at(x);
+                let wmin = f16_at(x.add(2));
+                let mut utmp = [0u32; 4];
+                std::ptr::copy_nonoverlapping(x.add(4), utmp.as_mut_ptr() as *mut u8, 12);
+                utmp[3] = ((utmp[2] >> 4) & 0x0f0f0f0f) | (((utmp[1] >> 6) & 0x03030303) << 4);
+                let uaux = utmp[1] & 0x3f3f3f3f;
+                utmp[1] = (utmp[2] & 0x0f0f0f0f) | (((utmp[0] >> 6) & 0x03030303) << 4);
+                utmp[2] = uaux;
+                utmp[0] &= 0x3f3f3f3f;
+                let mins_and_scales =
+                    _mm256_cvtepu8_epi16(_mm_set_epi32(utmp[3] as i32, utmp[2] as i32, utmp[1] as i32, utmp[0] as i32));
+                let mins = _mm256_extracti128_si256(mins_and_scales, 1);
+                let sc128 = _mm256_extracti128_si256(mins_and_scales, 0);
+                let scales = _mm256_set_m128i(sc128, sc128);
+                let mut sumi = [_mm256_setzero_si256(); T];
+                let q4 = x.add(16);
+                for j in 0..4 {
+                    let scale_l = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j));
+                    let scale_h = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j + 1));
+                    let q4bits = _mm256_loadu_si256(q4.add(32 * j) as *const __m256i);
+                    let q4l = _mm256_and_si256(q4bits, m4);
+                    let q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+                    for (t, sum) in sumi.iter_mut().enumerate() {
+                        let q8 = acts.qs.as_ptr().add(((first + t) * nb + i) * 256 + 64 * j);
+                        let q8l = _mm256_loadu_si256(q8 as *const __m256i);
+                        let q8h = _mm256_loadu_si256(q8.add(32) as *const __m256i);
+                        let p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
+                        let p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
+                        *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(p16l, p16h));
+                    }
+                }
+                for t in 0..T {
+                    let block = (first + t) * nb + i;
+                    let yd = *acts.d.as_ptr().add(block);
+                    let q8sums = _mm256_loadu_si256(acts.bsums.as_ptr().add(block * 16) as *const __m256i);
+                    let q8s = _mm_hadd_epi16(_mm256_extracti128_si256(q8sums, 0), _mm256_extracti128_si256(q8sums, 1));
+                    let prod = _mm_madd_epi16(mins, q8s);
+                    acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(-yd * wmin), _mm_cvtepi32_ps(prod), acc_m[t]);
+                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(yd * wd), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+                }
+            }
+            for t in 0..T {
+                let m = _mm_add_ps(acc_m[t], _mm_movehl_ps(acc_m[t], acc_m[t]));
+                let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+                *out.add(t * token_stride) = hsum8(acc[t]) + _mm_cvtss_f32(m);
+            }
+        }
+    }
+}
+
+impl Kernel for Q6K {
+    const BYTES: usize = 210;
+    /// llama.cpp's AVX2 `ggml_vec_dot_q6_K_q8_K`, with each weight chunk unpacked once for `T`
+    /// tokens.
+    #[inline(always)]
+    unsafe fn tile<const VNNI: bool, const T: usize>(
+        w: *const u8,
+        acts: &Acts<'_>,
+        first: usize,
+        out: *mut f32,
+        token_stride: usize,
+    ) {
+        let nb = acts.nb;
+        // SAFETY (whole body): as for Q4K.
+        unsafe {
+            let m3 = _mm256_set1_epi8(3);
+            let m15 = _mm256_set1_epi8(15);
+            let mut acc = [_mm256_setzero_ps(); T];
+            for i in 0..nb {
+                let x = w.add(i * Self::BYTES);
+                let wd = f16_at(x.add(208));
+                let scales = _mm_loadu_si128(x.add(192) as *const __m128i);
+                let mut sumi = [_mm256_setzero_si256(); T];
+                for j in 0..2 {
+                    let q4bits1 = _mm256_loadu_si256(x.add(64 * j) as *const __m256i);
+                    let q4bits2 = _mm256_loadu_si256(x.add(64 * j + 32) as *const __m256i);
+                    let q4bits_h = _mm256_loadu_si256(x.add(128 + 32 * j) as *const __m256i);
+                    let q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bits_h, m3), 4);
+                    let q4h_1 = _mm256_slli_epi16(_mm256_and_si256(q4bits_h, _mm256_set1_epi8(12)), 2);
+                    let q4h_2 = _mm256_and_si256(q4bits_h, _mm256_set1_epi8(48));
+                    let q4h_3 = _mm256_srli_epi16(_mm256_and_si256(q4bits_h, _mm256_set1_epi8(-64)), 2);
+                    let q = [
+                        _mm256_or_si256(_mm256_and_si256(q4bits1, m15), q4h_0),
+                        _mm256_or_si256(_mm256_and_si256(q4bits2, m15), q4h_1),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m15), q4h_2),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m15), q4h_3),
+                    ];
+                    let sc: [__m256i; 4] = std::array::from_fn(|k| {
+                        _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, scale_shuffle(4 * j + k)))
+                    });
+                    for (t, sum) in sumi.iter_mut().enumerate() {
+                        let q8 = acts.qs.as_ptr().add(((first + t) * nb + i) * 256 + 128 * j);
+                        let p: [__m256i; 4] = std::array::from_fn(|k| {
+                            let q8k = _mm256_loadu_si256(q8.add(32 * k) as *const __m256i);
+                            _mm256_madd_epi16(sc[k], _mm256_maddubs_epi16(q[k], q8k))
+                        });
+                        *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(p[0], p[1]));
+                        *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(p[2], p[3]));
+                    }
+                }
+                for t in 0..T {
+                    let block = (first + t) * nb + i;
+                    let q8sums = _mm256_loadu_si256(acts.bsums.as_ptr().add(block * 16) as *const __m256i);
+                    let q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, _mm256_cvtepi8_epi16(scales)), 5);
+                    let s = _mm256_sub_epi32(sumi[t], q8sclsub);
+                    let d = _mm256_set1_ps(*acts.d.as_ptr().add(block) * wd);
+                    acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);
+                }
+            }
+            for (t, a) in acc.iter().enumerate() {
+                *out.add(t * token_stride) = hsum8(*a);
+            }
+        }
+    }
+}
+
+/// llama.cpp's `get_scale_shuffle_k4`: 16-bit scale `i` repeated over all 16 lanes.
+#[inline(always)]
+unsafe fn scale_shuffle_k4(i: usize) -> __m256i {
+    let (lo, hi) = (2 * i as i8, 2 * i as i8 + 1);
+    // SAFETY: AVX is implied by the callers' features.
+    unsafe { _mm256_set1_epi16(i16::from_le_bytes([lo as u8, hi as u8])) }
+}
+
+/// llama.cpp's `get_scale_shuffle`: byte `2i` in the low 8 bytes, byte `2i + 1` in the high 8.
+#[inline(always)]
+unsafe fn scale_shuffle(i: usize) -> __m128i {
+    let (lo, hi) = (2 * i as i8, 2 * i as i8 + 1);
+    // SAFETY: SSE2 is implied by the callers' features.
+    unsafe { _mm_set_epi8(hi, hi, hi, hi, hi, hi, hi, hi, lo, lo, lo, lo, lo, lo, lo, lo) }
+}
+
 /// A weight block format with an integer kernel.
 trait Block {
     const BYTES: usize;
@@ -213,6 +411,8 @@ trait Block {
 struct Q8_0;
 struct Q4_0;
 struct Q4_1;
+struct Q5_0;
+struct Q5_1;
 
 impl Block for Q8_0 {
     const BYTES: usize = 34;
@@ -249,6 +449,53 @@ impl Block for Q4_1 {
     unsafe fn min(p: *const u8) -> f32 {
         // SAFETY: as `load`.
         unsafe { f16_at(p.add(2)) }
+    }
+}
+
+impl Block for Q5_0 {
+    const BYTES: usize = 22;
+    const SIGNED: bool = true;
+    const HAS_MIN: bool = false;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (f32, __m256i) {
+        // SAFETY: the caller guarantees a whole block at `p`.
+        unsafe {
+            // A clear fifth bit turns the nibble into nibble − 16 (0xF0 | nibble as a signed byte).
+            let high = _mm256_andnot_si256(bits_as_bytes(p.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+            (f16_at(p), _mm256_or_si256(nibbles(p.add(6)), high))
+        }
+    }
+}
+
+impl Block for Q5_1 {
+    const BYTES: usize = 24;
+    const SIGNED: bool = false;
+    const HAS_MIN: bool = true;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (f32, __m256i) {
+        // SAFETY: the caller guarantees a whole block at `p`.
+        unsafe {
+            let high = _mm256_and_si256(bits_as_bytes(p.add(4)), _mm256_set1_epi8(0x10));
+            (f16_at(p), _mm256_or_si256(nibbles(p.add(8)), high))
+        }
+    }
+    #[inline(always)]
+    unsafe fn min(p: *const u8) -> f32 {
+        // SAFETY: as `load`.
+        unsafe { f16_at(p.add(2)) }
+    }
+}
+
+/// llama.cpp's `bytes_from_bits_32`: 32 bits at `p` → 32 bytes, 0xFF where the bit is set.
+#[inline(always)]
+unsafe fn bits_as_bytes(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 4 readable bytes at `p`, and AVX2.
+    unsafe {
+        let x32 = i32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
+        let shuffle = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x32), shuffle);
+        let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+        _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
     }
 }
 
