@@ -144,6 +144,8 @@ struct HeadScratch {
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<HeadScratch> = std::cell::RefCell::new(HeadScratch::default());
+    /// The calling thread's f32 copies of a sequence's keys and values for one layer.
+    static WIDENED: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 impl Attention {
@@ -158,21 +160,41 @@ impl Attention {
         let q_dim = self.n_head * hd;
         let n = q.len() / q_dim;
         let len = first + n;
-        let mut k = vec![0f32; len * kv_dim];
-        let mut v = vec![0f32; len * kv_dim];
-        let chunk = 256 * kv_dim;
-        let team = crate::team();
-        let mut pieces: Vec<(&mut [f32], &[u16])> = k
-            .chunks_mut(chunk)
-            .zip(k_cache[..len * kv_dim].chunks(chunk))
-            .chain(v.chunks_mut(chunk).zip(v_cache[..len * kv_dim].chunks(chunk)))
-            .collect();
-        team.for_each_mut(&mut pieces, |(d, s)| widen(s, d));
-        team.for_each_chunk_mut(out, hd, |i, out_head| {
+        WIDENED.with_borrow_mut(|(k, v)| {
+            // Reused between calls (see below for how much is kept).
+            if k.len() < len * kv_dim {
+                k.resize(len * kv_dim, 0.0);
+                v.resize(len * kv_dim, 0.0);
+            }
+            let (k, v) = (&mut k[..len * kv_dim], &mut v[..len * kv_dim]);
+            let chunk = 256 * kv_dim;
+            let team = crate::team();
+            let mut pieces: Vec<(&mut [f32], &[u16])> = k
+                .chunks_mut(chunk)
+                .zip(k_cache[..len * kv_dim].chunks(chunk))
+                .chain(v.chunks_mut(chunk).zip(v_cache[..len * kv_dim].chunks(chunk)))
+                .collect();
+            team.for_each_mut(&mut pieces, |(d, s)| widen(s, d));
+            self.heads(q, first, k, v, order, out);
+        });
+        // Keep up to 16 MiB per buffer for the next call; a long context's copies are let go.
+        WIDENED.with_borrow_mut(|(k, v)| {
+            if k.capacity() > 4 << 20 {
+                *k = Vec::new();
+                *v = Vec::new();
+            }
+        });
+    }
+
+    /// Every head of every token of the run, shared out among the workers.
+    fn heads(&self, q: &[f32], first: usize, k: &[f32], v: &[f32], order: Order, out: &mut [f32]) {
+        let hd = self.head_dim;
+        let q_dim = self.n_head * hd;
+        crate::team().for_each_chunk_mut(out, hd, |i, out_head| {
             let (t, h) = (i / self.n_head, i % self.n_head);
             let q_head = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
             SCRATCH.with_borrow_mut(|scratch| {
-                self.head(q_head, &k, &v, h / (self.n_head / self.n_head_kv), first + t, order, out_head, scratch)
+                self.head(q_head, k, v, h / (self.n_head / self.n_head_kv), first + t, order, out_head, scratch)
             });
         });
     }

@@ -29,6 +29,8 @@ macro_rules! fma_dispatch {
 
 pub mod attention;
 pub mod f16;
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon;
 pub mod ops;
 pub mod quant;
 #[cfg(target_arch = "x86_64")]
@@ -176,7 +178,17 @@ impl<'a> QMatrix<'a> {
             for start in tokens.clone().step_by(TOKENS_PER_PASS) {
                 let run = start..(start + TOKENS_PER_PASS).min(tokens.end);
                 let o = &mut out[at(start, rows.start)..];
-                x86::matmul_tiles(level, self.ggml_type, w, rows.len(), acts.x86(), run, o, layout);
+                x86::matmul_tiles(level, self.ggml_type, w, rows.len(), acts.view(), run, o, layout);
+            }
+            return;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if acts.format != ActivationFormat::F32 && neon::supports(self.ggml_type) {
+            let w = &self.data[rows.start * self.row_bytes..rows.end * self.row_bytes];
+            for start in tokens.clone().step_by(TOKENS_PER_PASS) {
+                let run = start..(start + TOKENS_PER_PASS).min(tokens.end);
+                let o = &mut out[at(start, rows.start)..];
+                neon::matmul_tiles(self.ggml_type, w, rows.len(), acts.view(), run, o, layout);
             }
             return;
         }
@@ -203,6 +215,19 @@ impl<'a> QMatrix<'a> {
 const TOKEN_GROUP: usize = 4;
 /// Tokens per pass over a task's weight rows (64 × 576 quantised values ≈ 37 KB, inside L1).
 const TOKENS_PER_PASS: usize = 64;
+
+/// Quantised activations of a batch of tokens as the SIMD kernels read them, `nb` blocks per token.
+#[derive(Clone, Copy)]
+pub(crate) struct Acts<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    /// Scaled block sums (Q8_1 only; empty otherwise).
+    pub s: &'a [f32],
+    /// Sums of every 16 values (Q8_K only; empty otherwise). Only x86 has K-quant SIMD kernels.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub bsums: &'a [i16],
+    pub nb: usize,
+}
 
 /// Where products go: `out[t · token_stride + r · row_stride]`.
 #[derive(Clone, Copy)]

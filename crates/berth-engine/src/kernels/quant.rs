@@ -304,11 +304,10 @@ fn quantize_q8_k(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
     }
 }
 
-/// The integer formats, as the x86 tile kernels see them.
-#[cfg(target_arch = "x86_64")]
+/// The integer formats, as the SIMD tile kernels see them.
 impl QuantizedActivations<'_> {
-    pub(crate) fn x86(&self) -> super::x86::Acts<'_> {
-        super::x86::Acts { qs: &self.qs, d: &self.d, s: &self.s, bsums: &self.bsums, nb: self.blocks_per_row }
+    pub(crate) fn view(&self) -> super::Acts<'_> {
+        super::Acts { qs: &self.qs, d: &self.d, s: &self.s, bsums: &self.bsums, nb: self.blocks_per_row }
     }
 }
 
@@ -655,13 +654,40 @@ mod tests {
 
     /// Every x86 level's tile kernels give the portable reference's bits, for every integer
     /// format, on random data, in shapes with ragged row blocks and token groups.
-    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn x86_kernels_match_the_portable_ones_bit_for_bit() {
-        use super::super::{Layout, x86};
-        let Some(best) = x86::level() else { return };
-        let levels: &[x86::Level] =
-            if best == x86::Level::Vnni { &[x86::Level::Avx2, x86::Level::Vnni] } else { &[best] };
+    fn simd_kernels_match_the_portable_ones_bit_for_bit() {
+        use super::super::{Acts, Layout};
+        use std::ops::Range;
+        type Kernel = Box<dyn Fn(GgmlType, &[u8], usize, Acts<'_>, Range<usize>, &mut [f32], Layout) -> bool>;
+        // Every SIMD kernel this CPU runs, each saying whether it covers the type.
+        let mut kernels: Vec<(String, Kernel)> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::super::x86;
+            let levels = match x86::level() {
+                Some(x86::Level::Vnni) => vec![x86::Level::Avx2, x86::Level::Vnni],
+                Some(level) => vec![level],
+                None => Vec::new(),
+            };
+            for level in levels {
+                let kernel: Kernel = Box::new(move |ty, w, rows, acts, tokens, out, layout| {
+                    x86::matmul_tiles(level, ty, w, rows, acts, tokens, out, layout);
+                    true
+                });
+                kernels.push((format!("{level:?}"), kernel));
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            use super::super::neon;
+            let kernel: Kernel = Box::new(|ty, w, rows, acts, tokens, out, layout| {
+                neon::supports(ty) && {
+                    neon::matmul_tiles(ty, w, rows, acts, tokens, out, layout);
+                    true
+                }
+            });
+            kernels.push(("NEON".into(), kernel));
+        }
         let mut seed = 11;
         let shapes = [(1usize, 32usize, 1usize), (17, 96, 3), (33, 576, 7), (5, 1536, 9), (16, 64, 4), (19, 768, 6)];
         for (rows, cols, n) in shapes {
@@ -695,20 +721,22 @@ mod tests {
                         want[t * rows + r] = vec_dot(ty, &bytes[r * row_bytes..(r + 1) * row_bytes], &acts, t);
                     }
                 }
-                for &level in levels {
+                for (name, kernel) in &kernels {
                     // Token-major output, and a row-major one over a ragged token range.
                     let mut got = vec![f32::NAN; n * rows];
                     let layout = Layout { token_stride: rows, row_stride: 1 };
-                    x86::matmul_tiles(level, ty, &bytes, rows, acts.x86(), 0..n, &mut got, layout);
-                    assert_eq!(bits(&got), bits(&want), "{level:?} {ty} {rows}×{cols} by {n}");
+                    if !kernel(ty, &bytes, rows, acts.view(), 0..n, &mut got, layout) {
+                        continue;
+                    }
+                    assert_eq!(bits(&got), bits(&want), "{name} {ty} {rows}×{cols} by {n}");
                     let mut got = vec![f32::NAN; rows * (n - 1)];
                     if n > 1 {
                         let layout = Layout { token_stride: 1, row_stride: n - 1 };
-                        x86::matmul_tiles(level, ty, &bytes, rows, acts.x86(), 1..n, &mut got, layout);
+                        kernel(ty, &bytes, rows, acts.view(), 1..n, &mut got, layout);
                         for t in 1..n {
                             for r in 0..rows {
                                 let (g, w) = (got[r * (n - 1) + t - 1], want[t * rows + r]);
-                                assert_eq!(g.to_bits(), w.to_bits(), "{level:?} {ty} row {r} token {t}");
+                                assert_eq!(g.to_bits(), w.to_bits(), "{name} {ty} row {r} token {t}");
                             }
                         }
                     }

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use berth_formats::gguf::GgmlType;
 
-use super::Layout;
+use super::{Acts, Layout};
 
 /// The instruction-set levels berth has kernels for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,18 +43,6 @@ pub fn level() -> Option<Level> {
 /// Whether this CPU has AVX2, FMA and F16C.
 pub fn has_avx2() -> bool {
     level().is_some()
-}
-
-/// Quantised activations of a batch of tokens, `nb` blocks per token.
-#[derive(Clone, Copy)]
-pub struct Acts<'a> {
-    pub qs: &'a [i8],
-    pub d: &'a [f32],
-    /// Scaled block sums (Q8_1 only; empty otherwise).
-    pub s: &'a [f32],
-    /// Sums of every 16 values (Q8_K only; empty otherwise).
-    pub bsums: &'a [i16],
-    pub nb: usize,
 }
 
 /// Multiply `rows` consecutive weight rows (`w`, `row_bytes` each) by the activations of
