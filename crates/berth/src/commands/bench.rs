@@ -19,7 +19,7 @@ pub struct Args {
     /// Measurements of each kind; the median is reported.
     #[arg(long, default_value_t = 3)]
     repetitions: usize,
-    /// Worker threads (default: the CPUs available).
+    /// Worker threads (default: the physical cores available).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
     /// Print JSON.

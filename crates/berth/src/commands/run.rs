@@ -28,7 +28,7 @@ pub struct Args {
     /// A system message to start the conversation with.
     #[arg(long)]
     system: Option<String>,
-    /// Worker threads (default: the CPUs available).
+    /// Worker threads (default: the physical cores available).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
     /// Print load time and tokens per second to standard error.

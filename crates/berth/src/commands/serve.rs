@@ -16,7 +16,7 @@ pub struct Args {
     /// The largest request body accepted, in bytes.
     #[arg(long, default_value_t = 2 << 20)]
     body_limit: usize,
-    /// Worker threads for the engine (default: the CPUs available).
+    /// Worker threads for the engine (default: the physical cores available).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
 }
