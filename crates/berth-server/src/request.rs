@@ -104,6 +104,10 @@ pub struct Sampling {
     pub seed: Option<i64>,
     pub stop: Option<StopField>,
     pub logit_bias: Option<HashMap<String, f64>>,
+    /// Keep generating past the end-of-sequence token up to the token limit (the extension vLLM and
+    /// llama-server accept; benchmarks use it for fixed output lengths).
+    #[serde(default)]
+    pub ignore_eos: bool,
     #[allow(dead_code)]
     pub user: Option<String>,
 }
@@ -211,7 +215,7 @@ impl Sampling {
             stop,
             stop_token_ids: Vec::new(),
             logprobs,
-            ignore_eos: false,
+            ignore_eos: self.ignore_eos,
         })
     }
 }

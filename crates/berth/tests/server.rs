@@ -17,7 +17,7 @@ struct Server {
     child: Child,
     port: u16,
     log: PathBuf,
-    _berth: Berth,
+    berth: Berth,
 }
 
 impl Server {
@@ -35,7 +35,7 @@ impl Server {
             .stderr(Stdio::from(file))
             .spawn()
             .expect("start berth serve");
-        let mut server = Server { child, port, log, _berth: berth };
+        let mut server = Server { child, port, log, berth };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok((200, _)) = http_request(port, "GET", "/ready", &[], b"") {
@@ -229,4 +229,41 @@ fn a_client_that_hangs_up_stops_its_generation() {
         after_hangup - before
     );
     assert!(after_hangup - before < 500, "the generation ran to its end");
+}
+
+/// `berth bench --url` against the real server: every request completes, the counts are the
+/// server's (fixed output length through ignore_eos), and the latencies are consistent.
+#[test]
+fn bench_url_measures_a_running_server() {
+    let server = Server::start();
+    let url = format!("http://127.0.0.1:{}", server.port);
+    let args = ["bench", "smollm2", "--url", &url, "--requests", "6", "--concurrency", "3", "--prompt-tokens", "32"];
+    let report = server.berth.json(&[&args[..], &["--gen-tokens", "12", "--json"]].concat());
+    assert_eq!(report["completed"], 6, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["mean_prompt_tokens"], 32.0, "{report}");
+    assert_eq!(report["mean_output_tokens"], 12.0, "{report}");
+    let ms = |k: &str, p: &str| report[k][p].as_f64().unwrap_or(-1.0);
+    assert!(ms("ttft_ms", "p50") > 0.0 && ms("ttft_ms", "p99") >= ms("ttft_ms", "p50"), "{report}");
+    assert!(ms("e2e_ms", "p50") >= ms("ttft_ms", "p50") && ms("itl_ms", "p50") > 0.0, "{report}");
+    assert!(ms("tpot_ms", "mean") > 0.0 && report["output_token_throughput"].as_f64().unwrap_or(0.0) > 0.0);
+    // Poisson arrivals, and a model the server does not have: every failure is counted and named.
+    let poisson = server.berth.json(&[
+        "bench",
+        "smollm2",
+        "--url",
+        &url,
+        "--requests",
+        "3",
+        "--rate",
+        "20",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(poisson["completed"], 3, "{poisson}");
+    let err = server.berth.fails(&["bench", "nosuch", "--url", &url, "--requests", "2", "--gen-tokens", "4"]);
+    assert!(err.contains("no request completed") && err.contains("does not exist"), "{err}");
 }

@@ -87,7 +87,8 @@ impl RegistryOptions {
 }
 
 /// rustls needs one process-wide crypto provider; berth uses ring (no C toolchain beyond cc).
-fn install_crypto_provider() {
+/// Every HTTPS client of the process (also the binary's own) calls this before it is built.
+pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 

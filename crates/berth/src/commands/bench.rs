@@ -4,18 +4,42 @@ use anyhow::Context as _;
 use berth_engine::model::SeqStep;
 use serde::Serialize;
 
-use super::Context;
+use super::{Context, bench_serve};
 
+/// Measure the engine on a local model (prefill and decode speed), or, with `--url`, load a running
+/// OpenAI-compatible server with streamed completions and report latencies and throughput.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A local model (e.g. ai/smollm2) or a path to a .gguf file.
+    /// A local model (e.g. ai/smollm2) or a path to a .gguf file; with --url, the model's name on
+    /// the server.
     model: String,
-    /// Prompt length for the prefill measurement (llama-bench's pp).
+    /// Prompt length for the prefill measurement (llama-bench's pp); with --url, the synthetic
+    /// prompts' length in tokens (approximately; the server's count is reported).
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
-    /// Tokens generated one at a time for the decode measurement (llama-bench's tg).
+    /// Tokens generated one at a time for the decode measurement (llama-bench's tg); with --url,
+    /// each request's max_tokens (sent with ignore_eos).
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
+    /// Benchmark the server at this base URL (e.g. http://127.0.0.1:12480) instead of the engine.
+    #[arg(long)]
+    url: Option<String>,
+    /// With --url: how many requests to send.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    requests: u32,
+    /// With --url: requests in flight at most.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    concurrency: u32,
+    /// With --url: send requests as a Poisson process of this many per second (default: as fast
+    /// as --concurrency allows).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// With --url: seed of the arrival times.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// With --url: give up on a request after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
     /// Measurements of each kind; the median is reported.
     #[arg(long, default_value_t = 3)]
     repetitions: usize,
@@ -54,6 +78,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    if let Some(url) = args.url.clone() {
+        return run_against_server(url, args);
+    }
     if let Some(n) = args.threads {
         berth_engine::set_threads(n.into())?;
     }
@@ -111,5 +138,39 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             args.repetitions
         );
     }
+    Ok(())
+}
+
+fn run_against_server(url: String, args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        url.starts_with("http://") || url.starts_with("https://"),
+        "--url must start with http:// or https://, got {url:?}"
+    );
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(rate.is_finite() && rate > 0.0, "--rate must be a positive number of requests per second");
+    }
+    let load = bench_serve::Load {
+        url,
+        model: args.model,
+        requests: args.requests as usize,
+        concurrency: args.concurrency as usize,
+        rate: args.rate,
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        seed: args.seed,
+        timeout: std::time::Duration::from_secs(args.timeout.max(1)),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let report = runtime.block_on(bench_serve::run(load))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report).context("report")?);
+    } else {
+        report.print();
+    }
+    anyhow::ensure!(
+        report.completed > 0,
+        "no request completed: {}",
+        report.error_samples.first().map(String::as_str).unwrap_or("no error recorded")
+    );
     Ok(())
 }

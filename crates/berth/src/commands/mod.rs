@@ -1,4 +1,5 @@
 pub mod bench;
+mod bench_serve;
 pub mod manage;
 pub mod package;
 pub mod run;
