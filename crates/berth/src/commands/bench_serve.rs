@@ -130,6 +130,9 @@ async fn one_request(client: &reqwest::Client, endpoint: &str, load: &Load, inde
     let mut response = client
         .post(endpoint)
         .header("content-type", "application/json")
+        // One connection per request, closed by both sides when it is done: llama-server closes
+        // reused keep-alive connections after a stream, which failed the next request sent on one.
+        .header("connection", "close")
         .body(body.to_string())
         .send()
         .await
