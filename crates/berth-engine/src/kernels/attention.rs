@@ -134,6 +134,17 @@ fn widen(src: &[u16], dst: &mut [f32]) {
     src.reinterpret_cast::<half::f16>().convert_to_f32_slice(dst);
 }
 
+/// One head of one token: its query, the sequence's widened keys and values, which key/value head
+/// it reads, its position, and the reduction order of the step.
+struct HeadJob<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    kvh: usize,
+    pos: usize,
+    order: Order,
+}
+
 /// Per-thread buffers of one head's computation, reused across calls.
 #[derive(Default)]
 struct HeadScratch {
@@ -193,64 +204,31 @@ impl Attention {
         crate::team().for_each_chunk_mut(out, hd, |i, out_head| {
             let (t, h) = (i / self.n_head, i % self.n_head);
             let q_head = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-            SCRATCH.with_borrow_mut(|scratch| {
-                self.head(q_head, k, v, h / (self.n_head / self.n_head_kv), first + t, order, out_head, scratch)
-            });
+            let job = HeadJob { q: q_head, k, v, kvh: h / (self.n_head / self.n_head_kv), pos: first + t, order };
+            SCRATCH.with_borrow_mut(|scratch| self.head(&job, out_head, scratch));
         });
     }
 
-    /// One head of one token at position `pos`, over f32 keys and values.
-    #[allow(clippy::too_many_arguments)]
-    fn head(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        kvh: usize,
-        pos: usize,
-        order: Order,
-        out: &mut [f32],
-        scratch: &mut HeadScratch,
-    ) {
+    /// One head of one token, over f32 keys and values.
+    fn head(&self, job: &HeadJob<'_>, out: &mut [f32], scratch: &mut HeadScratch) {
         #[cfg(target_arch = "x86_64")]
         if super::x86::has_avx2() {
             // SAFETY: AVX2 and FMA were detected; the body is the portable one, compiled with them.
-            unsafe { self.head_avx2(q, k, v, kvh, pos, order, out, scratch) };
+            unsafe { self.head_avx2(job, out, scratch) };
             return;
         }
-        self.head_portable(q, k, v, kvh, pos, order, out, scratch);
+        self.head_portable(job, out, scratch);
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn head_avx2(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        kvh: usize,
-        pos: usize,
-        order: Order,
-        out: &mut [f32],
-        scratch: &mut HeadScratch,
-    ) {
-        self.head_portable(q, k, v, kvh, pos, order, out, scratch)
+    unsafe fn head_avx2(&self, job: &HeadJob<'_>, out: &mut [f32], scratch: &mut HeadScratch) {
+        self.head_portable(job, out, scratch)
     }
 
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn head_portable(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        kvh: usize,
-        pos: usize,
-        order: Order,
-        out: &mut [f32],
-        scratch: &mut HeadScratch,
-    ) {
+    fn head_portable(&self, job: &HeadJob<'_>, out: &mut [f32], scratch: &mut HeadScratch) {
+        let &HeadJob { q, k, v, kvh, pos, order } = job;
         let hd = self.head_dim;
         let kv_dim = self.n_head_kv * hd;
         let scale = 1.0 / (hd as f32).sqrt();
