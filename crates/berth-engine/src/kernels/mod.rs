@@ -213,26 +213,6 @@ impl<'a> QMatrix<'a> {
 
 /// Tokens multiplied together by one weight block in the tile kernels.
 const TOKEN_GROUP: usize = 4;
-/// Weight rows per block of the tile walk.
-const ROW_BLOCK: usize = 16;
-
-/// The order every SIMD tile kernel walks its products in: rows in blocks of 16 and tokens in
-/// groups of up to 4, so a block's weights and a group's activations both stay in L1 while every
-/// pair of them is multiplied. Calls `tile(row, first_token, group_len)`.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-#[inline(always)]
-fn for_each_tile(rows: usize, tokens: Range<usize>, mut tile: impl FnMut(usize, usize, usize)) {
-    for r0 in (0..rows).step_by(ROW_BLOCK) {
-        let mut t = tokens.start;
-        while t < tokens.end {
-            let group = (tokens.end - t).min(TOKEN_GROUP);
-            for r in r0..(r0 + ROW_BLOCK).min(rows) {
-                tile(r, t, group);
-            }
-            t += group;
-        }
-    }
-}
 /// Tokens per pass over a task's weight rows (64 × 576 quantised values ≈ 37 KB, inside L1).
 const TOKENS_PER_PASS: usize = 64;
 

@@ -63,6 +63,7 @@ pub fn matmul_tiles(
     }
 }
 
+/// Rows in blocks of 16, tokens in groups of 4, as in the x86 kernels.
 unsafe fn tiles<B: Block>(
     w: *const u8,
     rows: usize,
@@ -71,20 +72,28 @@ unsafe fn tiles<B: Block>(
     out: *mut f32,
     layout: Layout,
 ) {
-    let (row_bytes, ts) = (acts.nb * B::BYTES, layout.token_stride);
-    super::for_each_tile(rows, tokens.clone(), |r, t, group| {
-        // SAFETY: r < rows and t + group <= tokens.end, inside the caller's bounds.
-        unsafe {
-            let wr = w.add(r * row_bytes);
-            let o = out.add((t - tokens.start) * ts + r * layout.row_stride);
-            match group {
-                4 => tile::<B, 4>(wr, acts, t, o, ts),
-                3 => tile::<B, 3>(wr, acts, t, o, ts),
-                2 => tile::<B, 2>(wr, acts, t, o, ts),
-                _ => tile::<B, 1>(wr, acts, t, o, ts),
+    let row_bytes = acts.nb * B::BYTES;
+    for r0 in (0..rows).step_by(16) {
+        let mut t = tokens.start;
+        while t < tokens.end {
+            let group = (tokens.end - t).min(4);
+            for r in r0..(r0 + 16).min(rows) {
+                // SAFETY: r < rows and t + group <= tokens.end, inside the caller's bounds.
+                unsafe {
+                    let wr = w.add(r * row_bytes);
+                    let o = out.add((t - tokens.start) * layout.token_stride + r * layout.row_stride);
+                    let ts = layout.token_stride;
+                    match group {
+                        4 => tile::<B, 4>(wr, acts, t, o, ts),
+                        3 => tile::<B, 3>(wr, acts, t, o, ts),
+                        2 => tile::<B, 2>(wr, acts, t, o, ts),
+                        _ => tile::<B, 1>(wr, acts, t, o, ts),
+                    }
+                }
             }
+            t += group;
         }
-    });
+    }
 }
 
 #[inline(always)]

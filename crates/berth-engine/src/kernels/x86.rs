@@ -128,22 +128,36 @@ unsafe fn vnni<B: Kernel>(job: &Job<'_>) {
     unsafe { tiles::<B, true>(job) }
 }
 
+/// Rows in blocks of 16 and tokens in groups of 4: a block's weights and a group's activations
+/// both stay in L1 while every pair of them is multiplied. (NEON walks the same way. The walk is
+/// not a shared helper taking a closure: a closure does not inherit this function's target
+/// features, and where it was not inlined the kernels ran without AVX2, 6× slower for Q5_0.)
 #[inline(always)]
 unsafe fn tiles<B: Kernel, const VNNI: bool>(job: &Job<'_>) {
-    let ts = job.layout.token_stride;
-    super::for_each_tile(job.rows, job.tokens.clone(), |r, t, group| {
-        // SAFETY: r < rows and t + group <= tokens.end, inside the asserted bounds.
-        unsafe {
-            let w = job.w.add(r * job.row_bytes);
-            let o = job.out.add((t - job.tokens.start) * ts + r * job.layout.row_stride);
-            match group {
-                4 => B::tile::<VNNI, 4>(w, &job.acts, t, o, ts),
-                3 => B::tile::<VNNI, 3>(w, &job.acts, t, o, ts),
-                2 => B::tile::<VNNI, 2>(w, &job.acts, t, o, ts),
-                _ => B::tile::<VNNI, 1>(w, &job.acts, t, o, ts),
+    const ROW_BLOCK: usize = 16;
+    let (t0, t1) = (job.tokens.start, job.tokens.end);
+    for r0 in (0..job.rows).step_by(ROW_BLOCK) {
+        let r1 = (r0 + ROW_BLOCK).min(job.rows);
+        let mut t = t0;
+        while t < t1 {
+            let group = (t1 - t).min(4);
+            for r in r0..r1 {
+                // SAFETY: r < rows and t + group <= tokens.end, inside the asserted bounds.
+                unsafe {
+                    let w = job.w.add(r * job.row_bytes);
+                    let o = job.out.add((t - t0) * job.layout.token_stride + r * job.layout.row_stride);
+                    let ts = job.layout.token_stride;
+                    match group {
+                        4 => B::tile::<VNNI, 4>(w, &job.acts, t, o, ts),
+                        3 => B::tile::<VNNI, 3>(w, &job.acts, t, o, ts),
+                        2 => B::tile::<VNNI, 2>(w, &job.acts, t, o, ts),
+                        _ => B::tile::<VNNI, 1>(w, &job.acts, t, o, ts),
+                    }
+                }
             }
+            t += group;
         }
-    });
+    }
 }
 
 /// A weight format's tile kernel: one weight row by `T` tokens starting at `first`, each product
