@@ -171,13 +171,13 @@ impl Attention {
         let q_dim = self.n_head * hd;
         let n = q.len() / q_dim;
         let len = first + n;
-        WIDENED.with_borrow_mut(|(k, v)| {
-            // Reused between calls (see below for how much is kept).
-            if k.len() < len * kv_dim {
-                k.resize(len * kv_dim, 0.0);
-                v.resize(len * kv_dim, 0.0);
+        WIDENED.with_borrow_mut(|(k_buf, v_buf)| {
+            // Reused between calls (see the end for how much is kept).
+            if k_buf.len() < len * kv_dim {
+                k_buf.resize(len * kv_dim, 0.0);
+                v_buf.resize(len * kv_dim, 0.0);
             }
-            let (k, v) = (&mut k[..len * kv_dim], &mut v[..len * kv_dim]);
+            let (k, v) = (&mut k_buf[..len * kv_dim], &mut v_buf[..len * kv_dim]);
             let chunk = 256 * kv_dim;
             let team = crate::team();
             let mut pieces: Vec<(&mut [f32], &[u16])> = k
@@ -187,12 +187,10 @@ impl Attention {
                 .collect();
             team.for_each_mut(&mut pieces, |(d, s)| widen(s, d));
             self.heads(q, first, k, v, order, out);
-        });
-        // Keep up to 16 MiB per buffer for the next call; a long context's copies are let go.
-        WIDENED.with_borrow_mut(|(k, v)| {
-            if k.capacity() > 4 << 20 {
-                *k = Vec::new();
-                *v = Vec::new();
+            // Keep up to 16 MiB per buffer for the next call; a long context's copies are let go.
+            if k_buf.capacity() > 4 << 20 {
+                *k_buf = Vec::new();
+                *v_buf = Vec::new();
             }
         });
     }

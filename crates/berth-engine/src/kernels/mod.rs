@@ -87,6 +87,10 @@ impl<'a> QMatrix<'a> {
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(out.len(), n * self.rows);
+        if n == 1 {
+            Self::matmul_many(x, 1, &mut [(*self, out)]);
+            return;
+        }
         let acts = QuantizedActivations::new(ActivationFormat::for_weights(self.ggml_type), x, n, self.cols);
         let team = crate::team();
         let workers = team.size();
@@ -100,10 +104,6 @@ impl<'a> QMatrix<'a> {
                 let layout = Layout { token_stride: rows, row_stride: 1 };
                 self.products(&acts, 0..rows, first..first + chunk.len() / rows, chunk, layout);
             });
-            return;
-        }
-        if n == 1 {
-            Self::matmul_many(x, 1, &mut [(*self, out)]);
             return;
         }
         // Few tokens (batched decode): split by output rows, a few tasks per worker.
