@@ -33,4 +33,16 @@ pub enum EngineError {
     Template(String),
     #[error("invalid sampling parameter: {0}")]
     Sampling(String),
+    #[error("invalid scheduler setting: {0}")]
+    BadConfig(String),
+    #[error(
+        "the request needs {needed} tokens of KV cache but the whole cache holds {capacity}; shorten the prompt or give the cache more memory (--kv-cache)"
+    )]
+    KvCacheTooSmall { needed: usize, capacity: usize },
+    #[error("the request did not finish within its time limit ({:.1} s)", .0.as_secs_f64())]
+    TimedOut(std::time::Duration),
+    #[error("{waiting} requests are already waiting for this model (the limit); retry shortly")]
+    QueueFull { waiting: usize },
+    #[error("the model was unloaded while the request was waiting or running")]
+    Stopped,
 }

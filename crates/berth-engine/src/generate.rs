@@ -1,17 +1,19 @@
-//! A loaded model ready to answer: tokenizer, chat template, and a generation loop for one
-//! sequence at a time. (The scheduler that batches many sequences drives the same forward pass.)
+//! A loaded model ready to answer: tokenizer, chat template, and generation. One request at a
+//! time runs through the same scheduler that batches many (see [`crate::scheduler`]), so there is
+//! one generation loop.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::EngineError;
-use crate::model::{KvCache, LlamaModel, SeqStep};
-use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
-use crate::stop::{StopCheck, StopMatcher};
+use crate::model::{BLOCK_TOKENS, LlamaModel};
+use crate::sampling::{SamplingParams, TokenLogprob};
+use crate::scheduler::{Scheduler, SchedulerConfig, TokenSink};
 use crate::template::{ChatTemplate, Message};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::tokenizer::Tokenizer;
 
-/// Tokens of a prompt processed per forward pass, bounding the memory of one step.
+/// Tokens of a prompt processed per forward pass when one request runs alone, bounding the
+/// memory of one step.
 const PREFILL_CHUNK: usize = 512;
 
 pub struct Engine {
@@ -33,11 +35,12 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FinishReason {
     /// An end-of-generation token or a stop string.
     Stop,
     /// `max_tokens` or the context ran out.
+    #[default]
     Length,
     /// The caller asked to stop.
     Cancelled,
@@ -54,14 +57,20 @@ pub struct TokenEvent {
     pub logprob: Option<TokenLogprob>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerationOutput {
     pub text: String,
     pub tokens: Vec<u32>,
     pub logprobs: Vec<TokenLogprob>,
     pub finish: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
+    /// From arrival to admission.
+    pub queue_time: Duration,
+    /// From admission to the first token.
     pub prefill_time: Duration,
+    /// From the first token to the end.
     pub decode_time: Duration,
 }
 
@@ -123,92 +132,50 @@ impl Engine {
         ids
     }
 
-    /// Run the prompt through the model, returning the last position's logits.
-    pub fn prefill(&self, cache: &mut KvCache, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
-        let mut logits = Vec::new();
-        for chunk in prompt.chunks(PREFILL_CHUNK) {
-            logits = self.model.forward(&mut [SeqStep { cache, tokens: chunk, all_logits: false }])?.remove(0);
-        }
-        Ok(logits)
+    /// Cache blocks that hold `tokens` positions.
+    pub fn kv_blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(BLOCK_TOKENS).max(1)
     }
 
-    /// Generate, calling `on_token` for every token; it returns `false` to stop early.
+    /// Generate one answer by itself, calling `on_token` for every token; it returns `false` to
+    /// stop early.
     pub fn generate(
         &self,
         req: &GenerationRequest,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<GenerationOutput, EngineError> {
         let ctx = self.context_length();
-        if req.prompt.is_empty() {
-            return Err(EngineError::BadModel("the prompt is empty".into()));
-        }
-        if req.prompt.len() >= ctx {
-            return Err(EngineError::ContextOverflow { needed: req.prompt.len() + 1, limit: ctx });
-        }
-        req.sampling.validate(self.model.config.vocab_size)?;
-        let started = Instant::now();
-        let mut cache = self.model.new_cache();
-        let mut logits = self.prefill(&mut cache, &req.prompt)?;
-        let prefill_time = started.elapsed();
-        let decode_started = Instant::now();
-        let mut sampler = Sampler::new(req.sampling.clone()).with_history(&req.prompt);
-        let mut stops = StopMatcher::new(req.stop.clone());
-        let mut decoder = StreamDecoder::new();
-        let mut hit_stop_string = false;
-        let mut out = GenerationOutput {
-            text: String::new(),
-            tokens: Vec::new(),
-            logprobs: Vec::new(),
-            finish: FinishReason::Length,
-            prompt_tokens: req.prompt.len(),
-            prefill_time,
-            decode_time: Duration::ZERO,
+        let config = SchedulerConfig {
+            max_batch_tokens: PREFILL_CHUNK,
+            max_running: 1,
+            kv_blocks: self.kv_blocks_for((req.prompt.len() + req.max_tokens + 1).min(ctx)),
+            prefix_cache: false,
         };
-        while out.tokens.len() < req.max_tokens && cache.len() < ctx {
-            let (token, lp) = sampler.sample(&mut logits, req.logprobs);
-            let ends =
-                !req.ignore_eos && self.tokenizer.is_end_of_generation(token) || req.stop_token_ids.contains(&token);
-            if ends {
-                out.finish = FinishReason::Stop;
-                break;
-            }
-            out.tokens.push(token);
-            if let Some(lp) = &lp {
-                out.logprobs.push(lp.clone());
-            }
-            let piece = decoder.push(&self.tokenizer.token_bytes(token));
-            let (text, stopped) = match stops.push(&piece) {
-                StopCheck::Continue(t) => (t, false),
-                StopCheck::Stopped(t) => (t, true),
-            };
-            out.text.push_str(&text);
-            let keep_going = on_token(&TokenEvent { token: Some(token), text, logprob: lp });
-            if stopped {
-                hit_stop_string = true;
-                out.finish = FinishReason::Stop;
-                break;
-            }
-            if !keep_going {
-                out.finish = FinishReason::Cancelled;
-                break;
-            }
-            if out.tokens.len() >= req.max_tokens || cache.len() >= ctx {
-                break;
-            }
-            logits = self
-                .model
-                .forward(&mut [SeqStep { cache: &mut cache, tokens: &[token], all_logits: false }])?
-                .remove(0);
-        }
-        // Text held back for a possible stop string was not one after all: release it.
-        if !hit_stop_string {
-            let tail = stops.finish() + &decoder.finish();
-            if !tail.is_empty() {
-                out.text.push_str(&tail);
-                on_token(&TokenEvent { token: None, text: tail, logprob: None });
+        let mut result = None;
+        {
+            let mut scheduler = Scheduler::new(self, config)?;
+            let sink = CallbackSink { on_token, result: &mut result };
+            scheduler.submit(req.clone(), Box::new(sink), None);
+            while !scheduler.is_idle() {
+                scheduler.step();
             }
         }
-        out.decode_time = decode_started.elapsed();
-        Ok(out)
+        result.unwrap_or(Err(EngineError::Stopped))
+    }
+}
+
+/// Hands a lone generation's tokens to a callback and keeps its end.
+struct CallbackSink<'a> {
+    on_token: &'a mut dyn FnMut(&TokenEvent) -> bool,
+    result: &'a mut Option<Result<GenerationOutput, EngineError>>,
+}
+
+impl TokenSink for CallbackSink<'_> {
+    fn token(&mut self, event: &TokenEvent) -> bool {
+        (self.on_token)(event)
+    }
+
+    fn finish(&mut self, result: Result<GenerationOutput, EngineError>) {
+        *self.result = Some(result);
     }
 }

@@ -14,6 +14,7 @@ pub mod tokenizer;
 pub use error::EngineError;
 pub mod generate;
 pub mod sampling;
+pub mod scheduler;
 pub mod stop;
 mod team;
 

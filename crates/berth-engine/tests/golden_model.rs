@@ -1,6 +1,6 @@
 //! The engine against llama.cpp's reference outputs (../shared/golden): teacher forcing and greedy.
 
-use berth_engine::model::{LlamaModel, SeqStep};
+use berth_engine::model::LlamaModel;
 use berth_engine::sampling::SamplingParams;
 use berth_engine::template::Message;
 use berth_engine::{Engine, FinishReason, GenerationRequest};
@@ -36,16 +36,9 @@ fn teacher_forcing_agrees_with_llama_cpp() {
         let reference: Vec<u32> = greedy.iter().map(|s| s["id"].as_u64().unwrap() as u32).collect();
         // As llama.cpp produced the reference: the prompt in one step, then one token per step.
         let mut cache = model.new_cache();
-        let mut logits = model
-            .forward(&mut [SeqStep { cache: &mut cache, tokens: &prompt, all_logits: false }])
-            .expect("forward")
-            .remove(0);
+        let mut logits = model.forward_cache(&mut cache, &prompt, false).expect("forward");
         for &t in &reference[..reference.len().saturating_sub(1)] {
-            let next = model
-                .forward(&mut [SeqStep { cache: &mut cache, tokens: &[t], all_logits: false }])
-                .expect("forward")
-                .remove(0);
-            logits.extend(next);
+            logits.extend(model.forward_cache(&mut cache, &[t], false).expect("forward"));
         }
         for (i, step) in greedy.iter().enumerate() {
             let row = &logits[i * vocab..(i + 1) * vocab];

@@ -13,6 +13,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// Seconds after which a retry may succeed (sent as `Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -23,6 +25,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some(param.to_string()),
             code: None,
+            retry_after: None,
         }
     }
 
@@ -33,6 +36,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -44,6 +48,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some("model".into()),
             code: Some("model_not_found"),
+            retry_after: None,
         }
     }
 
@@ -54,6 +59,7 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -64,6 +70,7 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -74,6 +81,19 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: None,
+            retry_after: None,
+        }
+    }
+
+    /// Too many requests are waiting: come back after `seconds`.
+    pub fn overloaded(message: impl Into<String>, seconds: u64) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("queue_full"),
+            retry_after: Some(seconds),
         }
     }
 
@@ -84,7 +104,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -95,7 +119,16 @@ impl From<berth_engine::EngineError> for ApiError {
             E::ContextOverflow { .. } => {
                 ApiError { code: Some("context_length_exceeded"), ..ApiError::invalid("messages", e.to_string()) }
             }
-            E::Sampling(_) | E::Template(_) | E::Tokenizer(_) => ApiError::bad_request(e.to_string()),
+            E::Sampling(_) | E::Template(_) | E::Tokenizer(_) | E::KvCacheTooSmall { .. } => {
+                ApiError::bad_request(e.to_string())
+            }
+            E::QueueFull { .. } => ApiError::overloaded(e.to_string(), 1),
+            E::TimedOut(_) => ApiError {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                code: Some("timeout"),
+                ..ApiError::unavailable(e.to_string())
+            },
+            E::Stopped => ApiError::unavailable(e.to_string()),
             _ => ApiError::internal(e.to_string()),
         }
     }

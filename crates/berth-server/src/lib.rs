@@ -39,6 +39,36 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// berth's data folder.
     pub home: PathBuf,
+    pub batching: BatchingConfig,
+}
+
+/// How each model shares itself among concurrent requests.
+#[derive(Debug, Clone)]
+pub struct BatchingConfig {
+    /// Sequences generating at once.
+    pub max_running: usize,
+    /// Tokens per step (decodes plus prompt chunks).
+    pub max_batch_tokens: usize,
+    /// Requests that may wait for admission; beyond, 429 with `Retry-After`.
+    pub max_queue: usize,
+    /// Memory for each model's KV cache.
+    pub kv_cache_bytes: u64,
+    /// Limit on a request's whole life, waiting included.
+    pub request_timeout: Option<std::time::Duration>,
+    pub prefix_cache: bool,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        Self {
+            max_running: 64,
+            max_batch_tokens: 256,
+            max_queue: 256,
+            kv_cache_bytes: 2 << 30,
+            request_timeout: Some(std::time::Duration::from_secs(600)),
+            prefix_cache: true,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -49,6 +79,7 @@ impl Default for ServerConfig {
             models: Vec::new(),
             body_limit: 2 << 20,
             home: PathBuf::from("."),
+            batching: BatchingConfig::default(),
         }
     }
 }
@@ -105,10 +136,6 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Prometheus text format; names follow vLLM's with the `berth:` prefix.
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let mut out = String::new();
-    out.push_str(
-        "# HELP berth:prompt_tokens_total Prompt tokens processed.\n# TYPE berth:prompt_tokens_total counter\n",
-    );
     let loaded: Vec<Arc<models::LoadedModel>> = state
         .models
         .loaded()
@@ -119,22 +146,36 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             models::Loaded::Embed(_) => None,
         })
         .collect();
-    for m in &loaded {
-        out.push_str(&format!(
-            "berth:prompt_tokens_total{{model_name=\"{}\"}} {}\n",
-            m.name,
-            m.prompt_tokens.load(Ordering::Relaxed)
-        ));
-    }
-    out.push_str(
-        "# HELP berth:generation_tokens_total Tokens generated.\n# TYPE berth:generation_tokens_total counter\n",
-    );
-    for m in &loaded {
-        out.push_str(&format!(
-            "berth:generation_tokens_total{{model_name=\"{}\"}} {}\n",
-            m.name,
-            m.generated_tokens.load(Ordering::Relaxed)
-        ));
+    type Read = fn(&berth_engine::scheduler::SchedulerStats) -> f64;
+    let families: [(&str, &str, &str, Read); 9] = [
+        ("num_requests_running", "gauge", "Requests generating now.", |s| {
+            s.running.load(Ordering::Relaxed) as f64
+        }),
+        ("num_requests_waiting", "gauge", "Requests waiting to be admitted (preempted ones included).", |s| {
+            s.waiting.load(Ordering::Relaxed) as f64
+        }),
+        ("kv_cache_usage_perc", "gauge", "Share of the KV cache blocks held by requests (0 to 1).", |s| s.kv_usage()),
+        ("prompt_tokens_total", "counter", "Prompt tokens run through the model.", |s| {
+            s.prefill_tokens.load(Ordering::Relaxed) as f64
+        }),
+        ("generation_tokens_total", "counter", "Tokens generated.", |s| s.generated_tokens.load(Ordering::Relaxed) as f64),
+        ("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", |s| {
+            s.prefix_queried_tokens.load(Ordering::Relaxed) as f64
+        }),
+        ("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", |s| {
+            s.prefix_hit_tokens.load(Ordering::Relaxed) as f64
+        }),
+        ("num_preemptions_total", "counter", "Requests preempted for lack of KV cache blocks.", |s| {
+            s.preemptions.load(Ordering::Relaxed) as f64
+        }),
+        ("engine_steps_total", "counter", "Batched forward passes.", |s| s.steps.load(Ordering::Relaxed) as f64),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, read) in families {
+        out.push_str(&format!("# HELP berth:{name} {help}\n# TYPE berth:{name} {kind}\n"));
+        for m in &loaded {
+            out.push_str(&format!("berth:{name}{{model_name=\"{}\"}} {}\n", m.name, read(m.runner.stats())));
+        }
     }
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
@@ -146,7 +187,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         .await
         .map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
     let state = AppState {
-        models: Arc::new(models::ModelManager::new(config.home.clone())),
+        models: Arc::new(models::ModelManager::new(config.home.clone(), config.batching.clone())),
         ready: Arc::new(AtomicBool::new(false)),
     };
     let app = router(state.clone(), config.body_limit);

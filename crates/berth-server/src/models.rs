@@ -1,30 +1,49 @@
 //! Loaded models: loaded on first use (concurrent first requests share one load) and kept.
-//! Each model runs one generation at a time until the batching scheduler arrives; requests queue
-//! for it in arrival order.
+//! Each text model gets a scheduler thread that batches its requests (see
+//! `berth_engine::scheduler`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use berth_engine::Engine;
 use berth_engine::model::bert::BertEmbedder;
+use berth_engine::scheduler::{Runner, RunnerConfig, SchedulerConfig};
+use berth_engine::{Engine, EngineError};
 use berth_store::{Reference, Store};
-use tokio::sync::{Mutex, OnceCell, Semaphore};
+use tokio::sync::{Mutex, OnceCell};
 
+use crate::BatchingConfig;
 use crate::error::ApiError;
 
 pub struct LoadedModel {
     /// The name clients use (`ai/smollm2:latest`).
     pub name: String,
-    pub engine: Engine,
-    /// One generation at a time.
-    pub gate: Arc<Semaphore>,
+    pub engine: Arc<Engine>,
+    /// The model's scheduler thread.
+    pub runner: Runner,
     pub size: u64,
-    /// Tokens generated so far (all requests).
-    pub generated_tokens: std::sync::atomic::AtomicU64,
-    /// Prompt tokens processed so far.
-    pub prompt_tokens: std::sync::atomic::AtomicU64,
+}
+
+impl LoadedModel {
+    /// An engine error as the API reports it; a full queue says when to come back.
+    pub fn error(&self, e: EngineError) -> ApiError {
+        match e {
+            EngineError::QueueFull { waiting } => {
+                // Roughly one round of the running sequences per waiting batch of that size.
+                let max_running = self.runner.config().scheduler.max_running.max(1);
+                let seconds = (1 + waiting / max_running).min(60) as u64;
+                ApiError::overloaded(
+                    format!(
+                        "{waiting} requests are already waiting for `{}` (the server's --max-queue); retry in {seconds} s",
+                        self.name
+                    ),
+                    seconds,
+                )
+            }
+            other => ApiError::from(other),
+        }
+    }
 }
 
 /// A sentence-embedding model.
@@ -59,6 +78,7 @@ impl Loaded {
 
 pub struct ModelManager {
     home: PathBuf,
+    batching: BatchingConfig,
     loaded: Mutex<HashMap<String, Arc<OnceCell<Loaded>>>>,
 }
 
@@ -67,8 +87,8 @@ pub fn now() -> u64 {
 }
 
 impl ModelManager {
-    pub fn new(home: PathBuf) -> Self {
-        Self { home, loaded: Mutex::new(HashMap::new()) }
+    pub fn new(home: PathBuf, batching: BatchingConfig) -> Self {
+        Self { home, batching, loaded: Mutex::new(HashMap::new()) }
     }
 
     fn store(&self) -> Result<Store, ApiError> {
@@ -147,6 +167,7 @@ impl ModelManager {
             map.entry(key).or_default().clone()
         };
         let home = self.home.clone();
+        let batching = self.batching.clone();
         let available = self.available();
         let name = reference.familiar();
         cell.get_or_try_init(|| async move {
@@ -175,16 +196,31 @@ impl ModelManager {
                 .await
                 .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))?
                 .map_err(|e| ApiError::internal(format!("cannot load {name}: {e}")))?;
-            Ok(Loaded::Chat(Arc::new(LoadedModel {
-                name,
-                engine,
-                gate: Arc::new(Semaphore::new(1)),
-                size,
-                generated_tokens: Default::default(),
-                prompt_tokens: Default::default(),
-            })))
+            let engine = Arc::new(engine);
+            let config = runner_config(&engine, &batching);
+            let runner = Runner::start(engine.clone(), config)
+                .map_err(|e| ApiError::internal(format!("cannot start {name}: {e}")))?;
+            Ok(Loaded::Chat(Arc::new(LoadedModel { name, engine, runner, size })))
         })
         .await
         .cloned()
+    }
+}
+
+/// The scheduler's limits for one model: the KV cache gets the configured memory, but no more than
+/// every running sequence at full context could use.
+fn runner_config(engine: &Engine, batching: &BatchingConfig) -> RunnerConfig {
+    let block_bytes = engine.model.kv_block_bytes().max(1) as u64;
+    let by_memory = (batching.kv_cache_bytes / block_bytes) as usize;
+    let by_use = engine.kv_blocks_for(batching.max_running.saturating_mul(engine.context_length()));
+    RunnerConfig {
+        scheduler: SchedulerConfig {
+            max_batch_tokens: batching.max_batch_tokens,
+            max_running: batching.max_running,
+            kv_blocks: by_memory.min(by_use).max(1),
+            prefix_cache: batching.prefix_cache,
+        },
+        max_queue: batching.max_queue,
+        request_timeout: batching.request_timeout,
     }
 }

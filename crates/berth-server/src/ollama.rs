@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::run::Update;
 use crate::models::LoadedModel;
 use crate::request::{JsonBody, Sampling, StopField};
 
@@ -186,8 +187,12 @@ async fn answer(model: Arc<LoadedModel>, request: Option<GenerationRequest>, str
         v["done_reason"] = json!("load");
         return Json(v).into_response();
     };
+    let mut generation = match crate::run::start(&model, request) {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
     if !stream {
-        return match crate::run::generate(model.clone(), request, |_| true).await {
+        return match generation.finish().await {
             Ok(out) => {
                 Json(body(&model, chat, &out.text, Some((&out, started.elapsed().as_secs_f64())))).into_response()
             }
@@ -197,19 +202,23 @@ async fn answer(model: Arc<LoadedModel>, request: Option<GenerationRequest>, str
     let (tx, rx) = mpsc::channel::<String>(64);
     let m = model.clone();
     tokio::spawn(async move {
-        let sender = tx.clone();
-        let mm = m.clone();
-        let result = crate::run::generate(m.clone(), request, move |ev| {
-            if ev.text.is_empty() {
-                return !sender.is_closed();
+        let last = loop {
+            let update = tokio::select! {
+                // The client hung up: dropping the generation cancels it.
+                _ = tx.closed() => return,
+                u = generation.next() => u,
+            };
+            match update {
+                Update::Token(ev) if ev.text.is_empty() => {}
+                Update::Token(ev) => {
+                    if tx.send(format!("{}\n", body(&m, chat, &ev.text, None))).await.is_err() {
+                        return;
+                    }
+                }
+                Update::Done(Ok(out)) if out.finish == FinishReason::Cancelled => return,
+                Update::Done(Ok(out)) => break body(&m, chat, "", Some((&out, started.elapsed().as_secs_f64()))),
+                Update::Done(Err(e)) => break json!({"error": e.message}),
             }
-            sender.blocking_send(format!("{}\n", body(&mm, chat, &ev.text, None))).is_ok()
-        })
-        .await;
-        let last = match result {
-            Ok(out) if out.finish == FinishReason::Cancelled => return,
-            Ok(out) => body(&m, chat, "", Some((&out, started.elapsed().as_secs_f64()))),
-            Err(e) => json!({"error": e.message}),
         };
         let _ = tx.send(format!("{last}\n")).await;
     });

@@ -20,6 +20,7 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::models::{LoadedModel, now};
 use crate::request::{JsonBody, Sampling, request_id};
+use crate::run::Update;
 
 #[derive(Deserialize)]
 pub struct ChatRequest {
@@ -304,18 +305,30 @@ fn usage(prompt: usize, completion: usize) -> Value {
 
 async fn respond(plan: Plan, kind: Kind) -> Response {
     if plan.stream {
-        return stream(plan, kind).into_response();
+        return stream(plan, kind);
     }
     let id = request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
     let mut choices = Vec::new();
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-    let mut index = 0;
-    for (p, prompt) in plan.prompts.iter().enumerate() {
+    // Every choice of every prompt is queued at once, so they run as one batch.
+    let mut generations = Vec::new();
+    for prompt in &plan.prompts {
         for i in 0..plan.n {
             let mut req = plan.request.clone();
             req.prompt = prompt.clone();
             req.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
-            let out: GenerationOutput = match crate::run::generate(plan.model.clone(), req, |_| true).await {
+            match crate::run::start(&plan.model, req) {
+                Ok(g) => generations.push(g),
+                Err(e) => return e.into_response(),
+            }
+        }
+    }
+    let mut generations = generations.into_iter();
+    let mut index = 0;
+    for p in 0..plan.prompts.len() {
+        for i in 0..plan.n {
+            let Some(generation) = generations.next() else { break };
+            let out: GenerationOutput = match generation.finish().await {
                 Ok(o) => o,
                 Err(e) => return e.into_response(),
             };
@@ -357,7 +370,17 @@ async fn respond(plan: Plan, kind: Kind) -> Response {
     .into_response()
 }
 
-fn stream(plan: Plan, kind: Kind) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+/// Stream the choices one after another (all of them queued at once, so they run as one batch).
+fn stream(plan: Plan, kind: Kind) -> Response {
+    let mut generations = Vec::new();
+    for i in 0..plan.n {
+        let mut req = plan.request.clone();
+        req.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
+        match crate::run::start(&plan.model, req) {
+            Ok(g) => generations.push(g),
+            Err(e) => return e.into_response(),
+        }
+    }
     let (tx, rx) = mpsc::channel::<Event>(64);
     let id = request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
@@ -373,8 +396,8 @@ fn stream(plan: Plan, kind: Kind) -> Sse<impl futures_util::Stream<Item = Result
     tokio::spawn(async move {
         let mut prompt_tokens = 0;
         let mut completion_tokens = 0;
-        for i in 0..plan.n {
-            let index = i;
+        let with_lp = plan.top_logprobs.is_some();
+        for (index, mut generation) in generations.into_iter().enumerate() {
             if kind == Kind::Chat {
                 let first = json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
                 if tx.send(chunk(first, None)).await.is_err() {
@@ -387,20 +410,27 @@ fn stream(plan: Plan, kind: Kind) -> Sse<impl futures_util::Stream<Item = Result
                     return;
                 }
             }
-            let mut req = plan.request.clone();
-            req.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
-            let sender = tx.clone();
-            let make = chunk.clone();
-            let model = plan.model.clone();
-            let with_lp = plan.top_logprobs.is_some();
-            let result = crate::run::generate(plan.model.clone(), req, move |ev| {
+            let out = loop {
+                let update = tokio::select! {
+                    // The client hung up: dropping the generations cancels them.
+                    _ = tx.closed() => return,
+                    u = generation.next() => u,
+                };
+                let ev = match update {
+                    Update::Token(ev) => ev,
+                    Update::Done(Ok(out)) => break out,
+                    Update::Done(Err(e)) => {
+                        let _ = tx.send(Event::default().data(e.body().to_string())).await;
+                        return;
+                    }
+                };
                 if ev.text.is_empty() && !with_lp {
-                    return !sender.is_closed();
+                    continue;
                 }
                 let lp = match (&ev.logprob, with_lp) {
                     (Some(lp), true) => match kind {
-                        Kind::Chat => chat_logprobs(&model, std::slice::from_ref(lp)),
-                        Kind::Completion => completion_logprobs(&model, std::slice::from_ref(lp), 0),
+                        Kind::Chat => chat_logprobs(&plan.model, std::slice::from_ref(lp)),
+                        Kind::Completion => completion_logprobs(&plan.model, std::slice::from_ref(lp), 0),
                     },
                     _ => Value::Null,
                 };
@@ -412,34 +442,27 @@ fn stream(plan: Plan, kind: Kind) -> Sse<impl futures_util::Stream<Item = Result
                         json!([{"index": index, "text": ev.text, "logprobs": lp, "finish_reason": null}])
                     }
                 };
-                sender.blocking_send(make(choice, None)).is_ok()
-            })
-            .await;
-            match result {
-                Ok(out) => {
-                    if i == 0 {
-                        prompt_tokens = out.prompt_tokens;
-                    }
-                    completion_tokens += out.tokens.len();
-                    if out.finish == FinishReason::Cancelled {
-                        return;
-                    }
-                    let last = match kind {
-                        Kind::Chat => {
-                            json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason(out.finish)}])
-                        }
-                        Kind::Completion => {
-                            json!([{"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason(out.finish)}])
-                        }
-                    };
-                    if tx.send(chunk(last, None)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Event::default().data(e.body().to_string())).await;
+                if tx.send(chunk(choice, None)).await.is_err() {
                     return;
                 }
+            };
+            if index == 0 {
+                prompt_tokens = out.prompt_tokens;
+            }
+            completion_tokens += out.tokens.len();
+            if out.finish == FinishReason::Cancelled {
+                return;
+            }
+            let last = match kind {
+                Kind::Chat => {
+                    json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason(out.finish)}])
+                }
+                Kind::Completion => {
+                    json!([{"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason(out.finish)}])
+                }
+            };
+            if tx.send(chunk(last, None)).await.is_err() {
+                return;
             }
         }
         if plan.include_usage {
@@ -447,7 +470,7 @@ fn stream(plan: Plan, kind: Kind) -> Sse<impl futures_util::Stream<Item = Result
         }
         let _ = tx.send(Event::default().data("[DONE]")).await;
     });
-    Sse::new(ReceiverStream::new(rx).map(Ok))
+    Sse::new(ReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response()
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {

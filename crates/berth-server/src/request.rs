@@ -32,6 +32,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                     kind: "invalid_request_error",
                     param: None,
                     code: Some("request_too_large"),
+                    retry_after: None,
                 });
             }
             Err(e) => return Err(ApiError::bad_request(format!("cannot read the request body: {}", e.body_text()))),

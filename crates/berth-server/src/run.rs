@@ -1,39 +1,85 @@
-//! Running a generation on a blocking thread (the engine is synchronous) while the HTTP side waits
-//! or streams. A client that goes away closes the channel, the next token's send fails, and the
-//! generation stops after at most that one step.
+//! Handing a request to its model's scheduler and following it from an async handler.
+//!
+//! [`start`] queues the request at once, so a full queue is a 429 before any response begins.
+//! Tokens arrive on a channel; when the handler lets go of its [`Generation`] (the client went
+//! away, or the handler is done), the scheduler sees the channel closed and frees the sequence's
+//! cache blocks at its next step.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
-use berth_engine::{GenerationOutput, GenerationRequest, TokenEvent};
+use berth_engine::scheduler::TokenSink;
+use berth_engine::{EngineError, GenerationOutput, GenerationRequest, TokenEvent};
+use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::models::LoadedModel;
 
-/// Generate with `model`, calling `on_token` (on the generating thread) for each token; it returns
-/// `false` to stop.
-pub async fn generate<F>(
+/// What a running generation reports.
+pub enum Update {
+    Token(TokenEvent),
+    Done(Result<GenerationOutput, ApiError>),
+}
+
+enum Message {
+    Token(TokenEvent),
+    Done(Result<GenerationOutput, EngineError>),
+}
+
+struct ChannelSink(mpsc::UnboundedSender<Message>);
+
+impl TokenSink for ChannelSink {
+    fn token(&mut self, event: &TokenEvent) -> bool {
+        self.0.send(Message::Token(event.clone())).is_ok()
+    }
+
+    fn finish(&mut self, result: Result<GenerationOutput, EngineError>) {
+        let _ = self.0.send(Message::Done(result));
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// A queued or running generation. Dropping it cancels the request.
+pub struct Generation {
+    rx: mpsc::UnboundedReceiver<Message>,
     model: Arc<LoadedModel>,
-    req: GenerationRequest,
-    mut on_token: F,
-) -> Result<GenerationOutput, ApiError>
-where
-    F: FnMut(&TokenEvent) -> bool + Send + 'static,
-{
-    let permit =
-        model.gate.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("the model is shutting down"))?;
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        model.prompt_tokens.fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
-        let counter = &model.generated_tokens;
-        model.engine.generate(&req, &mut |ev| {
-            if ev.token.is_some() {
-                counter.fetch_add(1, Ordering::Relaxed);
+    done: bool,
+}
+
+/// Queue `req` on `model`'s scheduler; refused at once (429) when its queue is full.
+pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generation, ApiError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    model.runner.submit(req, Box::new(ChannelSink(tx))).map_err(|e| model.error(e))?;
+    Ok(Generation { rx, model: model.clone(), done: false })
+}
+
+impl Generation {
+    /// The next token, or the end (after which there is nothing more).
+    pub async fn next(&mut self) -> Update {
+        if self.done {
+            return Update::Done(Err(ApiError::internal("the generation already ended")));
+        }
+        match self.rx.recv().await {
+            Some(Message::Token(t)) => Update::Token(t),
+            Some(Message::Done(result)) => {
+                self.done = true;
+                Update::Done(result.map_err(|e| self.model.error(e)))
             }
-            on_token(ev)
-        })
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("generation stopped: {e}")))?
-    .map_err(ApiError::from)
+            None => {
+                self.done = true;
+                Update::Done(Err(self.model.error(EngineError::Stopped)))
+            }
+        }
+    }
+
+    /// Wait for the whole answer.
+    pub async fn finish(mut self) -> Result<GenerationOutput, ApiError> {
+        loop {
+            if let Update::Done(result) = self.next().await {
+                return result;
+            }
+        }
+    }
 }

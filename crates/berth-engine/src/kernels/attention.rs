@@ -7,6 +7,8 @@
 //! the reduction lanes in small accumulator arrays, so they vectorise over the head dimension
 //! while producing exactly the bits of the lane-by-lane definition in `ops`.
 
+use std::ops::Range;
+
 use super::{f16, ops};
 
 /// How llama.cpp reduces a dot product in this step.
@@ -93,6 +95,26 @@ mod x86 {
     use super::Order;
 
     /// # Safety
+    /// The CPU must have AVX and F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn widen(src: &[u16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let whole = n / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            // SAFETY: `i + 8 <= n`, inside both slices.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i).cast());
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+        }
+        let t = crate::kernels::f16::table();
+        for i in whole..n {
+            dst[i] = t[src[i] as usize];
+        }
+    }
+
+    /// # Safety
     /// The CPU must have AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -128,19 +150,55 @@ mod x86 {
     }
 }
 
-/// f16 bits to f32 (hardware conversion where the CPU has it; exact either way).
+/// f16 bits to f32 (hardware conversion where the CPU has it; exact either way). Called per
+/// cache row, so the x86 path converts in registers without a library call per eight values.
 fn widen(src: &[u16], dst: &mut [f32]) {
-    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-    src.reinterpret_cast::<half::f16>().convert_to_f32_slice(dst);
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::has_avx2() {
+        // SAFETY: F16C and AVX were detected (`has_avx2` checks F16C too).
+        unsafe { x86::widen(src, dst) };
+        return;
+    }
+    let t = f16::table();
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = t[s as usize];
+    }
 }
 
-/// One head of one token: its query, the sequence's widened keys and values, which key/value head
-/// it reads, its position, and the reduction order of the step.
+/// One sequence's part of a batched attention step.
+pub struct SeqKv<'a> {
+    /// Its tokens' rows in the step's queries and outputs.
+    pub rows: Range<usize>,
+    /// The position of its first row.
+    pub first: usize,
+    /// Positions below this reduce in [`Order::Gemm`] (they were a prompt of several tokens),
+    /// later ones in [`Order::Gemv`] (generated one at a time), so a token's result does not
+    /// depend on which other tokens share its step.
+    pub gemm_until: usize,
+    /// Its cache blocks for this layer, in position order: `block_tokens × kv_dim` f16 bits each,
+    /// covering at least positions `0..first + rows.len()`.
+    pub k_blocks: Vec<&'a [u16]>,
+    pub v_blocks: Vec<&'a [u16]>,
+}
+
+/// Query tokens handled by one job: enough that widening the job's keys and values is a small
+/// share of its work, few enough that a long prompt makes many jobs for the workers to share.
+const TOKENS_PER_JOB: usize = 16;
+
+/// One job: a run of one sequence's tokens and every query head that reads one key/value head.
+struct Job {
+    seq: usize,
+    kvh: usize,
+    rows: Range<usize>,
+    out: Vec<f32>,
+}
+
+/// One head of one token: its query, the widened keys and values of its key/value head (`head_dim`
+/// values per position), its position, and the reduction order.
 struct HeadJob<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
-    kvh: usize,
     pos: usize,
     order: Order,
 }
@@ -155,56 +213,76 @@ struct HeadScratch {
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<HeadScratch> = std::cell::RefCell::new(HeadScratch::default());
-    /// The calling thread's f32 copies of a sequence's keys and values for one layer.
+    /// The thread's f32 copies of one key/value head's keys and values.
     static WIDENED: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 impl Attention {
-    /// Attention for a run of `n` consecutive tokens of one sequence at positions `first..first + n`
-    /// (`q` is `n × n_head·head_dim`). `k_cache`/`v_cache` hold f16 bits, `kv_dim` values per
-    /// position, for at least `first + n` positions; `out` receives `n × n_head·head_dim` values.
+    /// Causal attention for every sequence of a step in one parallel region: `q` and `out` are
+    /// `tokens × n_head·head_dim`, each sequence's rows attending over its own blocks.
     ///
-    /// The cache is widened to f32 once for the whole run, so every key and value is converted
-    /// once per layer instead of once per query and head.
-    pub fn sequence(&self, q: &[f32], first: usize, k_cache: &[u16], v_cache: &[u16], order: Order, out: &mut [f32]) {
-        let (hd, kv_dim) = (self.head_dim, self.n_head_kv * self.head_dim);
-        let q_dim = self.n_head * hd;
-        let n = q.len() / q_dim;
-        let len = first + n;
-        WIDENED.with_borrow_mut(|(k_buf, v_buf)| {
-            // Reused between calls (see the end for how much is kept).
-            if k_buf.len() < len * kv_dim {
-                k_buf.resize(len * kv_dim, 0.0);
-                v_buf.resize(len * kv_dim, 0.0);
-            }
-            let (k, v) = (&mut k_buf[..len * kv_dim], &mut v_buf[..len * kv_dim]);
-            let chunk = 256 * kv_dim;
-            let team = crate::team();
-            let mut pieces: Vec<(&mut [f32], &[u16])> = k
-                .chunks_mut(chunk)
-                .zip(k_cache[..len * kv_dim].chunks(chunk))
-                .chain(v.chunks_mut(chunk).zip(v_cache[..len * kv_dim].chunks(chunk)))
-                .collect();
-            team.for_each_mut(&mut pieces, |(d, s)| widen(s, d));
-            self.heads(q, first, k, v, order, out);
-            // Keep up to 16 MiB per buffer for the next call; a long context's copies are let go.
-            if k_buf.capacity() > 4 << 20 {
-                *k_buf = Vec::new();
-                *v_buf = Vec::new();
-            }
-        });
-    }
-
-    /// Every head of every token of the run, shared out among the workers.
-    fn heads(&self, q: &[f32], first: usize, k: &[f32], v: &[f32], order: Order, out: &mut [f32]) {
+    /// Work is shared out as (sequence, key/value head, run of up to 16 tokens): each job widens
+    /// its head's keys and values from f16 once and reuses them for every query head of the group
+    /// and every token of the run.
+    pub fn batch(&self, q: &[f32], seqs: &[SeqKv<'_>], block_tokens: usize, out: &mut [f32]) {
         let hd = self.head_dim;
         let q_dim = self.n_head * hd;
-        crate::team().for_each_chunk_mut(out, hd, |i, out_head| {
-            let (t, h) = (i / self.n_head, i % self.n_head);
-            let q_head = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-            let job = HeadJob { q: q_head, k, v, kvh: h / (self.n_head / self.n_head_kv), pos: first + t, order };
-            SCRATCH.with_borrow_mut(|scratch| self.head(&job, out_head, scratch));
+        let group = self.n_head / self.n_head_kv;
+        let mut jobs = Vec::new();
+        for (s, seq) in seqs.iter().enumerate() {
+            // Longest runs first, so the workers finish together.
+            let starts: Vec<usize> = seq.rows.clone().step_by(TOKENS_PER_JOB).collect();
+            for &start in starts.iter().rev() {
+                let rows = start..(start + TOKENS_PER_JOB).min(seq.rows.end);
+                jobs.extend((0..self.n_head_kv).map(|kvh| Job { seq: s, kvh, rows: rows.clone(), out: Vec::new() }));
+            }
+        }
+        crate::team().for_each_mut(&mut jobs, |job| {
+            let seq = &seqs[job.seq];
+            let len = seq.first + (job.rows.end - seq.rows.start);
+            WIDENED.with_borrow_mut(|(k, v)| {
+                self.widen_head(seq, job.kvh, len, block_tokens, k, v);
+                job.out.resize(job.rows.len() * group * hd, 0.0);
+                SCRATCH.with_borrow_mut(|scratch| {
+                    for (i, t) in job.rows.clone().enumerate() {
+                        let pos = seq.first + (t - seq.rows.start);
+                        let order = if pos < seq.gemm_until { Order::Gemm } else { Order::Gemv };
+                        for g in 0..group {
+                            let h = job.kvh * group + g;
+                            let q_head = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+                            let dst = &mut job.out[(i * group + g) * hd..(i * group + g + 1) * hd];
+                            self.head(&HeadJob { q: q_head, k, v, pos, order }, dst, scratch);
+                        }
+                    }
+                });
+                // Keep up to 4 MiB per buffer for the next job; a long context's copies are let go.
+                if k.capacity() > 1 << 20 {
+                    *k = Vec::new();
+                    *v = Vec::new();
+                }
+            });
         });
+        for job in &jobs {
+            for (i, t) in job.rows.clone().enumerate() {
+                let src = &job.out[i * group * hd..(i + 1) * group * hd];
+                let at = t * q_dim + job.kvh * group * hd;
+                out[at..at + group * hd].copy_from_slice(src);
+            }
+        }
+    }
+
+    /// Widen key/value head `kvh` of positions `0..len` into `k` and `v` (`head_dim` per position).
+    fn widen_head(&self, seq: &SeqKv<'_>, kvh: usize, len: usize, block_tokens: usize, k: &mut Vec<f32>, v: &mut Vec<f32>) {
+        let hd = self.head_dim;
+        let kv_dim = self.n_head_kv * hd;
+        k.resize(len * hd, 0.0);
+        v.resize(len * hd, 0.0);
+        for j in 0..len {
+            let (block, slot) = (j / block_tokens, j % block_tokens);
+            let at = slot * kv_dim + kvh * hd;
+            widen(&seq.k_blocks[block][at..at + hd], &mut k[j * hd..(j + 1) * hd]);
+            widen(&seq.v_blocks[block][at..at + hd], &mut v[j * hd..(j + 1) * hd]);
+        }
     }
 
     /// One head of one token, over f32 keys and values.
@@ -226,9 +304,8 @@ impl Attention {
 
     #[inline(always)]
     fn head_portable(&self, job: &HeadJob<'_>, out: &mut [f32], scratch: &mut HeadScratch) {
-        let &HeadJob { q, k, v, kvh, pos, order } = job;
+        let &HeadJob { q, k, v, pos, order } = job;
         let hd = self.head_dim;
-        let kv_dim = self.n_head_kv * hd;
         let scale = 1.0 / (hd as f32).sqrt();
         let valid = pos + 1;
         // Positions are padded with zeros to whole reduction steps, as llama.cpp's KV cache is;
@@ -243,7 +320,7 @@ impl Attention {
         scores.clear();
         scores.resize(padded, 0.0);
         for (j, s) in scores.iter_mut().enumerate().take(valid) {
-            let row = &k[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
+            let row = &k[j * hd..(j + 1) * hd];
             *s = dot_qk(qh, row, order);
         }
         ops::softmax_ggml(scores, valid, scale);
@@ -259,7 +336,7 @@ impl Attention {
         acc.resize(slots * hd, 0.0);
         for (j, &s) in scores.iter().enumerate().take(valid) {
             let p = t[f16::from_f32(s) as usize];
-            let row = &v[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
+            let row = &v[j * hd..(j + 1) * hd];
             let slot = j % slots;
             for (a, &x) in acc[slot * hd..(slot + 1) * hd].iter_mut().zip(row) {
                 *a = x.mul_add(p, *a);
@@ -337,10 +414,21 @@ mod tests {
         let v: Vec<u16> = (0..positions * kv_dim).map(|_| f16::from_f32(rnd())).collect();
         let q: Vec<f32> = (0..n_head * hd).map(|_| rnd()).collect();
         let att = Attention { n_head, n_head_kv, head_dim: hd };
+        // Cache blocks of 16 positions (the last one partly used).
+        let block = 16 * kv_dim;
+        let k_blocks: Vec<Vec<u16>> = k.chunks(block).map(|b| [b, &vec![0; block - b.len()]].concat()).collect();
+        let v_blocks: Vec<Vec<u16>> = v.chunks(block).map(|b| [b, &vec![0; block - b.len()]].concat()).collect();
         for order in [Order::Gemm, Order::Gemv] {
             let pos = positions - 1;
             let mut fast = vec![0f32; n_head * hd];
-            att.sequence(&q, pos, &k, &v, order, &mut fast);
+            let seq = SeqKv {
+                rows: 0..1,
+                first: pos,
+                gemm_until: if order == Order::Gemm { positions } else { 0 },
+                k_blocks: k_blocks.iter().map(|b| b.as_slice()).collect(),
+                v_blocks: v_blocks.iter().map(|b| b.as_slice()).collect(),
+            };
+            att.batch(&q, &[seq], 16, &mut fast);
             // Reference: the closure-based definitions.
             let t = f16::table();
             for h in 0..n_head {

@@ -87,75 +87,69 @@ impl<'a> QMatrix<'a> {
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(out.len(), n * self.rows);
-        if n == 1 {
-            Self::matmul_many(x, 1, &mut [(*self, out)]);
-            return;
-        }
-        let acts = QuantizedActivations::new(ActivationFormat::for_weights(self.ggml_type), x, n, self.cols);
-        let team = crate::team();
-        let workers = team.size();
-        let rows = self.rows;
-        if n >= 4 * TOKEN_GROUP * workers {
-            // Many tokens (prefill): each task takes a run of tokens and every weight row, and
-            // writes its tokens' output rows in place. The weights are read once per task.
-            let per_task = n.div_ceil(workers).next_multiple_of(TOKEN_GROUP);
-            team.for_each_chunk_mut(out, per_task * rows, |i, chunk| {
-                let first = i * per_task;
-                let layout = Layout { token_stride: rows, row_stride: 1 };
-                self.products(&acts, 0..rows, first..first + chunk.len() / rows, chunk, layout);
-            });
-            return;
-        }
-        // Few tokens (batched decode): split by output rows, a few tasks per worker.
-        let rows_per_task = rows.div_ceil(workers * 4).max(16);
-        // Each task writes a contiguous [rows × n] block of a transposed result, copied into
-        // place afterwards.
-        let mut transposed = vec![0f32; rows * n];
-        let layout = Layout { token_stride: 1, row_stride: n };
-        team.for_each_chunk_mut(&mut transposed, rows_per_task * n, |i, chunk| {
-            let first = i * rows_per_task;
-            self.products(&acts, first..first + chunk.len() / n, 0..n, chunk, layout);
-        });
-        for t in 0..n {
-            for r in 0..rows {
-                out[t * rows + r] = transposed[r * n + t];
-            }
-        }
+        Self::matmul_many(x, n, &mut [(*self, out)]);
     }
 
     /// Several matrices times the same activations (a layer's query, key and value, or its gate
-    /// and up projections): for one token, all their rows are shared among the workers in one
-    /// parallel region, instead of one region per matrix.
+    /// and up projections): the activations are quantised once per format, and for few tokens all
+    /// the matrices' rows are shared among the workers in one parallel region.
     pub fn matmul_many(x: &[f32], n: usize, products: &mut [(QMatrix<'_>, &mut [f32])]) {
-        if n != 1 {
-            for (m, out) in products.iter_mut() {
-                m.matmul(x, n, out);
-            }
-            return;
-        }
-        // Activations quantised once per format the matrices need.
         let mut acts: Vec<QuantizedActivations<'_>> = Vec::new();
         for (m, _) in products.iter() {
             let format = ActivationFormat::for_weights(m.ggml_type);
             if !acts.iter().any(|a| a.format == format) {
-                acts.push(QuantizedActivations::new(format, x, 1, m.cols));
+                acts.push(QuantizedActivations::new(format, x, n, m.cols));
             }
         }
+        let which = |m: &QMatrix<'_>| {
+            let format = ActivationFormat::for_weights(m.ggml_type);
+            acts.iter().position(|a| a.format == format).unwrap_or_default()
+        };
         let team = crate::team();
         let workers = team.size();
+        if n >= 4 * TOKEN_GROUP * workers {
+            // Many tokens (prefill): each task takes a run of tokens and every weight row, and
+            // writes its tokens' output rows in place. The weights are read once per task.
+            for (m, out) in products.iter_mut() {
+                let acts = &acts[which(m)];
+                let per_task = n.div_ceil(workers).next_multiple_of(TOKEN_GROUP);
+                let rows = m.rows;
+                team.for_each_chunk_mut(out, per_task * rows, |i, chunk| {
+                    let first = i * per_task;
+                    let layout = Layout { token_stride: rows, row_stride: 1 };
+                    m.products(acts, 0..rows, first..first + chunk.len() / rows, chunk, layout);
+                });
+            }
+            return;
+        }
+        // Few tokens (decode): split by output rows, a few tasks per worker. With several tokens
+        // each task writes a contiguous [rows × n] block of a transposed result, put in place after.
+        let mut transposed: Vec<Vec<f32>> =
+            products.iter().map(|(m, _)| if n > 1 { vec![0f32; m.rows * n] } else { Vec::new() }).collect();
         let mut tasks = Vec::new();
-        for (m, out) in products.iter_mut() {
-            let format = ActivationFormat::for_weights(m.ggml_type);
-            let a = acts.iter().position(|a| a.format == format).unwrap_or_default();
+        for ((m, out), buffer) in products.iter_mut().zip(transposed.iter_mut()) {
+            let a = which(m);
             let rows_per_task = m.rows.div_ceil(workers * 4).max(16);
-            for (i, chunk) in out.chunks_mut(rows_per_task).enumerate() {
+            let target: &mut [f32] = if n > 1 { buffer } else { out };
+            for (i, chunk) in target.chunks_mut(rows_per_task * n).enumerate() {
                 tasks.push((*m, a, i * rows_per_task, chunk));
             }
         }
-        let layout = Layout { token_stride: 1, row_stride: 1 };
+        let layout = Layout { token_stride: 1, row_stride: n };
         team.for_each_mut(&mut tasks, |(m, a, first, chunk)| {
-            m.products(&acts[*a], *first..*first + chunk.len(), 0..1, chunk, layout);
+            m.products(&acts[*a], *first..*first + chunk.len() / n, 0..n, chunk, layout);
         });
+        drop(tasks);
+        if n > 1 {
+            for ((m, out), buffer) in products.iter_mut().zip(&transposed) {
+                let rows = m.rows;
+                team.for_each_chunk_mut(out, rows, |t, row| {
+                    for (r, o) in row.iter_mut().enumerate() {
+                        *o = buffer[r * n + t];
+                    }
+                });
+            }
+        }
     }
 
     /// Products of weight rows `rows` with activation rows `tokens`, written to `out` as `layout`

@@ -212,6 +212,9 @@ pub struct QuantizedActivations<'x> {
     f32_rows: &'x [f32],
 }
 
+/// Tokens from which quantising activations is shared out among the workers.
+const PARALLEL_QUANTIZE_FROM: usize = 8;
+
 impl<'x> QuantizedActivations<'x> {
     pub fn new(format: ActivationFormat, x: &'x [f32], n: usize, cols: usize) -> Self {
         let block = if format == ActivationFormat::Q8K { QK_K } else { QK };
@@ -227,23 +230,42 @@ impl<'x> QuantizedActivations<'x> {
             f32_rows: x,
         };
         let nb = n * blocks_per_row;
-        match format {
-            ActivationFormat::F32 => return acts,
-            ActivationFormat::Q8K => {
-                acts.d = vec![0.0; nb];
-                acts.qs = vec![0; nb * QK_K];
-                acts.bsums = vec![0; nb * QK_K / 16];
-                quantize_q8_k(&x[..nb * QK_K], &mut acts.d, &mut acts.qs, &mut acts.bsums);
-                return acts;
-            }
-            ActivationFormat::Q8_0 | ActivationFormat::Q8_1 => {}
+        if format == ActivationFormat::F32 {
+            return acts;
         }
+        let per_block = if format == ActivationFormat::Q8K { QK_K } else { QK };
         acts.d = vec![0.0; nb];
-        acts.qs = vec![0; nb * QK];
+        acts.qs = vec![0; nb * per_block];
         if format == ActivationFormat::Q8_1 {
             acts.s = vec![0.0; nb];
         }
-        quantize_blocks(format, &x[..nb * QK], &mut acts.d, &mut acts.s, &mut acts.qs);
+        if format == ActivationFormat::Q8K {
+            acts.bsums = vec![0; nb * QK_K / 16];
+        }
+        // Token rows are independent: many of them are quantised by all the workers.
+        let team = crate::team();
+        let tokens_per_piece = if n >= PARALLEL_QUANTIZE_FROM { n.div_ceil(team.size() * 2) } else { n.max(1) };
+        let blocks = tokens_per_piece * blocks_per_row;
+        let has = |v: &[f32]| !v.is_empty();
+        let (with_s, with_sums) = (has(&acts.s), !acts.bsums.is_empty());
+        let mut pieces = Vec::new();
+        let (mut d, mut s, mut qs, mut sums) =
+            (&mut acts.d[..], &mut acts.s[..], &mut acts.qs[..], &mut acts.bsums[..]);
+        let mut x_rest = &x[..nb * per_block];
+        while !d.is_empty() {
+            let b = blocks.min(d.len());
+            let (d_piece, d_rest) = d.split_at_mut(b);
+            let (s_piece, s_rest) = s.split_at_mut(if with_s { b } else { 0 });
+            let (q_piece, q_rest) = qs.split_at_mut(b * per_block);
+            let (sum_piece, sum_rest) = sums.split_at_mut(if with_sums { b * QK_K / 16 } else { 0 });
+            let (x_piece, x_tail) = x_rest.split_at(b * per_block);
+            pieces.push((x_piece, d_piece, s_piece, q_piece, sum_piece));
+            (d, s, qs, sums, x_rest) = (d_rest, s_rest, q_rest, sum_rest, x_tail);
+        }
+        team.for_each_mut(&mut pieces, |(x, d, s, qs, sums)| match format {
+            ActivationFormat::Q8K => quantize_q8_k(x, d, qs, sums),
+            _ => quantize_blocks(format, x, d, s, qs),
+        });
         acts
     }
 

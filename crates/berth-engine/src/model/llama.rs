@@ -9,7 +9,8 @@ use memmap2::Mmap;
 
 use super::config::LlamaConfig;
 use crate::error::EngineError;
-use crate::kernels::attention::{Attention, Order};
+use super::kv::{BLOCK_TOKENS, KvCache, KvStore};
+use crate::kernels::attention::{Attention, SeqKv};
 use crate::kernels::{QMatrix, f16, ops, quant};
 
 /// Where a weight matrix lies in the mapped file.
@@ -45,41 +46,31 @@ pub struct LlamaModel {
     output: Weight,
 }
 
-/// One sequence's keys and values for every layer, stored as f16 bits (as llama.cpp does by default).
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    k: Vec<Vec<u16>>,
-    v: Vec<Vec<u16>>,
-    len: usize,
+/// Which logits a sequence wants from a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None: a prompt chunk with more to come (the output layer is a large share of a small
+    /// model's work, so it runs only where a token will be sampled).
+    None,
+    /// The last token's.
+    Last,
+    /// Every token's (teacher forcing, prompt logprobs).
+    All,
 }
 
-impl KvCache {
-    /// Tokens cached so far (the next token's position).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Forget everything after the first `len` tokens.
-    pub fn truncate(&mut self, len: usize, kv_dim: usize) {
-        if len < self.len {
-            for l in self.k.iter_mut().chain(self.v.iter_mut()) {
-                l.truncate(len * kv_dim);
-            }
-            self.len = len;
-        }
-    }
-}
-
-/// One sequence's part of a batched step.
+/// One sequence's part of a batched step over a shared [`KvStore`].
 pub struct SeqStep<'a> {
-    pub cache: &'a mut KvCache,
+    /// The sequence's block table, covering at least `start + tokens.len()` positions.
+    pub blocks: &'a [u32],
+    /// Positions already cached: the first new token's position.
+    pub start: usize,
     pub tokens: &'a [u32],
-    /// Logits for every token of the step (teacher forcing, echo) or only the last.
-    pub all_logits: bool,
+    /// Positions below this belong to a prompt of several tokens, which llama.cpp reduces in
+    /// another order than tokens generated one at a time (see
+    /// [`crate::kernels::attention::Order`]); berth decides the order
+    /// per token, so a token's result does not depend on what else shares its step.
+    pub gemm_until: usize,
+    pub logits: Logits,
 }
 
 impl LlamaModel {
@@ -140,14 +131,41 @@ impl LlamaModel {
             .expect("weights were checked when the model was loaded")
     }
 
-    /// A fresh, empty cache for one sequence.
+    /// A fresh, empty cache for one sequence, with storage of its own.
     pub fn new_cache(&self) -> KvCache {
-        KvCache { k: vec![Vec::new(); self.config.n_layers], v: vec![Vec::new(); self.config.n_layers], len: 0 }
+        KvCache::new(self.config.n_layers, self.config.kv_dim())
     }
 
-    /// Run one step for a batch of sequences. Returns, per sequence, its logits rows
-    /// (`rows × vocab`): all of its new tokens' or only the last one's.
-    pub fn forward(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+    /// Storage for `blocks` cache blocks, shared by the sequences a scheduler runs.
+    pub fn new_kv_store(&self, blocks: usize) -> KvStore {
+        KvStore::new(self.config.n_layers, self.config.kv_dim(), blocks)
+    }
+
+    /// Bytes one cache block takes.
+    pub fn kv_block_bytes(&self) -> usize {
+        KvStore::block_bytes(self.config.n_layers, self.config.kv_dim())
+    }
+
+    /// Run `tokens` of the sequence cached in `cache` (a prompt if there are several) and return
+    /// the last token's logits, or every token's with `all_logits`.
+    pub fn forward_cache(&self, cache: &mut KvCache, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, EngineError> {
+        cache.reserve(tokens.len());
+        let start = cache.len;
+        let step = SeqStep {
+            blocks: &cache.blocks,
+            start,
+            tokens,
+            gemm_until: if tokens.len() > 1 { start + tokens.len() } else { 0 },
+            logits: if all_logits { Logits::All } else { Logits::Last },
+        };
+        let out = self.forward(&mut cache.store, &[step])?.pop().unwrap_or_default();
+        cache.len += tokens.len();
+        Ok(out)
+    }
+
+    /// Run one step for a batch of sequences whose caches live in `store`. Returns, per sequence,
+    /// the logits it asked for (`rows × vocab`).
+    pub fn forward(&self, store: &mut KvStore, steps: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
         let c = &self.config;
         let (d, kv_dim, q_dim) = (c.n_embd, c.kv_dim(), c.q_dim());
         // Which sequence and position each token of the batch belongs to.
@@ -155,16 +173,24 @@ impl LlamaModel {
         let mut positions = Vec::new();
         let mut tokens = Vec::new();
         for (s, step) in steps.iter().enumerate() {
-            let needed = step.cache.len + step.tokens.len();
+            let needed = step.start + step.tokens.len();
             if needed > c.context_length {
                 return Err(EngineError::ContextOverflow { needed, limit: c.context_length });
+            }
+            // A scheduler bug, not bad input, but a clear error beats reading another sequence's cache.
+            let covered = step.blocks.len() * BLOCK_TOKENS;
+            if needed > covered || step.blocks.iter().any(|&b| b as usize >= store.blocks()) {
+                return Err(EngineError::BadModel(format!(
+                    "a block table covers {covered} positions of a store of {} blocks; {needed} are needed",
+                    store.blocks()
+                )));
             }
             for (i, &t) in step.tokens.iter().enumerate() {
                 if t as usize >= c.vocab_size {
                     return Err(EngineError::BadModel(format!("token id {t} is outside the vocabulary")));
                 }
                 owner.push(s);
-                positions.push((step.cache.len + i) as u32);
+                positions.push((step.start + i) as u32);
                 tokens.push(t);
             }
         }
@@ -196,34 +222,28 @@ impl LlamaModel {
             };
             rope(&mut q, q_dim);
             rope(&mut k, kv_dim);
-            // Append the new keys and values to each sequence's cache, in token order.
-            for (i, &s) in owner.iter().enumerate() {
-                let cache = &mut *steps[s].cache;
-                cache.k[li].extend(k[i * kv_dim..(i + 1) * kv_dim].iter().map(|&f| f16::from_f32(f)));
-                cache.v[li].extend(v[i * kv_dim..(i + 1) * kv_dim].iter().map(|&f| f16::from_f32(f)));
+            // Store the new keys and values in each sequence's blocks.
+            for (i, (&s, &pos)) in owner.iter().zip(&positions).enumerate() {
+                let pos = pos as usize;
+                let (kd, vd) = store.slot_mut(li, steps[s].blocks[pos / BLOCK_TOKENS], pos % BLOCK_TOKENS);
+                for (dst, &f) in kd.iter_mut().zip(&k[i * kv_dim..(i + 1) * kv_dim]) {
+                    *dst = f16::from_f32(f);
+                }
+                for (dst, &f) in vd.iter_mut().zip(&v[i * kv_dim..(i + 1) * kv_dim]) {
+                    *dst = f16::from_f32(f);
+                }
             }
-            // llama.cpp reduces attention products in one order for single-token steps and another
-            // for steps of several tokens; berth follows it (see `Order`).
-            let order = if n > 1 { Order::Gemm } else { Order::Gemv };
             let attention = Attention { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim };
-            // Each sequence's tokens are consecutive in the batch: split the queries and outputs
-            // by sequence and attend each run over its own cache.
-            let mut runs = Vec::with_capacity(steps.len());
-            let mut rest = attn.as_mut_slice();
-            let mut start = 0;
-            for step in steps.iter() {
+            let mut seqs = Vec::with_capacity(steps.len());
+            let mut row = 0;
+            for step in steps {
                 let len = step.tokens.len();
-                let (out, tail) = rest.split_at_mut(len * q_dim);
-                rest = tail;
-                runs.push((&*step.cache, start, out));
-                start += len;
+                let used = (step.start + len).div_ceil(BLOCK_TOKENS);
+                let (k_blocks, v_blocks) = step.blocks[..used].iter().map(|&b| store.block(li, b)).unzip();
+                seqs.push(SeqKv { rows: row..row + len, first: step.start, gemm_until: step.gemm_until, k_blocks, v_blocks });
+                row += len;
             }
-            // Sequences one after another; inside each, heads and tokens are shared out.
-            for (cache, start, out) in runs.into_iter().filter(|(_, _, out)| !out.is_empty()) {
-                let q_run = &q[start * q_dim..start * q_dim + out.len()];
-                let first = positions[start] as usize;
-                attention.sequence(q_run, first, &cache.k[li], &cache.v[li], order, out);
-            }
+            attention.batch(&q, &seqs, BLOCK_TOKENS, &mut attn);
             self.mat(&layer.wo).matmul(&attn, n, &mut o);
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
@@ -238,19 +258,15 @@ impl LlamaModel {
                 *xv += ov;
             }
         }
-        for step in steps.iter_mut() {
-            step.cache.len += step.tokens.len();
-        }
-
         // Logits only for the rows asked for.
         let mut wanted = Vec::new();
         let mut first = 0;
         for step in steps.iter() {
             let len = step.tokens.len();
-            if step.all_logits {
-                wanted.extend(first..first + len);
-            } else if len > 0 {
-                wanted.push(first + len - 1);
+            match step.logits {
+                Logits::All => wanted.extend(first..first + len),
+                Logits::Last if len > 0 => wanted.push(first + len - 1),
+                _ => {}
             }
             first += len;
         }
@@ -260,11 +276,17 @@ impl LlamaModel {
             ops::rms_norm(dst, &self.output_norm, c.rms_eps);
         }
         let mut logits = vec![0f32; wanted.len() * c.vocab_size];
-        self.mat(&self.output).matmul(&rows, wanted.len(), &mut logits);
+        if !wanted.is_empty() {
+            self.mat(&self.output).matmul(&rows, wanted.len(), &mut logits);
+        }
         let mut out = Vec::with_capacity(steps.len());
         let mut at = 0;
         for step in steps.iter() {
-            let count = if step.all_logits { step.tokens.len() } else { usize::from(!step.tokens.is_empty()) };
+            let count = match step.logits {
+                Logits::All => step.tokens.len(),
+                Logits::Last => usize::from(!step.tokens.is_empty()),
+                Logits::None => 0,
+            };
             out.push(logits[at * c.vocab_size..(at + count) * c.vocab_size].to_vec());
             at += count;
         }

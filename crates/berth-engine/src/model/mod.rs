@@ -2,7 +2,9 @@
 
 pub mod bert;
 mod config;
+pub mod kv;
 mod llama;
 
 pub use config::LlamaConfig;
-pub use llama::{KvCache, LlamaModel, SeqStep};
+pub use kv::{BLOCK_TOKENS, KvCache, KvStore};
+pub use llama::{LlamaModel, Logits, SeqStep};

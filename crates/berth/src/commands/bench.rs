@@ -1,8 +1,9 @@
 use std::time::Instant;
 
 use anyhow::Context as _;
-use berth_engine::model::SeqStep;
 use serde::Serialize;
+
+use berth_engine::model::{Logits, SeqStep};
 
 use super::{Context, bench_serve};
 
@@ -24,6 +25,10 @@ pub struct Args {
     /// Benchmark the server at this base URL (e.g. http://127.0.0.1:12480) instead of the engine.
     #[arg(long)]
     url: Option<String>,
+    /// With --url: leading prompt tokens shared by every request of the run (to measure a server's
+    /// prefix cache); the rest of each prompt is its own.
+    #[arg(long, default_value_t = 0)]
+    shared_prefix: usize,
     /// With --url: how many requests to send.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     requests: u32,
@@ -40,6 +45,10 @@ pub struct Args {
     /// With --url: give up on a request after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Decode this many sequences at once (one batched forward pass per token), as a server does
+    /// under load; decode speed is then the sum over the sequences.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    batch: u32,
     /// Measurements of each kind; the median is reported.
     #[arg(long, default_value_t = 3)]
     repetitions: usize,
@@ -57,6 +66,8 @@ struct Report {
     threads: usize,
     prompt_tokens: usize,
     gen_tokens: usize,
+    /// Sequences decoded at once.
+    batch: usize,
     prefill_tokens_per_second: f64,
     decode_tokens_per_second: f64,
 }
@@ -100,27 +111,39 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         let mut cache = model.new_cache();
         let t = Instant::now();
         for chunk in prompt.chunks(512) {
-            model.forward(&mut [SeqStep { cache: &mut cache, tokens: chunk, all_logits: false }])?;
+            model.forward_cache(&mut cache, chunk, false)?;
         }
         prefill.push(args.prompt_tokens as f64 / t.elapsed().as_secs_f64());
 
-        let generated = tokens(args.gen_tokens, vocab, 1000 + rep as u64);
-        let mut cache = model.new_cache();
+        let batch = args.batch as usize;
+        let generated: Vec<Vec<u32>> =
+            (0..batch).map(|b| tokens(args.gen_tokens, vocab, 1000 + (rep * batch + b) as u64)).collect();
+        // Each sequence with its own blocks in one shared store, as the scheduler lays them out.
+        let per_seq = engine.kv_blocks_for(args.gen_tokens);
+        let mut store = model.new_kv_store(per_seq * batch);
+        let tables: Vec<Vec<u32>> =
+            (0..batch).map(|b| ((b * per_seq) as u32..((b + 1) * per_seq) as u32).collect()).collect();
         let t = Instant::now();
-        for tok in &generated {
-            model.forward(&mut [SeqStep {
-                cache: &mut cache,
-                tokens: std::slice::from_ref(tok),
-                all_logits: false,
-            }])?;
+        for pos in 0..args.gen_tokens {
+            let steps: Vec<SeqStep<'_>> = (0..batch)
+                .map(|b| SeqStep {
+                    blocks: &tables[b],
+                    start: pos,
+                    tokens: &generated[b][pos..pos + 1],
+                    gemm_until: 0,
+                    logits: Logits::Last,
+                })
+                .collect();
+            model.forward(&mut store, &steps)?;
         }
-        decode.push(args.gen_tokens as f64 / t.elapsed().as_secs_f64());
+        decode.push((args.gen_tokens * batch) as f64 / t.elapsed().as_secs_f64());
     }
     let report = Report {
         model: args.model,
         threads: berth_engine::threads(),
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
+        batch: args.batch as usize,
         prefill_tokens_per_second: median(prefill),
         decode_tokens_per_second: median(decode),
     };
@@ -128,12 +151,13 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report).context("report")?);
     } else {
         println!(
-            "{}: {} threads, prefill pp{} {:.1} tokens/s, decode tg{} {:.1} tokens/s (median of {})",
+            "{}: {} threads, prefill pp{} {:.1} tokens/s, decode tg{}{} {:.1} tokens/s (median of {})",
             report.model,
             report.threads,
             report.prompt_tokens,
             report.prefill_tokens_per_second,
             report.gen_tokens,
+            if report.batch > 1 { format!(" × {} sequences", report.batch) } else { String::new() },
             report.decode_tokens_per_second,
             args.repetitions
         );
@@ -146,6 +170,12 @@ fn run_against_server(url: String, args: Args) -> anyhow::Result<()> {
         url.starts_with("http://") || url.starts_with("https://"),
         "--url must start with http:// or https://, got {url:?}"
     );
+    anyhow::ensure!(
+        args.shared_prefix < args.prompt_tokens,
+        "--shared-prefix ({}) must be smaller than --prompt-tokens ({})",
+        args.shared_prefix,
+        args.prompt_tokens
+    );
     if let Some(rate) = args.rate {
         anyhow::ensure!(rate.is_finite() && rate > 0.0, "--rate must be a positive number of requests per second");
     }
@@ -156,6 +186,7 @@ fn run_against_server(url: String, args: Args) -> anyhow::Result<()> {
         concurrency: args.concurrency as usize,
         rate: args.rate,
         prompt_tokens: args.prompt_tokens,
+        shared_prefix: args.shared_prefix,
         gen_tokens: args.gen_tokens,
         seed: args.seed,
         timeout: std::time::Duration::from_secs(args.timeout.max(1)),

@@ -20,6 +20,8 @@ pub struct Load {
     /// Requests per second (Poisson arrivals); `None` sends them as fast as `concurrency` allows.
     pub rate: Option<f64>,
     pub prompt_tokens: usize,
+    /// Leading prompt tokens that every request of the run shares (a system prompt, say).
+    pub shared_prefix: usize,
     pub gen_tokens: usize,
     pub seed: u64,
     pub timeout: Duration,
@@ -70,6 +72,7 @@ pub async fn run(load: Load) -> anyhow::Result<Report> {
     berth_store::registry::install_crypto_provider();
     let client = reqwest::Client::builder().timeout(load.timeout).build().context("cannot create the HTTP client")?;
     let endpoint = format!("{}/v1/completions", load.url.trim_end_matches('/'));
+    let prompts = Prompts::new(load.prompt_tokens, load.shared_prefix);
     let load = Arc::new(load);
     let slots = Arc::new(Semaphore::new(load.concurrency.max(1)));
     let mut rng = Lcg(load.seed);
@@ -86,9 +89,9 @@ pub async fn run(load: Load) -> anyhow::Result<Report> {
             }
         }
         let permit = slots.clone().acquire_owned().await.context("the request slots closed")?;
-        let (client, endpoint, load) = (client.clone(), endpoint.clone(), load.clone());
+        let (client, endpoint, load, prompt) = (client.clone(), endpoint.clone(), load.clone(), prompts.get(i));
         tasks.push(tokio::spawn(async move {
-            let result = one_request(&client, &endpoint, &load, i).await;
+            let result = one_request(&client, &endpoint, &load, prompt).await;
             drop(permit);
             result
         }));
@@ -106,20 +109,43 @@ pub async fn run(load: Load) -> anyhow::Result<Report> {
     Ok(summarise(&load, samples, errors, duration))
 }
 
-/// A prompt of about `tokens` tokens: a distinct opening (so no two requests share a cached
-/// prefix), then a word that byte-level BPE vocabularies keep as one token, repeated.
-fn prompt(index: usize, tokens: usize) -> String {
-    let mut text = format!("Request {index}:");
-    for _ in 0..tokens.saturating_sub(4) {
-        text.push_str(" hello");
-    }
-    text
+/// Words that byte-level BPE vocabularies keep as one token each (with their leading space).
+const WORDS: [&str; 16] = [
+    " hello", " world", " the", " and", " of", " to", " in", " is", " you", " that", " it", " for", " on", " with",
+    " as", " are",
+];
+
+/// The prompts of one run: about `tokens` tokens each, the first `shared` of them the same for every
+/// request, then a distinct opening (`Request N:`), then filler words. The words are drawn afresh
+/// for every run, so no server can answer from a cache filled by an earlier run.
+struct Prompts {
+    run: u64,
+    tokens: usize,
+    shared: usize,
 }
 
-async fn one_request(client: &reqwest::Client, endpoint: &str, load: &Load, index: usize) -> anyhow::Result<Sample> {
+impl Prompts {
+    fn new(tokens: usize, shared: usize) -> Self {
+        let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Self { run: clock.as_nanos() as u64 ^ u64::from(std::process::id()) << 32, tokens, shared }
+    }
+
+    fn words(&self, salt: u64, n: usize) -> String {
+        let mut rng = Lcg(self.run ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        (0..n).map(|_| WORDS[(rng.unit() * WORDS.len() as f64) as usize % WORDS.len()]).collect()
+    }
+
+    fn get(&self, index: usize) -> String {
+        let shared = self.words(u64::MAX, self.shared);
+        let distinct = self.words(index as u64, self.tokens.saturating_sub(self.shared).saturating_sub(4));
+        format!("{shared}Request {index}:{distinct}")
+    }
+}
+
+async fn one_request(client: &reqwest::Client, endpoint: &str, load: &Load, prompt: String) -> anyhow::Result<Sample> {
     let body = serde_json::json!({
         "model": load.model,
-        "prompt": prompt(index, load.prompt_tokens),
+        "prompt": prompt,
         "max_tokens": load.gen_tokens,
         "temperature": 0,
         "ignore_eos": true,
@@ -284,8 +310,16 @@ mod tests {
     }
 
     #[test]
-    fn prompts_differ_from_the_first_token() {
-        assert_ne!(prompt(1, 64)[..12], prompt(2, 64)[..12]);
-        assert_eq!(prompt(3, 64).matches(" hello").count(), 60);
+    fn prompts_differ_from_the_first_token_and_between_runs() {
+        let run = Prompts::new(64, 0);
+        assert!(run.get(1).starts_with("Request 1:") && run.get(2).starts_with("Request 2:"));
+        assert_eq!(run.get(3).matches(' ').count(), 61);
+        let again = Prompts { run: run.run + 1, ..Prompts::new(64, 0) };
+        assert_ne!(run.get(1), again.get(1), "another run, other words");
+        let shared = Prompts::new(64, 20);
+        let (a, b) = (shared.get(1), shared.get(2));
+        assert_eq!(a[..a.find("Request").unwrap()], b[..b.find("Request").unwrap()]);
+        assert_eq!(a.find("Request"), Some(a[..a.find("Request").unwrap()].len()));
+        assert_eq!(a[..a.find("Request").unwrap()].matches(' ').count(), 20);
     }
 }

@@ -1,4 +1,7 @@
-use berth_server::ServerConfig;
+use std::time::Duration;
+
+use anyhow::bail;
+use berth_server::{BatchingConfig, ServerConfig};
 
 use super::Context;
 
@@ -19,11 +22,61 @@ pub struct Args {
     /// Worker threads for the engine (default: the physical cores available).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
+    /// Requests each model generates for at once; more wait in its queue.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_running: u32,
+    /// Tokens each batched step may run: every running request's next token plus prompt chunks.
+    /// Smaller keeps streams smooth while long prompts arrive; larger fills prompts faster.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_batch_tokens: u32,
+    /// Requests that may wait for each model; beyond this they get 429 with Retry-After.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    max_queue: u32,
+    /// Memory for each model's KV cache, e.g. 512MiB or 4GiB (capped at what --max-running
+    /// requests at full context could use).
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    kv_cache: u64,
+    /// Seconds a request may take from arrival to its last token (0: no limit).
+    #[arg(long, default_value_t = 600)]
+    request_timeout: u64,
+    /// Do not reuse the KV cache of prompt prefixes shared between requests.
+    #[arg(long)]
+    no_prefix_cache: bool,
+}
+
+/// A size in bytes: a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number.parse().map_err(|_| format!("`{text}` is not a size; write e.g. 512MiB or 4GiB"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        other => return Err(format!("unknown unit `{other}` in `{text}`; use B, KB, MB, GB, KiB, MiB or GiB")),
+    };
+    let bytes = number * scale as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > (1u64 << 50) as f64 {
+        return Err(format!("`{text}` is out of range"));
+    }
+    Ok(bytes as u64)
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.threads {
         berth_engine::set_threads(n.into())?;
+    }
+    if args.max_batch_tokens < args.max_running {
+        bail!(
+            "--max-batch-tokens ({}) must be at least --max-running ({}): every running request needs a token per step",
+            args.max_batch_tokens,
+            args.max_running
+        );
     }
     let config = ServerConfig {
         host: args.host,
@@ -31,8 +84,33 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         models: args.models,
         body_limit: args.body_limit,
         home: ctx.home.clone(),
+        batching: BatchingConfig {
+            max_running: args.max_running as usize,
+            max_batch_tokens: args.max_batch_tokens as usize,
+            max_queue: args.max_queue as usize,
+            kv_cache_bytes: args.kv_cache,
+            request_timeout: (args.request_timeout > 0).then(|| Duration::from_secs(args.request_timeout)),
+            prefix_cache: !args.no_prefix_cache,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(berth_server::serve(config))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3 parsecs").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("1e30GiB").is_err());
+    }
 }

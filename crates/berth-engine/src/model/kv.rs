@@ -1,0 +1,90 @@
+//! Key/value storage in fixed-size blocks. A sequence's cache is a list of block numbers (its
+//! block table), so sequences grow without copying, share blocks of a common prefix, and give
+//! blocks back one by one. Which block belongs to whom is the scheduler's business
+//! ([`crate::scheduler`]); this module only holds the bits.
+
+/// Positions per block. Small enough that little of a block is wasted at the end of a sequence
+/// and that prefixes are shared at a fine grain, large enough that block tables stay short.
+pub const BLOCK_TOKENS: usize = 16;
+
+/// Keys and values of every layer for a number of blocks, as f16 bits (as llama.cpp stores them
+/// by default).
+pub struct KvStore {
+    kv_dim: usize,
+    blocks: usize,
+    k: Vec<Vec<u16>>,
+    v: Vec<Vec<u16>>,
+}
+
+impl KvStore {
+    /// Storage for `blocks` blocks. The memory is zeroed lazily by the operating system, so a large
+    /// pool costs address space until it is used.
+    pub fn new(layers: usize, kv_dim: usize, blocks: usize) -> Self {
+        let per_layer = blocks * BLOCK_TOKENS * kv_dim;
+        Self { kv_dim, blocks, k: vec![vec![0; per_layer]; layers], v: vec![vec![0; per_layer]; layers] }
+    }
+
+    /// Bytes one block takes over all layers, keys and values.
+    pub fn block_bytes(layers: usize, kv_dim: usize) -> usize {
+        layers * 2 * BLOCK_TOKENS * kv_dim * std::mem::size_of::<u16>()
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Add blocks at the end (single-sequence caches grow this way; the scheduler's pool does not).
+    pub fn grow(&mut self, blocks: usize) {
+        self.blocks += blocks;
+        let per_layer = self.blocks * BLOCK_TOKENS * self.kv_dim;
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            l.resize(per_layer, 0);
+        }
+    }
+
+    /// Block `block` of `layer`: keys and values, `BLOCK_TOKENS × kv_dim` each.
+    pub fn block(&self, layer: usize, block: u32) -> (&[u16], &[u16]) {
+        let size = BLOCK_TOKENS * self.kv_dim;
+        let at = block as usize * size;
+        (&self.k[layer][at..at + size], &self.v[layer][at..at + size])
+    }
+
+    /// Where position `slot` of `block` lies in `layer`: keys and values, `kv_dim` each.
+    pub fn slot_mut(&mut self, layer: usize, block: u32, slot: usize) -> (&mut [u16], &mut [u16]) {
+        let at = (block as usize * BLOCK_TOKENS + slot) * self.kv_dim;
+        (&mut self.k[layer][at..at + self.kv_dim], &mut self.v[layer][at..at + self.kv_dim])
+    }
+}
+
+/// One sequence's cache with its own storage: for callers that run one sequence by hand (teacher
+/// forcing, benchmarks of the bare forward pass). Serving goes through the scheduler's shared pool.
+pub struct KvCache {
+    pub(crate) store: KvStore,
+    pub(crate) blocks: Vec<u32>,
+    pub(crate) len: usize,
+}
+
+impl KvCache {
+    pub(crate) fn new(layers: usize, kv_dim: usize) -> Self {
+        Self { store: KvStore::new(layers, kv_dim, 0), blocks: Vec::new(), len: 0 }
+    }
+
+    /// Tokens cached so far (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Make room for `tokens` more positions.
+    pub(crate) fn reserve(&mut self, tokens: usize) {
+        let needed = (self.len + tokens).div_ceil(BLOCK_TOKENS);
+        if needed > self.blocks.len() {
+            let first = self.store.blocks() as u32;
+            self.store.grow(needed - self.blocks.len());
+            self.blocks.extend(first..self.store.blocks() as u32);
+        }
+    }
+}

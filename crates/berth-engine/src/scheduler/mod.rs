@@ -1,0 +1,432 @@
+//! Continuous batching: many sequences share one model, one forward pass per step.
+//!
+//! Each step
+//! 1. drops sequences nobody waits for any more (client gone, time limit passed), freeing their blocks;
+//! 2. gives every running sequence that is generating its next token — decodes go first, so a long
+//!    prompt never stalls the streams already running;
+//! 3. fills the rest of the step's token budget (`max_batch_tokens`) with prompt chunks of running
+//!    sequences, oldest first (chunked prefill);
+//! 4. admits waiting sequences in arrival order (FIFO) while the running set, the token budget and
+//!    the free cache blocks allow; a sequence that does not fit holds the line, so a large request is
+//!    never overtaken for ever by small ones;
+//! 5. runs all of it as one batched forward pass, samples, streams, and retires finished sequences.
+//!
+//! The KV cache is a fixed pool of blocks ([`blocks::BlockPool`]): a sequence is admitted only with
+//! blocks for its whole prompt; generating takes one block per [`BLOCK_TOKENS`] tokens. When a
+//! generating sequence finds the pool empty, the most recently admitted sequence is preempted: its
+//! blocks are freed and it waits at the front of the queue, to be recomputed (its prompt blocks
+//! usually still in the prefix cache) and continued where it stopped. Memory never grows past the
+//! pool; a request too large for the whole pool is refused when it arrives.
+//!
+//! Batching does not change answers: every token's arithmetic depends only on its own sequence
+//! (see [`crate::model::SeqStep::gemm_until`]).
+
+pub mod blocks;
+mod runner;
+mod sequence;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use self::blocks::BlockPool;
+use self::sequence::Sequence;
+use crate::error::EngineError;
+use crate::generate::{Engine, FinishReason, GenerationRequest};
+use crate::model::{BLOCK_TOKENS, KvStore, Logits, SeqStep};
+
+pub use runner::{Runner, RunnerConfig};
+pub use sequence::TokenSink;
+
+/// Limits of one model's scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens one step may run (decodes plus prompt chunks): bounds a step's time, and with it how
+    /// long a prompt can hold up the streams already running.
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    pub max_running: usize,
+    /// Cache blocks in the pool (see [`Engine::kv_blocks_for`]).
+    pub kv_blocks: usize,
+    /// Reuse the cached blocks of a shared prompt prefix.
+    pub prefix_cache: bool,
+}
+
+impl SchedulerConfig {
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |m: String| Err(EngineError::BadConfig(m));
+        if self.max_running == 0 || self.max_running > 4096 {
+            return bad(format!("max running sequences must be between 1 and 4096, got {}", self.max_running));
+        }
+        if self.max_batch_tokens < self.max_running || self.max_batch_tokens > 65536 {
+            return bad(format!(
+                "max batch tokens must be at least the running sequences ({}) and at most 65536, got {}",
+                self.max_running, self.max_batch_tokens
+            ));
+        }
+        if self.kv_blocks == 0 {
+            return bad("the KV cache must hold at least one block".into());
+        }
+        Ok(())
+    }
+}
+
+/// Live figures of a scheduler, read by metrics and `berth ps` while it runs.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    pub running: AtomicUsize,
+    /// Waiting sequences, preempted ones included.
+    pub waiting: AtomicUsize,
+    /// Waiting sequences never admitted yet (what `max_queue` bounds).
+    pub queued: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    /// Prompt tokens looked up in the prefix cache, and those found there.
+    pub prefix_queried_tokens: AtomicU64,
+    pub prefix_hit_tokens: AtomicU64,
+    /// Prompt tokens run through the model (recomputation after preemption included).
+    pub prefill_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub preemptions: AtomicU64,
+    pub steps: AtomicU64,
+}
+
+impl SchedulerStats {
+    /// Share of the KV cache held by sequences, 0 to 1.
+    pub fn kv_usage(&self) -> f64 {
+        let total = self.kv_blocks_total.load(Ordering::Relaxed);
+        if total == 0 { 0.0 } else { self.kv_blocks_used.load(Ordering::Relaxed) as f64 / total as f64 }
+    }
+}
+
+pub struct Scheduler<'e, 's> {
+    engine: &'e Engine,
+    config: SchedulerConfig,
+    store: KvStore,
+    pool: BlockPool,
+    waiting: VecDeque<Sequence<'s>>,
+    /// In admission order: the last is the first to be preempted.
+    running: Vec<Sequence<'s>>,
+    stats: Arc<SchedulerStats>,
+}
+
+impl<'e, 's> Scheduler<'e, 's> {
+    pub fn new(engine: &'e Engine, config: SchedulerConfig) -> Result<Self, EngineError> {
+        config.validate()?;
+        let stats = Arc::new(SchedulerStats::default());
+        stats.kv_blocks_total.store(config.kv_blocks, Ordering::Relaxed);
+        Ok(Self {
+            engine,
+            store: engine.model.new_kv_store(config.kv_blocks),
+            pool: BlockPool::new(config.kv_blocks, config.prefix_cache),
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats,
+        })
+    }
+
+    pub fn stats(&self) -> Arc<SchedulerStats> {
+        self.stats.clone()
+    }
+
+    /// Whether nothing is running or waiting.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Tokens the whole pool holds.
+    pub fn capacity(&self) -> usize {
+        self.config.kv_blocks * BLOCK_TOKENS
+    }
+
+    /// Queue a request. Requests that can never run (bad parameters, larger than the context or the
+    /// whole cache) fail at once through their sink.
+    pub fn submit(&mut self, req: GenerationRequest, sink: Box<dyn TokenSink + 's>, deadline: Option<Instant>) {
+        let context = self.engine.context_length();
+        let checked = if req.prompt.is_empty() {
+            Err(EngineError::BadModel("the prompt is empty".into()))
+        } else if req.prompt.len() >= context {
+            Err(EngineError::ContextOverflow { needed: req.prompt.len() + 1, limit: context })
+        } else if req.prompt.len() + 1 > self.capacity() {
+            Err(EngineError::KvCacheTooSmall { needed: req.prompt.len() + 1, capacity: self.capacity() })
+        } else {
+            req.sampling.validate(self.engine.model.config.vocab_size)
+        };
+        let seq = Sequence::new(req, sink, deadline);
+        match checked {
+            Err(e) => seq.fail(e),
+            Ok(()) if seq.max_tokens() == 0 => seq.finish(FinishReason::Length),
+            Ok(()) => self.waiting.push_back(seq),
+        }
+        self.publish();
+    }
+
+    /// Run one step. Returns the number of tokens it put through the model.
+    pub fn step(&mut self) -> usize {
+        self.drop_abandoned();
+        let mut budget = self.config.max_batch_tokens;
+        // (index in `running`, tokens this step)
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        self.plan_decodes(&mut plan, &mut budget);
+        self.admit(budget);
+        // Prompt chunks (and the first token of sequences admitted just now), oldest sequence
+        // first, within what is left of the budget.
+        let mut planned = vec![false; self.running.len()];
+        for &(i, _) in &plan {
+            planned[i] = true;
+        }
+        for (i, seq) in self.running.iter().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if !planned[i] {
+                let n = seq.pending().min(budget);
+                plan.push((i, n));
+                budget -= n;
+            }
+        }
+        plan.sort_unstable();
+        let tokens = self.run(&plan);
+        self.publish();
+        tokens
+    }
+
+    /// Fail everything (the model is going away).
+    pub fn abort_all(&mut self, error: impl Fn() -> EngineError) {
+        for seq in self.waiting.drain(..).chain(self.running.drain(..)) {
+            for &b in &seq.blocks {
+                self.pool.release(b);
+            }
+            seq.fail(error());
+        }
+        self.publish();
+    }
+
+    fn drop_abandoned(&mut self) {
+        let now = Instant::now();
+        let gone = |s: &Sequence<'_>| s.is_closed() || s.deadline.is_some_and(|d| now >= d);
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if gone(&self.waiting[i]) {
+                let seq = self.waiting.remove(i).expect("index checked");
+                self.end_abandoned(seq, now);
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            if gone(&self.running[i]) {
+                let seq = self.running.remove(i);
+                self.end_abandoned(seq, now);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn end_abandoned(&mut self, seq: Sequence<'s>, now: Instant) {
+        for &b in &seq.blocks {
+            self.pool.release(b);
+        }
+        match seq.deadline {
+            Some(d) if now >= d && !seq.is_closed() => {
+                let waited = now.duration_since(seq.arrived);
+                seq.fail(EngineError::TimedOut(waited));
+            }
+            _ => seq.finish(FinishReason::Cancelled),
+        }
+    }
+
+    /// One token for every generating sequence, preempting the newest when blocks run out.
+    fn plan_decodes(&mut self, plan: &mut Vec<(usize, usize)>, budget: &mut usize) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].pending() != 1 {
+                i += 1;
+                continue;
+            }
+            if self.reserve(i) {
+                plan.push((i, 1));
+                *budget = budget.saturating_sub(1);
+                i += 1;
+                continue;
+            }
+            // Out of blocks: the newest running sequence (perhaps this one) gives its blocks back.
+            if self.running.len() == 1 {
+                // Alone and still no room: the whole pool is this sequence's. It ends as if the
+                // context had run out.
+                let seq = self.running.remove(0);
+                self.release_blocks_of(&seq);
+                seq.finish(FinishReason::Length);
+                return;
+            }
+            self.preempt_newest();
+        }
+    }
+
+    /// Blocks for the sequence's next position; false if the pool has none.
+    fn reserve(&mut self, i: usize) -> bool {
+        let seq = &mut self.running[i];
+        let needed = (seq.computed + 1).div_ceil(BLOCK_TOKENS);
+        while seq.blocks.len() < needed {
+            match self.pool.allocate() {
+                Some(b) => seq.blocks.push(b),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    fn preempt_newest(&mut self) {
+        let Some(mut seq) = self.running.pop() else { return };
+        self.release_blocks_of(&seq);
+        seq.blocks.clear();
+        seq.keys.clear();
+        seq.computed = 0;
+        self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+        self.waiting.push_front(seq);
+    }
+
+    fn release_blocks_of(&mut self, seq: &Sequence<'_>) {
+        for &b in &seq.blocks {
+            self.pool.release(b);
+        }
+    }
+
+    /// Admit waiting sequences in order while they fit.
+    fn admit(&mut self, budget: usize) {
+        while budget > 0 && self.running.len() < self.config.max_running {
+            let Some(seq) = self.waiting.front_mut() else { break };
+            // Reuse cached blocks of the longest matching prefix; at least the last token is run
+            // again, for its logits.
+            let reusable = (seq.tokens.len() - 1) / BLOCK_TOKENS;
+            let mut found = Vec::new();
+            let mut keys = Vec::new();
+            for chunk in seq.tokens[..reusable * BLOCK_TOKENS].chunks_exact(BLOCK_TOKENS) {
+                match self.pool.lookup(keys.last().copied(), chunk) {
+                    Some((block, key)) => {
+                        found.push(block);
+                        keys.push(key);
+                    }
+                    None => break,
+                }
+            }
+            let needed = seq.tokens.len().div_ceil(BLOCK_TOKENS) - found.len();
+            // Keep a block in hand for each running sequence's next token, so admitting does not
+            // immediately force a preemption.
+            let reserve = self.running.len();
+            let total_needed = seq.tokens.len().div_ceil(BLOCK_TOKENS);
+            if total_needed > self.pool.total() {
+                // Grown past the whole pool while preempted: it cannot run again.
+                for b in found {
+                    self.pool.release(b);
+                }
+                let seq = self.waiting.pop_front().expect("front exists");
+                seq.finish(FinishReason::Length);
+                continue;
+            }
+            if self.pool.available() < needed + reserve {
+                for b in found {
+                    self.pool.release(b);
+                }
+                break;
+            }
+            for _ in 0..needed {
+                found.push(self.pool.allocate().expect("availability checked"));
+            }
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            let cached = keys.len() * BLOCK_TOKENS;
+            if !seq.was_admitted {
+                self.stats.prefix_queried_tokens.fetch_add(seq.prompt_len as u64, Ordering::Relaxed);
+                self.stats.prefix_hit_tokens.fetch_add(cached as u64, Ordering::Relaxed);
+                seq.note_cached(cached);
+                seq.admitted = Some(Instant::now());
+            }
+            seq.was_admitted = true;
+            seq.blocks = found;
+            seq.keys = keys;
+            seq.computed = cached;
+            self.running.push(seq);
+        }
+    }
+
+    /// Run the planned tokens as one forward pass, then sample and retire.
+    fn run(&mut self, plan: &[(usize, usize)]) -> usize {
+        if plan.is_empty() {
+            return 0;
+        }
+        let steps: Vec<SeqStep<'_>> = plan
+            .iter()
+            .map(|&(i, n)| {
+                let seq = &self.running[i];
+                SeqStep {
+                    blocks: &seq.blocks,
+                    start: seq.computed,
+                    tokens: &seq.tokens[seq.computed..seq.computed + n],
+                    gemm_until: if seq.prompt_len > 1 { seq.prompt_len } else { 0 },
+                    logits: if seq.computed + n == seq.tokens.len() { Logits::Last } else { Logits::None },
+                }
+            })
+            .collect();
+        let result = self.engine.model.forward(&mut self.store, &steps);
+        drop(steps);
+        let total: usize = plan.iter().map(|&(_, n)| n).sum();
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // Nothing in a step fails for a well-formed model; if it does, the sequences in it
+                // end with the reason rather than loop.
+                let message = e.to_string();
+                for &(i, _) in plan.iter().rev() {
+                    let seq = self.running.remove(i);
+                    self.release_blocks_of(&seq);
+                    seq.fail(EngineError::BadModel(message.clone()));
+                }
+                return total;
+            }
+        };
+        let context = self.engine.context_length();
+        let mut finished = Vec::new();
+        for (&(i, n), mut rows) in plan.iter().zip(logits) {
+            let seq = &mut self.running[i];
+            let prefill = n.min(seq.prompt_len.saturating_sub(seq.computed));
+            self.stats.prefill_tokens.fetch_add(prefill as u64, Ordering::Relaxed);
+            seq.computed += n;
+            // Full prompt blocks become findable by later sequences.
+            let full = seq.computed.min(seq.prompt_len) / BLOCK_TOKENS;
+            while seq.keys.len() < full {
+                let b = seq.keys.len();
+                let tokens = &seq.tokens[b * BLOCK_TOKENS..(b + 1) * BLOCK_TOKENS];
+                let key = self.pool.register(seq.blocks[b], seq.keys.last().copied(), tokens);
+                seq.keys.push(key);
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            let before = seq.tokens.len();
+            let end = seq.accept(&mut rows, &self.engine.tokenizer, context);
+            self.stats.generated_tokens.fetch_add((seq.tokens.len() - before) as u64, Ordering::Relaxed);
+            if let Some(end) = end {
+                finished.push((i, end));
+            }
+        }
+        for &(i, end) in finished.iter().rev() {
+            let seq = self.running.remove(i);
+            self.release_blocks_of(&seq);
+            seq.finish(end);
+        }
+        total
+    }
+
+    fn publish(&self) {
+        let s = &self.stats;
+        s.running.store(self.running.len(), Ordering::Relaxed);
+        s.waiting.store(self.waiting.len(), Ordering::Relaxed);
+        s.queued.store(self.waiting.iter().filter(|q| !q.was_admitted).count(), Ordering::SeqCst);
+        s.kv_blocks_used.store(self.pool.in_use(), Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,158 @@
+//! One request as the scheduler runs it: its tokens, how far its cache has come, and the state of
+//! its answer (sampler, stop strings, UTF-8 stream decoding), handed to its [`TokenSink`].
+
+use std::time::Instant;
+
+use super::blocks::PrefixKey;
+use crate::error::EngineError;
+use crate::generate::{FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
+use crate::sampling::Sampler;
+use crate::stop::{StopCheck, StopMatcher};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// Where a sequence's tokens and its end go.
+pub trait TokenSink {
+    /// A token, or text released at the end; `false` when nobody listens any more (the sequence
+    /// is then cancelled).
+    fn token(&mut self, event: &TokenEvent) -> bool;
+    /// The end: the whole answer, or why there is none.
+    fn finish(&mut self, result: Result<GenerationOutput, EngineError>);
+    /// Whether the listener has gone, checked at every step (also while the sequence waits).
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+pub(super) struct Sequence<'s> {
+    /// The prompt, then every generated token.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Positions whose keys and values are in `blocks`.
+    pub computed: usize,
+    /// The block table.
+    pub blocks: Vec<u32>,
+    /// Prefix keys of the leading full prompt blocks, for chaining the next one.
+    pub keys: Vec<PrefixKey>,
+    req: GenerationRequest,
+    sampler: Sampler,
+    stops: StopMatcher,
+    decoder: StreamDecoder,
+    hit_stop_string: bool,
+    out: GenerationOutput,
+    sink: Box<dyn TokenSink + 's>,
+    pub arrived: Instant,
+    pub admitted: Option<Instant>,
+    first_token: Option<Instant>,
+    pub deadline: Option<Instant>,
+    /// Whether it has been admitted once (waiting again only after preemption).
+    pub was_admitted: bool,
+}
+
+impl<'s> Sequence<'s> {
+    pub fn new(req: GenerationRequest, sink: Box<dyn TokenSink + 's>, deadline: Option<Instant>) -> Self {
+        let sampler = Sampler::new(req.sampling.clone()).with_history(&req.prompt);
+        let stops = StopMatcher::new(req.stop.clone());
+        let out = GenerationOutput { prompt_tokens: req.prompt.len(), ..Default::default() };
+        Self {
+            tokens: req.prompt.clone(),
+            prompt_len: req.prompt.len(),
+            computed: 0,
+            blocks: Vec::new(),
+            keys: Vec::new(),
+            req,
+            sampler,
+            stops,
+            decoder: StreamDecoder::new(),
+            hit_stop_string: false,
+            out,
+            sink,
+            arrived: Instant::now(),
+            admitted: None,
+            first_token: None,
+            deadline,
+            was_admitted: false,
+        }
+    }
+
+    /// Tokens not yet through the model (at least one while the sequence runs: the next input).
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.req.max_tokens
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.sink.is_closed()
+    }
+
+    pub fn note_cached(&mut self, tokens: usize) {
+        if !self.was_admitted {
+            self.out.cached_tokens = tokens;
+        }
+    }
+
+    /// Sample the next token from the last position's logits, stream it, and say whether the
+    /// sequence ends here.
+    pub fn accept(&mut self, logits: &mut [f32], tokenizer: &Tokenizer, context: usize) -> Option<FinishReason> {
+        let now = Instant::now();
+        if self.first_token.is_none() {
+            self.first_token = Some(now);
+            self.out.prefill_time = now.duration_since(self.admitted.unwrap_or(self.arrived));
+        }
+        let (token, lp) = self.sampler.sample(logits, self.req.logprobs);
+        let ends = !self.req.ignore_eos && tokenizer.is_end_of_generation(token)
+            || self.req.stop_token_ids.contains(&token);
+        if ends {
+            return Some(FinishReason::Stop);
+        }
+        self.out.tokens.push(token);
+        if let Some(lp) = &lp {
+            self.out.logprobs.push(lp.clone());
+        }
+        let piece = self.decoder.push(&tokenizer.token_bytes(token));
+        let (text, stopped) = match self.stops.push(&piece) {
+            StopCheck::Continue(t) => (t, false),
+            StopCheck::Stopped(t) => (t, true),
+        };
+        self.out.text.push_str(&text);
+        let listening = self.sink.token(&TokenEvent { token: Some(token), text, logprob: lp });
+        self.tokens.push(token);
+        if stopped {
+            self.hit_stop_string = true;
+            return Some(FinishReason::Stop);
+        }
+        if !listening {
+            return Some(FinishReason::Cancelled);
+        }
+        // The new token is the next input: it needs a position inside the context.
+        if self.out.tokens.len() >= self.req.max_tokens || self.tokens.len() > context {
+            return Some(FinishReason::Length);
+        }
+        None
+    }
+
+    /// End the sequence: release any text held back for a possible stop string and hand over the
+    /// answer.
+    pub fn finish(mut self, finish: FinishReason) {
+        if !self.hit_stop_string && finish != FinishReason::Cancelled {
+            let tail = self.stops.finish() + &self.decoder.finish();
+            if !tail.is_empty() {
+                self.out.text.push_str(&tail);
+                self.sink.token(&TokenEvent { token: None, text: tail, logprob: None });
+            }
+        }
+        let now = Instant::now();
+        self.out.finish = finish;
+        self.out.queue_time = self.admitted.unwrap_or(now).duration_since(self.arrived);
+        self.out.decode_time = self.first_token.map(|t| now.duration_since(t)).unwrap_or_default();
+        let out = std::mem::take(&mut self.out);
+        self.sink.finish(Ok(out));
+    }
+
+    /// End the sequence with an error.
+    pub fn fail(mut self, error: EngineError) {
+        self.sink.finish(Err(error));
+    }
+}
