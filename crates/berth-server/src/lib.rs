@@ -148,9 +148,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         .collect();
     type Read = fn(&berth_engine::scheduler::SchedulerStats) -> f64;
     let families: [(&str, &str, &str, Read); 9] = [
-        ("num_requests_running", "gauge", "Requests generating now.", |s| {
-            s.running.load(Ordering::Relaxed) as f64
-        }),
+        ("num_requests_running", "gauge", "Requests generating now.", |s| s.running.load(Ordering::Relaxed) as f64),
         ("num_requests_waiting", "gauge", "Requests waiting to be admitted (preempted ones included).", |s| {
             s.waiting.load(Ordering::Relaxed) as f64
         }),
@@ -158,7 +156,9 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         ("prompt_tokens_total", "counter", "Prompt tokens run through the model.", |s| {
             s.prefill_tokens.load(Ordering::Relaxed) as f64
         }),
-        ("generation_tokens_total", "counter", "Tokens generated.", |s| s.generated_tokens.load(Ordering::Relaxed) as f64),
+        ("generation_tokens_total", "counter", "Tokens generated.", |s| {
+            s.generated_tokens.load(Ordering::Relaxed) as f64
+        }),
         ("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", |s| {
             s.prefix_queried_tokens.load(Ordering::Relaxed) as f64
         }),

@@ -19,9 +19,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::run::Update;
 use crate::models::LoadedModel;
 use crate::request::{JsonBody, Sampling, StopField};
+use crate::run::Update;
 
 #[derive(Deserialize, Default)]
 struct Options {

@@ -299,8 +299,15 @@ fn completion_logprobs(model: &LoadedModel, lps: &[TokenLogprob], offset: usize)
     json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// Token counts; `cached` prompt tokens came from the prefix cache (OpenAI's
+/// `prompt_tokens_details.cached_tokens`).
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
 }
 
 async fn respond(plan: Plan, kind: Kind) -> Response {
@@ -309,7 +316,7 @@ async fn respond(plan: Plan, kind: Kind) -> Response {
     }
     let id = request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
     let mut choices = Vec::new();
-    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    let (mut prompt_tokens, mut completion_tokens, mut cached_tokens) = (0, 0, 0);
     // Every choice of every prompt is queued at once, so they run as one batch.
     let mut generations = Vec::new();
     for prompt in &plan.prompts {
@@ -334,6 +341,7 @@ async fn respond(plan: Plan, kind: Kind) -> Response {
             };
             if i == 0 {
                 prompt_tokens += out.prompt_tokens;
+                cached_tokens += out.cached_tokens;
             }
             completion_tokens += out.tokens.len();
             let choice = match kind {
@@ -365,7 +373,7 @@ async fn respond(plan: Plan, kind: Kind) -> Response {
         "model": plan.model.name,
         "system_fingerprint": "berth",
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }))
     .into_response()
 }
@@ -394,8 +402,7 @@ fn stream(plan: Plan, kind: Kind) -> Response {
         Event::default().data(v.to_string())
     };
     tokio::spawn(async move {
-        let mut prompt_tokens = 0;
-        let mut completion_tokens = 0;
+        let (mut prompt_tokens, mut completion_tokens, mut cached_tokens) = (0, 0, 0);
         let with_lp = plan.top_logprobs.is_some();
         for (index, mut generation) in generations.into_iter().enumerate() {
             if kind == Kind::Chat {
@@ -448,6 +455,7 @@ fn stream(plan: Plan, kind: Kind) -> Response {
             };
             if index == 0 {
                 prompt_tokens = out.prompt_tokens;
+                cached_tokens = out.cached_tokens;
             }
             completion_tokens += out.tokens.len();
             if out.finish == FinishReason::Cancelled {
@@ -466,7 +474,7 @@ fn stream(plan: Plan, kind: Kind) -> Response {
             }
         }
         if plan.include_usage {
-            let _ = tx.send(chunk(json!([]), Some(usage(prompt_tokens, completion_tokens)))).await;
+            let _ = tx.send(chunk(json!([]), Some(usage(prompt_tokens, completion_tokens, cached_tokens)))).await;
         }
         let _ = tx.send(Event::default().data("[DONE]")).await;
     });

@@ -272,7 +272,15 @@ impl Attention {
     }
 
     /// Widen key/value head `kvh` of positions `0..len` into `k` and `v` (`head_dim` per position).
-    fn widen_head(&self, seq: &SeqKv<'_>, kvh: usize, len: usize, block_tokens: usize, k: &mut Vec<f32>, v: &mut Vec<f32>) {
+    fn widen_head(
+        &self,
+        seq: &SeqKv<'_>,
+        kvh: usize,
+        len: usize,
+        block_tokens: usize,
+        k: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) {
         let hd = self.head_dim;
         let kv_dim = self.n_head_kv * hd;
         k.resize(len * hd, 0.0);

@@ -8,8 +8,8 @@ use berth_formats::gguf::{GgmlType, GgufFile, TensorInfo};
 use memmap2::Mmap;
 
 use super::config::LlamaConfig;
-use crate::error::EngineError;
 use super::kv::{BLOCK_TOKENS, KvCache, KvStore};
+use crate::error::EngineError;
 use crate::kernels::attention::{Attention, SeqKv};
 use crate::kernels::{QMatrix, f16, ops, quant};
 
@@ -148,7 +148,12 @@ impl LlamaModel {
 
     /// Run `tokens` of the sequence cached in `cache` (a prompt if there are several) and return
     /// the last token's logits, or every token's with `all_logits`.
-    pub fn forward_cache(&self, cache: &mut KvCache, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, EngineError> {
+    pub fn forward_cache(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>, EngineError> {
         cache.reserve(tokens.len());
         let start = cache.len;
         let step = SeqStep {
@@ -240,7 +245,13 @@ impl LlamaModel {
                 let len = step.tokens.len();
                 let used = (step.start + len).div_ceil(BLOCK_TOKENS);
                 let (k_blocks, v_blocks) = step.blocks[..used].iter().map(|&b| store.block(li, b)).unzip();
-                seqs.push(SeqKv { rows: row..row + len, first: step.start, gemm_until: step.gemm_until, k_blocks, v_blocks });
+                seqs.push(SeqKv {
+                    rows: row..row + len,
+                    first: step.start,
+                    gemm_until: step.gemm_until,
+                    k_blocks,
+                    v_blocks,
+                });
                 row += len;
             }
             attention.batch(&q, &seqs, BLOCK_TOKENS, &mut attn);

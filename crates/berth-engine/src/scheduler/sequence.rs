@@ -102,8 +102,8 @@ impl<'s> Sequence<'s> {
             self.out.prefill_time = now.duration_since(self.admitted.unwrap_or(self.arrived));
         }
         let (token, lp) = self.sampler.sample(logits, self.req.logprobs);
-        let ends = !self.req.ignore_eos && tokenizer.is_end_of_generation(token)
-            || self.req.stop_token_ids.contains(&token);
+        let ends =
+            !self.req.ignore_eos && tokenizer.is_end_of_generation(token) || self.req.stop_token_ids.contains(&token);
         if ends {
             return Some(FinishReason::Stop);
         }
