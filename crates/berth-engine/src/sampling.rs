@@ -184,34 +184,50 @@ impl Sampler {
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        let likelier = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = if p.top_k == 0 { cand.len() } else { p.top_k.min(cand.len()) };
         if k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            cand.select_nth_unstable_by(k - 1, likelier);
             cand.truncate(k);
         }
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        // Probabilities at temperature 1 decide top-p and min-p, as llama.cpp's sampler chain does
-        // before the temperature step.
-        let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
-        let sum: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= sum);
-        let mut keep = cand.len();
+        // Probabilities at temperature 1 over the top-k decide top-p and min-p, as llama.cpp's
+        // sampler chain does before the temperature step.
+        let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        let weight = |c: &(u32, f32)| ((c.1 - max) as f64).exp();
+        let sum: f64 = cand.iter().map(weight).sum();
+        if p.min_p > 0.0 {
+            // Tokens at least min_p times as likely as the likeliest: a filter that needs no order.
+            let floor = (1.0 / sum) * p.min_p as f64;
+            cand.retain(|c| weight(c) / sum >= floor);
+        }
         if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, q) in probs.iter().enumerate() {
-                acc += q;
-                if acc >= p.top_p as f64 {
-                    keep = i + 1;
+            // The smallest set of likeliest tokens reaching top_p: sort only as many as it takes,
+            // growing the sorted prefix until it does (a whole vocabulary sort costs milliseconds).
+            let mut sorted = 256.min(cand.len());
+            loop {
+                if sorted < cand.len() {
+                    cand.select_nth_unstable_by(sorted - 1, likelier);
+                }
+                cand[..sorted].sort_by(likelier);
+                let mut acc = 0.0;
+                let cut = cand[..sorted].iter().position(|c| {
+                    acc += weight(c) / sum;
+                    acc >= p.top_p as f64
+                });
+                if let Some(i) = cut {
+                    cand.truncate(i + 1);
                     break;
                 }
+                if sorted == cand.len() {
+                    break;
+                }
+                sorted = (sorted * 8).min(cand.len());
             }
         }
-        if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p as f64;
-            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+        if cand.is_empty() {
+            // Only with NaN logits (a broken model): fall back to the first best.
+            return argmax(logits);
         }
-        cand.truncate(keep);
         let t = p.temperature as f64;
         let weights: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64 / t).exp()).collect();
         let total: f64 = weights.iter().sum();
@@ -295,6 +311,52 @@ mod tests {
         assert_eq!(s.sample(&mut l, None).0, argmax(&logits()));
         let mut s = Sampler::new(SamplingParams { logit_bias: vec![(5, 100.0)], ..SamplingParams::greedy() });
         assert_eq!(s.sample(&mut logits(), None).0, 5);
+    }
+
+    /// top-p and min-p keep exactly the likeliest tokens they should, over a vocabulary large
+    /// enough that the sorted prefix has to grow.
+    #[test]
+    fn top_p_and_min_p_keep_the_likeliest_tokens() {
+        // Token i has logit -i/1000: probabilities fall slowly, so top-p 0.5 needs ~700 tokens.
+        let vocab = 50_000;
+        let logits: Vec<f32> = (0..vocab).map(|i| -(i as f32) / 1000.0).collect();
+        let weights: Vec<f64> = logits.iter().map(|&l| (l as f64).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let nucleus = weights.iter().position(|w| {
+            acc += w / total;
+            acc >= 0.5
+        });
+        let nucleus = nucleus.unwrap() as u32;
+        assert!(nucleus > 256, "the nucleus is larger than the first sorted prefix");
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            min_p: 0.0,
+            seed: Some(3),
+            ..Default::default()
+        });
+        let mut highest = 0;
+        for _ in 0..400 {
+            let (t, _) = s.sample(&mut logits.clone(), None);
+            assert!(t <= nucleus, "token {t} is outside the top-p set (last {nucleus})");
+            highest = highest.max(t);
+        }
+        assert!(highest > nucleus / 2, "samples spread over the set");
+        // min-p 0.5: only tokens with logit within ln 2 of the best (i/1000 <= 0.693, so i <= 693).
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.5,
+            seed: Some(4),
+            ..Default::default()
+        });
+        for _ in 0..200 {
+            let (t, _) = s.sample(&mut logits.clone(), None);
+            assert!(t <= 693, "token {t} is below min-p");
+        }
     }
 
     #[test]

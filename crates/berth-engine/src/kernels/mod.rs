@@ -141,14 +141,16 @@ impl<'a> QMatrix<'a> {
         });
         drop(tasks);
         if n > 1 {
+            // Every matrix's every token row put in place, in one parallel region.
+            let mut rows_out = Vec::with_capacity(n * products.len());
             for ((m, out), buffer) in products.iter_mut().zip(&transposed) {
-                let rows = m.rows;
-                team.for_each_chunk_mut(out, rows, |t, row| {
-                    for (r, o) in row.iter_mut().enumerate() {
-                        *o = buffer[r * n + t];
-                    }
-                });
+                rows_out.extend(out.chunks_mut(m.rows).enumerate().map(|(t, row)| (t, row, buffer.as_slice())));
             }
+            team.for_each_mut(&mut rows_out, |(t, row, buffer)| {
+                for (r, o) in row.iter_mut().enumerate() {
+                    *o = buffer[r * n + *t];
+                }
+            });
         }
     }
 

@@ -308,7 +308,7 @@ impl LlamaModel {
 /// Apply `f(index, row)` to every row of `rows`: in parallel for a batch, in the calling thread
 /// for a few rows, where handing work to the pool would cost more than the work.
 fn rows(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    const PARALLEL_FROM: usize = 8;
+    const PARALLEL_FROM: usize = 32;
     if data.len() / width < PARALLEL_FROM {
         data.chunks_exact_mut(width).enumerate().for_each(|(i, r)| f(i, r));
     } else {

@@ -390,8 +390,8 @@ impl<'e, 's> Scheduler<'e, 's> {
             }
         };
         let context = self.engine.context_length();
-        let mut finished = Vec::new();
-        for (&(i, n), mut rows) in plan.iter().zip(logits) {
+        let mut sampled: Vec<Option<Vec<f32>>> = vec![None; self.running.len()];
+        for (&(i, n), rows) in plan.iter().zip(logits) {
             let seq = &mut self.running[i];
             let prefill = n.min(seq.prompt_len.saturating_sub(seq.computed));
             self.stats.prefill_tokens.fetch_add(prefill as u64, Ordering::Relaxed);
@@ -404,11 +404,27 @@ impl<'e, 's> Scheduler<'e, 's> {
                 let key = self.pool.register(seq.blocks[b], seq.keys.last().copied(), tokens);
                 seq.keys.push(key);
             }
-            if rows.is_empty() {
-                continue;
+            if !rows.is_empty() {
+                sampled[i] = Some(rows);
             }
+        }
+        // Sampling (a sort of the vocabulary, at some settings) for every sequence at once.
+        let mut jobs: Vec<_> = self
+            .running
+            .iter_mut()
+            .zip(sampled)
+            .enumerate()
+            .filter_map(|(i, (seq, rows))| rows.map(|rows| (i, seq.sampler(), rows, None)))
+            .collect();
+        crate::team().for_each_mut(&mut jobs, |(_, (sampler, logprobs), rows, pick)| {
+            *pick = Some(sampler.sample(rows, *logprobs));
+        });
+        let picks: Vec<_> = jobs.into_iter().filter_map(|(i, _, _, pick)| pick.map(|p| (i, p))).collect();
+        let mut finished = Vec::new();
+        for (i, (token, lp)) in picks {
+            let seq = &mut self.running[i];
             let before = seq.tokens.len();
-            let end = seq.accept(&mut rows, &self.engine.tokenizer, context);
+            let end = seq.accept(token, lp, &self.engine.tokenizer, context);
             self.stats.generated_tokens.fetch_add((seq.tokens.len() - before) as u64, Ordering::Relaxed);
             if let Some(end) = end {
                 finished.push((i, end));

@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::blocks::PrefixKey;
 use crate::error::EngineError;
 use crate::generate::{FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
-use crate::sampling::Sampler;
+use crate::sampling::{Sampler, TokenLogprob};
 use crate::stop::{StopCheck, StopMatcher};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -93,15 +93,25 @@ impl<'s> Sequence<'s> {
         }
     }
 
-    /// Sample the next token from the last position's logits, stream it, and say whether the
-    /// sequence ends here.
-    pub fn accept(&mut self, logits: &mut [f32], tokenizer: &Tokenizer, context: usize) -> Option<FinishReason> {
+    /// What sampling needs: the sampler and how many alternatives to report. (Sampling runs on
+    /// the engine's workers, one sequence each; the rest of `accept` stays on the scheduler thread.)
+    pub fn sampler(&mut self) -> (&mut Sampler, Option<usize>) {
+        (&mut self.sampler, self.req.logprobs)
+    }
+
+    /// Take the sampled next token, stream it, and say whether the sequence ends here.
+    pub fn accept(
+        &mut self,
+        token: u32,
+        lp: Option<TokenLogprob>,
+        tokenizer: &Tokenizer,
+        context: usize,
+    ) -> Option<FinishReason> {
         let now = Instant::now();
         if self.first_token.is_none() {
             self.first_token = Some(now);
             self.out.prefill_time = now.duration_since(self.admitted.unwrap_or(self.arrived));
         }
-        let (token, lp) = self.sampler.sample(logits, self.req.logprobs);
         let ends =
             !self.req.ignore_eos && tokenizer.is_end_of_generation(token) || self.req.stop_token_ids.contains(&token);
         if ends {
