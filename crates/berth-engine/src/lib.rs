@@ -1,9 +1,9 @@
 //! berth's inference engine: llama-family GGUF models on CPU, with the tokenizer and chat template
 //! read from the model file itself, sampling, and generation with stop strings and logprobs.
 //!
-//! The forward pass is batched from the start ([`model::LlamaModel::forward`] takes many sequences,
-//! each with its own positions and KV cache), so the scheduler that serves many users builds on it
-//! rather than replacing it.
+//! The forward pass is batched ([`model::LlamaModel::forward`] takes many sequences, each with its
+//! own positions and block table in a shared paged KV cache), and [`scheduler`] serves many requests
+//! at once with continuous batching on top of it.
 
 pub mod error;
 pub mod kernels;

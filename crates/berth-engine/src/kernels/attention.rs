@@ -1,4 +1,4 @@
-//! Causal attention over one sequence's f16 KV cache, computed as llama.cpp computes it without
+//! Causal attention over paged f16 KV caches, computed as llama.cpp computes it without
 //! flash attention (see ARCHITECTURE.md, "Agreement with llama.cpp"): keys times the query
 //! rounded to f16, ggml's softmax, values times the probabilities rounded to f16, each product
 //! reduced in the order of the kernel llama.cpp picks for the step.

@@ -30,7 +30,7 @@ pub struct Args {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_batch_tokens: u32,
     /// Requests that may wait for each model; beyond this they get 429 with Retry-After.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_queue: u32,
     /// Memory for each model's KV cache, e.g. 512MiB or 4GiB (capped at what --max-running
     /// requests at full context could use).
