@@ -9,6 +9,7 @@
 
 mod embeddings;
 mod error;
+mod metrics;
 mod models;
 mod ollama;
 mod openai;
@@ -134,7 +135,8 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Prometheus text format; names follow vLLM's with the `berth:` prefix.
+/// Prometheus text format; names follow vLLM's with the `berth:` prefix, every sample labelled
+/// `model_name`.
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let loaded: Vec<Arc<models::LoadedModel>> = state
         .models
@@ -170,14 +172,25 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         }),
         ("engine_steps_total", "counter", "Batched forward passes.", |s| s.steps.load(Ordering::Relaxed) as f64),
     ];
-    let mut out = String::new();
-    for (name, kind, help, read) in families {
-        out.push_str(&format!("# HELP berth:{name} {help}\n# TYPE berth:{name} {kind}\n"));
-        for m in &loaded {
-            out.push_str(&format!("berth:{name}{{model_name=\"{}\"}} {}\n", m.name, read(m.runner.stats())));
+    let mut out = metrics::Families::default();
+    for m in &loaded {
+        let labels = format!("model_name=\"{}\"", label_value(&m.name));
+        for (name, kind, help, read) in &families {
+            let full = format!("berth:{name}");
+            let text = out.entry(&full, kind, help);
+            text.push_str(&format!("{full}{{{labels}}} {}\n", read(m.runner.stats())));
         }
+        let memory = out.entry("berth:model_memory_bytes", "gauge", "Memory a loaded model may use, by part.");
+        memory.push_str(&format!("berth:model_memory_bytes{{{labels},part=\"weights\"}} {}\n", m.size));
+        memory.push_str(&format!("berth:model_memory_bytes{{{labels},part=\"kv_cache\"}} {}\n", m.kv_cache_bytes()));
+        m.metrics.write(&labels, &mut out);
     }
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out.finish())
+}
+
+/// A label value in the exposition format: backslash, quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Bind, load the named models, and serve until the process is stopped.

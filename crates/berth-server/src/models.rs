@@ -15,6 +15,7 @@ use tokio::sync::{Mutex, OnceCell};
 
 use crate::BatchingConfig;
 use crate::error::ApiError;
+use crate::metrics::ServingMetrics;
 
 pub struct LoadedModel {
     /// The name clients use (`ai/smollm2:latest`).
@@ -23,11 +24,28 @@ pub struct LoadedModel {
     /// The model's scheduler thread.
     pub runner: Runner,
     pub size: u64,
+    pub metrics: ServingMetrics,
 }
 
 impl LoadedModel {
-    /// An engine error as the API reports it; a full queue says when to come back.
+    /// Bytes of KV cache the model's scheduler may use.
+    pub fn kv_cache_bytes(&self) -> u64 {
+        (self.runner.config().scheduler.kv_blocks * self.engine.model.kv_block_bytes()) as u64
+    }
+
+    /// An engine error as the API reports it (and counted as a failure); a full queue says when to
+    /// come back.
     pub fn error(&self, e: EngineError) -> ApiError {
+        self.metrics.failure(match &e {
+            EngineError::QueueFull { .. } => "queue_full",
+            EngineError::TimedOut(_) => "timeout",
+            EngineError::ContextOverflow { .. }
+            | EngineError::KvCacheTooSmall { .. }
+            | EngineError::Sampling(_)
+            | EngineError::Template(_)
+            | EngineError::Tokenizer(_) => "invalid",
+            _ => "error",
+        });
         match e {
             EngineError::QueueFull { waiting } => {
                 // Roughly one round of the running sequences per waiting batch of that size.
@@ -171,6 +189,7 @@ impl ModelManager {
         let available = self.available();
         let name = reference.familiar();
         cell.get_or_try_init(|| async move {
+            let started = std::time::Instant::now();
             let store = Store::open(&home).map_err(|e| ApiError::internal(e.to_string()))?;
             let (_, manifest, _) = store.load(&reference).map_err(|e| match e {
                 berth_store::StoreError::NotFound(_) => ApiError::model_not_found(model, &available),
@@ -200,7 +219,8 @@ impl ModelManager {
             let config = runner_config(&engine, &batching);
             let runner = Runner::start(engine.clone(), config)
                 .map_err(|e| ApiError::internal(format!("cannot start {name}: {e}")))?;
-            Ok(Loaded::Chat(Arc::new(LoadedModel { name, engine, runner, size })))
+            let metrics = ServingMetrics::new(started.elapsed().as_secs_f64());
+            Ok(Loaded::Chat(Arc::new(LoadedModel { name, engine, runner, size, metrics })))
         })
         .await
         .cloned()

@@ -6,6 +6,7 @@
 //! cache blocks at its next step.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use berth_engine::scheduler::TokenSink;
 use berth_engine::{EngineError, GenerationOutput, GenerationRequest, TokenEvent};
@@ -46,13 +47,24 @@ pub struct Generation {
     rx: mpsc::UnboundedReceiver<Message>,
     model: Arc<LoadedModel>,
     done: bool,
+    started: Instant,
+    last_token: Option<Instant>,
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // Let go before the end: the client went away.
+        if !self.done {
+            self.model.metrics.success(berth_engine::FinishReason::Cancelled);
+        }
+    }
 }
 
 /// Queue `req` on `model`'s scheduler; refused at once (429) when its queue is full.
 pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generation, ApiError> {
     let (tx, rx) = mpsc::unbounded_channel();
     model.runner.submit(req, Box::new(ChannelSink(tx))).map_err(|e| model.error(e))?;
-    Ok(Generation { rx, model: model.clone(), done: false })
+    Ok(Generation { rx, model: model.clone(), done: false, started: Instant::now(), last_token: None })
 }
 
 impl Generation {
@@ -61,10 +73,26 @@ impl Generation {
         if self.done {
             return Update::Done(Err(ApiError::internal("the generation already ended")));
         }
+        let metrics = &self.model.metrics;
         match self.rx.recv().await {
-            Some(Message::Token(t)) => Update::Token(t),
+            Some(Message::Token(t)) => {
+                if t.token.is_some() {
+                    let now = Instant::now();
+                    match self.last_token {
+                        None => metrics.ttft.observe(now.duration_since(self.started).as_secs_f64()),
+                        Some(last) => metrics.itl.observe(now.duration_since(last).as_secs_f64()),
+                    }
+                    self.last_token = Some(now);
+                }
+                Update::Token(t)
+            }
             Some(Message::Done(result)) => {
                 self.done = true;
+                if let Ok(out) = &result {
+                    metrics.e2e.observe(self.started.elapsed().as_secs_f64());
+                    metrics.queue.observe(out.queue_time.as_secs_f64());
+                    metrics.success(out.finish);
+                }
                 Update::Done(result.map_err(|e| self.model.error(e)))
             }
             None => {

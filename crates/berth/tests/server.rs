@@ -433,3 +433,87 @@ fn a_shared_prefix_is_served_from_the_cache() {
     assert!(server.metric("berth:prefix_cache_hits_total") >= 992);
     assert!(server.metric("berth:prefix_cache_queries_total") >= 2000);
 }
+
+/// Percent-encode a query parameter (everything but unreserved characters).
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A real Prometheus (Debian's package) scrapes berth: the vLLM-named series arrive with their
+/// `model_name` label, histograms included.
+#[test]
+fn a_real_prometheus_scrapes_the_metrics() {
+    let binary =
+        ["/usr/bin/prometheus", "/usr/local/bin/prometheus"].into_iter().find(|p| std::path::Path::new(p).exists());
+    let binary = binary.expect("prometheus is missing: `apt-get install prometheus` (.ci/run installs it)");
+    let server = Server::start();
+    for i in 0..3 {
+        let body =
+            format!(r#"{{"model":"smollm2","prompt":"Count {i}:","max_tokens":6,"temperature":0,"ignore_eos":true}}"#);
+        assert_eq!(server.post("/v1/completions", &body).0, 200);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: berth\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            server.port
+        ),
+    )
+    .unwrap();
+    let port = berth_testkit::free_port();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let mut prometheus = Command::new(binary)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start prometheus");
+    let query = |q: &str| -> serde_json::Value {
+        match http_request(port, "GET", &format!("/api/v1/query?query={}", url_encode(q)), &[], b"") {
+            Ok((200, raw)) => serde_json::from_str(&body_of(&raw)).unwrap_or_default(),
+            _ => serde_json::Value::Null,
+        }
+    };
+    let value = |v: &serde_json::Value| -> Option<f64> { v["data"]["result"][0]["value"][1].as_str()?.parse().ok() };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let tokens = loop {
+        let v = query("berth:generation_tokens_total");
+        if let Some(n) = value(&v) {
+            assert_eq!(v["data"]["result"][0]["metric"]["model_name"], "ai/smollm2:latest", "{v}");
+            break n;
+        }
+        if Instant::now() > deadline {
+            let _ = prometheus.kill();
+            let log = std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
+            panic!("Prometheus never scraped berth; its log:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(tokens >= 18.0, "3 requests × 6 tokens, got {tokens}");
+    let checks = [
+        (r#"berth:request_success_total{finished_reason="length"}"#, 3.0),
+        ("berth:time_to_first_token_seconds_count", 3.0),
+        ("berth:e2e_request_latency_seconds_count", 3.0),
+        (r#"berth:model_memory_bytes{part="weights"}"#, 1e6),
+        ("berth:kv_cache_usage_perc", 0.0),
+        ("berth:num_requests_running", 0.0),
+    ];
+    for (q, at_least) in checks {
+        let got = value(&query(q));
+        assert!(got.is_some_and(|g| g >= at_least), "{q}: {got:?}");
+    }
+    // Quantiles work on the histograms as on vLLM's.
+    let median = value(&query("histogram_quantile(0.5, sum by (le) (berth:time_to_first_token_seconds_bucket))"));
+    assert!(median.is_some_and(|m| m > 0.0 && m.is_finite()), "{median:?}");
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+}
