@@ -41,6 +41,8 @@ pub struct ServerConfig {
     /// berth's data folder.
     pub home: PathBuf,
     pub batching: BatchingConfig,
+    /// After SIGTERM or SIGINT, how long requests in flight may take to finish.
+    pub shutdown_timeout: std::time::Duration,
 }
 
 /// How each model shares itself among concurrent requests.
@@ -81,6 +83,7 @@ impl Default for ServerConfig {
             body_limit: 2 << 20,
             home: PathBuf::from("."),
             batching: BatchingConfig::default(),
+            shutdown_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -221,11 +224,62 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             Ok::<(), ServerError>(())
         }
     };
-    let server = axum::serve(listener, app).into_future();
+    // SIGTERM or SIGINT: report not ready, refuse new connections, let the requests in flight
+    // finish (up to the timeout), then return. A second signal ends at once.
+    let draining = Arc::new(tokio::sync::Notify::new());
+    let shutdown = {
+        let (state, draining) = (state.clone(), draining.clone());
+        async move {
+            stop_signal().await;
+            state.ready.store(false, Ordering::SeqCst);
+            eprintln!(
+                "berth: stopping: finishing the requests in flight (at most {} s; a second signal stops at once)",
+                config.shutdown_timeout.as_secs()
+            );
+            draining.notify_one();
+        }
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future();
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => return r.map_err(ServerError::Serve),
         p = preload => p?,
     }
-    server.await.map_err(ServerError::Serve)
+    tokio::select! {
+        r = &mut server => r.map_err(ServerError::Serve)?,
+        _ = async {
+            draining.notified().await;
+            tokio::select! {
+                _ = tokio::time::sleep(config.shutdown_timeout) => {
+                    eprintln!("berth: requests still running after the shutdown timeout; stopping anyway");
+                }
+                _ = stop_signal() => eprintln!("berth: second signal; stopping now"),
+            }
+        } => {}
+    }
+    eprintln!("berth: stopped");
+    Ok(())
+}
+
+/// SIGTERM (what orchestrators send) or SIGINT (Ctrl-C).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -517,3 +517,53 @@ fn a_real_prometheus_scrapes_the_metrics() {
     let _ = prometheus.kill();
     let _ = prometheus.wait();
 }
+
+/// SIGTERM: the server stops taking connections, the answer being streamed runs to its end, and
+/// the process exits cleanly.
+#[test]
+fn sigterm_drains_the_requests_in_flight() {
+    let mut server = Server::start();
+    let port = server.port;
+    let body = r#"{"model":"smollm2","prompt":"Once upon a time","max_tokens":60,"temperature":0,"ignore_eos":true,"stream":true,"stream_options":{"include_usage":true}}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen).matches(r#""text""#).count() < 2 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // SAFETY: sending a signal to the child process this test started.
+    assert_eq!(unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) }, 0);
+    // New connections are refused while the stream goes on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(Instant::now() < deadline, "the server kept accepting connections after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.contains("data: [DONE]"), "the answer in flight was cut: {text}");
+    assert!(text.contains(r#""completion_tokens":60"#), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "berth serve did not exit after draining; log:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}; log:\n{}", server.log());
+    assert!(server.log().contains("stopping"), "{}", server.log());
+}

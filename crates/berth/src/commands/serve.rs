@@ -42,6 +42,9 @@ pub struct Args {
     /// Do not reuse the KV cache of prompt prefixes shared between requests.
     #[arg(long)]
     no_prefix_cache: bool,
+    /// On SIGTERM or Ctrl-C, seconds the requests in flight may take to finish before berth exits.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
 }
 
 /// A size in bytes: a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB).
@@ -92,6 +95,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             request_timeout: (args.request_timeout > 0).then(|| Duration::from_secs(args.request_timeout)),
             prefix_cache: !args.no_prefix_cache,
         },
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(berth_server::serve(config))?;
