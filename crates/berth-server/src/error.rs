@@ -85,6 +85,11 @@ impl ApiError {
         }
     }
 
+    /// A model does not fit the memory budget.
+    pub fn insufficient_memory(message: impl Into<String>) -> Self {
+        Self { code: Some("insufficient_memory"), ..Self::unavailable(message) }
+    }
+
     /// Too many requests are waiting: come back after `seconds`.
     pub fn overloaded(message: impl Into<String>, seconds: u64) -> Self {
         Self {

@@ -28,6 +28,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
 pub use error::ApiError;
+pub use models::{KeepAlive, MemoryConfig};
 
 /// How to run the server.
 #[derive(Debug, Clone)]
@@ -41,6 +42,7 @@ pub struct ServerConfig {
     /// berth's data folder.
     pub home: PathBuf,
     pub batching: BatchingConfig,
+    pub memory: models::MemoryConfig,
     /// After SIGTERM or SIGINT, how long requests in flight may take to finish.
     pub shutdown_timeout: std::time::Duration,
 }
@@ -83,6 +85,11 @@ impl Default for ServerConfig {
             body_limit: 2 << 20,
             home: PathBuf::from("."),
             batching: BatchingConfig::default(),
+            memory: models::MemoryConfig {
+                budget: 8 << 30,
+                keep_alive: models::KeepAlive::For(std::time::Duration::from_secs(300)),
+                pinned: Vec::new(),
+            },
             shutdown_timeout: std::time::Duration::from_secs(30),
         }
     }
@@ -203,7 +210,11 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         .await
         .map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
     let state = AppState {
-        models: Arc::new(models::ModelManager::new(config.home.clone(), config.batching.clone())),
+        models: Arc::new(models::ModelManager::new(
+            config.home.clone(),
+            config.batching.clone(),
+            config.memory.clone(),
+        )),
         ready: Arc::new(AtomicBool::new(false)),
     };
     let app = router(state.clone(), config.body_limit);
@@ -239,6 +250,17 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             draining.notify_one();
         }
     };
+    // Models idle past their keep-alive are unloaded.
+    let reaper = {
+        let models = state.models.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                models.reap().await;
+            }
+        })
+    };
+    let _stop_reaper = AbortOnDrop(reaper);
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future();
     tokio::pin!(server);
     tokio::select! {
@@ -259,6 +281,14 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     }
     eprintln!("berth: stopped");
     Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// SIGTERM (what orchestrators send) or SIGINT (Ctrl-C).

@@ -1,11 +1,14 @@
-//! Loaded models: loaded on first use (concurrent first requests share one load) and kept.
-//! Each text model gets a scheduler thread that batches its requests (see
+//! Loaded models: loaded on first use (concurrent first requests share one load), kept while they
+//! are used, unloaded when idle past their keep-alive, and held within a memory budget: before a load,
+//! idle models that are not pinned are evicted, least recently used first, or the load is refused
+//! with the reason. Each text model gets a scheduler thread that batches its requests (see
 //! `berth_engine::scheduler`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_engine::model::bert::BertEmbedder;
 use berth_engine::scheduler::{Runner, RunnerConfig, SchedulerConfig};
@@ -25,9 +28,24 @@ pub struct LoadedModel {
     pub runner: Runner,
     pub size: u64,
     pub metrics: ServingMetrics,
+    /// Requests holding the model now (queued, running, or being answered).
+    pub in_flight: AtomicUsize,
+    /// When the last request let go of it.
+    pub last_active: std::sync::Mutex<Instant>,
 }
 
 impl LoadedModel {
+    /// A request takes the model; the guard lets go (and notes the time) when dropped.
+    pub fn hold(self: &Arc<Self>) -> Hold {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Hold(self.clone())
+    }
+
+    /// Bytes the model may use: weights, its whole KV cache, and working memory.
+    pub fn memory_bytes(&self) -> u64 {
+        self.size + self.kv_cache_bytes() + OVERHEAD
+    }
+
     /// Bytes of KV cache the model's scheduler may use.
     pub fn kv_cache_bytes(&self) -> u64 {
         (self.runner.config().scheduler.kv_blocks * self.engine.model.kv_block_bytes()) as u64
@@ -85,19 +103,132 @@ impl Loaded {
             Loaded::Embed(m) => &m.name,
         }
     }
+}
 
-    pub fn size(&self) -> u64 {
-        match self {
-            Loaded::Chat(m) => m.size,
-            Loaded::Embed(m) => m.size,
+/// A request's hold on a model (see [`LoadedModel::hold`]).
+pub struct Hold(Arc<LoadedModel>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        *self.0.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Working memory of a loaded model beyond weights and KV cache (activations of a step, logits,
+/// scratch): a generous allowance for the models berth runs on a CPU.
+const OVERHEAD: u64 = 64 << 20;
+
+/// How long a model stays loaded after its last request (Ollama's `keep_alive`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    For(Duration),
+    Forever,
+}
+
+impl KeepAlive {
+    /// Ollama's forms: a number of seconds, or a duration string ("5m", "1h30m", "90s", "0"); a
+    /// negative value means for ever.
+    pub fn parse(value: &serde_json::Value) -> Result<KeepAlive, String> {
+        let bad = || format!("keep_alive must be a duration like \"5m\", \"1h\", 0 or -1, got {value}");
+        match value {
+            serde_json::Value::Number(n) => {
+                let secs = n.as_f64().ok_or_else(bad)?;
+                if secs < 0.0 {
+                    Ok(KeepAlive::Forever)
+                } else if secs > 1e9 {
+                    Err(bad())
+                } else {
+                    Ok(KeepAlive::For(Duration::from_secs_f64(secs)))
+                }
+            }
+            serde_json::Value::String(s) => Self::parse_str(s).ok_or_else(bad),
+            _ => Err(bad()),
         }
     }
+
+    pub fn parse_str(text: &str) -> Option<KeepAlive> {
+        let t = text.trim();
+        if t.starts_with('-') {
+            return Some(KeepAlive::Forever);
+        }
+        if let Ok(secs) = t.parse::<u64>() {
+            return (secs <= 1_000_000_000).then_some(KeepAlive::For(Duration::from_secs(secs)));
+        }
+        let mut total = 0f64;
+        let mut rest = t;
+        while !rest.is_empty() {
+            let split = rest.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+            let (number, tail) = rest.split_at(split);
+            let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+            let (unit, next) = tail.split_at(unit_len);
+            let n: f64 = number.parse().ok()?;
+            total += n * match unit {
+                "ms" => 0.001,
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                _ => return None,
+            };
+            rest = next;
+        }
+        (total.is_finite() && total <= 1e9).then(|| KeepAlive::For(Duration::from_secs_f64(total)))
+    }
+}
+
+/// How the manager keeps models in memory.
+#[derive(Debug, Clone)]
+pub struct MemoryConfig {
+    /// Bytes all loaded models may use together.
+    pub budget: u64,
+    /// Default keep-alive of a model after its last request.
+    pub keep_alive: KeepAlive,
+    /// Models never evicted (references as clients write them).
+    pub pinned: Vec<String>,
+}
+
+struct Entry {
+    cell: Arc<OnceCell<Loaded>>,
+    /// Bytes reserved for it (an upper bound while it loads, its own figure after).
+    reserved: u64,
+    keep_alive: KeepAlive,
+    pinned: bool,
+    last_used: Instant,
+}
+
+impl Entry {
+    /// Whether no request holds it, and since when.
+    fn idle_since(&self) -> Option<Instant> {
+        match self.cell.get() {
+            Some(Loaded::Chat(m)) => {
+                if m.in_flight.load(Ordering::SeqCst) > 0 {
+                    return None;
+                }
+                let last = *m.last_active.lock().unwrap_or_else(|e| e.into_inner());
+                Some(last.max(self.last_used))
+            }
+            Some(Loaded::Embed(_)) => Some(self.last_used),
+            None => None,
+        }
+    }
+}
+
+/// What `berth ps` shows of a loaded model.
+pub struct ModelStatus {
+    pub loaded: Option<Loaded>,
+    pub name: String,
+    pub memory: u64,
+    pub state: &'static str,
+    pub pinned: bool,
+    pub keep_alive: KeepAlive,
+    pub idle: Option<Duration>,
 }
 
 pub struct ModelManager {
     home: PathBuf,
     batching: BatchingConfig,
-    loaded: Mutex<HashMap<String, Arc<OnceCell<Loaded>>>>,
+    memory: MemoryConfig,
+    loaded: Mutex<HashMap<String, Entry>>,
 }
 
 pub fn now() -> u64 {
@@ -105,8 +236,8 @@ pub fn now() -> u64 {
 }
 
 impl ModelManager {
-    pub fn new(home: PathBuf, batching: BatchingConfig) -> Self {
-        Self { home, batching, loaded: Mutex::new(HashMap::new()) }
+    pub fn new(home: PathBuf, batching: BatchingConfig, memory: MemoryConfig) -> Self {
+        Self { home, batching, memory, loaded: Mutex::new(HashMap::new()) }
     }
 
     fn store(&self) -> Result<Store, ApiError> {
@@ -118,8 +249,99 @@ impl ModelManager {
     }
 
     /// Forget a loaded model (requests running on it finish; its memory goes with the last one).
-    pub async fn unload(&self, reference: &Reference) {
-        self.loaded.lock().await.remove(&reference.to_string());
+    pub async fn unload(&self, reference: &Reference) -> bool {
+        self.loaded.lock().await.remove(&reference.to_string()).is_some()
+    }
+
+    /// Unload the models idle past their keep-alive. Called periodically.
+    pub async fn reap(&self) {
+        let now = Instant::now();
+        let mut map = self.loaded.lock().await;
+        map.retain(|key, e| {
+            let expired = match (e.pinned, e.keep_alive, e.idle_since()) {
+                (false, KeepAlive::For(d), Some(since)) => now.duration_since(since) >= d,
+                _ => false,
+            };
+            if expired {
+                eprintln!("berth: unloaded {key} (idle past its keep-alive)");
+            }
+            !expired
+        });
+    }
+
+    /// Every loaded or loading model, with what `berth ps` shows.
+    pub async fn status(&self) -> Vec<ModelStatus> {
+        let map = self.loaded.lock().await;
+        let now = Instant::now();
+        let mut out: Vec<ModelStatus> = map
+            .iter()
+            .map(|(key, e)| {
+                let loaded = e.cell.get().cloned();
+                let busy = matches!(&loaded, Some(Loaded::Chat(m)) if m.in_flight.load(Ordering::SeqCst) > 0);
+                let state = match (&loaded, busy, e.keep_alive) {
+                    (None, _, _) => "loading",
+                    (Some(_), true, KeepAlive::For(d)) if d.is_zero() => "draining",
+                    _ => "ready",
+                };
+                let name = loaded.as_ref().map(|l| l.name().to_string()).unwrap_or_else(|| key.clone());
+                ModelStatus {
+                    loaded,
+                    name,
+                    memory: e.reserved,
+                    state,
+                    pinned: e.pinned,
+                    keep_alive: e.keep_alive,
+                    idle: e.idle_since().map(|t| now.duration_since(t)),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The memory budget in bytes.
+    pub fn budget(&self) -> u64 {
+        self.memory.budget
+    }
+
+    /// Make room for `needed` bytes: evict idle, unpinned models, least recently used first, or say
+    /// why it cannot be done.
+    fn make_room(&self, map: &mut HashMap<String, Entry>, needed: u64, name: &str) -> Result<(), ApiError> {
+        let used = |map: &HashMap<String, Entry>| map.values().map(|e| e.reserved).sum::<u64>();
+        let mut idle: Vec<(Instant, String)> =
+            map.iter().filter(|(_, e)| !e.pinned).filter_map(|(k, e)| e.idle_since().map(|t| (t, k.clone()))).collect();
+        idle.sort();
+        let mut evict = idle.into_iter();
+        while used(map) + needed > self.memory.budget {
+            match evict.next() {
+                Some((_, key)) => {
+                    map.remove(&key);
+                    eprintln!("berth: unloaded {key} to make room for {name}");
+                }
+                None => {
+                    let mib = |b: u64| b >> 20;
+                    let holders: Vec<String> = map
+                        .iter()
+                        .map(|(k, e)| {
+                            let why = if e.pinned { "pinned" } else { "in use" };
+                            format!("{k} ({} MiB, {why})", mib(e.reserved))
+                        })
+                        .collect();
+                    return Err(ApiError::insufficient_memory(format!(
+                        "loading `{name}` needs about {} MiB, but the memory budget (--memory-budget, {} MiB) has {} MiB free{}; unload a model (berth unload REF), lower its --kv-cache, or raise --memory-budget",
+                        mib(needed),
+                        mib(self.memory.budget),
+                        mib(self.memory.budget.saturating_sub(used(map))),
+                        if holders.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" and is held by {}", holders.join(", "))
+                        },
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Names of the models in the store, as clients write them.
@@ -143,12 +365,17 @@ impl ModelManager {
     /// Models in memory now.
     pub async fn loaded(&self) -> Vec<Loaded> {
         let map = self.loaded.lock().await;
-        map.values().filter_map(|c| c.get().cloned()).collect()
+        map.values().filter_map(|e| e.cell.get().cloned()).collect()
     }
 
     /// A text-generation model, loading it first if needed.
     pub async fn get(&self, model: &str) -> Result<Arc<LoadedModel>, ApiError> {
-        match self.load(model).await? {
+        self.get_keeping(model, None).await
+    }
+
+    /// The same, setting how long the model stays loaded after this request (Ollama's `keep_alive`).
+    pub async fn get_keeping(&self, model: &str, keep_alive: Option<KeepAlive>) -> Result<Arc<LoadedModel>, ApiError> {
+        match self.load(model, keep_alive).await? {
             Loaded::Chat(m) => Ok(m),
             Loaded::Embed(m) => Err(ApiError::invalid(
                 "model",
@@ -159,7 +386,7 @@ impl ModelManager {
 
     /// An embedding model, loading it first if needed.
     pub async fn get_embedder(&self, model: &str) -> Result<Arc<EmbeddingModel>, ApiError> {
-        match self.load(model).await? {
+        match self.load(model, None).await? {
             Loaded::Embed(m) => Ok(m),
             Loaded::Chat(m) => Err(ApiError::invalid(
                 "model",
@@ -173,17 +400,76 @@ impl ModelManager {
 
     /// Load a model of either kind (at server start).
     pub async fn preload(&self, model: &str) -> Result<(), ApiError> {
-        self.load(model).await.map(|_| ())
+        self.load(model, None).await.map(|_| ())
     }
 
     /// The loaded model, loading it first if needed.
-    async fn load(&self, model: &str) -> Result<Loaded, ApiError> {
+    async fn load(&self, model: &str, keep_alive: Option<KeepAlive>) -> Result<Loaded, ApiError> {
         let reference = Reference::parse(model).map_err(|_| ApiError::model_not_found(model, &self.available()))?;
         let key = reference.to_string();
         let cell = {
             let mut map = self.loaded.lock().await;
-            map.entry(key).or_default().clone()
+            match map.get_mut(&key) {
+                Some(e) => {
+                    e.last_used = Instant::now();
+                    if let Some(k) = keep_alive {
+                        e.keep_alive = k;
+                    }
+                    e.cell.clone()
+                }
+                None => {
+                    // Reserve an upper bound now (weights, a whole KV cache, working memory), so
+                    // that concurrent loads of other models count it too.
+                    let size = self
+                        .store()?
+                        .load(&reference)
+                        .map(|(_, manifest, _)| manifest.total_size())
+                        .map_err(|_| ApiError::model_not_found(model, &self.available()))?;
+                    let reserved = size + self.batching.kv_cache_bytes + OVERHEAD;
+                    self.make_room(&mut map, reserved, &key)?;
+                    let pinned = self
+                        .memory
+                        .pinned
+                        .iter()
+                        .any(|p| Reference::parse(p).map(|r| r.to_string() == key).unwrap_or(false));
+                    let cell = Arc::new(OnceCell::new());
+                    map.insert(
+                        key.clone(),
+                        Entry {
+                            cell: cell.clone(),
+                            reserved,
+                            keep_alive: keep_alive.unwrap_or(self.memory.keep_alive),
+                            pinned,
+                            last_used: Instant::now(),
+                        },
+                    );
+                    cell
+                }
+            }
         };
+        let result = self.load_into(&cell, reference, model).await;
+        let mut map = self.loaded.lock().await;
+        match &result {
+            // A failed load gives its reservation back, so that the next request tries again.
+            Err(_) => {
+                if map.get(&key).is_some_and(|e| Arc::ptr_eq(&e.cell, &cell) && e.cell.get().is_none()) {
+                    map.remove(&key);
+                }
+            }
+            // Loaded: the model's own figure replaces the upper bound.
+            Ok(loaded) => {
+                if let Some(e) = map.get_mut(&key).filter(|e| Arc::ptr_eq(&e.cell, &cell)) {
+                    e.reserved = match loaded {
+                        Loaded::Chat(m) => m.memory_bytes(),
+                        Loaded::Embed(m) => m.size + OVERHEAD,
+                    };
+                }
+            }
+        }
+        result
+    }
+
+    async fn load_into(&self, cell: &OnceCell<Loaded>, reference: Reference, model: &str) -> Result<Loaded, ApiError> {
         let home = self.home.clone();
         let batching = self.batching.clone();
         let available = self.available();
@@ -220,7 +506,15 @@ impl ModelManager {
             let runner = Runner::start(engine.clone(), config)
                 .map_err(|e| ApiError::internal(format!("cannot start {name}: {e}")))?;
             let metrics = ServingMetrics::new(started.elapsed().as_secs_f64());
-            Ok(Loaded::Chat(Arc::new(LoadedModel { name, engine, runner, size, metrics })))
+            Ok(Loaded::Chat(Arc::new(LoadedModel {
+                name,
+                engine,
+                runner,
+                size,
+                metrics,
+                in_flight: AtomicUsize::new(0),
+                last_active: std::sync::Mutex::new(Instant::now()),
+            })))
         })
         .await
         .cloned()

@@ -19,9 +19,10 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::models::LoadedModel;
+use crate::models::{KeepAlive, Loaded, LoadedModel};
 use crate::request::{JsonBody, Sampling, StopField};
 use crate::run::Update;
+use std::sync::atomic::Ordering;
 
 #[derive(Deserialize, Default)]
 struct Options {
@@ -65,6 +66,7 @@ pub struct ChatRequest {
     format: Option<Value>,
     #[serde(default)]
     options: Options,
+    keep_alive: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -88,6 +90,29 @@ pub struct GenerateRequest {
     format: Option<Value>,
     #[serde(default)]
     options: Options,
+    keep_alive: Option<Value>,
+}
+
+/// The request's `keep_alive`, if it has one.
+fn keep_alive(value: &Option<Value>) -> Result<Option<KeepAlive>, ApiError> {
+    value.as_ref().map(|v| KeepAlive::parse(v).map_err(|m| ApiError::invalid("keep_alive", m))).transpose()
+}
+
+/// A request with no prompt and `keep_alive: 0` unloads the model (Ollama's way), without loading it.
+async fn unload_request(state: &AppState, model: &str, keep: Option<KeepAlive>, chat: bool) -> Option<Response> {
+    if keep != Some(KeepAlive::For(std::time::Duration::ZERO)) {
+        return None;
+    }
+    let reference = match berth_store::Reference::parse(model) {
+        Ok(r) => r,
+        Err(_) => return Some(ApiError::model_not_found(model, &state.models.available()).into_response()),
+    };
+    state.models.unload(&reference).await;
+    let mut v =
+        json!({"model": reference.familiar(), "created_at": created_at(), "done": true, "done_reason": "unload"});
+    v[if chat { "message" } else { "response" }] =
+        if chat { json!({"role": "assistant", "content": ""}) } else { json!("") };
+    Some(Json(v).into_response())
 }
 
 fn check_format(format: &Option<Value>) -> Result<(), ApiError> {
@@ -106,12 +131,22 @@ fn created_at() -> String {
 }
 
 pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {
+    if req.messages.is_empty() {
+        match keep_alive(&req.keep_alive) {
+            Err(e) => return e.into_response(),
+            Ok(keep) => {
+                if let Some(r) = unload_request(&state, &req.model, keep, true).await {
+                    return r;
+                }
+            }
+        }
+    }
     let prepared = async {
         check_format(&req.format)?;
         if req.messages.iter().any(|m| m.images.as_ref().is_some_and(|i| !i.is_empty())) {
             return Err(ApiError::invalid("messages", "images are not supported by this model"));
         }
-        let model = state.models.get(&req.model).await?;
+        let model = state.models.get_keeping(&req.model, keep_alive(&req.keep_alive)?).await?;
         if req.messages.is_empty() {
             // Ollama loads the model and answers with an empty message.
             return Ok((model, None));
@@ -129,9 +164,19 @@ pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatReq
 }
 
 pub async fn generate(State(state): State<AppState>, JsonBody(req): JsonBody<GenerateRequest>) -> Response {
+    if req.prompt.is_empty() {
+        match keep_alive(&req.keep_alive) {
+            Err(e) => return e.into_response(),
+            Ok(keep) => {
+                if let Some(r) = unload_request(&state, &req.model, keep, false).await {
+                    return r;
+                }
+            }
+        }
+    }
     let prepared = async {
         check_format(&req.format)?;
-        let model = state.models.get(&req.model).await?;
+        let model = state.models.get_keeping(&req.model, keep_alive(&req.keep_alive)?).await?;
         if req.prompt.is_empty() {
             return Ok((model, None));
         }
@@ -301,19 +346,47 @@ pub async fn show(
 pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let listed = state.models.list()?;
     let mut models = Vec::new();
-    for m in state.models.loaded().await {
-        let summary = listed.iter().find(|s| s.reference == m.name());
+    for m in state.models.status().await {
+        let summary = listed.iter().find(|s| s.reference == m.name);
+        let (running, waiting) = match &m.loaded {
+            Some(Loaded::Chat(c)) => {
+                let stats = c.runner.stats();
+                (stats.running.load(Ordering::Relaxed), stats.waiting.load(Ordering::Relaxed))
+            }
+            _ => (0, 0),
+        };
+        // Ollama's `expires_at`: when an idle model will be unloaded.
+        let expires_at = match (m.keep_alive, m.idle, m.pinned) {
+            (KeepAlive::For(d), Some(idle), false) => {
+                let left = d.saturating_sub(idle);
+                let at = chrono::Utc::now() + chrono::Duration::from_std(left).unwrap_or_default();
+                at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            }
+            _ => "9999-12-31T23:59:59Z".to_string(),
+        };
         models.push(json!({
-            "name": m.name(),
-            "model": m.name(),
-            "size": m.size(),
+            "name": m.name,
+            "model": m.name,
+            "size": m.memory,
             "digest": summary.map(|s| s.digest.hex().to_string()).unwrap_or_default(),
             "details": summary.map(details).unwrap_or(json!({})),
-            "expires_at": "9999-12-31T23:59:59Z",
+            "expires_at": expires_at,
             "size_vram": 0,
+            "berth": {
+                "state": m.state,
+                "memory_bytes": m.memory,
+                "running": running,
+                "waiting": waiting,
+                "idle_seconds": m.idle.map(|d| d.as_secs_f64()),
+                "pinned": m.pinned,
+                "keep_alive_seconds": match m.keep_alive {
+                    KeepAlive::For(d) => json!(d.as_secs_f64()),
+                    KeepAlive::Forever => json!(-1),
+                },
+            },
         }));
     }
-    Ok(Json(json!({"models": models})))
+    Ok(Json(json!({"models": models, "memory_budget_bytes": state.models.budget()})))
 }
 
 pub async fn version() -> Json<Value> {

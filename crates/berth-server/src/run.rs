@@ -13,7 +13,7 @@ use berth_engine::{EngineError, GenerationOutput, GenerationRequest, TokenEvent}
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
-use crate::models::LoadedModel;
+use crate::models::{Hold, LoadedModel};
 
 /// What a running generation reports.
 pub enum Update {
@@ -49,6 +49,8 @@ pub struct Generation {
     done: bool,
     started: Instant,
     last_token: Option<Instant>,
+    /// Keeps the model from being unloaded as idle while the request lives.
+    _hold: Hold,
 }
 
 impl Drop for Generation {
@@ -64,7 +66,8 @@ impl Drop for Generation {
 pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generation, ApiError> {
     let (tx, rx) = mpsc::unbounded_channel();
     model.runner.submit(req, Box::new(ChannelSink(tx))).map_err(|e| model.error(e))?;
-    Ok(Generation { rx, model: model.clone(), done: false, started: Instant::now(), last_token: None })
+    let hold = model.hold();
+    Ok(Generation { rx, model: model.clone(), done: false, started: Instant::now(), last_token: None, _hold: hold })
 }
 
 impl Generation {

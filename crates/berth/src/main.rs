@@ -54,6 +54,10 @@ enum Command {
     Bench(commands::bench::Args),
     /// Serve the OpenAI- and Ollama-compatible APIs.
     Serve(commands::serve::Args),
+    /// Show the models a running server holds in memory.
+    Ps(commands::loaded::PsArgs),
+    /// Unload a model from a running server.
+    Unload(commands::loaded::UnloadArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +78,8 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::run::run(&ctx, a),
         Command::Bench(a) => commands::bench::run(&ctx, a),
         Command::Serve(a) => commands::serve::run(&ctx, a),
+        Command::Ps(a) => commands::loaded::ps(a),
+        Command::Unload(a) => commands::loaded::unload(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -567,3 +567,79 @@ fn sigterm_drains_the_requests_in_flight() {
     assert!(status.success(), "exit status {status}; log:\n{}", server.log());
     assert!(server.log().contains("stopping"), "{}", server.log());
 }
+
+/// The memory budget: an idle model is unloaded to make room for another, a pinned one is not (the
+/// load is refused, saying why), `keep_alive` unloads idle models, and `berth ps` / `berth unload`
+/// show and change it.
+#[test]
+fn models_share_a_memory_budget_and_unload_when_idle() {
+    // One SmolLM2 needs ~94 MiB of weights + 16 MiB of KV cache + 64 MiB working memory: two do not
+    // fit in 240 MiB.
+    let budget = ["--kv-cache", "16MiB", "--memory-budget", "240MiB"];
+    let server = Server::start_with(&budget);
+    let url = format!("http://127.0.0.1:{}", server.port);
+    server.berth.ok(&["package", "--gguf", &models::smollm2_gguf().display().to_string(), "smollm2-copy"]);
+    let names = |server: &Server| -> Vec<String> {
+        let ps = server.berth.json(&["ps", "--url", &format!("http://127.0.0.1:{}", server.port), "--json"]);
+        ps["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(names(&server), ["ai/smollm2:latest"]);
+    let ask = |server: &Server, model: &str, extra: &str| {
+        let body =
+            format!(r#"{{"model":"{model}","prompt":"Hi","stream":false,"options":{{"num_predict":3}}{extra}}}"#);
+        server.post("/api/generate", &body)
+    };
+    let (status, text) = ask(&server, "smollm2-copy", "");
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(names(&server), ["ai/smollm2-copy:latest"], "the idle model made room");
+    let table = server.berth.ok(&["ps", "--url", &url]);
+    assert!(
+        table.contains("ai/smollm2-copy:latest") && table.contains("ready") && table.contains("memory:"),
+        "{table}"
+    );
+
+    // keep_alive 0 on a request: unloaded once it is answered.
+    let (status, text) = ask(&server, "smollm2", r#","keep_alive":0"#);
+    assert_eq!(status, 200, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !names(&server).is_empty() {
+        assert!(Instant::now() < deadline, "keep_alive 0 did not unload: {:?}", names(&server));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // `berth unload` lets go of a loaded model.
+    assert_eq!(ask(&server, "smollm2", "").0, 200);
+    let out = server.berth.ok(&["unload", "smollm2", "--url", &url]);
+    assert!(out.contains("Unloaded"), "{out}");
+    assert!(names(&server).is_empty());
+
+    // A pinned model stays: the other one is refused with the reason.
+    let pinned = Server::start_with(&[&budget[..], &["--pin", "smollm2", "--keep-alive", "1s"]].concat());
+    pinned.berth.ok(&["package", "--gguf", &models::smollm2_gguf().display().to_string(), "smollm2-copy"]);
+    let (status, text) = ask(&pinned, "smollm2-copy", "");
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.contains("insufficient_memory") && text.contains("pinned") && text.contains("--memory-budget"),
+        "{text}"
+    );
+    // Idle past the keep-alive of 1 s, yet pinned: still loaded.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(names(&pinned), ["ai/smollm2:latest"]);
+}
+
+/// `--keep-alive`: a model idle for longer is unloaded without being asked.
+#[test]
+fn idle_models_unload_after_their_keep_alive() {
+    let server = Server::start_with(&["--keep-alive", "1s"]);
+    let (status, _) = server.post("/v1/completions", r#"{"model":"smollm2","prompt":"Hi","max_tokens":2}"#);
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ps = server.berth.json(&["ps", "--url", &format!("http://127.0.0.1:{}", server.port), "--json"]);
+        if ps["models"].as_array().is_some_and(|m| m.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still loaded: {ps}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(server.log().contains("idle past its keep-alive"), "{}", server.log());
+}

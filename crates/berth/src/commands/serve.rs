@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use berth_server::{BatchingConfig, ServerConfig};
+use berth_server::{BatchingConfig, KeepAlive, MemoryConfig, ServerConfig};
 
 use super::Context;
 
@@ -42,9 +42,34 @@ pub struct Args {
     /// Do not reuse the KV cache of prompt prefixes shared between requests.
     #[arg(long)]
     no_prefix_cache: bool,
+    /// Memory all loaded models may use together (weights, KV caches, working memory), e.g. 16GiB;
+    /// idle models are unloaded to make room (default: three quarters of the machine's memory).
+    #[arg(long, value_parser = parse_size)]
+    memory_budget: Option<u64>,
+    /// How long a model stays loaded after its last request, e.g. 5m, 1h, 0 (unload at once) or -1
+    /// (for ever); a request's own keep_alive (Ollama's field) overrides it for that model.
+    #[arg(long, default_value = "5m", value_parser = parse_keep_alive, allow_hyphen_values = true)]
+    keep_alive: KeepAlive,
+    /// A model that is never unloaded to make room or for being idle (repeatable).
+    #[arg(long = "pin", value_name = "REF")]
+    pinned: Vec<String>,
     /// On SIGTERM or Ctrl-C, seconds the requests in flight may take to finish before berth exits.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+}
+
+fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
+    KeepAlive::parse_str(text).ok_or_else(|| format!("`{text}` is not a duration; write e.g. 5m, 1h30m, 90s, 0 or -1"))
+}
+
+/// Three quarters of the machine's memory (from /proc/meminfo), or 8 GiB where it cannot be read.
+fn default_memory_budget() -> u64 {
+    let total_kb = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    total_kb.map(|kb| kb * 1024 / 4 * 3).unwrap_or(8 << 30)
 }
 
 /// A size in bytes: a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB).
@@ -94,6 +119,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             kv_cache_bytes: args.kv_cache,
             request_timeout: (args.request_timeout > 0).then(|| Duration::from_secs(args.request_timeout)),
             prefix_cache: !args.no_prefix_cache,
+        },
+        memory: MemoryConfig {
+            budget: args.memory_budget.unwrap_or_else(default_memory_budget),
+            keep_alive: args.keep_alive,
+            pinned: args.pinned,
         },
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
     };
