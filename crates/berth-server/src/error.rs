@@ -85,6 +85,17 @@ impl ApiError {
         }
     }
 
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("host_not_allowed"),
+            retry_after: None,
+        }
+    }
+
     /// A model does not fit the memory budget.
     pub fn insufficient_memory(message: impl Into<String>) -> Self {
         Self { code: Some("insufficient_memory"), ..Self::unavailable(message) }

@@ -9,6 +9,7 @@
 
 mod embeddings;
 mod error;
+mod guard;
 mod metrics;
 mod models;
 mod ollama;
@@ -43,6 +44,10 @@ pub struct ServerConfig {
     pub home: PathBuf,
     pub batching: BatchingConfig,
     pub memory: models::MemoryConfig,
+    /// Host names a loopback server answers to besides localhost's.
+    pub allowed_hosts: Vec<String>,
+    /// Serve on a non-loopback address without API keys (anyone who reaches it may use it).
+    pub insecure_no_auth: bool,
     /// After SIGTERM or SIGINT, how long requests in flight may take to finish.
     pub shutdown_timeout: std::time::Duration,
 }
@@ -90,6 +95,8 @@ impl Default for ServerConfig {
                 keep_alive: models::KeepAlive::For(std::time::Duration::from_secs(300)),
                 pinned: Vec::new(),
             },
+            allowed_hosts: Vec::new(),
+            insecure_no_auth: false,
             shutdown_timeout: std::time::Duration::from_secs(30),
         }
     }
@@ -97,6 +104,10 @@ impl Default for ServerConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error(
+        "refusing to listen on {0} without API keys: anyone who can reach it could use and manage your models. Listen on 127.0.0.1 (the default), or pass --insecure-no-auth if something in front of berth (a proxy, a private network) does the guarding"
+    )]
+    Unprotected(String),
     #[error("cannot listen on {addr}: {source} (is another server using the port? choose one with --port)")]
     Bind { addr: String, source: std::io::Error },
     #[error("cannot load {model} at start: {message}")]
@@ -111,8 +122,9 @@ pub struct AppState {
     ready: Arc<AtomicBool>,
 }
 
-/// The routes, for tests and embedding.
-pub fn router(state: AppState, body_limit: usize) -> Router {
+/// The routes, for tests and embedding. `allowed_hosts` adds names a loopback server answers to.
+pub fn router(state: AppState, config: &ServerConfig) -> Router {
+    let guard = guard::HostGuard::new(&config.host, &config.allowed_hosts);
     Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
@@ -133,7 +145,8 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/ready", get(ready))
         .route("/", get(|| async { "berth is running" }))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(axum::middleware::from_fn_with_state(guard, guard::check_host))
         .with_state(state)
 }
 
@@ -205,6 +218,9 @@ fn label_value(v: &str) -> String {
 
 /// Bind, load the named models, and serve until the process is stopped.
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
+    if !guard::is_loopback(&config.host) && !config.insecure_no_auth {
+        return Err(ServerError::Unprotected(config.host.clone()));
+    }
     let addr = format!("{}:{}", config.host, config.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
@@ -217,7 +233,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         )),
         ready: Arc::new(AtomicBool::new(false)),
     };
-    let app = router(state.clone(), config.body_limit);
+    let app = router(state.clone(), &config);
     let local: SocketAddr = listener.local_addr().map_err(ServerError::Serve)?;
     eprintln!("berth: listening on http://{local}");
     let preload = {

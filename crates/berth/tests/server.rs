@@ -201,7 +201,7 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     // A 1 MB header is refused by the HTTP layer.
     let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let header = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20));
+    let header = format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20));
     let _ = s.write_all(header.as_bytes());
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
@@ -222,7 +222,7 @@ fn a_client_that_hangs_up_stops_its_generation() {
     let body = r#"{"model":"smollm2","messages":[{"role":"user","content":"Write a long story about a dragon."}],"max_tokens":500,"stream":true,"temperature":0}"#;
     let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
     let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).unwrap();
@@ -292,7 +292,7 @@ fn stream_completion(port: u16, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).expect("send");
@@ -374,7 +374,7 @@ fn thirty_two_clients_hanging_up_free_every_block() {
                 let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
                 s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
                 let req = format!(
-                    "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
                     body.len()
                 );
                 s.write_all(req.as_bytes()).expect("send");
@@ -421,9 +421,10 @@ fn a_shared_prefix_is_served_from_the_cache() {
     let prefix = " hello".repeat(1000);
     let ask = |question: &str| {
         let body = format!(r#"{{"model":"smollm2","prompt":"{prefix}{question}","max_tokens":4,"temperature":0}}"#);
-        let (status, text) = server.post("/v1/completions", &body);
-        assert_eq!(status, 200, "{text}");
-        serde_json::from_str::<serde_json::Value>(&text).expect("JSON")
+        // A 1,000-token prefill may take a while on a busy machine: a long read timeout.
+        let (status, raw) = stream_completion(server.port, &body);
+        assert_eq!(status, 200, "{raw}");
+        serde_json::from_str::<serde_json::Value>(&body_of(raw.as_bytes())).expect("JSON")
     };
     let cold = ask(" Who are you?");
     let warm = ask(" Where are you?");
@@ -528,7 +529,7 @@ fn sigterm_drains_the_requests_in_flight() {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).unwrap();
@@ -642,4 +643,27 @@ fn idle_models_unload_after_their_keep_alive() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(server.log().contains("idle past its keep-alive"), "{}", server.log());
+}
+
+/// Without API keys berth stays on loopback, and there it answers only to this machine's names:
+/// a page on `evil.example` re-pointed at 127.0.0.1 (DNS rebinding) gets 403 for every endpoint.
+#[test]
+fn foreign_host_names_and_public_addresses_are_refused() {
+    let server = Server::start();
+    for path in ["/api/tags", "/v1/models", "/api/ps"] {
+        let (status, raw) = http_request(server.port, "GET", path, &[("Host", "evil.example:12480")], b"").unwrap();
+        let body = body_of(&raw);
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("host_not_allowed") && body.contains("--allowed-host"), "{body}");
+    }
+    let (status, raw) =
+        http_request(server.port, "POST", "/api/delete", &[("Host", "evil.example")], br#"{"model":"smollm2"}"#)
+            .unwrap();
+    assert_eq!(status, 403, "{}", body_of(&raw));
+    assert_eq!(server.berth.ok(&["list"]).matches("smollm2").count(), 1, "the model is still there");
+    let (status, _) = http_request(server.port, "GET", "/v1/models", &[("Host", "localhost")], b"").unwrap();
+    assert_eq!(status, 200);
+
+    let err = server.berth.fails(&["serve", "--host", "0.0.0.0", "--port", &berth_testkit::free_port().to_string()]);
+    assert!(err.contains("without API keys") && err.contains("--insecure-no-auth"), "{err}");
 }

@@ -53,6 +53,14 @@ pub struct Args {
     /// A model that is never unloaded to make room or for being idle (repeatable).
     #[arg(long = "pin", value_name = "REF")]
     pinned: Vec<String>,
+    /// A Host name a server on loopback answers to besides localhost's (repeatable). Other names
+    /// get 403, which stops web pages reaching berth through DNS rebinding.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    allowed_hosts: Vec<String>,
+    /// Listen on a non-loopback address without API keys. Anyone who can reach the port can use and
+    /// manage the models: only behind something that guards it.
+    #[arg(long)]
+    insecure_no_auth: bool,
     /// On SIGTERM or Ctrl-C, seconds the requests in flight may take to finish before berth exits.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
@@ -125,6 +133,8 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             keep_alive: args.keep_alive,
             pinned: args.pinned,
         },
+        allowed_hosts: args.allowed_hosts,
+        insecure_no_auth: args.insecure_no_auth,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
