@@ -36,7 +36,7 @@ impl HostGuard {
         let Some(allowed) = &self.allowed else { return true };
         let Some(host) = host_header else { return false };
         let name = host_name(host).to_ascii_lowercase();
-        allowed.iter().any(|a| *a == name) || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        allowed.contains(&name) || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 }
 
