@@ -15,6 +15,7 @@ mod models;
 mod ollama;
 mod openai;
 mod request;
+mod request_log;
 mod run;
 
 use std::net::SocketAddr;
@@ -147,6 +148,7 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(config.body_limit))
         .layer(axum::middleware::from_fn_with_state(guard, guard::check_host))
+        .layer(axum::middleware::from_fn(request_log::with_request_id))
         .with_state(state)
 }
 
@@ -235,7 +237,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     };
     let app = router(state.clone(), &config);
     let local: SocketAddr = listener.local_addr().map_err(ServerError::Serve)?;
-    eprintln!("berth: listening on http://{local}");
+    tracing::info!("listening on http://{local}");
     let preload = {
         let state = state.clone();
         async move {
@@ -245,7 +247,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
                     .preload(model)
                     .await
                     .map_err(|e| ServerError::Preload { model: model.clone(), message: e.message })?;
-                eprintln!("berth: loaded {model}");
+                tracing::info!(model, "loaded");
             }
             state.ready.store(true, Ordering::SeqCst);
             Ok::<(), ServerError>(())
@@ -259,8 +261,8 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         async move {
             stop_signal().await;
             state.ready.store(false, Ordering::SeqCst);
-            eprintln!(
-                "berth: stopping: finishing the requests in flight (at most {} s; a second signal stops at once)",
+            tracing::info!(
+                "stopping: finishing the requests in flight (at most {} s; a second signal stops at once)",
                 config.shutdown_timeout.as_secs()
             );
             draining.notify_one();
@@ -289,13 +291,13 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             draining.notified().await;
             tokio::select! {
                 _ = tokio::time::sleep(config.shutdown_timeout) => {
-                    eprintln!("berth: requests still running after the shutdown timeout; stopping anyway");
+                    tracing::warn!("requests still running after the shutdown timeout; stopping anyway");
                 }
-                _ = stop_signal() => eprintln!("berth: second signal; stopping now"),
+                _ = stop_signal() => tracing::warn!("second signal; stopping now"),
             }
         } => {}
     }
-    eprintln!("berth: stopped");
+    tracing::info!("stopped");
     Ok(())
 }
 

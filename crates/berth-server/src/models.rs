@@ -263,7 +263,7 @@ impl ModelManager {
                 _ => false,
             };
             if expired {
-                eprintln!("berth: unloaded {key} (idle past its keep-alive)");
+                tracing::info!(model = %key, "unloaded: idle past its keep-alive");
             }
             !expired
         });
@@ -316,7 +316,7 @@ impl ModelManager {
             match evict.next() {
                 Some((_, key)) => {
                     map.remove(&key);
-                    eprintln!("berth: unloaded {key} to make room for {name}");
+                    tracing::info!(model = %key, "unloaded to make room for {name}");
                 }
                 None => {
                     let mib = |b: u64| b >> 20;

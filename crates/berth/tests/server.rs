@@ -667,3 +667,31 @@ fn foreign_host_names_and_public_addresses_are_refused() {
     let err = server.berth.fails(&["serve", "--host", "0.0.0.0", "--port", &berth_testkit::free_port().to_string()]);
     assert!(err.contains("without API keys") && err.contains("--insecure-no-auth"), "{err}");
 }
+
+/// Every response carries an `x-request-id` (the caller's, or a fresh one), and the server's log line
+/// for the request carries it too; `--log-format json` writes one JSON object per line.
+#[test]
+fn requests_carry_their_id_into_json_logs() {
+    let server = Server::start_with(&["--log-format", "json"]);
+    let (status, raw) = http_request(server.port, "GET", "/v1/models", &[("x-request-id", "trace-42.a")], b"").unwrap();
+    assert_eq!(status, 200);
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(head.contains("x-request-id: trace-42.a"), "{head}");
+    let (_, raw) = http_request(server.port, "GET", "/health", &[("x-request-id", "has a space")], b"").unwrap();
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(head.contains("x-request-id: req-"), "a fresh id replaces an unusable one: {head}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log().contains("trace-42.a") {
+        assert!(Instant::now() < deadline, "the request's id is not in the log:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for line in server.log().lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+    }
+    let logged = server.log().lines().find(|l| l.contains("trace-42.a")).unwrap_or_default().to_string();
+    let v: serde_json::Value = serde_json::from_str(&logged).unwrap();
+    assert_eq!(v["request_id"], "trace-42.a", "{logged}");
+    assert_eq!(v["path"], "/v1/models", "{logged}");
+    assert_eq!(v["status"], 200, "{logged}");
+}

@@ -61,6 +61,10 @@ pub struct Args {
     /// manage the models: only behind something that guards it.
     #[arg(long)]
     insecure_no_auth: bool,
+    /// Log lines as text or as JSON objects (one per line, for log collectors). What is logged is
+    /// chosen with RUST_LOG (default `info`).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     /// On SIGTERM or Ctrl-C, seconds the requests in flight may take to finish before berth exits.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
@@ -103,7 +107,22 @@ fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// Server logs on standard error: text for people, JSON for collectors.
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = if format == "json" {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init()
+    };
+    // Already set (a second server in one process): the first one's logging stays.
+    let _ = result;
+}
+
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    init_logging(&args.log_format);
     if let Some(n) = args.threads {
         berth_engine::set_threads(n.into())?;
     }
