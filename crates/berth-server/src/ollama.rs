@@ -98,10 +98,13 @@ fn keep_alive(value: &Option<Value>) -> Result<Option<KeepAlive>, ApiError> {
     value.as_ref().map(|v| KeepAlive::parse(v).map_err(|m| ApiError::invalid("keep_alive", m))).transpose()
 }
 
-/// A request with no prompt and `keep_alive: 0` unloads the model (Ollama's way), without loading it.
-async fn unload_request(state: &AppState, model: &str, keep: Option<KeepAlive>, chat: bool) -> Option<Response> {
-    if keep != Some(KeepAlive::For(std::time::Duration::ZERO)) {
-        return None;
+/// A request with no prompt and `keep_alive: 0` unloads the model (Ollama's way), without loading
+/// it; the answer (or the error in `keep_alive`) is returned.
+async fn unload_if_asked(state: &AppState, model: &str, keep: &Option<Value>, chat: bool) -> Option<Response> {
+    match keep_alive(keep) {
+        Err(e) => return Some(e.into_response()),
+        Ok(k) if k != Some(KeepAlive::For(std::time::Duration::ZERO)) => return None,
+        Ok(_) => {}
     }
     let reference = match berth_store::Reference::parse(model) {
         Ok(r) => r,
@@ -131,15 +134,10 @@ fn created_at() -> String {
 }
 
 pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {
-    if req.messages.is_empty() {
-        match keep_alive(&req.keep_alive) {
-            Err(e) => return e.into_response(),
-            Ok(keep) => {
-                if let Some(r) = unload_request(&state, &req.model, keep, true).await {
-                    return r;
-                }
-            }
-        }
+    if req.messages.is_empty()
+        && let Some(r) = unload_if_asked(&state, &req.model, &req.keep_alive, true).await
+    {
+        return r;
     }
     let prepared = async {
         check_format(&req.format)?;
@@ -164,15 +162,10 @@ pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatReq
 }
 
 pub async fn generate(State(state): State<AppState>, JsonBody(req): JsonBody<GenerateRequest>) -> Response {
-    if req.prompt.is_empty() {
-        match keep_alive(&req.keep_alive) {
-            Err(e) => return e.into_response(),
-            Ok(keep) => {
-                if let Some(r) = unload_request(&state, &req.model, keep, false).await {
-                    return r;
-                }
-            }
-        }
+    if req.prompt.is_empty()
+        && let Some(r) = unload_if_asked(&state, &req.model, &req.keep_alive, false).await
+    {
+        return r;
     }
     let prepared = async {
         check_format(&req.format)?;

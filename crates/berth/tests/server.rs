@@ -287,8 +287,8 @@ fn bench_url_measures_a_running_server() {
     assert!(err.contains("no request completed") && err.contains("does not exist"), "{err}");
 }
 
-/// A streamed completion on its own connection: status, the raw response (headers and body).
-fn stream_completion(port: u16, body: &str) -> (u16, String) {
+/// Send a completion request on its own connection (closed by the server when the answer ends).
+fn send_completion(port: u16, body: &str) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let req = format!(
@@ -296,6 +296,24 @@ fn stream_completion(port: u16, body: &str) -> (u16, String) {
         body.len()
     );
     s.write_all(req.as_bytes()).expect("send");
+    s
+}
+
+/// Read a streamed answer until `events` text events have arrived; returns what was read.
+fn read_events(s: &mut TcpStream, events: usize) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen).matches(r#""text""#).count() < events {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    seen
+}
+
+/// A completion on its own connection: status, the raw response (headers and body).
+fn stream_completion(port: u16, body: &str) -> (u16, String) {
+    let mut s = send_completion(port, body);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw).to_string();
@@ -371,20 +389,8 @@ fn thirty_two_clients_hanging_up_free_every_block() {
                 let body = format!(
                     r#"{{"model":"smollm2","prompt":"Story {i}: once upon a time","max_tokens":2000,"temperature":0,"ignore_eos":true,"stream":true}}"#
                 );
-                let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-                s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-                let req = format!(
-                    "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                s.write_all(req.as_bytes()).expect("send");
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                while String::from_utf8_lossy(&seen).matches(r#""text""#).count() < 2 {
-                    let n = s.read(&mut buf).expect("read");
-                    assert!(n > 0, "the stream ended early");
-                    seen.extend_from_slice(&buf[..n]);
-                }
+                let mut s = send_completion(port, &body);
+                read_events(&mut s, 2);
                 reading.wait();
                 hang_up.wait();
                 drop(s);
@@ -526,20 +532,9 @@ fn sigterm_drains_the_requests_in_flight() {
     let mut server = Server::start();
     let port = server.port;
     let body = r#"{"model":"smollm2","prompt":"Once upon a time","max_tokens":60,"temperature":0,"ignore_eos":true,"stream":true,"stream_options":{"include_usage":true}}"#;
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut seen = Vec::new();
+    let mut s = send_completion(port, body);
+    let mut seen = read_events(&mut s, 2);
     let mut buf = [0u8; 4096];
-    while String::from_utf8_lossy(&seen).matches(r#""text""#).count() < 2 {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "the stream ended early");
-        seen.extend_from_slice(&buf[..n]);
-    }
     // SAFETY: sending a signal to the child process this test started.
     assert_eq!(unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) }, 0);
     // New connections are refused while the stream goes on.
