@@ -7,6 +7,8 @@
 //! # }
 //! ```
 
+pub mod accounts;
+mod auth;
 mod embeddings;
 mod error;
 mod guard;
@@ -106,9 +108,11 @@ impl Default for ServerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(
-        "refusing to listen on {0} without API keys: anyone who can reach it could use and manage your models. Listen on 127.0.0.1 (the default), or pass --insecure-no-auth if something in front of berth (a proxy, a private network) does the guarding"
+        "refusing to listen on {0} without API keys: anyone who can reach it could use and manage your models. Make a key (`berth key create NAME`), listen on 127.0.0.1 (the default), or pass --insecure-no-auth if something in front of berth (a proxy, a private network) does the guarding"
     )]
     Unprotected(String),
+    #[error("{0}")]
+    Accounts(accounts::AccountsError),
     #[error("cannot listen on {addr}: {source} (is another server using the port? choose one with --port)")]
     Bind { addr: String, source: std::io::Error },
     #[error("cannot load {model} at start: {message}")]
@@ -121,6 +125,7 @@ pub enum ServerError {
 pub struct AppState {
     models: Arc<models::ModelManager>,
     ready: Arc<AtomicBool>,
+    auth: Arc<auth::Auth>,
 }
 
 /// The routes, for tests and embedding. `allowed_hosts` adds names a loopback server answers to.
@@ -147,6 +152,7 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
         .route("/", get(|| async { "berth is running" }))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(axum::middleware::from_fn_with_state(state.auth.clone(), auth::authorize))
         .layer(axum::middleware::from_fn_with_state(guard, guard::check_host))
         .layer(axum::middleware::from_fn(request_log::with_request_id))
         .with_state(state)
@@ -220,7 +226,9 @@ fn label_value(v: &str) -> String {
 
 /// Bind, load the named models, and serve until the process is stopped.
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
-    if !guard::is_loopback(&config.host) && !config.insecure_no_auth {
+    let accounts = accounts::Accounts::open(&config.home).map_err(ServerError::Accounts)?;
+    let keys = accounts.any_active().map_err(ServerError::Accounts)?;
+    if !guard::is_loopback(&config.host) && !keys && !config.insecure_no_auth {
         return Err(ServerError::Unprotected(config.host.clone()));
     }
     let addr = format!("{}:{}", config.host, config.port);
@@ -234,6 +242,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             config.memory.clone(),
         )),
         ready: Arc::new(AtomicBool::new(false)),
+        auth: Arc::new(auth::Auth::new(accounts)),
     };
     let app = router(state.clone(), &config);
     let local: SocketAddr = listener.local_addr().map_err(ServerError::Serve)?;

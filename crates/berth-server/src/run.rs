@@ -12,6 +12,7 @@ use berth_engine::scheduler::TokenSink;
 use berth_engine::{EngineError, GenerationOutput, GenerationRequest, TokenEvent};
 use tokio::sync::mpsc;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::models::{Hold, LoadedModel};
 
@@ -51,6 +52,8 @@ pub struct Generation {
     last_token: Option<Instant>,
     /// Keeps the model from being unloaded as idle while the request lives.
     _hold: Hold,
+    /// The API key to charge, if keys are in use.
+    caller: Option<Caller>,
 }
 
 impl Drop for Generation {
@@ -67,7 +70,15 @@ pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generat
     let (tx, rx) = mpsc::unbounded_channel();
     model.runner.submit(req, Box::new(ChannelSink(tx))).map_err(|e| model.error(e))?;
     let hold = model.hold();
-    Ok(Generation { rx, model: model.clone(), done: false, started: Instant::now(), last_token: None, _hold: hold })
+    Ok(Generation {
+        rx,
+        model: model.clone(),
+        done: false,
+        started: Instant::now(),
+        last_token: None,
+        _hold: hold,
+        caller: crate::auth::caller(),
+    })
 }
 
 impl Generation {
@@ -95,6 +106,9 @@ impl Generation {
                     metrics.e2e.observe(self.started.elapsed().as_secs_f64());
                     metrics.queue.observe(out.queue_time.as_secs_f64());
                     metrics.success(out.finish);
+                    if let Some(c) = &self.caller {
+                        c.auth.record(&c.key.id, &self.model.name, out.prompt_tokens as u64, out.tokens.len() as u64);
+                    }
                 }
                 Update::Done(result.map_err(|e| self.model.error(e)))
             }

@@ -690,3 +690,69 @@ fn requests_carry_their_id_into_json_logs() {
     assert_eq!(v["path"], "/v1/models", "{logged}");
     assert_eq!(v["status"], 200, "{logged}");
 }
+
+/// API keys: once one exists every request needs one; scopes decide what a key may do; a key's
+/// requests-per-minute quota gives 429 with Retry-After; usage is counted per key and model and
+/// outlives the server; revoked keys stop working.
+#[test]
+fn api_keys_scopes_quotas_and_usage() {
+    let server = Server::start();
+    let make = |args: &[&str]| server.berth.ok(&[&["key", "create"][..], args].concat()).trim().to_string();
+    let user = make(&["app", "--rpm", "3"]);
+    let admin = make(&["ops", "--scope", "admin"]);
+    assert!(user.starts_with("berth-") && admin.starts_with("berth-"));
+    let listed = server.berth.ok(&["key", "list"]);
+    assert!(
+        listed.contains("app") && listed.contains("inference") && listed.contains("ops") && !listed.contains(&user)
+    );
+
+    let call = |method: &str, path: &str, key: Option<&str>, body: &str| {
+        let auth = key.map(|k| format!("Bearer {k}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a.as_str()));
+        }
+        let (status, raw) = http_request(server.port, method, path, &headers, body.as_bytes()).expect("request");
+        (status, String::from_utf8_lossy(&raw).to_string())
+    };
+    let (status, text) = call("GET", "/v1/models", None, "");
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("invalid_api_key") && text.contains("berth key create"), "{text}");
+    assert_eq!(call("GET", "/v1/models", Some("berth-00"), "").0, 401);
+    assert_eq!(call("GET", "/health", None, "").0, 200, "probes need no key");
+    // The inference key may generate but not delete, nor scrape metrics.
+    let (status, text) = call("DELETE", "/api/delete", Some(&user), r#"{"model":"smollm2"}"#);
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("insufficient_scope") && text.contains("admin"), "{text}");
+    let completion = r#"{"model":"smollm2","prompt":"Hello","max_tokens":4,"temperature":0,"ignore_eos":true}"#;
+    for _ in 0..2 {
+        let (status, text) = call("POST", "/v1/completions", Some(&user), completion);
+        assert_eq!(status, 200, "{text}");
+    }
+    assert_eq!(call("GET", "/metrics", Some(&user), "").0, 403);
+    assert_eq!(call("GET", "/metrics", Some(&admin), "").0, 200);
+    // The third request in the minute uses up the quota of 3 (the 403 did not count: it was refused
+    // before the quota); the fourth is refused.
+    assert_eq!(call("POST", "/v1/completions", Some(&user), completion).0, 200);
+    let (status, text) = call("POST", "/v1/completions", Some(&user), completion);
+    assert_eq!(status, 429, "{text}");
+    assert!(text.to_ascii_lowercase().contains("retry-after:") && text.contains("rate_limit_exceeded"), "{text}");
+    // The admin key has no quota.
+    assert_eq!(call("POST", "/v1/completions", Some(&admin), completion).0, 200);
+
+    let usage = server.berth.json(&["usage", "--json"]);
+    let rows = usage.as_array().expect("rows");
+    let app = rows.iter().find(|r| r["key_name"] == "app").expect("the app key's usage");
+    assert_eq!(app["requests"], 3, "{usage}");
+    assert_eq!(app["completion_tokens"], 12, "{usage}");
+    assert_eq!(app["model"], "ai/smollm2:latest");
+    assert!(app["prompt_tokens"].as_u64().unwrap_or(0) >= 3);
+    let ops = rows.iter().find(|r| r["key_name"] == "ops").expect("the ops key's usage");
+    assert_eq!(ops["requests"], 1);
+
+    let id =
+        listed.lines().find(|l| l.contains(" app ")).and_then(|l| l.split_whitespace().next()).unwrap().to_string();
+    server.berth.ok(&["key", "revoke", &id]);
+    assert_eq!(call("GET", "/v1/models", Some(&user), "").0, 401, "revoked");
+    assert_eq!(call("GET", "/v1/models", Some(&admin), "").0, 200);
+}

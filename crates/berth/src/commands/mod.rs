@@ -1,5 +1,6 @@
 pub mod bench;
 mod bench_serve;
+pub mod keys;
 pub mod loaded;
 pub mod manage;
 pub mod package;

@@ -1,0 +1,133 @@
+//! API keys on every request once any key exists: `Authorization: Bearer <secret>`, the scope the
+//! endpoint needs, and the key's requests-per-minute quota. Health and readiness stay open (probes
+//! carry no keys). The caller's key rides along in a task-local, so that a generation can charge its
+//! usage to it when it ends.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::accounts::{Accounts, ApiKey, Scope};
+use crate::error::ApiError;
+
+pub struct Auth {
+    accounts: Mutex<Accounts>,
+    /// Each key's request times within the last minute, for its quota.
+    recent: Mutex<HashMap<String, VecDeque<Instant>>>,
+}
+
+/// Who is asking, for usage accounting.
+#[derive(Clone)]
+pub struct Caller {
+    pub key: ApiKey,
+    pub auth: Arc<Auth>,
+}
+
+tokio::task_local! {
+    pub static CALLER: Option<Caller>;
+}
+
+/// The caller of the request being handled, if keys are in use.
+pub fn caller() -> Option<Caller> {
+    CALLER.try_with(|c| c.clone()).ok().flatten()
+}
+
+impl Auth {
+    pub fn new(accounts: Accounts) -> Self {
+        Self { accounts: Mutex::new(accounts), recent: Mutex::new(HashMap::new()) }
+    }
+
+    fn accounts(&self) -> std::sync::MutexGuard<'_, Accounts> {
+        self.accounts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn any_active(&self) -> bool {
+        self.accounts().any_active().unwrap_or(true)
+    }
+
+    /// Charge a finished request to its key (logged, not fatal, if the database refuses).
+    pub fn record(&self, key_id: &str, model: &str, prompt: u64, completion: u64) {
+        if let Err(e) = self.accounts().record(key_id, model, prompt, completion) {
+            tracing::error!(key_id, model, "usage not recorded: {e}");
+        }
+    }
+
+    /// Seconds until the key may send again, if its quota is used up; else counts this request.
+    fn over_quota(&self, key: &ApiKey) -> Option<u64> {
+        let limit = key.requests_per_minute? as usize;
+        let now = Instant::now();
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let times = recent.entry(key.id.clone()).or_default();
+        while times.front().is_some_and(|&t| now.duration_since(t) >= Duration::from_secs(60)) {
+            times.pop_front();
+        }
+        if times.len() >= limit {
+            let oldest = times.front().copied().unwrap_or(now);
+            let wait = Duration::from_secs(60).saturating_sub(now.duration_since(oldest));
+            return Some(wait.as_secs().max(1));
+        }
+        times.push_back(now);
+        None
+    }
+}
+
+/// The scope an endpoint needs.
+fn scope_for(path: &str) -> Scope {
+    match path {
+        "/metrics" => Scope::Metrics,
+        "/api/pull" | "/api/delete" | "/api/push" | "/api/copy" | "/api/create" => Scope::Admin,
+        _ => Scope::Inference,
+    }
+}
+
+pub async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if matches!(path, "/health" | "/ready" | "/") || !auth.any_active() {
+        return CALLER.scope(None, next.run(request)).await;
+    }
+    let secret = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let Some(secret) = secret else {
+        return ApiError::unauthorized(
+            "this server needs an API key: send `Authorization: Bearer <key>` (`berth key create` makes one)",
+        )
+        .into_response();
+    };
+    let key = match auth.accounts().authenticate(secret) {
+        Ok(Some(key)) => key,
+        Ok(None) => return ApiError::unauthorized("the API key is not valid (unknown or revoked)").into_response(),
+        Err(e) => return ApiError::internal(format!("cannot check the API key: {e}")).into_response(),
+    };
+    let needed = scope_for(path);
+    if !key.allows(needed) {
+        return ApiError::forbidden_scope(format!(
+            "the key `{}` lacks the `{}` scope that {path} needs",
+            key.name,
+            needed.name()
+        ))
+        .into_response();
+    }
+    if let Some(seconds) = auth.over_quota(&key) {
+        return ApiError::overloaded(
+            format!(
+                "the key `{}` has used its {} requests per minute; retry in {seconds} s",
+                key.name,
+                key.requests_per_minute.unwrap_or(0)
+            ),
+            seconds,
+        )
+        .with_code("rate_limit_exceeded")
+        .into_response();
+    }
+    let caller = Caller { key, auth: auth.clone() };
+    CALLER.scope(Some(caller), next.run(request)).await
+}

@@ -1,0 +1,105 @@
+//! `berth key create|list|revoke` and `berth usage`: API keys and what they used, read from and
+//! written to the accounts database in berth's home (the server picks changes up at once).
+
+use anyhow::Context as _;
+use berth_server::accounts::{Accounts, Scope};
+
+use super::Context;
+
+#[derive(clap::Subcommand)]
+pub enum KeyCommand {
+    /// Make a key; its secret is printed once.
+    Create {
+        /// A name to recognise the key by (who or what uses it).
+        name: String,
+        /// What the key may do: inference (generate, embed, list models), metrics (scrape /metrics),
+        /// admin (everything, pull and delete included). Repeatable; default inference.
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
+        /// Requests per minute the key may send (default: no limit); more get 429 with Retry-After.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        rpm: Option<u32>,
+    },
+    /// List the keys (never their secrets).
+    List,
+    /// Revoke a key by its id; requests with it are refused from then on.
+    Revoke { id: String },
+}
+
+#[derive(clap::Args)]
+pub struct UsageArgs {
+    /// First day to include, YYYY-MM-DD (default: the last 30 days).
+    #[arg(long)]
+    since: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn accounts(ctx: &Context) -> anyhow::Result<Accounts> {
+    Accounts::open(&ctx.home).context("cannot open berth's accounts")
+}
+
+fn day(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0).map(|d| d.format("%Y-%m-%d %H:%M").to_string()).unwrap_or_default()
+}
+
+pub fn key(ctx: &Context, command: KeyCommand) -> anyhow::Result<()> {
+    let accounts = accounts(ctx)?;
+    match command {
+        KeyCommand::Create { name, scopes, rpm } => {
+            let scopes = if scopes.is_empty() { vec!["inference".to_string()] } else { scopes };
+            let scopes = scopes.iter().map(|s| Scope::parse(s)).collect::<Result<Vec<_>, _>>()?;
+            let (key, secret) = accounts.create_key(&name, &scopes, rpm)?;
+            println!("{secret}");
+            eprintln!("Created {} ({name}). The secret above is shown only now: keep it somewhere safe.", key.id);
+        }
+        KeyCommand::List => {
+            println!("{:<18} {:<20} {:<26} {:>8} {:<17} REVOKED", "ID", "NAME", "SCOPES", "RPM", "CREATED");
+            for k in accounts.list_keys()? {
+                let scopes: Vec<&str> = k.scopes.iter().map(|s| s.name()).collect();
+                println!(
+                    "{:<18} {:<20} {:<26} {:>8} {:<17} {}",
+                    k.id,
+                    k.name,
+                    scopes.join(","),
+                    k.requests_per_minute.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                    day(k.created),
+                    k.revoked.map(day).unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+        KeyCommand::Revoke { id } => {
+            accounts.revoke(&id)?;
+            println!("Revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+pub fn usage(ctx: &Context, args: UsageArgs) -> anyhow::Result<()> {
+    let since = match args.since {
+        Some(s) => {
+            chrono::NaiveDate::parse_from_str(&s, "%Y-%m-%d")
+                .with_context(|| format!("--since {s:?} is not YYYY-MM-DD"))?;
+            s
+        }
+        None => (chrono::Utc::now() - chrono::Duration::days(30)).format("%Y-%m-%d").to_string(),
+    };
+    let rows = accounts(ctx)?.usage(&since)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<18} {:<16} {:<28} {:>8} {:>12} {:>12}",
+        "DAY", "KEY", "NAME", "MODEL", "REQUESTS", "PROMPT", "COMPLETION"
+    );
+    for r in rows {
+        println!(
+            "{:<10} {:<18} {:<16} {:<28} {:>8} {:>12} {:>12}",
+            r.day, r.key_id, r.key_name, r.model, r.requests, r.prompt_tokens, r.completion_tokens
+        );
+    }
+    Ok(())
+}
