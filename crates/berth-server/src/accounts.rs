@@ -2,12 +2,14 @@
 //!
 //! A key's secret is shown once, when it is made; the database keeps only its SHA-256. A key has
 //! scopes (`inference`: generate and embed; `admin`: pull, delete, unload and everything else;
-//! `metrics`: scrape `/metrics`) and may have a requests-per-minute quota. Usage is counted per
-//! key, model and day, written as each request ends.
+//! `metrics`: scrape `/metrics`) and may have a requests-per-minute quota. Every request is recorded
+//! as it ends — finished, aborted by its client, rejected or failed — with its key, model, tokens,
+//! timings and outcome. The database runs in WAL mode with `synchronous = NORMAL`: a committed record
+//! survives the process being killed (only a power loss may take the last ones).
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +20,7 @@ pub enum AccountsError {
     Random(String),
     #[error("unknown scope {0:?}; scopes are inference, admin and metrics")]
     Scope(String),
-    #[error("no key with id {0:?}; `berth key list` shows them")]
+    #[error("no key with id {0:?}; `berth keys list` shows them")]
     NoSuchKey(String),
 }
 
@@ -67,14 +69,60 @@ impl ApiKey {
     }
 }
 
+/// How a request ended, as usage records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered to the end (a stop or the length limit).
+    Completed,
+    /// The client went away first.
+    Aborted,
+    /// Refused before it ran (queue full, quota).
+    Rejected,
+    /// Ended by an error (time limit, engine).
+    Failed,
+}
+
+impl Outcome {
+    fn name(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Aborted => "aborted",
+            Outcome::Rejected => "rejected",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// One request as usage records it.
+#[derive(Debug, Clone)]
+pub struct Record<'a> {
+    pub key_id: &'a str,
+    pub model: &'a str,
+    pub outcome: Outcome,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub duration: std::time::Duration,
+    pub time_to_first_token: Option<std::time::Duration>,
+}
+
+/// What `berth usage` groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Key,
+    Model,
+}
+
 /// One row of the usage report.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UsageRow {
-    pub key_id: String,
-    pub key_name: String,
-    pub model: String,
-    pub day: String,
+    /// The key's id and name, or the model.
+    pub group: String,
+    pub name: String,
     pub requests: u64,
+    pub completed: u64,
+    pub aborted: u64,
+    pub rejected: u64,
+    pub failed: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
 }
@@ -101,6 +149,7 @@ impl Accounts {
         let db = Connection::open(&path).map_err(err)?;
         // WAL: the server writes usage while `berth usage` and `berth key` read and write.
         db.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        db.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
         db.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS api_keys (
@@ -112,15 +161,18 @@ impl Accounts {
                 created INTEGER NOT NULL,
                 revoked INTEGER
             );
-            CREATE TABLE IF NOT EXISTS usage (
+            CREATE TABLE IF NOT EXISTS requests (
+                id INTEGER PRIMARY KEY,
+                at_ms INTEGER NOT NULL,
                 key_id TEXT NOT NULL,
                 model TEXT NOT NULL,
-                day TEXT NOT NULL,
-                requests INTEGER NOT NULL,
+                outcome TEXT NOT NULL,
                 prompt_tokens INTEGER NOT NULL,
                 completion_tokens INTEGER NOT NULL,
-                PRIMARY KEY (key_id, model, day)
-            );",
+                duration_ms REAL NOT NULL,
+                ttft_ms REAL
+            );
+            CREATE INDEX IF NOT EXISTS requests_at ON requests (at_ms);",
         )
         .map_err(err)?;
         Ok(Accounts { path, db })
@@ -195,57 +247,91 @@ impl Accounts {
             .map_err(self.err())
     }
 
-    /// The active key with this secret.
+    /// The active key with this secret. Every active key's hash is compared, in constant time, so
+    /// the answer's timing says nothing about how close a guess came.
     pub fn authenticate(&self, secret: &str) -> Result<Option<ApiKey>, AccountsError> {
-        self.db
-            .query_row(
-                "SELECT id, name, scopes, requests_per_minute, created, revoked FROM api_keys WHERE secret_sha256 = ?1 AND revoked IS NULL",
-                params![digest(secret)],
-                Self::row,
-            )
-            .optional()
-            .map_err(self.err())
+        let wanted = digest(secret);
+        let mut q = self
+            .db
+            .prepare("SELECT id, name, scopes, requests_per_minute, created, revoked, secret_sha256 FROM api_keys WHERE revoked IS NULL")
+            .map_err(self.err())?;
+        let rows = q
+            .query_map([], |r| Ok((Self::row(r)?, r.get::<_, Vec<u8>>(6)?)))
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())?;
+        let mut found = None;
+        for (key, hash) in rows {
+            if constant_time_eq(&hash, &wanted) {
+                found = Some(key);
+            }
+        }
+        Ok(found)
     }
 
-    /// Count one finished request.
-    pub fn record(&self, key_id: &str, model: &str, prompt: u64, completion: u64) -> Result<(), AccountsError> {
-        let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    /// Record one request as it ended.
+    pub fn record(&self, r: &Record<'_>) -> Result<(), AccountsError> {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
         self.db
             .execute(
-                "INSERT INTO usage (key_id, model, day, requests, prompt_tokens, completion_tokens) VALUES (?1, ?2, ?3, 1, ?4, ?5)
-                 ON CONFLICT (key_id, model, day) DO UPDATE SET requests = requests + 1,
-                     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-                     completion_tokens = completion_tokens + excluded.completion_tokens",
-                params![key_id, model, day, prompt as i64, completion as i64],
+                "INSERT INTO requests (at_ms, key_id, model, outcome, prompt_tokens, completion_tokens, duration_ms, ttft_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    chrono::Utc::now().timestamp_millis(),
+                    r.key_id,
+                    r.model,
+                    r.outcome.name(),
+                    r.prompt_tokens as i64,
+                    r.completion_tokens as i64,
+                    ms(r.duration),
+                    r.time_to_first_token.map(ms),
+                ],
             )
             .map_err(self.err())?;
         Ok(())
     }
 
-    /// Usage from `since` (a day, `YYYY-MM-DD`) on, by key, model and day.
-    pub fn usage(&self, since: &str) -> Result<Vec<UsageRow>, AccountsError> {
-        let mut q = self
-            .db
-            .prepare(
-                "SELECT u.key_id, COALESCE(k.name, ''), u.model, u.day, u.requests, u.prompt_tokens, u.completion_tokens
-                 FROM usage u LEFT JOIN api_keys k ON k.id = u.key_id WHERE u.day >= ?1 ORDER BY u.day, u.key_id, u.model",
-            )
-            .map_err(self.err())?;
+    /// Requests from `since` (Unix seconds) on, grouped by key or by model.
+    pub fn usage(&self, since: i64, by: GroupBy) -> Result<Vec<UsageRow>, AccountsError> {
+        let (group, name) = match by {
+            GroupBy::Key => ("r.key_id", "COALESCE(k.name, '')"),
+            GroupBy::Model => ("r.model", "''"),
+        };
+        let sql = format!(
+            "SELECT {group}, {name}, COUNT(*),
+                SUM(r.outcome = 'completed'), SUM(r.outcome = 'aborted'), SUM(r.outcome = 'rejected'), SUM(r.outcome = 'failed'),
+                SUM(r.prompt_tokens), SUM(r.completion_tokens)
+             FROM requests r LEFT JOIN api_keys k ON k.id = r.key_id
+             WHERE r.at_ms >= ?1 GROUP BY {group} ORDER BY {group}"
+        );
+        let mut q = self.db.prepare(&sql).map_err(self.err())?;
+        let n = |r: &rusqlite::Row<'_>, i| r.get::<_, i64>(i).map(|v| v as u64);
         let rows = q
-            .query_map(params![since], |r| {
+            .query_map(params![since * 1000], |r| {
                 Ok(UsageRow {
-                    key_id: r.get(0)?,
-                    key_name: r.get(1)?,
-                    model: r.get(2)?,
-                    day: r.get(3)?,
-                    requests: r.get::<_, i64>(4)? as u64,
-                    prompt_tokens: r.get::<_, i64>(5)? as u64,
-                    completion_tokens: r.get::<_, i64>(6)? as u64,
+                    group: r.get(0)?,
+                    name: r.get(1)?,
+                    requests: n(r, 2)?,
+                    completed: n(r, 3)?,
+                    aborted: n(r, 4)?,
+                    rejected: n(r, 5)?,
+                    failed: n(r, 6)?,
+                    prompt_tokens: n(r, 7)?,
+                    completion_tokens: n(r, 8)?,
                 })
             })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
+}
+
+/// Equal bytes, compared without stopping at the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 #[cfg(test)]
@@ -265,18 +351,31 @@ mod tests {
         assert!(found.allows(Scope::Inference) && !found.allows(Scope::Admin));
         assert_eq!(found.requests_per_minute, Some(10));
         assert!(accounts.authenticate("berth-wrong").unwrap().is_none());
-        accounts.record(&key.id, "ai/smollm2:latest", 10, 5).unwrap();
-        accounts.record(&key.id, "ai/smollm2:latest", 3, 2).unwrap();
-        let usage = accounts.usage("2000-01-01").unwrap();
+        let record = |outcome, prompt, completion| Record {
+            key_id: &key.id,
+            model: "ai/smollm2:latest",
+            outcome,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            duration: std::time::Duration::from_millis(20),
+            time_to_first_token: Some(std::time::Duration::from_millis(5)),
+        };
+        accounts.record(&record(Outcome::Completed, 10, 5)).unwrap();
+        accounts.record(&record(Outcome::Aborted, 3, 2)).unwrap();
+        accounts.record(&record(Outcome::Rejected, 0, 0)).unwrap();
+        let usage = accounts.usage(0, GroupBy::Key).unwrap();
         assert_eq!(usage.len(), 1);
-        assert_eq!((usage[0].requests, usage[0].prompt_tokens, usage[0].completion_tokens), (2, 13, 7));
-        assert_eq!(usage[0].key_name, "ci");
+        let u = &usage[0];
+        assert_eq!((u.requests, u.completed, u.aborted, u.rejected, u.failed), (3, 1, 1, 1, 0));
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (13, 7));
+        assert_eq!(u.name, "ci");
+        assert_eq!(accounts.usage(0, GroupBy::Model).unwrap()[0].group, "ai/smollm2:latest");
         accounts.revoke(&key.id).unwrap();
         assert!(accounts.authenticate(&secret).unwrap().is_none());
         assert!(!accounts.any_active().unwrap());
         assert!(matches!(accounts.revoke("key-nope"), Err(AccountsError::NoSuchKey(_))));
         // The database is durable: a second handle sees the same.
         let again = Accounts::open(home.path()).unwrap();
-        assert_eq!(again.usage("2000-01-01").unwrap()[0].requests, 2);
+        assert_eq!(again.usage(0, GroupBy::Key).unwrap()[0].requests, 3);
     }
 }

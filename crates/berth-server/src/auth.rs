@@ -12,7 +12,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::accounts::{Accounts, ApiKey, Scope};
+use crate::accounts::{Accounts, ApiKey, Outcome, Record, Scope};
 use crate::error::ApiError;
 
 pub struct Auth {
@@ -50,10 +50,10 @@ impl Auth {
         self.accounts().any_active().unwrap_or(true)
     }
 
-    /// Charge a finished request to its key (logged, not fatal, if the database refuses).
-    pub fn record(&self, key_id: &str, model: &str, prompt: u64, completion: u64) {
-        if let Err(e) = self.accounts().record(key_id, model, prompt, completion) {
-            tracing::error!(key_id, model, "usage not recorded: {e}");
+    /// Charge an ended request to its key (logged, not fatal, if the database refuses).
+    pub fn record(&self, record: &Record<'_>) {
+        if let Err(e) = self.accounts().record(record) {
+            tracing::error!(key_id = record.key_id, model = record.model, "usage not recorded: {e}");
         }
     }
 
@@ -98,7 +98,7 @@ pub async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Ne
         .map(str::trim);
     let Some(secret) = secret else {
         return ApiError::unauthorized(
-            "this server needs an API key: send `Authorization: Bearer <key>` (`berth key create` makes one)",
+            "this server needs an API key: send `Authorization: Bearer <key>` (`berth keys create` makes one)",
         )
         .into_response();
     };
@@ -117,6 +117,15 @@ pub async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Ne
         .into_response();
     }
     if let Some(seconds) = auth.over_quota(&key) {
+        auth.record(&Record {
+            key_id: &key.id,
+            model: "-",
+            outcome: Outcome::Rejected,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            duration: Duration::ZERO,
+            time_to_first_token: None,
+        });
         return ApiError::overloaded(
             format!(
                 "the key `{}` has used its {} requests per minute; retry in {seconds} s",

@@ -50,9 +50,9 @@ pub struct ServerConfig {
     /// Host names a loopback server answers to besides localhost's.
     pub allowed_hosts: Vec<String>,
     /// Serve on a non-loopback address without API keys (anyone who reaches it may use it).
-    pub insecure_no_auth: bool,
+    pub allow_insecure_public: bool,
     /// After SIGTERM or SIGINT, how long requests in flight may take to finish.
-    pub shutdown_timeout: std::time::Duration,
+    pub drain_timeout: std::time::Duration,
 }
 
 /// How each model shares itself among concurrent requests.
@@ -99,8 +99,8 @@ impl Default for ServerConfig {
                 pinned: Vec::new(),
             },
             allowed_hosts: Vec::new(),
-            insecure_no_auth: false,
-            shutdown_timeout: std::time::Duration::from_secs(30),
+            allow_insecure_public: false,
+            drain_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -108,7 +108,7 @@ impl Default for ServerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(
-        "refusing to listen on {0} without API keys: anyone who can reach it could use and manage your models. Make a key (`berth key create NAME`), listen on 127.0.0.1 (the default), or pass --insecure-no-auth if something in front of berth (a proxy, a private network) does the guarding"
+        "refusing to listen on {0} without API keys: anyone who can reach it could use and manage your models. Make a key (`berth keys create --name NAME`), listen on 127.0.0.1 (the default), or pass --allow-insecure-public if something in front of berth (a proxy, a private network) does the guarding"
     )]
     Unprotected(String),
     #[error("{0}")]
@@ -228,7 +228,7 @@ fn label_value(v: &str) -> String {
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let accounts = accounts::Accounts::open(&config.home).map_err(ServerError::Accounts)?;
     let keys = accounts.any_active().map_err(ServerError::Accounts)?;
-    if !guard::is_loopback(&config.host) && !keys && !config.insecure_no_auth {
+    if !guard::is_loopback(&config.host) && !keys && !config.allow_insecure_public {
         return Err(ServerError::Unprotected(config.host.clone()));
     }
     let addr = format!("{}:{}", config.host, config.port);
@@ -272,7 +272,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             state.ready.store(false, Ordering::SeqCst);
             tracing::info!(
                 "stopping: finishing the requests in flight (at most {} s; a second signal stops at once)",
-                config.shutdown_timeout.as_secs()
+                config.drain_timeout.as_secs()
             );
             draining.notify_one();
         }
@@ -299,7 +299,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         _ = async {
             draining.notified().await;
             tokio::select! {
-                _ = tokio::time::sleep(config.shutdown_timeout) => {
+                _ = tokio::time::sleep(config.drain_timeout) => {
                     tracing::warn!("requests still running after the shutdown timeout; stopping anyway");
                 }
                 _ = stop_signal() => tracing::warn!("second signal; stopping now"),

@@ -106,6 +106,13 @@ async fn unload_if_asked(state: &AppState, model: &str, keep: &Option<Value>, ch
         Ok(k) if k != Some(KeepAlive::For(std::time::Duration::ZERO)) => return None,
         Ok(_) => {}
     }
+    // Unloading is management: with API keys in use it needs the admin scope.
+    if let Some(c) = crate::auth::caller()
+        && !c.key.allows(crate::accounts::Scope::Admin)
+    {
+        let message = format!("the key `{}` lacks the `admin` scope that unloading a model needs", c.key.name);
+        return Some(ApiError::forbidden_scope(message).into_response());
+    }
     let reference = match berth_store::Reference::parse(model) {
         Ok(r) => r,
         Err(_) => return Some(ApiError::model_not_found(model, &state.models.available()).into_response()),

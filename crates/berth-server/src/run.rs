@@ -12,6 +12,7 @@ use berth_engine::scheduler::TokenSink;
 use berth_engine::{EngineError, GenerationOutput, GenerationRequest, TokenEvent};
 use tokio::sync::mpsc;
 
+use crate::accounts::{Outcome, Record};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::models::{Hold, LoadedModel};
@@ -54,6 +55,9 @@ pub struct Generation {
     _hold: Hold,
     /// The API key to charge, if keys are in use.
     caller: Option<Caller>,
+    prompt_tokens: usize,
+    tokens: usize,
+    first_token: Option<Instant>,
 }
 
 impl Drop for Generation {
@@ -61,6 +65,24 @@ impl Drop for Generation {
         // Let go before the end: the client went away.
         if !self.done {
             self.model.metrics.success(berth_engine::FinishReason::Cancelled);
+            self.charge(Outcome::Aborted, self.prompt_tokens, self.tokens);
+        }
+    }
+}
+
+impl Generation {
+    /// Record the request against the caller's key, if keys are in use.
+    fn charge(&self, outcome: Outcome, prompt_tokens: usize, completion_tokens: usize) {
+        if let Some(c) = &self.caller {
+            c.auth.record(&Record {
+                key_id: &c.key.id,
+                model: &self.model.name,
+                outcome,
+                prompt_tokens: prompt_tokens as u64,
+                completion_tokens: completion_tokens as u64,
+                duration: self.started.elapsed(),
+                time_to_first_token: self.first_token.map(|t| t.duration_since(self.started)),
+            });
         }
     }
 }
@@ -68,7 +90,22 @@ impl Drop for Generation {
 /// Queue `req` on `model`'s scheduler; refused at once (429) when its queue is full.
 pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generation, ApiError> {
     let (tx, rx) = mpsc::unbounded_channel();
-    model.runner.submit(req, Box::new(ChannelSink(tx))).map_err(|e| model.error(e))?;
+    let prompt_tokens = req.prompt.len();
+    let caller = crate::auth::caller();
+    if let Err(e) = model.runner.submit(req, Box::new(ChannelSink(tx))) {
+        if let Some(c) = &caller {
+            c.auth.record(&Record {
+                key_id: &c.key.id,
+                model: &model.name,
+                outcome: Outcome::Rejected,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                duration: std::time::Duration::ZERO,
+                time_to_first_token: None,
+            });
+        }
+        return Err(model.error(e));
+    }
     let hold = model.hold();
     Ok(Generation {
         rx,
@@ -77,7 +114,10 @@ pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generat
         started: Instant::now(),
         last_token: None,
         _hold: hold,
-        caller: crate::auth::caller(),
+        caller,
+        prompt_tokens,
+        tokens: 0,
+        first_token: None,
     })
 }
 
@@ -92,6 +132,8 @@ impl Generation {
             Some(Message::Token(t)) => {
                 if t.token.is_some() {
                     let now = Instant::now();
+                    self.tokens += 1;
+                    self.first_token.get_or_insert(now);
                     match self.last_token {
                         None => metrics.ttft.observe(now.duration_since(self.started).as_secs_f64()),
                         Some(last) => metrics.itl.observe(now.duration_since(last).as_secs_f64()),
@@ -102,13 +144,18 @@ impl Generation {
             }
             Some(Message::Done(result)) => {
                 self.done = true;
-                if let Ok(out) = &result {
-                    metrics.e2e.observe(self.started.elapsed().as_secs_f64());
-                    metrics.queue.observe(out.queue_time.as_secs_f64());
-                    metrics.success(out.finish);
-                    if let Some(c) = &self.caller {
-                        c.auth.record(&c.key.id, &self.model.name, out.prompt_tokens as u64, out.tokens.len() as u64);
+                match &result {
+                    Ok(out) => {
+                        metrics.e2e.observe(self.started.elapsed().as_secs_f64());
+                        metrics.queue.observe(out.queue_time.as_secs_f64());
+                        metrics.success(out.finish);
+                        let outcome = match out.finish {
+                            berth_engine::FinishReason::Cancelled => Outcome::Aborted,
+                            _ => Outcome::Completed,
+                        };
+                        self.charge(outcome, out.prompt_tokens, out.tokens.len());
                     }
+                    Err(_) => self.charge(Outcome::Failed, self.prompt_tokens, self.tokens),
                 }
                 Update::Done(result.map_err(|e| self.model.error(e)))
             }

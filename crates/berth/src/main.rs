@@ -59,8 +59,8 @@ enum Command {
     /// Unload a model from a running server.
     Unload(commands::loaded::UnloadArgs),
     /// Manage API keys (once one exists, the server asks every request for one).
-    #[command(subcommand)]
-    Key(commands::keys::KeyCommand),
+    #[command(subcommand, alias = "key")]
+    Keys(commands::keys::KeyCommand),
     /// Show the requests and tokens each API key used, by model and day.
     Usage(commands::keys::UsageArgs),
 }
@@ -85,7 +85,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => commands::serve::run(&ctx, a),
         Command::Ps(a) => commands::loaded::ps(a),
         Command::Unload(a) => commands::loaded::unload(a),
-        Command::Key(c) => commands::keys::key(&ctx, c),
+        Command::Keys(c) => commands::keys::key(&ctx, c),
         Command::Usage(a) => commands::keys::usage(&ctx, a),
     };
     match result {

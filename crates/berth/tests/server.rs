@@ -660,7 +660,7 @@ fn foreign_host_names_and_public_addresses_are_refused() {
     assert_eq!(status, 200);
 
     let err = server.berth.fails(&["serve", "--host", "0.0.0.0", "--port", &berth_testkit::free_port().to_string()]);
-    assert!(err.contains("without API keys") && err.contains("--insecure-no-auth"), "{err}");
+    assert!(err.contains("without API keys") && err.contains("--allow-insecure-public"), "{err}");
 }
 
 /// Every response carries an `x-request-id` (the caller's, or a fresh one), and the server's log line
@@ -697,11 +697,11 @@ fn requests_carry_their_id_into_json_logs() {
 #[test]
 fn api_keys_scopes_quotas_and_usage() {
     let server = Server::start();
-    let make = |args: &[&str]| server.berth.ok(&[&["key", "create"][..], args].concat()).trim().to_string();
-    let user = make(&["app", "--rpm", "3"]);
-    let admin = make(&["ops", "--scope", "admin"]);
+    let make = |args: &[&str]| server.berth.ok(&[&["keys", "create"][..], args].concat()).trim().to_string();
+    let user = make(&["--name", "app", "--rpm", "3"]);
+    let admin = make(&["--name", "ops", "--scope", "admin"]);
     assert!(user.starts_with("berth-") && admin.starts_with("berth-"));
-    let listed = server.berth.ok(&["key", "list"]);
+    let listed = server.berth.ok(&["keys", "list"]);
     assert!(
         listed.contains("app") && listed.contains("inference") && listed.contains("ops") && !listed.contains(&user)
     );
@@ -717,7 +717,7 @@ fn api_keys_scopes_quotas_and_usage() {
     };
     let (status, text) = call("GET", "/v1/models", None, "");
     assert_eq!(status, 401, "{text}");
-    assert!(text.contains("invalid_api_key") && text.contains("berth key create"), "{text}");
+    assert!(text.contains("invalid_api_key") && text.contains("berth keys create"), "{text}");
     assert_eq!(call("GET", "/v1/models", Some("berth-00"), "").0, 401);
     assert_eq!(call("GET", "/health", None, "").0, 200, "probes need no key");
     // The inference key may generate but not delete, nor scrape metrics.
@@ -740,19 +740,49 @@ fn api_keys_scopes_quotas_and_usage() {
     // The admin key has no quota.
     assert_eq!(call("POST", "/v1/completions", Some(&admin), completion).0, 200);
 
-    let usage = server.berth.json(&["usage", "--json"]);
+    // Unloading is management: an inference key may not.
+    let viewer = make(&["--name", "viewer"]);
+    let (status, text) = call("POST", "/api/generate", Some(&viewer), r#"{"model":"smollm2","keep_alive":0}"#);
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("admin"), "{text}");
+    // A client of the admin key hangs up mid-answer: recorded as aborted.
+    let body = r#"{"model":"smollm2","prompt":"Tell a story","max_tokens":500,"stream":true,"ignore_eos":true}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {admin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    read_events(&mut s, 2);
+    drop(s);
+
+    // Usage matches what the clients saw: 3 answers and 1 refusal for `app`, 1 answer and 1 hang-up
+    // for `ops`.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let usage = loop {
+        let usage = server.berth.json(&["usage", "--json"]);
+        let ops = usage.as_array().and_then(|rows| rows.iter().find(|r| r["name"] == "ops").cloned());
+        if ops.is_some_and(|r| r["aborted"] == 1) {
+            break usage;
+        }
+        assert!(Instant::now() < deadline, "the hang-up was not recorded: {usage}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let rows = usage.as_array().expect("rows");
-    let app = rows.iter().find(|r| r["key_name"] == "app").expect("the app key's usage");
-    assert_eq!(app["requests"], 3, "{usage}");
+    let app = rows.iter().find(|r| r["name"] == "app").expect("the app key's usage");
+    assert_eq!(app["requests"], 4, "{usage}");
+    assert_eq!(app["completed"], 3, "{usage}");
+    assert_eq!(app["rejected"], 1, "{usage}");
     assert_eq!(app["completion_tokens"], 12, "{usage}");
-    assert_eq!(app["model"], "ai/smollm2:latest");
     assert!(app["prompt_tokens"].as_u64().unwrap_or(0) >= 3);
-    let ops = rows.iter().find(|r| r["key_name"] == "ops").expect("the ops key's usage");
-    assert_eq!(ops["requests"], 1);
+    let ops = rows.iter().find(|r| r["name"] == "ops").expect("the ops key's usage");
+    assert_eq!(ops["completed"], 1, "{usage}");
+    let by_model = server.berth.ok(&["usage", "--by", "model", "--csv"]);
+    assert!(by_model.starts_with("model,name,requests") && by_model.contains("ai/smollm2:latest,"), "{by_model}");
 
     let id =
         listed.lines().find(|l| l.contains(" app ")).and_then(|l| l.split_whitespace().next()).unwrap().to_string();
-    server.berth.ok(&["key", "revoke", &id]);
+    server.berth.ok(&["keys", "revoke", &id]);
     assert_eq!(call("GET", "/v1/models", Some(&user), "").0, 401, "revoked");
     assert_eq!(call("GET", "/v1/models", Some(&admin), "").0, 200);
 }

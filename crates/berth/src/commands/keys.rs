@@ -1,8 +1,8 @@
-//! `berth key create|list|revoke` and `berth usage`: API keys and what they used, read from and
+//! `berth keys create|list|revoke` and `berth usage`: API keys and what they used, read from and
 //! written to the accounts database in berth's home (the server picks changes up at once).
 
 use anyhow::Context as _;
-use berth_server::accounts::{Accounts, Scope};
+use berth_server::accounts::{Accounts, GroupBy, Scope};
 
 use super::Context;
 
@@ -11,6 +11,7 @@ pub enum KeyCommand {
     /// Make a key; its secret is printed once.
     Create {
         /// A name to recognise the key by (who or what uses it).
+        #[arg(long)]
         name: String,
         /// What the key may do: inference (generate, embed, list models), metrics (scrape /metrics),
         /// admin (everything, pull and delete included). Repeatable; default inference.
@@ -28,9 +29,15 @@ pub enum KeyCommand {
 
 #[derive(clap::Args)]
 pub struct UsageArgs {
+    /// Group by API key or by model.
+    #[arg(long, default_value = "key", value_parser = ["key", "model"])]
+    by: String,
     /// First day to include, YYYY-MM-DD (default: the last 30 days).
     #[arg(long)]
     since: Option<String>,
+    /// Print CSV.
+    #[arg(long, conflicts_with = "json")]
+    csv: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -78,27 +85,66 @@ pub fn key(ctx: &Context, command: KeyCommand) -> anyhow::Result<()> {
 }
 
 pub fn usage(ctx: &Context, args: UsageArgs) -> anyhow::Result<()> {
-    let since = match args.since {
-        Some(s) => {
-            chrono::NaiveDate::parse_from_str(&s, "%Y-%m-%d")
-                .with_context(|| format!("--since {s:?} is not YYYY-MM-DD"))?;
-            s
-        }
-        None => (chrono::Utc::now() - chrono::Duration::days(30)).format("%Y-%m-%d").to_string(),
+    let since = match &args.since {
+        Some(s) => chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .with_context(|| format!("--since {s:?} is not YYYY-MM-DD"))?
+            .and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc().timestamp())
+            .unwrap_or(0),
+        None => (chrono::Utc::now() - chrono::Duration::days(30)).timestamp(),
     };
-    let rows = accounts(ctx)?.usage(&since)?;
+    let by = if args.by == "model" { GroupBy::Model } else { GroupBy::Key };
+    let rows = accounts(ctx)?.usage(since, by)?;
     if args.json {
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(());
     }
+    let head = [
+        args.by.as_str(),
+        "name",
+        "requests",
+        "completed",
+        "aborted",
+        "rejected",
+        "failed",
+        "prompt_tokens",
+        "completion_tokens",
+    ];
+    if args.csv {
+        println!("{}", head.join(","));
+        for r in &rows {
+            let name = r.name.replace('"', "\"\"");
+            println!(
+                "{},\"{name}\",{},{},{},{},{},{},{}",
+                r.group, r.requests, r.completed, r.aborted, r.rejected, r.failed, r.prompt_tokens, r.completion_tokens
+            );
+        }
+        return Ok(());
+    }
     println!(
-        "{:<10} {:<18} {:<16} {:<28} {:>8} {:>12} {:>12}",
-        "DAY", "KEY", "NAME", "MODEL", "REQUESTS", "PROMPT", "COMPLETION"
+        "{:<24} {:<14} {:>8} {:>9} {:>7} {:>8} {:>6} {:>10} {:>10}",
+        args.by.to_uppercase(),
+        "NAME",
+        "REQUESTS",
+        "COMPLETED",
+        "ABORTED",
+        "REJECTED",
+        "FAILED",
+        "PROMPT",
+        "COMPLETION"
     );
     for r in rows {
         println!(
-            "{:<10} {:<18} {:<16} {:<28} {:>8} {:>12} {:>12}",
-            r.day, r.key_id, r.key_name, r.model, r.requests, r.prompt_tokens, r.completion_tokens
+            "{:<24} {:<14} {:>8} {:>9} {:>7} {:>8} {:>6} {:>10} {:>10}",
+            r.group,
+            r.name,
+            r.requests,
+            r.completed,
+            r.aborted,
+            r.rejected,
+            r.failed,
+            r.prompt_tokens,
+            r.completion_tokens
         );
     }
     Ok(())

@@ -60,14 +60,14 @@ pub struct Args {
     /// Listen on a non-loopback address without API keys. Anyone who can reach the port can use and
     /// manage the models: only behind something that guards it.
     #[arg(long)]
-    insecure_no_auth: bool,
+    allow_insecure_public: bool,
     /// Log lines as text or as JSON objects (one per line, for log collectors). What is logged is
     /// chosen with RUST_LOG (default `info`).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
     /// On SIGTERM or Ctrl-C, seconds the requests in flight may take to finish before berth exits.
     #[arg(long, default_value_t = 30)]
-    shutdown_timeout: u64,
+    drain_timeout: u64,
 }
 
 fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
@@ -153,8 +153,8 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             pinned: args.pinned,
         },
         allowed_hosts: args.allowed_hosts,
-        insecure_no_auth: args.insecure_no_auth,
-        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        allow_insecure_public: args.allow_insecure_public,
+        drain_timeout: Duration::from_secs(args.drain_timeout),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(berth_server::serve(config))?;
