@@ -125,6 +125,8 @@ pub enum ServerError {
 pub struct AppState {
     models: Arc<models::ModelManager>,
     ready: Arc<AtomicBool>,
+    /// Shutting down: new work gets 503.
+    draining: Arc<AtomicBool>,
     auth: Arc<auth::Auth>,
 }
 
@@ -153,6 +155,7 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(config.body_limit))
         .layer(axum::middleware::from_fn_with_state(state.auth.clone(), auth::authorize))
+        .layer(axum::middleware::from_fn_with_state(state.draining.clone(), refuse_while_draining))
         .layer(axum::middleware::from_fn_with_state(guard, guard::check_host))
         .layer(axum::middleware::from_fn(request_log::with_request_id))
         .with_state(state)
@@ -242,6 +245,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             config.memory.clone(),
         )),
         ready: Arc::new(AtomicBool::new(false)),
+        draining: Arc::new(AtomicBool::new(false)),
         auth: Arc::new(auth::Auth::new(accounts)),
     };
     let app = router(state.clone(), &config);
@@ -262,21 +266,44 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             Ok::<(), ServerError>(())
         }
     };
-    // SIGTERM or SIGINT: report not ready, refuse new connections, let the requests in flight
-    // finish (up to the timeout), then return. A second signal ends at once.
-    let draining = Arc::new(tokio::sync::Notify::new());
-    let shutdown = {
-        let (state, draining) = (state.clone(), draining.clone());
+    // SIGTERM or SIGINT: not ready at once and new work refused (503), while the requests in flight
+    // finish for at most the drain timeout; those still running then end with a final error event;
+    // then the listener closes. A second signal skips the waiting.
+    let stop_serving = Arc::new(tokio::sync::Notify::new());
+    let drain = {
+        let (state, stop_serving, timeout) = (state.clone(), stop_serving.clone(), config.drain_timeout);
         async move {
             stop_signal().await;
             state.ready.store(false, Ordering::SeqCst);
+            state.draining.store(true, Ordering::SeqCst);
             tracing::info!(
                 "stopping: finishing the requests in flight (at most {} s; a second signal stops at once)",
-                config.drain_timeout.as_secs()
+                timeout.as_secs()
             );
-            draining.notify_one();
+            let finished = async {
+                while state.models.in_flight().await > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            };
+            tokio::select! {
+                _ = finished => {}
+                _ = tokio::time::sleep(timeout) => {
+                    tracing::warn!("requests still running after the drain timeout; ending them");
+                }
+                _ = stop_signal() => tracing::warn!("second signal; ending the requests in flight now"),
+            }
+            // Whatever still runs ends with an error event; give the streams a moment to send it.
+            state.models.abort_all();
+            let ended = async {
+                while state.models.in_flight().await > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), ended).await;
+            stop_serving.notify_one();
         }
     };
+    let drain_task = AbortOnDrop(tokio::spawn(drain));
     // Models idle past their keep-alive are unloaded.
     let reaper = {
         let models = state.models.clone();
@@ -288,26 +315,41 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         })
     };
     let _stop_reaper = AbortOnDrop(reaper);
+    let shutdown = async move { stop_serving.notified().await };
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future();
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => return r.map_err(ServerError::Serve),
         p = preload => p?,
     }
+    // Connections still open after the streams ended (idle keep-alives) do not hold the exit up.
     tokio::select! {
         r = &mut server => r.map_err(ServerError::Serve)?,
         _ = async {
-            draining.notified().await;
-            tokio::select! {
-                _ = tokio::time::sleep(config.drain_timeout) => {
-                    tracing::warn!("requests still running after the shutdown timeout; stopping anyway");
-                }
-                _ = stop_signal() => tracing::warn!("second signal; stopping now"),
+            while !drain_task.0.is_finished() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         } => {}
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// While the server drains, new work is refused (probes and metrics still answer).
+async fn refuse_while_draining(
+    State(draining): State<Arc<AtomicBool>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let probe = matches!(request.uri().path(), "/health" | "/ready" | "/metrics");
+    if draining.load(Ordering::SeqCst) && !probe {
+        return ApiError::unavailable(
+            "the server is shutting down; send the request to another instance or retry later",
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

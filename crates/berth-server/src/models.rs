@@ -32,6 +32,8 @@ pub struct LoadedModel {
     pub in_flight: AtomicUsize,
     /// When the last request let go of it.
     pub last_active: std::sync::Mutex<Instant>,
+    /// Turns true at shutdown, when running generations must end.
+    pub abort: tokio::sync::watch::Receiver<bool>,
 }
 
 impl LoadedModel {
@@ -229,6 +231,8 @@ pub struct ModelManager {
     batching: BatchingConfig,
     memory: MemoryConfig,
     loaded: Mutex<HashMap<String, Entry>>,
+    /// Set at shutdown: generations still running end with an error.
+    abort: tokio::sync::watch::Sender<bool>,
 }
 
 pub fn now() -> u64 {
@@ -237,7 +241,24 @@ pub fn now() -> u64 {
 
 impl ModelManager {
     pub fn new(home: PathBuf, batching: BatchingConfig, memory: MemoryConfig) -> Self {
-        Self { home, batching, memory, loaded: Mutex::new(HashMap::new()) }
+        let (abort, _) = tokio::sync::watch::channel(false);
+        Self { home, batching, memory, loaded: Mutex::new(HashMap::new()), abort }
+    }
+
+    /// End every generation still running (shutdown).
+    pub fn abort_all(&self) {
+        self.abort.send_replace(true);
+    }
+
+    /// Requests holding any loaded model.
+    pub async fn in_flight(&self) -> usize {
+        let map = self.loaded.lock().await;
+        map.values()
+            .filter_map(|e| match e.cell.get() {
+                Some(Loaded::Chat(m)) => Some(m.in_flight.load(Ordering::SeqCst)),
+                _ => None,
+            })
+            .sum()
     }
 
     fn store(&self) -> Result<Store, ApiError> {
@@ -447,7 +468,7 @@ impl ModelManager {
                 }
             }
         };
-        let result = self.load_into(&cell, reference, model).await;
+        let result = self.load_into(&cell, reference, model, self.abort.subscribe()).await;
         let mut map = self.loaded.lock().await;
         match &result {
             // A failed load gives its reservation back, so that the next request tries again.
@@ -469,7 +490,13 @@ impl ModelManager {
         result
     }
 
-    async fn load_into(&self, cell: &OnceCell<Loaded>, reference: Reference, model: &str) -> Result<Loaded, ApiError> {
+    async fn load_into(
+        &self,
+        cell: &OnceCell<Loaded>,
+        reference: Reference,
+        model: &str,
+        abort: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Loaded, ApiError> {
         let home = self.home.clone();
         let batching = self.batching.clone();
         let available = self.available();
@@ -514,6 +541,7 @@ impl ModelManager {
                 metrics,
                 in_flight: AtomicUsize::new(0),
                 last_active: std::sync::Mutex::new(Instant::now()),
+                abort,
             })))
         })
         .await

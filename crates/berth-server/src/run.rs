@@ -127,8 +127,20 @@ impl Generation {
         if self.done {
             return Update::Done(Err(ApiError::internal("the generation already ended")));
         }
+        let mut abort = self.model.abort.clone();
+        let message = tokio::select! {
+            m = self.rx.recv() => m,
+            _ = abort.wait_for(|stop| *stop) => {
+                self.done = true;
+                self.model.metrics.failure("error");
+                self.charge(Outcome::Failed, self.prompt_tokens, self.tokens);
+                return Update::Done(Err(ApiError::unavailable(
+                    "the server shut down before this answer finished (its drain timeout passed)",
+                )));
+            }
+        };
         let metrics = &self.model.metrics;
-        match self.rx.recv().await {
+        match message {
             Some(Message::Token(t)) => {
                 if t.token.is_some() {
                     let now = Instant::now();

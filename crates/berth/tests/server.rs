@@ -525,8 +525,8 @@ fn a_real_prometheus_scrapes_the_metrics() {
     let _ = prometheus.wait();
 }
 
-/// SIGTERM: the server stops taking connections, the answer being streamed runs to its end, and
-/// the process exits cleanly.
+/// SIGTERM: `/ready` turns 503 and new work is refused at once, the answer being streamed runs to
+/// its end, and the process exits cleanly.
 #[test]
 fn sigterm_drains_the_requests_in_flight() {
     let mut server = Server::start();
@@ -537,12 +537,14 @@ fn sigterm_drains_the_requests_in_flight() {
     let mut buf = [0u8; 4096];
     // SAFETY: sending a signal to the child process this test started.
     assert_eq!(unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) }, 0);
-    // New connections are refused while the stream goes on.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_ok() {
-        assert!(Instant::now() < deadline, "the server kept accepting connections after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
+    while http_request(port, "GET", "/ready", &[], b"").map(|r| r.0).unwrap_or(0) != 503 {
+        assert!(Instant::now() < deadline, "/ready did not turn 503 after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let (status, text) = server.post("/v1/completions", r#"{"model":"smollm2","prompt":"Hi","max_tokens":2}"#);
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("shutting down"), "{text}");
     loop {
         match s.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -562,6 +564,36 @@ fn sigterm_drains_the_requests_in_flight() {
     };
     assert!(status.success(), "exit status {status}; log:\n{}", server.log());
     assert!(server.log().contains("stopping"), "{}", server.log());
+}
+
+/// Answers still running when the drain timeout passes end with a final error event, not a cut.
+#[test]
+fn the_drain_timeout_ends_long_answers_with_an_error_event() {
+    let mut server = Server::start_with(&["--drain-timeout", "1"]);
+    let body = r#"{"model":"smollm2","prompt":"Once upon a time","max_tokens":5000,"temperature":0,"ignore_eos":true,"stream":true}"#;
+    let mut s = send_completion(server.port, body);
+    let mut seen = read_events(&mut s, 2);
+    // SAFETY: sending a signal to the child process this test started.
+    assert_eq!(unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) }, 0);
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    let last = text.lines().rfind(|l| l.starts_with("data:")).unwrap_or_default();
+    assert!(last.contains("error") && last.contains("shut down"), "the stream must end with an error event: {last}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "berth serve did not exit; log:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}; log:\n{}", server.log());
 }
 
 /// The memory budget: an idle model is unloaded to make room for another, a pinned one is not (the
