@@ -809,6 +809,12 @@ fn api_keys_scopes_quotas_and_usage() {
     assert!(app["prompt_tokens"].as_u64().unwrap_or(0) >= 3);
     let ops = rows.iter().find(|r| r["name"] == "ops").expect("the ops key's usage");
     assert_eq!(ops["completed"], 1, "{usage}");
+    // The CLI speaks to a keyed server with a key.
+    let url = format!("http://127.0.0.1:{}", server.port);
+    let err = server.berth.fails(&["ps", "--url", &url]);
+    assert!(err.contains("401") && err.contains("API key"), "{err}");
+    let table = server.berth.ok(&["ps", "--url", &url, "--api-key", &admin]);
+    assert!(table.contains("ai/smollm2:latest"), "{table}");
     let by_model = server.berth.ok(&["usage", "--by", "model", "--csv"]);
     assert!(by_model.starts_with("model,name,requests") && by_model.contains("ai/smollm2:latest,"), "{by_model}");
 

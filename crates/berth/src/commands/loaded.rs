@@ -13,6 +13,9 @@ pub struct PsArgs {
     /// Print the server's JSON.
     #[arg(long)]
     json: bool,
+    /// An API key, for a server that has keys (`berth keys create`).
+    #[arg(long, env = "BERTH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -22,14 +25,20 @@ pub struct UnloadArgs {
     /// The server's base URL.
     #[arg(long, env = "BERTH_URL", default_value = "http://127.0.0.1:12480")]
     url: String,
+    /// An admin API key, for a server that has keys (`berth keys create --scope admin`).
+    #[arg(long, env = "BERTH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
-fn call(method: reqwest::Method, url: &str, body: Option<Value>) -> anyhow::Result<Value> {
+fn call(method: reqwest::Method, url: &str, key: Option<&str>, body: Option<Value>) -> anyhow::Result<Value> {
     berth_store::registry::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
         let mut request = client.request(method, url);
+        if let Some(k) = key {
+            request = request.bearer_auth(k);
+        }
         if let Some(b) = body {
             request = request.json(&b);
         }
@@ -53,7 +62,8 @@ fn mib(bytes: f64) -> String {
 }
 
 pub fn ps(args: PsArgs) -> anyhow::Result<()> {
-    let v = call(reqwest::Method::GET, &format!("{}/api/ps", args.url.trim_end_matches('/')), None)?;
+    let url = format!("{}/api/ps", args.url.trim_end_matches('/'));
+    let v = call(reqwest::Method::GET, &url, args.api_key.as_deref(), None)?;
     if args.json {
         println!("{v}");
         return Ok(());
@@ -92,7 +102,8 @@ pub fn ps(args: PsArgs) -> anyhow::Result<()> {
 
 pub fn unload(args: UnloadArgs) -> anyhow::Result<()> {
     let url = format!("{}/api/generate", args.url.trim_end_matches('/'));
-    let v = call(reqwest::Method::POST, &url, Some(serde_json::json!({"model": args.model, "keep_alive": 0})))?;
+    let body = serde_json::json!({"model": args.model, "keep_alive": 0});
+    let v = call(reqwest::Method::POST, &url, args.api_key.as_deref(), Some(body))?;
     println!("Unloaded {}", v["model"].as_str().unwrap_or(&args.model));
     Ok(())
 }
