@@ -11,6 +11,16 @@ use axum::response::Response;
 
 const HEADER: &str = "x-request-id";
 
+tokio::task_local! {
+    /// The id of the request being handled, for the log lines of work it starts.
+    pub static REQUEST_ID: String;
+}
+
+/// The id of the request being handled, if any.
+pub fn current() -> Option<String> {
+    REQUEST_ID.try_with(|id| id.clone()).ok()
+}
+
 /// A caller's id is kept if it is short and plain (it goes into logs and headers as is).
 fn acceptable(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
@@ -23,7 +33,7 @@ pub async fn with_request_id(mut request: Request, next: Next) -> Response {
     request.headers_mut().insert(HEADER, value.clone());
     let (method, path) = (request.method().clone(), request.uri().path().to_string());
     let started = Instant::now();
-    let mut response = next.run(request).await;
+    let mut response = REQUEST_ID.scope(id.clone(), next.run(request)).await;
     response.headers_mut().insert(HEADER, value);
     let status = response.status().as_u16();
     let ms = started.elapsed().as_secs_f64() * 1000.0;

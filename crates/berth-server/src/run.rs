@@ -58,6 +58,7 @@ pub struct Generation {
     prompt_tokens: usize,
     tokens: usize,
     first_token: Option<Instant>,
+    request_id: String,
 }
 
 impl Drop for Generation {
@@ -71,8 +72,20 @@ impl Drop for Generation {
 }
 
 impl Generation {
-    /// Record the request against the caller's key, if keys are in use.
+    /// Log the generation's end with its request id, model, tokens and timings, and record it
+    /// against the caller's key, if keys are in use.
     fn charge(&self, outcome: Outcome, prompt_tokens: usize, completion_tokens: usize) {
+        let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        tracing::info!(
+            request_id = %self.request_id,
+            model = %self.model.name,
+            outcome = ?outcome,
+            prompt_tokens,
+            completion_tokens,
+            ttft_ms = self.first_token.map(|t| ms(t.duration_since(self.started))),
+            duration_ms = ms(self.started.elapsed()),
+            "generation"
+        );
         if let Some(c) = &self.caller {
             c.auth.record(&Record {
                 key_id: &c.key.id,
@@ -118,6 +131,7 @@ pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generat
         prompt_tokens,
         tokens: 0,
         first_token: None,
+        request_id: crate::request_log::current().unwrap_or_default(),
     })
 }
 

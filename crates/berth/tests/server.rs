@@ -716,6 +716,23 @@ fn requests_carry_their_id_into_json_logs() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
     }
+    // A generation logs its end with the request's id, the model, tokens and timings.
+    let headers = [("x-request-id", "gen-7"), ("Content-Type", "application/json")];
+    let body = br#"{"model":"smollm2","prompt":"Hi","max_tokens":3,"temperature":0,"ignore_eos":true}"#;
+    assert_eq!(http_request(server.port, "POST", "/v1/completions", &headers, body).unwrap().0, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let generation = loop {
+        let log = server.log();
+        let line = log.lines().find(|l| l.contains("gen-7") && l.contains(r#""message":"generation""#));
+        if let Some(line) = line {
+            break serde_json::from_str::<serde_json::Value>(line).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no generation line:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(generation["model"], "ai/smollm2:latest", "{generation}");
+    assert_eq!(generation["completion_tokens"], 3, "{generation}");
+    assert!(generation["ttft_ms"].as_f64().is_some() && generation["duration_ms"].as_f64().is_some(), "{generation}");
     let logged = server.log().lines().find(|l| l.contains("trace-42.a")).unwrap_or_default().to_string();
     let v: serde_json::Value = serde_json::from_str(&logged).unwrap();
     assert_eq!(v["request_id"], "trace-42.a", "{logged}");
