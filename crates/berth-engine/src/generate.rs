@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::error::EngineError;
-use crate::model::{BLOCK_TOKENS, LlamaModel};
+use crate::model::{LlamaModel, blocks_for};
 use crate::sampling::{SamplingParams, TokenLogprob};
 use crate::scheduler::{Scheduler, SchedulerConfig, TokenSink};
 use crate::template::{ChatTemplate, Message};
@@ -134,7 +134,7 @@ impl Engine {
 
     /// Cache blocks that hold `tokens` positions.
     pub fn kv_blocks_for(&self, tokens: usize) -> usize {
-        tokens.div_ceil(BLOCK_TOKENS).max(1)
+        blocks_for(tokens).max(1)
     }
 
     /// Generate one answer by itself, calling `on_token` for every token; it returns `false` to

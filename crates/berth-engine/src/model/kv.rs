@@ -7,6 +7,11 @@
 /// and that prefixes are shared at a fine grain, large enough that block tables stay short.
 pub const BLOCK_TOKENS: usize = 16;
 
+/// Blocks that hold `tokens` positions.
+pub fn blocks_for(tokens: usize) -> usize {
+    tokens.div_ceil(BLOCK_TOKENS)
+}
+
 /// Keys and values of every layer for a number of blocks, as f16 bits (as llama.cpp stores them
 /// by default).
 pub struct KvStore {
@@ -80,7 +85,7 @@ impl KvCache {
 
     /// Make room for `tokens` more positions.
     pub(crate) fn reserve(&mut self, tokens: usize) {
-        let needed = (self.len + tokens).div_ceil(BLOCK_TOKENS);
+        let needed = blocks_for(self.len + tokens);
         if needed > self.blocks.len() {
             let first = self.store.blocks() as u32;
             self.store.grow(needed - self.blocks.len());

@@ -8,7 +8,7 @@ use berth_formats::gguf::{GgmlType, GgufFile, TensorInfo};
 use memmap2::Mmap;
 
 use super::config::LlamaConfig;
-use super::kv::{BLOCK_TOKENS, KvCache, KvStore};
+use super::kv::{BLOCK_TOKENS, KvCache, KvStore, blocks_for};
 use crate::error::EngineError;
 use crate::kernels::attention::{Attention, SeqKv};
 use crate::kernels::{QMatrix, f16, ops, quant};
@@ -243,7 +243,7 @@ impl LlamaModel {
             let mut row = 0;
             for step in steps {
                 let len = step.tokens.len();
-                let used = (step.start + len).div_ceil(BLOCK_TOKENS);
+                let used = blocks_for(step.start + len);
                 let (k_blocks, v_blocks) = step.blocks[..used].iter().map(|&b| store.block(li, b)).unzip();
                 seqs.push(SeqKv {
                     rows: row..row + len,

@@ -6,5 +6,5 @@ pub mod kv;
 mod llama;
 
 pub use config::LlamaConfig;
-pub use kv::{BLOCK_TOKENS, KvCache, KvStore};
+pub use kv::{BLOCK_TOKENS, KvCache, KvStore, blocks_for};
 pub use llama::{LlamaModel, Logits, SeqStep};

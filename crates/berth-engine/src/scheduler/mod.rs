@@ -34,7 +34,7 @@ use self::blocks::BlockPool;
 use self::sequence::Sequence;
 use crate::error::EngineError;
 use crate::generate::{Engine, FinishReason, GenerationRequest};
-use crate::model::{BLOCK_TOKENS, KvStore, Logits, SeqStep};
+use crate::model::{BLOCK_TOKENS, KvStore, Logits, SeqStep, blocks_for};
 
 pub use runner::{Runner, RunnerConfig};
 pub use sequence::TokenSink;
@@ -195,10 +195,9 @@ impl<'e, 's> Scheduler<'e, 's> {
 
     /// Fail everything (the model is going away).
     pub fn abort_all(&mut self, error: impl Fn() -> EngineError) {
-        for seq in self.waiting.drain(..).chain(self.running.drain(..)) {
-            for &b in &seq.blocks {
-                self.pool.release(b);
-            }
+        let all: Vec<Sequence<'s>> = self.waiting.drain(..).chain(self.running.drain(..)).collect();
+        for seq in all {
+            self.release_blocks_of(&seq);
             seq.fail(error());
         }
         self.publish();
@@ -228,9 +227,7 @@ impl<'e, 's> Scheduler<'e, 's> {
     }
 
     fn end_abandoned(&mut self, seq: Sequence<'s>, now: Instant) {
-        for &b in &seq.blocks {
-            self.pool.release(b);
-        }
+        self.release_blocks_of(&seq);
         match seq.deadline {
             Some(d) if now >= d && !seq.is_closed() => {
                 let waited = now.duration_since(seq.arrived);
@@ -270,7 +267,7 @@ impl<'e, 's> Scheduler<'e, 's> {
     /// Blocks for the sequence's next position; false if the pool has none.
     fn reserve(&mut self, i: usize) -> bool {
         let seq = &mut self.running[i];
-        let needed = (seq.computed + 1).div_ceil(BLOCK_TOKENS);
+        let needed = blocks_for(seq.computed + 1);
         while seq.blocks.len() < needed {
             match self.pool.allocate() {
                 Some(b) => seq.blocks.push(b),
@@ -300,6 +297,13 @@ impl<'e, 's> Scheduler<'e, 's> {
     fn admit(&mut self, budget: usize) {
         while budget > 0 && self.running.len() < self.config.max_running {
             let Some(seq) = self.waiting.front_mut() else { break };
+            let total_needed = blocks_for(seq.tokens.len());
+            if total_needed > self.pool.total() {
+                // Grown past the whole pool while preempted: it cannot run again.
+                let seq = self.waiting.pop_front().expect("front exists");
+                seq.finish(FinishReason::Length);
+                continue;
+            }
             // Reuse cached blocks of the longest matching prefix; at least the last token is run
             // again, for its logits.
             let reusable = (seq.tokens.len() - 1) / BLOCK_TOKENS;
@@ -314,20 +318,10 @@ impl<'e, 's> Scheduler<'e, 's> {
                     None => break,
                 }
             }
-            let needed = seq.tokens.len().div_ceil(BLOCK_TOKENS) - found.len();
+            let needed = total_needed - found.len();
             // Keep a block in hand for each running sequence's next token, so admitting does not
             // immediately force a preemption.
             let reserve = self.running.len();
-            let total_needed = seq.tokens.len().div_ceil(BLOCK_TOKENS);
-            if total_needed > self.pool.total() {
-                // Grown past the whole pool while preempted: it cannot run again.
-                for b in found {
-                    self.pool.release(b);
-                }
-                let seq = self.waiting.pop_front().expect("front exists");
-                seq.finish(FinishReason::Length);
-                continue;
-            }
             if self.pool.available() < needed + reserve {
                 for b in found {
                     self.pool.release(b);

@@ -87,10 +87,9 @@ impl<'s> Sequence<'s> {
         self.sink.is_closed()
     }
 
+    /// Prompt tokens found in the prefix cache at its first admission.
     pub fn note_cached(&mut self, tokens: usize) {
-        if !self.was_admitted {
-            self.out.cached_tokens = tokens;
-        }
+        self.out.cached_tokens = tokens;
     }
 
     /// What sampling needs: the sampler and how many alternatives to report. (Sampling runs on
