@@ -105,6 +105,21 @@ pub struct Record<'a> {
     pub time_to_first_token: Option<std::time::Duration>,
 }
 
+impl<'a> Record<'a> {
+    /// A request refused before it ran: no tokens, no time.
+    pub fn rejected(key_id: &'a str, model: &'a str) -> Self {
+        Record {
+            key_id,
+            model,
+            outcome: Outcome::Rejected,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            duration: std::time::Duration::ZERO,
+            time_to_first_token: None,
+        }
+    }
+}
+
 /// What `berth usage` groups by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupBy {

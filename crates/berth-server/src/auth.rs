@@ -12,7 +12,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::accounts::{Accounts, ApiKey, Outcome, Record, Scope};
+use crate::accounts::{Accounts, ApiKey, Record, Scope};
 use crate::error::ApiError;
 
 pub struct Auth {
@@ -117,15 +117,7 @@ pub async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Ne
         .into_response();
     }
     if let Some(seconds) = auth.over_quota(&key) {
-        auth.record(&Record {
-            key_id: &key.id,
-            model: "-",
-            outcome: Outcome::Rejected,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            duration: Duration::ZERO,
-            time_to_first_token: None,
-        });
+        auth.record(&Record::rejected(&key.id, "-"));
         return ApiError::overloaded(
             format!(
                 "the key `{}` has used its {} requests per minute; retry in {seconds} s",

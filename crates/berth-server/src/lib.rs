@@ -210,13 +210,12 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for m in &loaded {
         let labels = format!("model_name=\"{}\"", label_value(&m.name));
         for (name, kind, help, read) in &families {
-            let full = format!("berth:{name}");
-            let text = out.entry(&full, kind, help);
-            text.push_str(&format!("{full}{{{labels}}} {}\n", read(m.runner.stats())));
+            out.sample(&format!("berth:{name}"), kind, help, &labels, read(m.runner.stats()));
         }
-        let memory = out.entry("berth:model_memory_bytes", "gauge", "Memory a loaded model may use, by part.");
-        memory.push_str(&format!("berth:model_memory_bytes{{{labels},part=\"weights\"}} {}\n", m.size));
-        memory.push_str(&format!("berth:model_memory_bytes{{{labels},part=\"kv_cache\"}} {}\n", m.kv_cache_bytes()));
+        let help = "Memory a loaded model may use, by part.";
+        for (part, bytes) in [("weights", m.size), ("kv_cache", m.kv_cache_bytes())] {
+            out.sample("berth:model_memory_bytes", "gauge", help, &format!("{labels},part=\"{part}\""), bytes);
+        }
         m.metrics.write(&labels, &mut out);
     }
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out.finish())

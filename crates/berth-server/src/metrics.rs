@@ -119,24 +119,24 @@ impl ServingMetrics {
             let full = format!("berth:{name}");
             h.write(families.entry(&full, "histogram", help), &full, labels);
         }
-        let out = families.entry("berth:request_success_total", "counter", "Requests that ended, by how.");
-        for (reason, n) in FINISHED.iter().zip(&self.success) {
-            let _ = writeln!(
-                out,
-                "berth:request_success_total{{{labels},finished_reason=\"{reason}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
+        let counters = [
+            (
+                "request_success_total",
+                "Requests that ended, by how.",
+                "finished_reason",
+                &FINISHED[..],
+                &self.success[..],
+            ),
+            ("request_failure_total", "Requests that failed, by why.", "reason", &FAILURES[..], &self.failure[..]),
+        ];
+        for (name, help, label, reasons, counts) in counters {
+            for (reason, n) in reasons.iter().zip(counts) {
+                let sample_labels = format!("{labels},{label}=\"{reason}\"");
+                families.sample(&format!("berth:{name}"), "counter", help, &sample_labels, n.load(Ordering::Relaxed));
+            }
         }
-        let out = families.entry("berth:request_failure_total", "counter", "Requests that failed, by why.");
-        for (reason, n) in FAILURES.iter().zip(&self.failure) {
-            let _ = writeln!(
-                out,
-                "berth:request_failure_total{{{labels},reason=\"{reason}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
-        }
-        let out = families.entry("berth:model_load_seconds", "gauge", "Seconds the model took to load.");
-        let _ = writeln!(out, "berth:model_load_seconds{{{labels}}} {}", self.load_seconds);
+        let help = "Seconds the model took to load.";
+        families.sample("berth:model_load_seconds", "gauge", help, labels, self.load_seconds);
     }
 }
 
@@ -155,6 +155,11 @@ impl Families {
             self.text.insert(name.to_string(), format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         }
         self.text.get_mut(name).expect("inserted above")
+    }
+
+    /// One sample of family `name` with these labels.
+    pub fn sample(&mut self, name: &str, kind: &str, help: &str, labels: &str, value: impl std::fmt::Display) {
+        let _ = writeln!(self.entry(name, kind, help), "{name}{{{labels}}} {value}");
     }
 
     pub fn finish(mut self) -> String {

@@ -270,8 +270,8 @@ impl ModelManager {
     }
 
     /// Forget a loaded model (requests running on it finish; its memory goes with the last one).
-    pub async fn unload(&self, reference: &Reference) -> bool {
-        self.loaded.lock().await.remove(&reference.to_string()).is_some()
+    pub async fn unload(&self, reference: &Reference) {
+        self.loaded.lock().await.remove(&reference.to_string());
     }
 
     /// Unload the models idle past their keep-alive. Called periodically.

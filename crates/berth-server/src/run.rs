@@ -107,15 +107,7 @@ pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generat
     let caller = crate::auth::caller();
     if let Err(e) = model.runner.submit(req, Box::new(ChannelSink(tx))) {
         if let Some(c) = &caller {
-            c.auth.record(&Record {
-                key_id: &c.key.id,
-                model: &model.name,
-                outcome: Outcome::Rejected,
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                duration: std::time::Duration::ZERO,
-                time_to_first_token: None,
-            });
+            c.auth.record(&Record::rejected(&c.key.id, &model.name));
         }
         return Err(model.error(e));
     }

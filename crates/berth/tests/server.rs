@@ -80,6 +80,18 @@ impl Server {
             .unwrap_or(0.0)
     }
 
+    /// Wait (at most 30 s) for the server to exit on its own, and return how it did.
+    fn wait_for_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "berth serve did not exit; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The server process's peak resident memory (kB), from the kernel.
     fn peak_rss_kb(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
@@ -311,11 +323,22 @@ fn read_events(s: &mut TcpStream, events: usize) -> Vec<u8> {
     seen
 }
 
+/// Read what is left of a response until the server closes the connection.
+fn read_rest(s: &mut TcpStream, seen: &mut Vec<u8>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// A completion on its own connection: status, the raw response (headers and body).
 fn stream_completion(port: u16, body: &str) -> (u16, String) {
     let mut s = send_completion(port, body);
     let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
+    read_rest(&mut s, &mut raw);
     let text = String::from_utf8_lossy(&raw).to_string();
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (status, text)
@@ -534,7 +557,6 @@ fn sigterm_drains_the_requests_in_flight() {
     let body = r#"{"model":"smollm2","prompt":"Once upon a time","max_tokens":60,"temperature":0,"ignore_eos":true,"stream":true,"stream_options":{"include_usage":true}}"#;
     let mut s = send_completion(port, body);
     let mut seen = read_events(&mut s, 2);
-    let mut buf = [0u8; 4096];
     // SAFETY: sending a signal to the child process this test started.
     assert_eq!(unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) }, 0);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -545,23 +567,11 @@ fn sigterm_drains_the_requests_in_flight() {
     let (status, text) = server.post("/v1/completions", r#"{"model":"smollm2","prompt":"Hi","max_tokens":2}"#);
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("shutting down"), "{text}");
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
+    read_rest(&mut s, &mut seen);
     let text = String::from_utf8_lossy(&seen);
     assert!(text.contains("data: [DONE]"), "the answer in flight was cut: {text}");
     assert!(text.contains(r#""completion_tokens":60"#), "{text}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "berth serve did not exit after draining; log:\n{}", server.log());
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = server.wait_for_exit();
     assert!(status.success(), "exit status {status}; log:\n{}", server.log());
     assert!(server.log().contains("stopping"), "{}", server.log());
 }
@@ -575,24 +585,11 @@ fn the_drain_timeout_ends_long_answers_with_an_error_event() {
     let mut seen = read_events(&mut s, 2);
     // SAFETY: sending a signal to the child process this test started.
     assert_eq!(unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) }, 0);
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
+    read_rest(&mut s, &mut seen);
     let text = String::from_utf8_lossy(&seen);
     let last = text.lines().rfind(|l| l.starts_with("data:")).unwrap_or_default();
     assert!(last.contains("error") && last.contains("shut down"), "the stream must end with an error event: {last}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "berth serve did not exit; log:\n{}", server.log());
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = server.wait_for_exit();
     assert!(status.success(), "exit status {status}; log:\n{}", server.log());
 }
 
