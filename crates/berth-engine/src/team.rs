@@ -58,6 +58,11 @@ thread_local! {
 impl Team {
     /// A team of `size` workers: the caller plus `size - 1` threads.
     pub fn new(size: usize) -> std::io::Result<Self> {
+        Self::named(size, "berth-worker")
+    }
+
+    /// The same, its threads named `{name}-{index}` (what `top -H` and /proc show).
+    pub fn named(size: usize, name: &str) -> std::io::Result<Self> {
         let size = size.max(1);
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
@@ -73,9 +78,7 @@ impl Team {
         for index in 1..size {
             let shared = shared.clone();
             handles.push(
-                std::thread::Builder::new()
-                    .name(format!("berth-worker-{index}"))
-                    .spawn(move || worker(&shared, index))?,
+                std::thread::Builder::new().name(format!("{name}-{index}")).spawn(move || worker(&shared, index))?,
             );
         }
         Ok(Self { shared, size, busy: Mutex::new(()), handles })

@@ -12,6 +12,7 @@ mod auth;
 mod embeddings;
 mod error;
 mod guard;
+mod limits;
 mod metrics;
 mod models;
 mod ollama;
@@ -32,6 +33,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
 pub use error::ApiError;
+pub use limits::{LimitsByModel, ModelLimits};
 pub use models::{KeepAlive, MemoryConfig};
 
 /// How to run the server.
@@ -69,6 +71,8 @@ pub struct BatchingConfig {
     /// Limit on a request's whole life, waiting included.
     pub request_timeout: Option<std::time::Duration>,
     pub prefix_cache: bool,
+    /// Models with limits of their own (threads, concurrency, context).
+    pub per_model: LimitsByModel,
 }
 
 impl Default for BatchingConfig {
@@ -80,6 +84,7 @@ impl Default for BatchingConfig {
             kv_cache_bytes: 2 << 30,
             request_timeout: Some(std::time::Duration::from_secs(600)),
             prefix_cache: true,
+            per_model: LimitsByModel::default(),
         }
     }
 }

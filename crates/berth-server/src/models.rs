@@ -18,6 +18,7 @@ use tokio::sync::{Mutex, OnceCell};
 
 use crate::BatchingConfig;
 use crate::error::ApiError;
+use crate::limits::ModelLimits;
 use crate::metrics::ServingMetrics;
 
 pub struct LoadedModel {
@@ -34,6 +35,8 @@ pub struct LoadedModel {
     pub last_active: std::sync::Mutex<Instant>,
     /// Turns true at shutdown, when running generations must end.
     pub abort: tokio::sync::watch::Receiver<bool>,
+    /// Tokens of context a request may use: the model's own, or less where a limit says so.
+    pub context: usize,
 }
 
 impl LoadedModel {
@@ -529,7 +532,9 @@ impl ModelManager {
                 .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))?
                 .map_err(|e| ApiError::internal(format!("cannot load {name}: {e}")))?;
             let engine = Arc::new(engine);
-            let config = runner_config(&engine, &batching);
+            let limits = batching.per_model.of(&reference.to_string());
+            let context = limits.context.unwrap_or(usize::MAX).min(engine.context_length());
+            let config = runner_config(&engine, &batching, &limits, context);
             let runner = Runner::start(engine.clone(), config)
                 .map_err(|e| ApiError::internal(format!("cannot start {name}: {e}")))?;
             let metrics = ServingMetrics::new(started.elapsed().as_secs_f64());
@@ -542,6 +547,7 @@ impl ModelManager {
                 in_flight: AtomicUsize::new(0),
                 last_active: std::sync::Mutex::new(Instant::now()),
                 abort,
+                context,
             })))
         })
         .await
@@ -549,20 +555,23 @@ impl ModelManager {
     }
 }
 
-/// The scheduler's limits for one model: the KV cache gets the configured memory, but no more than
-/// every running sequence at full context could use.
-fn runner_config(engine: &Engine, batching: &BatchingConfig) -> RunnerConfig {
+/// The scheduler's limits for one model: the server's, or the model's own where given. The KV cache
+/// gets the configured memory, but no more than every running sequence at full context could use.
+fn runner_config(engine: &Engine, batching: &BatchingConfig, limits: &ModelLimits, context: usize) -> RunnerConfig {
+    let max_running = limits.max_running.unwrap_or(batching.max_running);
     let block_bytes = engine.model.kv_block_bytes().max(1) as u64;
     let by_memory = (batching.kv_cache_bytes / block_bytes) as usize;
-    let by_use = engine.kv_blocks_for(batching.max_running.saturating_mul(engine.context_length()));
+    let by_use = engine.kv_blocks_for(max_running.saturating_mul(context));
     RunnerConfig {
         scheduler: SchedulerConfig {
-            max_batch_tokens: batching.max_batch_tokens,
-            max_running: batching.max_running,
+            // Every running sequence needs a token per step.
+            max_batch_tokens: batching.max_batch_tokens.max(max_running),
+            max_running,
             kv_blocks: by_memory.min(by_use).max(1),
             prefix_cache: batching.prefix_cache,
         },
         max_queue: batching.max_queue,
         request_timeout: batching.request_timeout,
+        threads: limits.threads,
     }
 }

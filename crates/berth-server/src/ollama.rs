@@ -348,12 +348,19 @@ pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
     let mut models = Vec::new();
     for m in state.models.status().await {
         let summary = listed.iter().find(|s| s.reference == m.name);
-        let (running, waiting) = match &m.loaded {
+        let (running, waiting, limits) = match &m.loaded {
             Some(Loaded::Chat(c)) => {
                 let stats = c.runner.stats();
-                (stats.running.load(Ordering::Relaxed), stats.waiting.load(Ordering::Relaxed))
+                let config = c.runner.config();
+                let limits = json!({
+                    "threads": config.threads.unwrap_or_else(berth_engine::threads),
+                    "own_threads": config.threads.is_some(),
+                    "max_running": config.scheduler.max_running,
+                    "context": c.context,
+                });
+                (stats.running.load(Ordering::Relaxed), stats.waiting.load(Ordering::Relaxed), limits)
             }
-            _ => (0, 0),
+            _ => (0, 0, Value::Null),
         };
         // Ollama's `expires_at`: when an idle model will be unloaded.
         let expires_at = match (m.keep_alive, m.idle, m.pinned) {
@@ -379,6 +386,7 @@ pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
                 "waiting": waiting,
                 "idle_seconds": m.idle.map(|d| d.as_secs_f64()),
                 "pinned": m.pinned,
+                "limits": limits,
                 "keep_alive_seconds": match m.keep_alive {
                     KeepAlive::For(d) => json!(d.as_secs_f64()),
                     KeepAlive::Forever => json!(-1),

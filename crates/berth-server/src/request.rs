@@ -132,7 +132,7 @@ impl Sampling {
         prompt: Vec<u32>,
         logprobs: Option<usize>,
     ) -> Result<GenerationRequest, ApiError> {
-        let ctx = model.engine.context_length();
+        let ctx = model.context;
         if prompt.len() >= ctx {
             return Err(ApiError {
                 code: Some("context_length_exceeded"),

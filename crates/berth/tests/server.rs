@@ -838,3 +838,69 @@ fn api_keys_scopes_quotas_and_usage() {
     assert_eq!(call("GET", "/v1/models", Some(&user), "").0, 401, "revoked");
     assert_eq!(call("GET", "/v1/models", Some(&admin), "").0, 200);
 }
+
+/// `--limit`: one model gets its own two threads, one request at a time and a 64-token context,
+/// while another model keeps the server's settings; the answers are the same either way.
+#[test]
+fn a_model_keeps_its_own_limits() {
+    let server = Server::start_with(&["--limit", "smollm2=threads:2,max-running:1,context:64"]);
+    server.berth.ok(&["package", "--gguf", &models::smollm2_gguf().display().to_string(), "smollm2-copy"]);
+    let greedy = r#""prompt":"The capital of France is","max_tokens":12,"temperature":0"#;
+    let (status, limited) = server.post("/v1/completions", &format!(r#"{{"model":"smollm2",{greedy}}}"#));
+    assert_eq!(status, 200, "{limited}");
+    let (status, shared) = server.post("/v1/completions", &format!(r#"{{"model":"smollm2-copy",{greedy}}}"#));
+    assert_eq!(status, 200, "{shared}");
+    let text = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap()["choices"][0]["text"].clone();
+    assert_eq!(text(&limited), text(&shared), "its own threads give the same answer");
+
+    let url = format!("http://127.0.0.1:{}", server.port);
+    let ps = server.berth.json(&["ps", "--url", &url, "--json"]);
+    let limits = |name: &str| {
+        let models = ps["models"].as_array().unwrap();
+        models.iter().find(|m| m["name"] == name).map(|m| m["berth"]["limits"].clone()).unwrap()
+    };
+    let own = limits("ai/smollm2:latest");
+    assert_eq!((own["threads"].as_u64(), own["own_threads"].as_bool()), (Some(2), Some(true)), "{ps}");
+    assert_eq!((own["max_running"].as_u64(), own["context"].as_u64()), (Some(1), Some(64)), "{ps}");
+    let other = limits("ai/smollm2-copy:latest");
+    assert_eq!((other["own_threads"].as_bool(), other["max_running"].as_u64()), (Some(false), Some(64)), "{ps}");
+    assert_eq!(other["context"].as_u64(), Some(8192), "{ps}");
+    let table = server.berth.ok(&["ps", "--url", &url]);
+    assert!(table.contains("2 own") && table.contains("0/1"), "{table}");
+    // The model's own worker thread is there, by name.
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", server.child.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .collect();
+    assert!(threads.iter().any(|t| t.trim() == "berth-model-1"), "{threads:?}");
+
+    // The context: a longer prompt is refused, and an answer without max_tokens stops at 64 tokens.
+    let long = "one two three four five six seven eight nine ten ".repeat(8);
+    let (status, text) = server.post("/v1/completions", &format!(r#"{{"model":"smollm2","prompt":"{long}"}}"#));
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("context_length_exceeded") && text.contains("64 tokens"), "{text}");
+    let (status, text) =
+        server.post("/v1/completions", r#"{"model":"smollm2","prompt":"Count:","temperature":0,"ignore_eos":true}"#);
+    assert_eq!(status, 200, "{text}");
+    let usage = serde_json::from_str::<serde_json::Value>(&text).unwrap()["usage"].clone();
+    assert_eq!(usage["total_tokens"], 64, "{text}");
+
+    // One request at a time: three at once, and the other two wait.
+    let body = r#"{"model":"smollm2","prompt":"Once","max_tokens":40,"temperature":0,"ignore_eos":true,"stream":true}"#;
+    let port = server.port;
+    let clients: Vec<_> = (0..3).map(|_| std::thread::spawn(move || stream_completion(port, body))).collect();
+    let (mut most_running, mut most_waiting) = (0, 0);
+    while !clients.iter().all(|c| c.is_finished()) {
+        let running = server.metric(r#"berth:num_requests_running{model_name="ai/smollm2:latest"}"#);
+        let waiting = server.metric(r#"berth:num_requests_waiting{model_name="ai/smollm2:latest"}"#);
+        (most_running, most_waiting) = (most_running.max(running), most_waiting.max(waiting));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for client in clients {
+        let (status, text) = client.join().unwrap();
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("data: [DONE]"), "{text}");
+    }
+    assert_eq!(most_running, 1, "never more than one running");
+    assert!(most_waiting >= 1, "the others waited");
+}

@@ -18,6 +18,9 @@ pub struct RunnerConfig {
     pub max_queue: usize,
     /// Time limit of a request from its arrival, waiting included.
     pub request_timeout: Option<Duration>,
+    /// Workers of the model's own (its steps then run beside other models' rather than taking turns
+    /// with them on the shared team); `None` shares the process's team.
+    pub threads: Option<usize>,
 }
 
 struct Submission {
@@ -43,9 +46,16 @@ impl Runner {
         let (ready_tx, ready_rx) = mpsc::channel();
         let scheduler_config = config.scheduler.clone();
         let transit = in_transit.clone();
+        let threads = config.threads;
         std::thread::Builder::new()
             .name("berth-scheduler".into())
             .spawn(move || {
+                if let Some(n) = threads
+                    && let Err(e) = crate::use_own_team(n, "berth-model")
+                {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
                 let mut scheduler = match Scheduler::new(&engine, scheduler_config) {
                     Ok(s) => s,
                     Err(e) => {

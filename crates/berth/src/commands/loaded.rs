@@ -70,8 +70,8 @@ pub fn ps(args: PsArgs) -> anyhow::Result<()> {
     }
     let models = v["models"].as_array().cloned().unwrap_or_default();
     println!(
-        "{:<32} {:<9} {:>10} {:>8} {:>8} {:>10} {:>12}",
-        "NAME", "STATE", "MEMORY", "RUNNING", "WAITING", "IDLE", "KEEP ALIVE"
+        "{:<32} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12}",
+        "NAME", "STATE", "MEMORY", "RUNNING", "WAITING", "CONTEXT", "THREADS", "IDLE", "KEEP ALIVE"
     );
     for m in &models {
         let b = &m["berth"];
@@ -82,13 +82,26 @@ pub fn ps(args: PsArgs) -> anyhow::Result<()> {
             Some(s) => format!("{s:.0} s"),
             None => "-".to_string(),
         };
+        let limits = &b["limits"];
+        // Running out of the model's maximum; its own threads are marked, shared ones are not.
+        let running = match limits["max_running"].as_u64() {
+            Some(max) => format!("{}/{max}", b["running"].as_u64().unwrap_or(0)),
+            None => "-".to_string(),
+        };
+        let threads = match (limits["threads"].as_u64(), limits["own_threads"].as_bool()) {
+            (Some(n), Some(true)) => format!("{n} own"),
+            (Some(n), _) => n.to_string(),
+            (None, _) => "-".to_string(),
+        };
         println!(
-            "{:<32} {:<9} {:>10} {:>8} {:>8} {:>10} {:>12}",
+            "{:<32} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12}",
             m["name"].as_str().unwrap_or("?"),
             b["state"].as_str().unwrap_or("?"),
             mib(b["memory_bytes"].as_f64().or(m["size"].as_f64()).unwrap_or(0.0)),
-            b["running"].as_u64().unwrap_or(0),
+            running,
             b["waiting"].as_u64().unwrap_or(0),
+            limits["context"].as_u64().map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+            threads,
             idle,
             keep
         );

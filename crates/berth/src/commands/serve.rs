@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use berth_server::{BatchingConfig, KeepAlive, MemoryConfig, ServerConfig};
+use berth_server::{BatchingConfig, KeepAlive, LimitsByModel, MemoryConfig, ServerConfig};
 
 use super::Context;
 
@@ -39,6 +39,11 @@ pub struct Args {
     /// Seconds a request may take from arrival to its last token (0: no limit).
     #[arg(long, default_value_t = 600)]
     request_timeout: u64,
+    /// Limits of one model (repeatable): `REF=threads:N,max-running:N,context:N`, any of the three.
+    /// `threads` gives the model workers of its own, so its steps run beside other models' instead
+    /// of taking turns with them; `max-running` and `context` lower the server's settings for it.
+    #[arg(long = "limit", value_name = "REF=LIMITS")]
+    limits: Vec<String>,
     /// Do not reuse the KV cache of prompt prefixes shared between requests.
     #[arg(long)]
     no_prefix_cache: bool,
@@ -133,6 +138,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             args.max_running
         );
     }
+    let mut per_model = LimitsByModel::default();
+    for spec in &args.limits {
+        per_model.add(spec).map_err(|e| anyhow::anyhow!("--limit {e}"))?;
+    }
     let config = ServerConfig {
         host: args.host,
         port: args.port,
@@ -146,6 +155,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             kv_cache_bytes: args.kv_cache,
             request_timeout: (args.request_timeout > 0).then(|| Duration::from_secs(args.request_timeout)),
             prefix_cache: !args.no_prefix_cache,
+            per_model,
         },
         memory: MemoryConfig {
             budget: args.memory_budget.unwrap_or_else(default_memory_budget),
