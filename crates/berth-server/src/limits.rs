@@ -21,9 +21,10 @@ pub struct ModelLimits {
 pub struct LimitsByModel(Vec<(String, ModelLimits)>);
 
 impl LimitsByModel {
-    /// The limits of `reference` (written in full, `ai/smollm2:latest`), if any were given.
-    pub fn of(&self, reference: &str) -> ModelLimits {
-        self.0.iter().find(|(r, _)| r == reference).map(|(_, l)| l.clone()).unwrap_or_default()
+    /// The limits of `reference`, if any were given.
+    pub fn of(&self, reference: &Reference) -> ModelLimits {
+        let reference = reference.to_string();
+        self.0.iter().find(|(r, _)| *r == reference).map(|(_, l)| l.clone()).unwrap_or_default()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &(String, ModelLimits)> {
@@ -73,9 +74,10 @@ mod tests {
     fn limits_parse_per_model_and_refuse_nonsense() {
         let mut all = LimitsByModel::default();
         all.add("ai/smollm2=threads:1, max-running:4,context:512").unwrap();
-        let l = all.of("ai/smollm2:latest");
+        let of = |r: &str| all.of(&Reference::parse(r).unwrap());
+        let l = of("ai/smollm2:latest");
         assert_eq!((l.threads, l.max_running, l.context), (Some(1), Some(4), Some(512)));
-        assert_eq!(all.of("ai/other:latest"), ModelLimits::default());
+        assert_eq!(of("ai/other"), ModelLimits::default());
         for bad in [
             "ai/smollm2",
             "ai/smollm2=",

@@ -532,7 +532,7 @@ impl ModelManager {
                 .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))?
                 .map_err(|e| ApiError::internal(format!("cannot load {name}: {e}")))?;
             let engine = Arc::new(engine);
-            let limits = batching.per_model.of(&reference.to_string());
+            let limits = batching.per_model.of(&reference);
             let context = limits.context.unwrap_or(usize::MAX).min(engine.context_length());
             let config = runner_config(&engine, &batching, &limits, context);
             let runner = Runner::start(engine.clone(), config)
