@@ -2,9 +2,9 @@
 //!
 //! A key's secret is shown once, when it is made; the database keeps only its SHA-256. A key has
 //! scopes (`inference`: generate and embed; `admin`: pull, delete, unload and everything else;
-//! `metrics`: scrape `/metrics`) and may have a requests-per-minute quota. Every request is recorded
-//! as it ends — finished, aborted by its client, rejected or failed — with its key, model, tokens,
-//! timings and outcome. The database runs in WAL mode with `synchronous = NORMAL`: a committed record
+//! `metrics`: scrape `/metrics`), may be kept to some models, and may have a requests-per-minute and a
+//! tokens-per-day quota. Every request is recorded as it ends — finished, aborted by its client,
+//! rejected or failed — with its key (or none), model, tokens, timings and outcome. The database runs in WAL mode with `synchronous = NORMAL`: a committed record
 //! survives the process being killed (only a power loss may take the last ones).
 
 use std::path::{Path, PathBuf};
@@ -22,7 +22,12 @@ pub enum AccountsError {
     Scope(String),
     #[error("no key with id {0:?}; `berth keys list` shows them")]
     NoSuchKey(String),
+    #[error("{0:?} is not a model name or pattern; write e.g. ai/smollm2, ai/smollm2:latest or ai/*")]
+    ModelPattern(String),
 }
+
+/// The key id usage records carry for requests made without a key (a server without keys).
+pub const NO_KEY: &str = "-";
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +63,11 @@ pub struct ApiKey {
     pub name: String,
     pub scopes: Vec<Scope>,
     pub requests_per_minute: Option<u32>,
+    /// Prompt and completion tokens the key may use in a day (a rolling 24 hours).
+    pub tokens_per_day: Option<u64>,
+    /// The models the key may use, as names (`ai/smollm2:latest`) or patterns ending in `*`
+    /// (`ai/*`); empty: every model.
+    pub models: Vec<String>,
     pub created: i64,
     pub revoked: Option<i64>,
 }
@@ -67,6 +77,38 @@ impl ApiKey {
     pub fn allows(&self, scope: Scope) -> bool {
         self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin)
     }
+
+    /// Whether the key may use the model named `familiar` (`ai/smollm2:latest`).
+    pub fn may_use(&self, familiar: &str) -> bool {
+        self.models.is_empty()
+            || self.models.iter().any(|m| match m.strip_suffix('*') {
+                Some(prefix) => familiar.starts_with(prefix),
+                None => m == familiar,
+            })
+    }
+}
+
+/// A model name as a key's `--models` gives it, in the form the server names models by: a
+/// reference (`smollm2` becomes `ai/smollm2:latest`), or a prefix pattern ending in `*` kept as
+/// written.
+pub fn model_pattern(text: &str) -> Result<String, AccountsError> {
+    let t = text.trim();
+    let bad = || AccountsError::ModelPattern(text.to_string());
+    if let Some(prefix) = t.strip_suffix('*') {
+        let plain = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:".contains(c);
+        return if prefix.chars().all(plain) && t.len() <= 256 { Ok(t.to_string()) } else { Err(bad()) };
+    }
+    berth_store::Reference::parse(t).map(|r| r.familiar()).map_err(|_| bad())
+}
+
+/// What a new key may do.
+#[derive(Debug, Clone, Default)]
+pub struct KeySpec {
+    pub scopes: Vec<Scope>,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_day: Option<u64>,
+    /// Model names or patterns, from [`model_pattern`].
+    pub models: Vec<String>,
 }
 
 /// How a request ended, as usage records it.
@@ -174,7 +216,9 @@ impl Accounts {
                 scopes TEXT NOT NULL,
                 requests_per_minute INTEGER,
                 created INTEGER NOT NULL,
-                revoked INTEGER
+                revoked INTEGER,
+                tokens_per_day INTEGER,
+                models TEXT NOT NULL DEFAULT ''
             );
             CREATE TABLE IF NOT EXISTS requests (
                 id INTEGER PRIMARY KEY,
@@ -187,9 +231,20 @@ impl Accounts {
                 duration_ms REAL NOT NULL,
                 ttft_ms REAL
             );
-            CREATE INDEX IF NOT EXISTS requests_at ON requests (at_ms);",
+            CREATE INDEX IF NOT EXISTS requests_at ON requests (at_ms);
+            CREATE INDEX IF NOT EXISTS requests_key_at ON requests (key_id, at_ms);",
         )
         .map_err(err)?;
+        // Databases made before keys had token quotas and model lists gain the columns.
+        let columns: Vec<String> = db
+            .prepare("SELECT name FROM pragma_table_info('api_keys')")
+            .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
+            .map_err(err)?;
+        for (column, definition) in [("tokens_per_day", "INTEGER"), ("models", "TEXT NOT NULL DEFAULT ''")] {
+            if !columns.iter().any(|c| c == column) {
+                db.execute_batch(&format!("ALTER TABLE api_keys ADD COLUMN {column} {definition}")).map_err(err)?;
+            }
+        }
         Ok(Accounts { path, db })
     }
 
@@ -198,31 +253,47 @@ impl Accounts {
     }
 
     /// Make a key; returns it and its secret (shown once).
-    pub fn create_key(
-        &self,
-        name: &str,
-        scopes: &[Scope],
-        requests_per_minute: Option<u32>,
-    ) -> Result<(ApiKey, String), AccountsError> {
+    pub fn create_key(&self, name: &str, spec: &KeySpec) -> Result<(ApiKey, String), AccountsError> {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes).map_err(|e| AccountsError::Random(e.to_string()))?;
         let secret = format!("berth-{}", hex::encode(bytes));
         let id = format!("key-{}", &hex::encode(digest(&secret))[..12]);
-        let scope_text: Vec<&str> = scopes.iter().map(|s| s.name()).collect();
+        let scope_text: Vec<&str> = spec.scopes.iter().map(|s| s.name()).collect();
         let created = now();
         self.db
             .execute(
-                "INSERT INTO api_keys (id, name, secret_sha256, scopes, requests_per_minute, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, name, digest(&secret), scope_text.join(","), requests_per_minute, created],
+                "INSERT INTO api_keys (id, name, secret_sha256, scopes, requests_per_minute, created, tokens_per_day, models)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    id,
+                    name,
+                    digest(&secret),
+                    scope_text.join(","),
+                    spec.requests_per_minute,
+                    created,
+                    spec.tokens_per_day.map(|t| t.min(i64::MAX as u64) as i64),
+                    spec.models.join(","),
+                ],
             )
             .map_err(self.err())?;
-        let key =
-            ApiKey { id, name: name.to_string(), scopes: scopes.to_vec(), requests_per_minute, created, revoked: None };
+        let key = ApiKey {
+            id,
+            name: name.to_string(),
+            scopes: spec.scopes.clone(),
+            requests_per_minute: spec.requests_per_minute,
+            tokens_per_day: spec.tokens_per_day,
+            models: spec.models.clone(),
+            created,
+            revoked: None,
+        };
         Ok((key, secret))
     }
 
+    const KEY_COLUMNS: &str = "id, name, scopes, requests_per_minute, created, revoked, tokens_per_day, models";
+
     fn row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKey> {
         let scopes: String = row.get(2)?;
+        let models: String = row.get(7)?;
         Ok(ApiKey {
             id: row.get(0)?,
             name: row.get(1)?,
@@ -230,15 +301,15 @@ impl Accounts {
             requests_per_minute: row.get(3)?,
             created: row.get(4)?,
             revoked: row.get(5)?,
+            tokens_per_day: row.get::<_, Option<i64>>(6)?.map(|t| t.max(0) as u64),
+            models: models.split(',').filter(|m| !m.is_empty()).map(str::to_string).collect(),
         })
     }
 
     pub fn list_keys(&self) -> Result<Vec<ApiKey>, AccountsError> {
         let mut q = self
             .db
-            .prepare(
-                "SELECT id, name, scopes, requests_per_minute, created, revoked FROM api_keys ORDER BY created, id",
-            )
+            .prepare(&format!("SELECT {} FROM api_keys ORDER BY created, id", Self::KEY_COLUMNS))
             .map_err(self.err())?;
         let rows = q.query_map([], Self::row).map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
@@ -268,10 +339,10 @@ impl Accounts {
         let wanted = digest(secret);
         let mut q = self
             .db
-            .prepare("SELECT id, name, scopes, requests_per_minute, created, revoked, secret_sha256 FROM api_keys WHERE revoked IS NULL")
+            .prepare(&format!("SELECT {}, secret_sha256 FROM api_keys WHERE revoked IS NULL", Self::KEY_COLUMNS))
             .map_err(self.err())?;
         let rows = q
-            .query_map([], |r| Ok((Self::row(r)?, r.get::<_, Vec<u8>>(6)?)))
+            .query_map([], |r| Ok((Self::row(r)?, r.get::<_, Vec<u8>>(8)?)))
             .map_err(self.err())?
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.err())?;
@@ -306,10 +377,49 @@ impl Accounts {
         Ok(())
     }
 
+    /// If the key has used `limit` tokens or more within the last `window`, how long until enough of
+    /// them fall out of the window for it to be under the limit again.
+    pub fn token_quota_wait(
+        &self,
+        key_id: &str,
+        limit: u64,
+        window: std::time::Duration,
+    ) -> Result<Option<std::time::Duration>, AccountsError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let window_ms = window.as_millis().min(i64::MAX as u128) as i64;
+        let mut q = self
+            .db
+            .prepare_cached(
+                "SELECT at_ms, prompt_tokens + completion_tokens FROM requests
+                 WHERE key_id = ?1 AND at_ms > ?2 ORDER BY at_ms",
+            )
+            .map_err(self.err())?;
+        let rows: Vec<(i64, i64)> = q
+            .query_map(params![key_id, now_ms.saturating_sub(window_ms)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?
+            .collect::<Result<_, _>>()
+            .map_err(self.err())?;
+        let used: u64 = rows.iter().map(|&(_, t)| t.max(0) as u64).sum();
+        if used < limit {
+            return Ok(None);
+        }
+        // The oldest records leave the window first: find the one whose leaving brings the total
+        // under the limit.
+        let mut left = used;
+        for &(at_ms, tokens) in &rows {
+            left -= tokens.max(0) as u64;
+            if left < limit {
+                let wait_ms = (at_ms + window_ms - now_ms).max(0) as u64;
+                return Ok(Some(std::time::Duration::from_millis(wait_ms)));
+            }
+        }
+        Ok(Some(window))
+    }
+
     /// Requests from `since` (Unix seconds) on, grouped by key or by model.
     pub fn usage(&self, since: i64, by: GroupBy) -> Result<Vec<UsageRow>, AccountsError> {
         let (group, name) = match by {
-            GroupBy::Key => ("r.key_id", "COALESCE(k.name, '')"),
+            GroupBy::Key => ("r.key_id", "COALESCE(k.name, CASE WHEN r.key_id = '-' THEN '(no key)' ELSE '' END)"),
             GroupBy::Model => ("r.model", "''"),
         };
         let sql = format!(
@@ -358,7 +468,8 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         let accounts = Accounts::open(home.path()).unwrap();
         assert!(!accounts.any_active().unwrap());
-        let (key, secret) = accounts.create_key("ci", &[Scope::Inference], Some(10)).unwrap();
+        let spec = KeySpec { scopes: vec![Scope::Inference], requests_per_minute: Some(10), ..KeySpec::default() };
+        let (key, secret) = accounts.create_key("ci", &spec).unwrap();
         assert!(secret.starts_with("berth-") && secret.len() == 70);
         assert!(accounts.any_active().unwrap());
         let found = accounts.authenticate(&secret).unwrap().expect("the key");
@@ -392,5 +503,55 @@ mod tests {
         // The database is durable: a second handle sees the same.
         let again = Accounts::open(home.path()).unwrap();
         assert_eq!(again.usage(0, GroupBy::Key).unwrap()[0].requests, 3);
+    }
+
+    #[test]
+    fn token_quotas_count_a_rolling_window_and_say_when_they_recover() {
+        let home = tempfile::tempdir().unwrap();
+        let accounts = Accounts::open(home.path()).unwrap();
+        let spec = KeySpec {
+            scopes: vec![Scope::Inference],
+            tokens_per_day: Some(100),
+            models: vec![model_pattern("smollm2").unwrap(), model_pattern("team/*").unwrap()],
+            ..KeySpec::default()
+        };
+        let (key, _) = accounts.create_key("metered", &spec).unwrap();
+        let listed = &accounts.list_keys().unwrap()[0];
+        assert_eq!(listed.tokens_per_day, Some(100));
+        assert_eq!(listed.models, ["ai/smollm2:latest", "team/*"]);
+        assert!(listed.may_use("ai/smollm2:latest") && listed.may_use("team/any:v2"));
+        assert!(!listed.may_use("ai/smollm2:v2") && !listed.may_use("ai/other:latest"));
+        assert!(model_pattern("Bad Name").is_err() && model_pattern("a b*").is_err());
+
+        let day = std::time::Duration::from_secs(86_400);
+        let spend = |prompt, completion| {
+            let r = Record { prompt_tokens: prompt, completion_tokens: completion, ..Record::rejected(&key.id, "m") };
+            accounts.record(&Record { outcome: Outcome::Completed, ..r }).unwrap();
+        };
+        spend(30, 30);
+        assert_eq!(accounts.token_quota_wait(&key.id, 100, day).unwrap(), None, "60 of 100");
+        spend(20, 30);
+        let wait = accounts.token_quota_wait(&key.id, 100, day).unwrap().expect("110 of 100");
+        // The first record's 60 tokens leave the window in a day, which brings it to 50.
+        assert!(wait > day - std::time::Duration::from_secs(60) && wait <= day, "{wait:?}");
+        // Other keys and a short window are not affected.
+        assert_eq!(accounts.token_quota_wait("key-other", 100, day).unwrap(), None);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let short = std::time::Duration::from_millis(20);
+        assert_eq!(accounts.token_quota_wait(&key.id, 100, short).unwrap(), None, "all of it left the window");
+
+        // A database from before the quota columns gains them.
+        let old = tempfile::tempdir().unwrap();
+        let db = Connection::open(old.path().join("berth.db")).unwrap();
+        db.execute_batch(
+            "CREATE TABLE api_keys (id TEXT PRIMARY KEY, name TEXT NOT NULL, secret_sha256 BLOB NOT NULL UNIQUE,
+             scopes TEXT NOT NULL, requests_per_minute INTEGER, created INTEGER NOT NULL, revoked INTEGER);
+             INSERT INTO api_keys VALUES ('key-1', 'old', x'00', 'inference', NULL, 0, NULL);",
+        )
+        .unwrap();
+        drop(db);
+        let upgraded = Accounts::open(old.path()).unwrap();
+        let keys = upgraded.list_keys().unwrap();
+        assert_eq!((keys[0].name.as_str(), keys[0].tokens_per_day, keys[0].models.len()), ("old", None, 0));
     }
 }

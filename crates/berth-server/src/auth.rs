@@ -1,7 +1,8 @@
 //! API keys on every request once any key exists: `Authorization: Bearer <secret>`, the scope the
-//! endpoint needs, and the key's requests-per-minute quota. Health and readiness stay open (probes
-//! carry no keys). The caller's key rides along in a task-local, so that a generation can charge its
-//! usage to it when it ends.
+//! endpoint needs, and the key's requests-per-minute and tokens-per-day quotas. Health and readiness
+//! stay open (probes carry no keys). The caller rides along in a task-local, so that a model can be
+//! refused to a key that may not use it, and a request can charge its usage when it ends (to no key
+//! on a server without keys).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -12,20 +13,46 @@ use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::accounts::{Accounts, ApiKey, Record, Scope};
+use crate::accounts::{Accounts, ApiKey, NO_KEY, Record, Scope};
 use crate::error::ApiError;
 
 pub struct Auth {
     accounts: Mutex<Accounts>,
     /// Each key's request times within the last minute, for its quota.
     recent: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// The window of `tokens_per_day` quotas: a day, shorter only in tests.
+    token_window: Duration,
 }
 
-/// Who is asking, for usage accounting.
+/// Who is asking: the key (none on a server without keys), and where its usage goes.
 #[derive(Clone)]
 pub struct Caller {
-    pub key: ApiKey,
+    pub key: Option<ApiKey>,
     pub auth: Arc<Auth>,
+}
+
+impl Caller {
+    /// The key id usage is recorded under.
+    pub fn key_id(&self) -> &str {
+        self.key.as_ref().map_or(NO_KEY, |k| &k.id)
+    }
+
+    /// Record an ended request (logged, not fatal, if the database refuses).
+    pub fn record(&self, record: &Record<'_>) {
+        self.auth.record(record)
+    }
+
+    /// Refuse a model the key may not use (403, naming the ones it may).
+    pub fn check_model(&self, familiar: &str) -> Result<(), ApiError> {
+        match &self.key {
+            Some(key) if !key.may_use(familiar) => Err(ApiError::forbidden_model(format!(
+                "the key `{}` may not use `{familiar}`; it may use {}",
+                key.name,
+                key.models.join(", ")
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 tokio::task_local! {
@@ -38,8 +65,9 @@ pub fn caller() -> Option<Caller> {
 }
 
 impl Auth {
-    pub fn new(accounts: Accounts) -> Self {
-        Self { accounts: Mutex::new(accounts), recent: Mutex::new(HashMap::new()) }
+    /// `token_window` is the span of `tokens_per_day` quotas (a day, but for tests).
+    pub fn new(accounts: Accounts, token_window: Duration) -> Self {
+        Self { accounts: Mutex::new(accounts), recent: Mutex::new(HashMap::new()), token_window }
     }
 
     fn accounts(&self) -> std::sync::MutexGuard<'_, Accounts> {
@@ -57,6 +85,16 @@ impl Auth {
         }
     }
 
+    /// Seconds until the key's tokens in the window are under its daily quota again, if they are not.
+    fn over_token_quota(&self, key: &ApiKey) -> Result<Option<u64>, ApiError> {
+        let Some(limit) = key.tokens_per_day else { return Ok(None) };
+        let wait = self
+            .accounts()
+            .token_quota_wait(&key.id, limit, self.token_window)
+            .map_err(|e| ApiError::internal(format!("cannot check the key's quota: {e}")))?;
+        Ok(wait.map(|w| w.as_secs_f64().ceil().max(1.0) as u64))
+    }
+
     /// Seconds until the key may send again, if its quota is used up; else counts this request.
     fn over_quota(&self, key: &ApiKey) -> Option<u64> {
         let limit = key.requests_per_minute? as usize;
@@ -69,7 +107,8 @@ impl Auth {
         if times.len() >= limit {
             let oldest = times.front().copied().unwrap_or(now);
             let wait = Duration::from_secs(60).saturating_sub(now.duration_since(oldest));
-            return Some(wait.as_secs().max(1));
+            // Rounded up: a client that waits exactly this long is served.
+            return Some((wait.as_secs_f64().ceil() as u64).max(1));
         }
         times.push_back(now);
         None
@@ -88,7 +127,8 @@ fn scope_for(path: &str) -> Scope {
 pub async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
     if matches!(path, "/health" | "/ready" | "/") || !auth.any_active() {
-        return CALLER.scope(None, next.run(request)).await;
+        let caller = Caller { key: None, auth: auth.clone() };
+        return CALLER.scope(Some(caller), next.run(request)).await;
     }
     let secret = request
         .headers()
@@ -116,6 +156,23 @@ pub async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Ne
         ))
         .into_response();
     }
+    match auth.over_token_quota(&key) {
+        Ok(None) => {}
+        Ok(Some(seconds)) => {
+            auth.record(&Record::rejected(&key.id, "-"));
+            return ApiError::overloaded(
+                format!(
+                    "the key `{}` has used its {} tokens for the day; retry in {seconds} s",
+                    key.name,
+                    key.tokens_per_day.unwrap_or(0)
+                ),
+                seconds,
+            )
+            .with_code("insufficient_quota")
+            .into_response();
+        }
+        Err(e) => return e.into_response(),
+    }
     if let Some(seconds) = auth.over_quota(&key) {
         auth.record(&Record::rejected(&key.id, "-"));
         return ApiError::overloaded(
@@ -129,6 +186,6 @@ pub async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Ne
         .with_code("rate_limit_exceeded")
         .into_response();
     }
-    let caller = Caller { key, auth: auth.clone() };
+    let caller = Caller { key: Some(key), auth: auth.clone() };
     CALLER.scope(Some(caller), next.run(request)).await
 }

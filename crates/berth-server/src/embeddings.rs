@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::AppState;
+use crate::accounts::{Outcome, Record};
 use crate::error::ApiError;
 use crate::models::EmbeddingModel;
 use crate::request::JsonBody;
@@ -59,8 +60,31 @@ fn items(input: Input) -> Result<Vec<Item>, ApiError> {
     Ok(items)
 }
 
-/// Embed every item on a blocking thread; returns the vectors and the tokens they took.
+/// Embed every item on a blocking thread; returns the vectors and the tokens they took. The request
+/// is recorded in usage as it ends.
 async fn embed_all(model: Arc<EmbeddingModel>, items: Vec<Item>) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let started = Instant::now();
+    let name = model.name.clone();
+    let result = embed_on_worker(model, items).await;
+    if let Some(caller) = crate::auth::caller() {
+        let (outcome, tokens) = match &result {
+            Ok((_, tokens)) => (Outcome::Completed, *tokens as u64),
+            Err(_) => (Outcome::Failed, 0),
+        };
+        caller.record(&Record {
+            key_id: caller.key_id(),
+            model: &name,
+            outcome,
+            prompt_tokens: tokens,
+            completion_tokens: 0,
+            duration: started.elapsed(),
+            time_to_first_token: None,
+        });
+    }
+    result
+}
+
+async fn embed_on_worker(model: Arc<EmbeddingModel>, items: Vec<Item>) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::with_capacity(items.len());
         let mut tokens = 0;

@@ -101,6 +101,11 @@ impl ApiError {
         Self { code: Some("insufficient_scope"), ..Self::forbidden(message) }
     }
 
+    /// A key kept to other models (`berth keys create --models`).
+    pub fn forbidden_model(message: impl Into<String>) -> Self {
+        Self { code: Some("model_not_allowed"), ..Self::forbidden(message) }
+    }
+
     pub fn with_code(self, code: &'static str) -> Self {
         Self { code: Some(code), ..self }
     }

@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub allow_insecure_public: bool,
     /// After SIGTERM or SIGINT, how long requests in flight may take to finish.
     pub drain_timeout: std::time::Duration,
+    /// The window of keys' `tokens_per_day` quotas: a day (shorter only to test that quotas recover).
+    pub token_quota_window: std::time::Duration,
 }
 
 /// How each model shares itself among concurrent requests.
@@ -106,6 +108,7 @@ impl Default for ServerConfig {
             allowed_hosts: Vec::new(),
             allow_insecure_public: false,
             drain_timeout: std::time::Duration::from_secs(30),
+            token_quota_window: std::time::Duration::from_secs(86_400),
         }
     }
 }
@@ -250,7 +253,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         )),
         ready: Arc::new(AtomicBool::new(false)),
         draining: Arc::new(AtomicBool::new(false)),
-        auth: Arc::new(auth::Auth::new(accounts)),
+        auth: Arc::new(auth::Auth::new(accounts, config.token_quota_window)),
     };
     let app = router(state.clone(), &config);
     let local: SocketAddr = listener.local_addr().map_err(ServerError::Serve)?;

@@ -368,21 +368,28 @@ impl ModelManager {
         Ok(())
     }
 
-    /// Names of the models in the store, as clients write them.
+    /// Names of the models in the store the caller may use, as clients write them.
     pub fn available(&self) -> Vec<String> {
-        self.store()
-            .and_then(|s| s.list().map_err(|e| ApiError::internal(e.to_string())))
-            .map(|l| l.into_iter().map(|m| m.reference).collect())
-            .unwrap_or_default()
+        self.list().map(|l| l.into_iter().map(|m| m.reference).collect()).unwrap_or_default()
     }
 
-    /// The models in the store with their details.
+    /// The models in the store the caller may use, with their details.
     pub fn list(&self) -> Result<Vec<berth_store::ModelSummary>, ApiError> {
-        self.store()?.list().map_err(|e| ApiError::internal(e.to_string()))
+        let mut models = self.store()?.list().map_err(|e| ApiError::internal(e.to_string()))?;
+        if let Some(caller) = crate::auth::caller() {
+            models.retain(|m| caller.check_model(&m.reference).is_ok());
+        }
+        Ok(models)
+    }
+
+    /// Refuse a model the caller's key may not use.
+    fn check_caller_may_use(reference: &Reference) -> Result<(), ApiError> {
+        crate::auth::caller().map_or(Ok(()), |c| c.check_model(&reference.familiar()))
     }
 
     pub fn details(&self, model: &str) -> Result<berth_store::ModelDetails, ApiError> {
         let reference = Reference::parse(model).map_err(|_| ApiError::model_not_found(model, &self.available()))?;
+        Self::check_caller_may_use(&reference)?;
         self.store()?.inspect(&reference).map_err(|_| ApiError::model_not_found(model, &self.available()))
     }
 
@@ -430,6 +437,7 @@ impl ModelManager {
     /// The loaded model, loading it first if needed.
     async fn load(&self, model: &str, keep_alive: Option<KeepAlive>) -> Result<Loaded, ApiError> {
         let reference = Reference::parse(model).map_err(|_| ApiError::model_not_found(model, &self.available()))?;
+        Self::check_caller_may_use(&reference)?;
         let key = reference.to_string();
         let cell = {
             let mut map = self.loaded.lock().await;

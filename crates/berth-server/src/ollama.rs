@@ -107,10 +107,10 @@ async fn unload_if_asked(state: &AppState, model: &str, keep: &Option<Value>, ch
         Ok(_) => {}
     }
     // Unloading is management: with API keys in use it needs the admin scope.
-    if let Some(c) = crate::auth::caller()
-        && !c.key.allows(crate::accounts::Scope::Admin)
+    if let Some(key) = crate::auth::caller().and_then(|c| c.key)
+        && !key.allows(crate::accounts::Scope::Admin)
     {
-        let message = format!("the key `{}` lacks the `admin` scope that unloading a model needs", c.key.name);
+        let message = format!("the key `{}` lacks the `admin` scope that unloading a model needs", key.name);
         return Some(ApiError::forbidden_scope(message).into_response());
     }
     let reference = match berth_store::Reference::parse(model) {

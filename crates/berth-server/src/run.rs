@@ -53,7 +53,7 @@ pub struct Generation {
     last_token: Option<Instant>,
     /// Keeps the model from being unloaded as idle while the request lives.
     _hold: Hold,
-    /// The API key to charge, if keys are in use.
+    /// Who to charge (the key, or none on a server without keys).
     caller: Option<Caller>,
     prompt_tokens: usize,
     tokens: usize,
@@ -73,7 +73,7 @@ impl Drop for Generation {
 
 impl Generation {
     /// Log the generation's end with its request id, model, tokens and timings, and record it
-    /// against the caller's key, if keys are in use.
+    /// against the caller's key (or none).
     fn charge(&self, outcome: Outcome, prompt_tokens: usize, completion_tokens: usize) {
         let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
         tracing::info!(
@@ -87,8 +87,8 @@ impl Generation {
             "generation"
         );
         if let Some(c) = &self.caller {
-            c.auth.record(&Record {
-                key_id: &c.key.id,
+            c.record(&Record {
+                key_id: c.key_id(),
                 model: &self.model.name,
                 outcome,
                 prompt_tokens: prompt_tokens as u64,
@@ -107,7 +107,7 @@ pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generat
     let caller = crate::auth::caller();
     if let Err(e) = model.runner.submit(req, Box::new(ChannelSink(tx))) {
         if let Some(c) = &caller {
-            c.auth.record(&Record::rejected(&c.key.id, &model.name));
+            c.record(&Record::rejected(c.key_id(), &model.name));
         }
         return Err(model.error(e));
     }

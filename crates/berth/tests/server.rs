@@ -552,11 +552,15 @@ fn a_real_prometheus_scrapes_the_metrics() {
 /// its end, and the process exits cleanly.
 #[test]
 fn sigterm_drains_the_requests_in_flight() {
-    let mut server = Server::start();
+    // A drain timeout no loaded test machine reaches: every stream must end on its own.
+    let mut server = Server::start_with(&["--drain-timeout", "120"]);
     let port = server.port;
     let body = r#"{"model":"smollm2","prompt":"Once upon a time","max_tokens":60,"temperature":0,"ignore_eos":true,"stream":true,"stream_options":{"include_usage":true}}"#;
-    let mut s = send_completion(port, body);
-    let mut seen = read_events(&mut s, 2);
+    // 16 streams, each under way before the signal.
+    let mut streams: Vec<(TcpStream, Vec<u8>)> = (0..16).map(|_| (send_completion(port, body), Vec::new())).collect();
+    for (s, seen) in &mut streams {
+        *seen = read_events(s, 1);
+    }
     // SAFETY: sending a signal to the child process this test started.
     assert_eq!(unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) }, 0);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -567,10 +571,13 @@ fn sigterm_drains_the_requests_in_flight() {
     let (status, text) = server.post("/v1/completions", r#"{"model":"smollm2","prompt":"Hi","max_tokens":2}"#);
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("shutting down"), "{text}");
-    read_rest(&mut s, &mut seen);
-    let text = String::from_utf8_lossy(&seen);
-    assert!(text.contains("data: [DONE]"), "the answer in flight was cut: {text}");
-    assert!(text.contains(r#""completion_tokens":60"#), "{text}");
+    for (s, seen) in &mut streams {
+        read_rest(s, seen);
+        let text = String::from_utf8_lossy(seen);
+        let last = text.lines().rfind(|l| l.starts_with("data:")).unwrap_or_default();
+        assert_eq!(last, "data: [DONE]", "a stream did not finish: {text}");
+        assert!(text.contains(r#""completion_tokens":60"#), "{text}");
+    }
     let status = server.wait_for_exit();
     assert!(status.success(), "exit status {status}; log:\n{}", server.log());
     assert!(server.log().contains("stopping"), "{}", server.log());
@@ -903,4 +910,149 @@ fn a_model_keeps_its_own_limits() {
     }
     assert_eq!(most_running, 1, "never more than one running");
     assert!(most_waiting >= 1, "the others waited");
+}
+
+/// Quotas: a key past its requests per minute, or past its tokens for the day, gets 429 with the
+/// reason and Retry-After, and is served again once that time has passed. A key kept to some models
+/// sees only those and is refused the others.
+#[test]
+fn quotas_refuse_with_retry_after_and_recover() {
+    let server = Server::start_with(&["--token-quota-window", "20"]);
+    let make = |args: &[&str]| server.berth.ok(&[&["keys", "create"][..], args].concat()).trim().to_string();
+    let paced = make(&["--name", "paced", "--rpm", "2"]);
+    let metered = make(&["--name", "metered", "--tokens-per-day", "20", "--models", "smollm2"]);
+    let listed = server.berth.ok(&["keys", "list"]);
+    assert!(listed.contains("ai/smollm2:latest") && listed.contains(" 20 "), "{listed}");
+    let call = |key: &str, method: &str, path: &str, body: &str| {
+        let auth = format!("Bearer {key}");
+        let headers = [("Content-Type", "application/json"), ("Authorization", auth.as_str())];
+        let (status, raw) = http_request(server.port, method, path, &headers, body.as_bytes()).expect("request");
+        (status, String::from_utf8_lossy(&raw).to_string())
+    };
+    let retry_after = |text: &str| -> u64 {
+        let line = text.lines().find(|l| l.to_ascii_lowercase().starts_with("retry-after:")).expect("Retry-After");
+        line.split(':').nth(1).unwrap().trim().parse().unwrap()
+    };
+
+    // Requests per minute: the third within the minute is refused.
+    assert_eq!(call(&paced, "GET", "/v1/models", "").0, 200);
+    assert_eq!(call(&paced, "GET", "/v1/models", "").0, 200);
+    let (status, text) = call(&paced, "GET", "/v1/models", "");
+    let refused_at = Instant::now();
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("rate_limit_exceeded") && text.contains("2 requests per minute"), "{text}");
+    let paced_wait = retry_after(&text);
+    assert!((1..=60).contains(&paced_wait), "{text}");
+
+    // The metered key sees only SmolLM2, and is refused the embedding model.
+    let (status, text) = call(&metered, "GET", "/v1/models", "");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("ai/smollm2:latest") && !text.contains("minilm"), "{text}");
+    let (status, text) = call(&metered, "POST", "/v1/embeddings", r#"{"model":"minilm","input":"hi"}"#);
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("model_not_allowed") && text.contains("ai/smollm2:latest"), "{text}");
+
+    // Tokens per day: one answer of 30 tokens uses up 20, so the next request is refused until the
+    // answer leaves the window.
+    let completion = r#"{"model":"smollm2","prompt":"Hello","max_tokens":30,"temperature":0,"ignore_eos":true}"#;
+    let (status, text) = call(&metered, "POST", "/v1/completions", completion);
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = call(&metered, "POST", "/v1/completions", completion);
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("insufficient_quota") && text.contains("20 tokens for the day"), "{text}");
+    let metered_wait = retry_after(&text);
+    assert!((1..=20).contains(&metered_wait), "{text}");
+    let (status, text) = call(&paced, "GET", "/v1/models", "");
+    assert_eq!(status, 429, "{text}");
+
+    std::thread::sleep(Duration::from_secs(metered_wait) + Duration::from_millis(200));
+    let (status, text) = call(&metered, "POST", "/v1/completions", completion);
+    assert_eq!(status, 200, "the token quota recovered after its window: {text}");
+
+    std::thread::sleep((refused_at + Duration::from_secs(paced_wait) + Duration::from_millis(200)) - Instant::now());
+    assert_eq!(call(&paced, "GET", "/v1/models", "").0, 200, "the rate limit recovered after its minute");
+
+    let usage = server.berth.json(&["usage", "--json"]);
+    let row = |name: &str| usage.as_array().unwrap().iter().find(|r| r["name"] == name).cloned().unwrap();
+    let metered = row("metered");
+    assert_eq!((metered["completed"].as_u64(), metered["rejected"].as_u64()), (Some(2), Some(1)), "{usage}");
+    assert_eq!(metered["completion_tokens"], 60, "{usage}");
+    assert_eq!(row("paced")["rejected"], 2, "{usage}");
+}
+
+/// Without API keys every request is still recorded, embeddings included, under "(no key)".
+#[test]
+fn usage_counts_requests_without_keys_and_embeddings() {
+    let server = Server::start();
+    let (status, text) =
+        server.post("/v1/completions", r#"{"model":"smollm2","prompt":"Hi","max_tokens":5,"ignore_eos":true}"#);
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = server.post("/v1/embeddings", r#"{"model":"minilm","input":["one","two words"]}"#);
+    assert_eq!(status, 200, "{text}");
+    let embedded: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let by_model = server.berth.json(&["usage", "--by", "model", "--json"]);
+    let row = |name: &str| by_model.as_array().unwrap().iter().find(|r| r["group"] == name).cloned().unwrap();
+    let minilm = row("ai/minilm:latest");
+    assert_eq!(minilm["completed"], 1, "{by_model}");
+    assert_eq!(minilm["prompt_tokens"], embedded["usage"]["prompt_tokens"], "{by_model}");
+    assert_eq!(row("ai/smollm2:latest")["completion_tokens"], 5, "{by_model}");
+    let by_key = server.berth.ok(&["usage"]);
+    assert!(by_key.contains("(no key)"), "{by_key}");
+}
+
+/// kill -9 in the middle of a load loses no usage record of an answer a client received: each is
+/// committed before its response goes out.
+#[test]
+fn usage_survives_kill_9_under_load() {
+    let mut server = Server::start();
+    let key = server.berth.ok(&["keys", "create", "--name", "load"]).trim().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered_so_far = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let port = server.port;
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            let (stop, key, answered_so_far) = (stop.clone(), key.clone(), answered_so_far.clone());
+            std::thread::spawn(move || {
+                let (mut answered, mut sent) = (0u64, 0u64);
+                let auth = format!("Bearer {key}");
+                let headers = [("Content-Type", "application/json"), ("Authorization", auth.as_str())];
+                let body =
+                    format!(r#"{{"model":"smollm2","prompt":"Client {i} says","max_tokens":4,"ignore_eos":true}}"#);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    sent += 1;
+                    match http_request(port, "POST", "/v1/completions", &headers, body.as_bytes()) {
+                        Ok((200, raw)) if body_of(&raw).contains("\"usage\"") => {
+                            answered += 1;
+                            answered_so_far.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                (answered, sent)
+            })
+        })
+        .collect();
+    // Let the load run until a good number of answers are in, then kill the server outright.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while answered_so_far.load(std::sync::atomic::Ordering::SeqCst) < 12 {
+        assert!(Instant::now() < deadline, "the load did not get going; log:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.child.kill().expect("kill -9");
+    server.child.wait().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut answered, mut sent) = (0, 0);
+    for c in clients {
+        let (a, s) = c.join().unwrap();
+        answered += a;
+        sent += s;
+    }
+    let usage = server.berth.json(&["usage", "--json"]);
+    let row = usage.as_array().unwrap().iter().find(|r| r["name"] == "load").cloned().expect("the key's usage");
+    let completed = row["completed"].as_u64().unwrap();
+    assert!(answered >= 12, "{answered} answers");
+    assert!(completed >= answered, "{completed} recorded, but the clients received {answered}: {usage}");
+    assert!(row["requests"].as_u64().unwrap() <= sent, "more records than requests: {usage}");
+    assert_eq!(row["completion_tokens"].as_u64(), Some(completed * 4), "{usage}");
 }

@@ -2,7 +2,7 @@
 //! written to the accounts database in berth's home (the server picks changes up at once).
 
 use anyhow::Context as _;
-use berth_server::accounts::{Accounts, GroupBy, Scope};
+use berth_server::accounts::{Accounts, GroupBy, KeySpec, Scope, model_pattern};
 
 use super::Context;
 
@@ -20,6 +20,16 @@ pub enum KeyCommand {
         /// Requests per minute the key may send (default: no limit); more get 429 with Retry-After.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         rpm: Option<u32>,
+        /// Prompt and completion tokens the key may use in a rolling day (default: no limit); once
+        /// used up, requests get 429 with Retry-After. A request running when the quota runs out
+        /// finishes.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        tokens_per_day: Option<u64>,
+        /// The models the key may use, comma-separated names or prefixes ending in `*`
+        /// (`ai/smollm2,team/*`); default: every model. Others are hidden from it and refused
+        /// with 403.
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
     },
     /// List the keys (never their secrets).
     List,
@@ -54,23 +64,34 @@ fn day(t: i64) -> String {
 pub fn key(ctx: &Context, command: KeyCommand) -> anyhow::Result<()> {
     let accounts = accounts(ctx)?;
     match command {
-        KeyCommand::Create { name, scopes, rpm } => {
+        KeyCommand::Create { name, scopes, rpm, tokens_per_day, models } => {
             let scopes = if scopes.is_empty() { vec!["inference".to_string()] } else { scopes };
-            let scopes = scopes.iter().map(|s| Scope::parse(s)).collect::<Result<Vec<_>, _>>()?;
-            let (key, secret) = accounts.create_key(&name, &scopes, rpm)?;
+            let spec = KeySpec {
+                scopes: scopes.iter().map(|s| Scope::parse(s)).collect::<Result<Vec<_>, _>>()?,
+                requests_per_minute: rpm,
+                tokens_per_day,
+                models: models.iter().map(|m| model_pattern(m)).collect::<Result<Vec<_>, _>>()?,
+            };
+            let (key, secret) = accounts.create_key(&name, &spec)?;
             println!("{secret}");
             eprintln!("Created {} ({name}). The secret above is shown only now: keep it somewhere safe.", key.id);
         }
         KeyCommand::List => {
-            println!("{:<18} {:<20} {:<26} {:>8} {:<17} REVOKED", "ID", "NAME", "SCOPES", "RPM", "CREATED");
+            println!(
+                "{:<18} {:<20} {:<26} {:>8} {:>12} {:<24} {:<17} REVOKED",
+                "ID", "NAME", "SCOPES", "RPM", "TOKENS/DAY", "MODELS", "CREATED"
+            );
+            let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
             for k in accounts.list_keys()? {
                 let scopes: Vec<&str> = k.scopes.iter().map(|s| s.name()).collect();
                 println!(
-                    "{:<18} {:<20} {:<26} {:>8} {:<17} {}",
+                    "{:<18} {:<20} {:<26} {:>8} {:>12} {:<24} {:<17} {}",
                     k.id,
                     k.name,
                     scopes.join(","),
-                    k.requests_per_minute.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                    or_dash(k.requests_per_minute.map(|r| r.to_string())),
+                    or_dash(k.tokens_per_day.map(|t| t.to_string())),
+                    if k.models.is_empty() { "all".to_string() } else { k.models.join(",") },
                     day(k.created),
                     k.revoked.map(day).unwrap_or_else(|| "-".into())
                 );

@@ -73,6 +73,10 @@ pub struct Args {
     /// On SIGTERM or Ctrl-C, seconds the requests in flight may take to finish before berth exits.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Seconds in a "day" of `--tokens-per-day` quotas. Hidden: only tests shorten it, to see a
+    /// quota recover without waiting a day.
+    #[arg(long, default_value_t = 86_400, hide = true, value_parser = clap::value_parser!(u64).range(1..))]
+    token_quota_window: u64,
 }
 
 fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
@@ -165,6 +169,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         allowed_hosts: args.allowed_hosts,
         allow_insecure_public: args.allow_insecure_public,
         drain_timeout: Duration::from_secs(args.drain_timeout),
+        token_quota_window: Duration::from_secs(args.token_quota_window),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(berth_server::serve(config))?;
