@@ -125,7 +125,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Outcome::Completed => "completed",
             Outcome::Aborted => "aborted",

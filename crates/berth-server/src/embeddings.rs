@@ -71,6 +71,10 @@ async fn embed_all(model: Arc<EmbeddingModel>, items: Vec<Item>) -> Result<(Vec<
             Ok((_, tokens)) => (Outcome::Completed, *tokens as u64),
             Err(_) => (Outcome::Failed, 0),
         };
+        let span = tracing::Span::current();
+        span.record("model", name.as_str());
+        span.record("outcome", outcome.name());
+        span.record("prompt_tokens", tokens);
         caller.record(&Record {
             key_id: caller.key_id(),
             model: &name,

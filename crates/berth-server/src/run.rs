@@ -59,6 +59,8 @@ pub struct Generation {
     tokens: usize,
     first_token: Option<Instant>,
     request_id: String,
+    /// The request's span, kept open until the answer ends, and given its figures then.
+    span: tracing::Span,
 }
 
 impl Drop for Generation {
@@ -76,13 +78,21 @@ impl Generation {
     /// against the caller's key (or none).
     fn charge(&self, outcome: Outcome, prompt_tokens: usize, completion_tokens: usize) {
         let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        let ttft_ms = self.first_token.map(|t| ms(t.duration_since(self.started)));
+        self.span.record("model", self.model.name.as_str());
+        self.span.record("outcome", outcome.name());
+        self.span.record("prompt_tokens", prompt_tokens);
+        self.span.record("completion_tokens", completion_tokens);
+        if let Some(ttft) = ttft_ms {
+            self.span.record("ttft_ms", ttft);
+        }
         tracing::info!(
             request_id = %self.request_id,
             model = %self.model.name,
             outcome = ?outcome,
             prompt_tokens,
             completion_tokens,
-            ttft_ms = self.first_token.map(|t| ms(t.duration_since(self.started))),
+            ttft_ms,
             duration_ms = ms(self.started.elapsed()),
             "generation"
         );
@@ -124,6 +134,7 @@ pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generat
         tokens: 0,
         first_token: None,
         request_id: crate::request_log::current().unwrap_or_default(),
+        span: tracing::Span::current(),
     })
 }
 

@@ -3,6 +3,7 @@
 mod commands;
 mod progress;
 mod table;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1056,3 +1056,135 @@ fn usage_survives_kill_9_under_load() {
     assert!(row["requests"].as_u64().unwrap() <= sent, "more records than requests: {usage}");
     assert_eq!(row["completion_tokens"].as_u64(), Some(completed * 4), "{usage}");
 }
+
+/// Collects what an OpenTelemetry collector would be sent: each POST's path, content type and body.
+struct OtlpReceiver {
+    port: u16,
+    posts: std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>,
+}
+
+impl OtlpReceiver {
+    fn start() -> OtlpReceiver {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let posts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = posts.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let sink = sink.clone();
+                std::thread::spawn(move || Self::serve(conn, &sink));
+            }
+        });
+        OtlpReceiver { port, posts }
+    }
+
+    /// Answer every request on a kept-alive connection with 200.
+    fn serve(mut conn: TcpStream, sink: &std::sync::Mutex<Vec<(String, String, String)>>) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let header = |name: &str| {
+                head.lines()
+                    .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)))
+                    .map(|(_, v)| v.trim().to_string())
+                    .unwrap_or_default()
+            };
+            let length: usize = header("content-length").parse().unwrap_or(0);
+            while buf.len() < end + 4 + length {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).to_string();
+            let path = head.split_whitespace().nth(1).unwrap_or_default().to_string();
+            sink.lock().unwrap().push((path, header("content-type"), body));
+            buf.drain(..end + 4 + length);
+            if conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Every span received so far, with its resource.
+    fn spans(&self) -> Vec<(serde_json::Value, serde_json::Value)> {
+        let posts = self.posts.lock().unwrap();
+        let mut out = Vec::new();
+        for (path, content_type, body) in posts.iter() {
+            assert_eq!((path.as_str(), content_type.as_str()), ("/v1/traces", "application/json"));
+            let v: serde_json::Value = serde_json::from_str(body).expect("OTLP JSON");
+            for rs in v["resourceSpans"].as_array().expect("resourceSpans") {
+                for ss in rs["scopeSpans"].as_array().expect("scopeSpans") {
+                    for span in ss["spans"].as_array().expect("spans") {
+                        out.push((rs["resource"].clone(), span.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn attribute(span: &serde_json::Value, key: &str) -> serde_json::Value {
+    let attrs = span["attributes"].as_array().cloned().unwrap_or_default();
+    attrs.into_iter().find(|a| a["key"] == key).map(|a| a["value"].clone()).unwrap_or_default()
+}
+
+/// `--otlp-endpoint`: every request's span reaches the collector with its id, model, tokens,
+/// status and timings, in the caller's trace when it sent a `traceparent`.
+#[test]
+fn request_spans_go_to_an_otlp_collector() {
+    let collector = OtlpReceiver::start();
+    let endpoint = format!("http://127.0.0.1:{}", collector.port);
+    let server = Server::start_with(&["--otlp-endpoint", &endpoint]);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let body = br#"{"model":"smollm2","prompt":"Hi","max_tokens":5,"ignore_eos":true,"stream":true}"#;
+    let headers = [("Content-Type", "application/json"), ("x-request-id", "span-1"), ("traceparent", &traceparent)];
+    let (status, raw) = http_request(server.port, "POST", "/v1/completions", &headers, body).unwrap();
+    assert_eq!(status, 200, "{}", body_of(&raw));
+    let (status, _) = http_request(server.port, "GET", "/v1/models", &[("x-request-id", "span-2")], b"").unwrap();
+    assert_eq!(status, 200);
+
+    let find = |id: &str| collector.spans().into_iter().find(|(_, s)| attribute(s, "request_id")["stringValue"] == id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while find("span-1").is_none() || find("span-2").is_none() {
+        assert!(Instant::now() < deadline, "no spans arrived: {:?}; log:\n{}", collector.spans(), server.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (resource, span) = find("span-1").unwrap();
+    let service = resource["attributes"].as_array().unwrap().iter().find(|a| a["key"] == "service.name").cloned();
+    assert_eq!(service.unwrap()["value"]["stringValue"], "berth", "{resource}");
+    assert_eq!(span["name"], "request", "{span}");
+    assert_eq!(span["kind"], 2, "{span}");
+    assert_eq!(span["traceId"], trace, "{span}");
+    assert_eq!(span["parentSpanId"], "00f067aa0ba902b7", "{span}");
+    assert_eq!(span["spanId"].as_str().unwrap().len(), 16, "{span}");
+    assert_eq!(attribute(&span, "model")["stringValue"], "ai/smollm2:latest", "{span}");
+    assert_eq!(attribute(&span, "outcome")["stringValue"], "completed", "{span}");
+    assert_eq!(attribute(&span, "completion_tokens")["intValue"], "5", "{span}");
+    assert_eq!(attribute(&span, "http.response.status_code")["intValue"], "200", "{span}");
+    assert_eq!(attribute(&span, "url.path")["stringValue"], "/v1/completions", "{span}");
+    let ttft = attribute(&span, "ttft_ms")["doubleValue"].as_f64().expect("time to first token");
+    let time = |k: &str| span[k].as_str().unwrap().parse::<u128>().unwrap();
+    let (start, end) = (time("startTimeUnixNano"), time("endTimeUnixNano"));
+    // The span lasts as long as the stream, which is longer than its first token took.
+    assert!(end > start && (end - start) as f64 / 1e6 >= ttft, "{span}");
+
+    let (_, plain) = find("span-2").unwrap();
+    let own_trace = plain["traceId"].as_str().unwrap();
+    assert!(own_trace.len() == 32 && own_trace != trace, "{plain}");
+    assert!(plain.get("parentSpanId").is_none(), "{plain}");
+}

@@ -73,6 +73,13 @@ pub struct Args {
     /// On SIGTERM or Ctrl-C, seconds the requests in flight may take to finish before berth exits.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Send every request's span to an OpenTelemetry collector over OTLP/HTTP (JSON), e.g.
+    /// http://localhost:4318. A caller's W3C `traceparent` header puts the span in its trace.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// The service name exported spans carry.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "berth")]
+    service_name: String,
     /// Seconds in a "day" of `--tokens-per-day` quotas. Hidden: only tests shorten it, to see a
     /// quota recover without waiting a day.
     #[arg(long, default_value_t = 86_400, hide = true, value_parser = clap::value_parser!(u64).range(1..))]
@@ -116,22 +123,8 @@ fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// Server logs on standard error: text for people, JSON for collectors.
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = if format == "json" {
-        builder.json().flatten_event(true).try_init()
-    } else {
-        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init()
-    };
-    // Already set (a second server in one process): the first one's logging stays.
-    let _ = result;
-}
-
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
-    init_logging(&args.log_format);
+    let exporter = crate::telemetry::init(&args.log_format, args.otlp_endpoint.as_deref(), &args.service_name)?;
     if let Some(n) = args.threads {
         berth_engine::set_threads(n.into())?;
     }
@@ -172,7 +165,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         token_quota_window: Duration::from_secs(args.token_quota_window),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(berth_server::serve(config))?;
+    let served = runtime.block_on(berth_server::serve(config));
+    // The last requests' spans go out before the process does.
+    if let Some(exporter) = exporter {
+        exporter.flush(Duration::from_secs(5));
+    }
+    served?;
     Ok(())
 }
 
