@@ -15,6 +15,7 @@ use berth_engine::scheduler::{Runner, RunnerConfig, SchedulerConfig};
 use berth_engine::{Engine, EngineError};
 use berth_store::{Reference, Store};
 use tokio::sync::{Mutex, OnceCell};
+use tracing::Instrument;
 
 use crate::BatchingConfig;
 use crate::error::ApiError;
@@ -512,51 +513,59 @@ impl ModelManager {
         let batching = self.batching.clone();
         let available = self.available();
         let name = reference.familiar();
-        cell.get_or_try_init(|| async move {
-            let started = std::time::Instant::now();
-            let store = Store::open(&home).map_err(|e| ApiError::internal(e.to_string()))?;
-            let (_, manifest, _) = store.load(&reference).map_err(|e| match e {
-                berth_store::StoreError::NotFound(_) => ApiError::model_not_found(model, &available),
-                other => ApiError::internal(format!("cannot load {name}: {other}")),
-            })?;
-            let size = manifest.total_size();
-            if !manifest.layers.iter().any(|l| l.media_type == berth_store::media::GGUF) {
-                // A safetensors folder: the embedding engine reads it by its files' paths.
-                let files: HashMap<String, PathBuf> =
-                    store.model_files(&manifest).into_iter().map(|(_, path, blob)| (path, blob)).collect();
-                let embedder = tokio::task::spawn_blocking(move || BertEmbedder::load(&files))
-                    .await
-                    .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))?
-                    .map_err(|e| ApiError::invalid("model", format!("cannot load {name}: {e}")))?;
-                return Ok(Loaded::Embed(Arc::new(EmbeddingModel { name, embedder, size })));
+        let span = tracing::info_span!("load_model", model = %name);
+        cell.get_or_try_init(|| {
+            async move {
+                let started = std::time::Instant::now();
+                let store = Store::open(&home).map_err(|e| ApiError::internal(e.to_string()))?;
+                let (_, manifest, _) = store.load(&reference).map_err(|e| match e {
+                    berth_store::StoreError::NotFound(_) => ApiError::model_not_found(model, &available),
+                    other => ApiError::internal(format!("cannot load {name}: {other}")),
+                })?;
+                let size = manifest.total_size();
+                if !manifest.layers.iter().any(|l| l.media_type == berth_store::media::GGUF) {
+                    // A safetensors folder: the embedding engine reads it by its files' paths.
+                    let files: HashMap<String, PathBuf> =
+                        store.model_files(&manifest).into_iter().map(|(_, path, blob)| (path, blob)).collect();
+                    let embedder = tokio::task::spawn_blocking(move || BertEmbedder::load(&files))
+                        .await
+                        .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))?
+                        .map_err(|e| ApiError::invalid("model", format!("cannot load {name}: {e}")))?;
+                    tracing::info!(model = %name, seconds = started.elapsed().as_secs_f64(), "model loaded");
+                    return Ok(Loaded::Embed(Arc::new(EmbeddingModel { name, embedder, size })));
+                }
+                let found = store.gguf_model(&reference).map_err(|e| match e {
+                    berth_store::StoreError::NotFound(_) => ApiError::model_not_found(model, &available),
+                    berth_store::StoreError::Config(m) => ApiError::invalid("model", m),
+                    other => ApiError::internal(format!("cannot load {name}: {other}")),
+                })?;
+                let engine =
+                    tokio::task::spawn_blocking(move || Engine::load(&found.path, found.chat_template.as_deref()))
+                        .await
+                        .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))?
+                        .map_err(|e| ApiError::internal(format!("cannot load {name}: {e}")))?;
+                let engine = Arc::new(engine);
+                let limits = batching.per_model.of(&reference);
+                let context = limits.context.unwrap_or(usize::MAX).min(engine.context_length());
+                let config = runner_config(&engine, &batching, &limits, context);
+                let runner = Runner::start(engine.clone(), config)
+                    .map_err(|e| ApiError::internal(format!("cannot start {name}: {e}")))?;
+                let seconds = started.elapsed().as_secs_f64();
+                tracing::info!(model = %name, seconds, "model loaded");
+                let metrics = ServingMetrics::new(seconds);
+                Ok(Loaded::Chat(Arc::new(LoadedModel {
+                    name,
+                    engine,
+                    runner,
+                    size,
+                    metrics,
+                    in_flight: AtomicUsize::new(0),
+                    last_active: std::sync::Mutex::new(Instant::now()),
+                    abort,
+                    context,
+                })))
             }
-            let found = store.gguf_model(&reference).map_err(|e| match e {
-                berth_store::StoreError::NotFound(_) => ApiError::model_not_found(model, &available),
-                berth_store::StoreError::Config(m) => ApiError::invalid("model", m),
-                other => ApiError::internal(format!("cannot load {name}: {other}")),
-            })?;
-            let engine = tokio::task::spawn_blocking(move || Engine::load(&found.path, found.chat_template.as_deref()))
-                .await
-                .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))?
-                .map_err(|e| ApiError::internal(format!("cannot load {name}: {e}")))?;
-            let engine = Arc::new(engine);
-            let limits = batching.per_model.of(&reference);
-            let context = limits.context.unwrap_or(usize::MAX).min(engine.context_length());
-            let config = runner_config(&engine, &batching, &limits, context);
-            let runner = Runner::start(engine.clone(), config)
-                .map_err(|e| ApiError::internal(format!("cannot start {name}: {e}")))?;
-            let metrics = ServingMetrics::new(started.elapsed().as_secs_f64());
-            Ok(Loaded::Chat(Arc::new(LoadedModel {
-                name,
-                engine,
-                runner,
-                size,
-                metrics,
-                in_flight: AtomicUsize::new(0),
-                last_active: std::sync::Mutex::new(Instant::now()),
-                abort,
-                context,
-            })))
+            .instrument(span)
         })
         .await
         .cloned()

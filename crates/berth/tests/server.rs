@@ -855,10 +855,27 @@ fn a_model_keeps_its_own_limits() {
     let greedy = r#""prompt":"The capital of France is","max_tokens":12,"temperature":0"#;
     let (status, limited) = server.post("/v1/completions", &format!(r#"{{"model":"smollm2",{greedy}}}"#));
     assert_eq!(status, 200, "{limited}");
-    let (status, shared) = server.post("/v1/completions", &format!(r#"{{"model":"smollm2-copy",{greedy}}}"#));
-    assert_eq!(status, 200, "{shared}");
+    // Six first requests at once for a model not loaded yet share one load.
+    let port = server.port;
+    let body = format!(r#"{{"model":"smollm2-copy",{greedy}}}"#);
+    let firsts: Vec<_> = (0..6)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let headers = [("Content-Type", "application/json")];
+                let (status, raw) = http_request(port, "POST", "/v1/completions", &headers, body.as_bytes()).unwrap();
+                (status, body_of(&raw))
+            })
+        })
+        .collect();
     let text = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap()["choices"][0]["text"].clone();
-    assert_eq!(text(&limited), text(&shared), "its own threads give the same answer");
+    for first in firsts {
+        let (status, shared) = first.join().unwrap();
+        assert_eq!(status, 200, "{shared}");
+        assert_eq!(text(&limited), text(&shared), "its own threads give the same answer");
+    }
+    let loads = server.log().lines().filter(|l| l.contains("model loaded") && l.contains("smollm2-copy")).count();
+    assert_eq!(loads, 1, "{}", server.log());
 
     let url = format!("http://127.0.0.1:{}", server.port);
     let ps = server.berth.json(&["ps", "--url", &url, "--json"]);
