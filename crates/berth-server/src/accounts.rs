@@ -333,10 +333,13 @@ impl Accounts {
             .map_err(self.err())
     }
 
-    /// The active key with this secret. Every active key's hash is compared, in constant time, so
-    /// the answer's timing says nothing about how close a guess came.
+    /// The active key with this secret (see [`ActiveKeys::find`]).
     pub fn authenticate(&self, secret: &str) -> Result<Option<ApiKey>, AccountsError> {
-        let wanted = digest(secret);
+        Ok(self.active_keys()?.find(secret))
+    }
+
+    /// Every active key, with the hash of its secret.
+    pub fn active_keys(&self) -> Result<ActiveKeys, AccountsError> {
         let mut q = self
             .db
             .prepare(&format!("SELECT {}, secret_sha256 FROM api_keys WHERE revoked IS NULL", Self::KEY_COLUMNS))
@@ -346,24 +349,25 @@ impl Accounts {
             .map_err(self.err())?
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.err())?;
-        let mut found = None;
-        for (key, hash) in rows {
-            if constant_time_eq(&hash, &wanted) {
-                found = Some(key);
-            }
-        }
-        Ok(found)
+        Ok(ActiveKeys(rows))
     }
 
-    /// Record one request as it ended.
-    pub fn record(&self, r: &Record<'_>) -> Result<(), AccountsError> {
+    /// A number that changes whenever another connection (`berth keys` in another process) commits
+    /// to the database: what was read from it before may be stale.
+    pub fn changes_elsewhere(&self) -> Result<i64, AccountsError> {
+        self.db.query_row("PRAGMA data_version", [], |r| r.get(0)).map_err(self.err())
+    }
+
+    /// Record one request as it ended; returns the time it is recorded at (Unix milliseconds).
+    pub fn record(&self, r: &Record<'_>) -> Result<i64, AccountsError> {
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        let at_ms = chrono::Utc::now().timestamp_millis();
         self.db
             .execute(
                 "INSERT INTO requests (at_ms, key_id, model, outcome, prompt_tokens, completion_tokens, duration_ms, ttft_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
-                    chrono::Utc::now().timestamp_millis(),
+                    at_ms,
                     r.key_id,
                     r.model,
                     r.outcome.name(),
@@ -374,19 +378,12 @@ impl Accounts {
                 ],
             )
             .map_err(self.err())?;
-        Ok(())
+        Ok(at_ms)
     }
 
-    /// If the key has used `limit` tokens or more within the last `window`, how long until enough of
-    /// them fall out of the window for it to be under the limit again.
-    pub fn token_quota_wait(
-        &self,
-        key_id: &str,
-        limit: u64,
-        window: std::time::Duration,
-    ) -> Result<Option<std::time::Duration>, AccountsError> {
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let window_ms = window.as_millis().min(i64::MAX as u128) as i64;
+    /// The key's requests from `since_ms` (Unix milliseconds) on, oldest first: when each ended and
+    /// the tokens it used (prompt and completion).
+    pub fn tokens_since(&self, key_id: &str, since_ms: i64) -> Result<Vec<(i64, u64)>, AccountsError> {
         let mut q = self
             .db
             .prepare_cached(
@@ -394,26 +391,10 @@ impl Accounts {
                  WHERE key_id = ?1 AND at_ms > ?2 ORDER BY at_ms",
             )
             .map_err(self.err())?;
-        let rows: Vec<(i64, i64)> = q
-            .query_map(params![key_id, now_ms.saturating_sub(window_ms)], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
+        let rows = q
+            .query_map(params![key_id, since_ms], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?.max(0) as u64)))
             .map_err(self.err())?;
-        let used: u64 = rows.iter().map(|&(_, t)| t.max(0) as u64).sum();
-        if used < limit {
-            return Ok(None);
-        }
-        // The oldest records leave the window first: find the one whose leaving brings the total
-        // under the limit.
-        let mut left = used;
-        for &(at_ms, tokens) in &rows {
-            left -= tokens.max(0) as u64;
-            if left < limit {
-                let wait_ms = (at_ms + window_ms - now_ms).max(0) as u64;
-                return Ok(Some(std::time::Duration::from_millis(wait_ms)));
-            }
-        }
-        Ok(Some(window))
+        rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
     /// Requests from `since` (Unix seconds) on, grouped by key or by model.
@@ -447,6 +428,29 @@ impl Accounts {
             })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+}
+
+/// The active keys as read at one moment, with their secrets' hashes.
+#[derive(Debug, Clone, Default)]
+pub struct ActiveKeys(Vec<(ApiKey, Vec<u8>)>);
+
+impl ActiveKeys {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The key with this secret. Every key's hash is compared, in constant time, so the answer's
+    /// timing says nothing about how close a guess came.
+    pub fn find(&self, secret: &str) -> Option<ApiKey> {
+        let wanted = digest(secret);
+        let mut found = None;
+        for (key, hash) in &self.0 {
+            if constant_time_eq(hash, &wanted) {
+                found = Some(key);
+            }
+        }
+        found.cloned()
     }
 }
 
@@ -506,7 +510,7 @@ mod tests {
     }
 
     #[test]
-    fn token_quotas_count_a_rolling_window_and_say_when_they_recover() {
+    fn keys_keep_their_quotas_and_models_and_old_databases_gain_them() {
         let home = tempfile::tempdir().unwrap();
         let accounts = Accounts::open(home.path()).unwrap();
         let spec = KeySpec {
@@ -523,22 +527,15 @@ mod tests {
         assert!(!listed.may_use("ai/smollm2:v2") && !listed.may_use("ai/other:latest"));
         assert!(model_pattern("Bad Name").is_err() && model_pattern("a b*").is_err());
 
-        let day = std::time::Duration::from_secs(86_400);
         let spend = |prompt, completion| {
             let r = Record { prompt_tokens: prompt, completion_tokens: completion, ..Record::rejected(&key.id, "m") };
-            accounts.record(&Record { outcome: Outcome::Completed, ..r }).unwrap();
+            accounts.record(&Record { outcome: Outcome::Completed, ..r }).unwrap()
         };
-        spend(30, 30);
-        assert_eq!(accounts.token_quota_wait(&key.id, 100, day).unwrap(), None, "60 of 100");
-        spend(20, 30);
-        let wait = accounts.token_quota_wait(&key.id, 100, day).unwrap().expect("110 of 100");
-        // The first record's 60 tokens leave the window in a day, which brings it to 50.
-        assert!(wait > day - std::time::Duration::from_secs(60) && wait <= day, "{wait:?}");
-        // Other keys and a short window are not affected.
-        assert_eq!(accounts.token_quota_wait("key-other", 100, day).unwrap(), None);
-        std::thread::sleep(std::time::Duration::from_millis(30));
-        let short = std::time::Duration::from_millis(20);
-        assert_eq!(accounts.token_quota_wait(&key.id, 100, short).unwrap(), None, "all of it left the window");
+        let first = spend(30, 30);
+        let second = spend(20, 30);
+        assert_eq!(accounts.tokens_since(&key.id, 0).unwrap(), [(first, 60), (second, 50)]);
+        assert_eq!(accounts.tokens_since(&key.id, second).unwrap(), []);
+        assert_eq!(accounts.tokens_since("key-other", 0).unwrap(), []);
 
         // A database from before the quota columns gains them.
         let old = tempfile::tempdir().unwrap();

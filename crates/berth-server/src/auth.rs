@@ -13,8 +13,9 @@ use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::accounts::{Accounts, ApiKey, NO_KEY, Record, Scope};
+use crate::accounts::{Accounts, ActiveKeys, ApiKey, NO_KEY, Record, Scope};
 use crate::error::ApiError;
+use crate::quota::TokenLedger;
 
 pub struct Auth {
     accounts: Mutex<Accounts>,
@@ -22,6 +23,13 @@ pub struct Auth {
     recent: Mutex<HashMap<String, VecDeque<Instant>>>,
     /// The window of `tokens_per_day` quotas: a day, shorter only in tests.
     token_window: Duration,
+    /// What each key with a tokens-per-day quota used within the window. Lock order: this, then
+    /// `accounts`.
+    ledgers: Mutex<HashMap<String, TokenLedger>>,
+    /// The active keys, read again only when another process changed the database (`berth keys`
+    /// takes effect on the next request), so a request costs no query. Lock order: this, then
+    /// `accounts`.
+    keys: Mutex<(Option<i64>, Arc<ActiveKeys>)>,
 }
 
 /// Who is asking: the key (none on a server without keys), and where its usage goes.
@@ -67,31 +75,67 @@ pub fn caller() -> Option<Caller> {
 impl Auth {
     /// `token_window` is the span of `tokens_per_day` quotas (a day, but for tests).
     pub fn new(accounts: Accounts, token_window: Duration) -> Self {
-        Self { accounts: Mutex::new(accounts), recent: Mutex::new(HashMap::new()), token_window }
+        Self {
+            accounts: Mutex::new(accounts),
+            recent: Mutex::new(HashMap::new()),
+            token_window,
+            ledgers: Mutex::new(HashMap::new()),
+            keys: Mutex::new((None, Arc::new(ActiveKeys::default()))),
+        }
     }
 
     fn accounts(&self) -> std::sync::MutexGuard<'_, Accounts> {
         self.accounts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn any_active(&self) -> bool {
-        self.accounts().any_active().unwrap_or(true)
+    /// The active keys as the database has them now.
+    fn active_keys(&self) -> Result<Arc<ActiveKeys>, ApiError> {
+        let mut cache = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let accounts = self.accounts();
+        let failed = |e| ApiError::internal(format!("cannot read the API keys: {e}"));
+        let version = accounts.changes_elsewhere().map_err(failed)?;
+        if cache.0 != Some(version) {
+            *cache = (Some(version), Arc::new(accounts.active_keys().map_err(failed)?));
+        }
+        Ok(cache.1.clone())
+    }
+
+    fn ledgers(&self) -> std::sync::MutexGuard<'_, HashMap<String, TokenLedger>> {
+        self.ledgers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Charge an ended request to its key (logged, not fatal, if the database refuses).
     pub fn record(&self, record: &Record<'_>) {
-        if let Err(e) = self.accounts().record(record) {
-            tracing::error!(key_id = record.key_id, model = record.model, "usage not recorded: {e}");
+        // The ledger is held across the write, so a ledger being loaded sees the row either in
+        // the database or as added here, never both.
+        let mut ledgers = self.ledgers();
+        match self.accounts().record(record) {
+            Ok(at_ms) => {
+                if let Some(ledger) = ledgers.get_mut(record.key_id) {
+                    ledger.add(at_ms, record.prompt_tokens.saturating_add(record.completion_tokens));
+                }
+            }
+            Err(e) => tracing::error!(key_id = record.key_id, model = record.model, "usage not recorded: {e}"),
         }
     }
 
     /// Seconds until the key's tokens in the window are under its daily quota again, if they are not.
     fn over_token_quota(&self, key: &ApiKey) -> Result<Option<u64>, ApiError> {
         let Some(limit) = key.tokens_per_day else { return Ok(None) };
-        let wait = self
-            .accounts()
-            .token_quota_wait(&key.id, limit, self.token_window)
-            .map_err(|e| ApiError::internal(format!("cannot check the key's quota: {e}")))?;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut ledgers = self.ledgers();
+        let ledger = match ledgers.entry(key.id.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let window_ms = self.token_window.as_millis().min(i64::MAX as u128) as i64;
+                let used = self
+                    .accounts()
+                    .tokens_since(&key.id, now_ms.saturating_sub(window_ms))
+                    .map_err(|e| ApiError::internal(format!("cannot check the key's quota: {e}")))?;
+                e.insert(TokenLedger::new(used))
+            }
+        };
+        let wait = ledger.wait(limit, self.token_window, now_ms);
         Ok(wait.map(|w| w.as_secs_f64().ceil().max(1.0) as u64))
     }
 
@@ -126,10 +170,19 @@ fn scope_for(path: &str) -> Scope {
 
 pub async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
-    if matches!(path, "/health" | "/ready" | "/") || !auth.any_active() {
+    // Probes answer without a key, whatever the database says.
+    let keys = if matches!(path, "/health" | "/ready" | "/") {
+        None
+    } else {
+        match auth.active_keys() {
+            Ok(keys) => Some(keys).filter(|k| !k.is_empty()),
+            Err(e) => return e.into_response(),
+        }
+    };
+    let Some(keys) = keys else {
         let caller = Caller { key: None, auth: auth.clone() };
         return CALLER.scope(Some(caller), next.run(request)).await;
-    }
+    };
     let secret = request
         .headers()
         .get(AUTHORIZATION)
@@ -142,10 +195,8 @@ pub async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Ne
         )
         .into_response();
     };
-    let key = match auth.accounts().authenticate(secret) {
-        Ok(Some(key)) => key,
-        Ok(None) => return ApiError::unauthorized("the API key is not valid (unknown or revoked)").into_response(),
-        Err(e) => return ApiError::internal(format!("cannot check the API key: {e}")).into_response(),
+    let Some(key) = keys.find(secret) else {
+        return ApiError::unauthorized("the API key is not valid (unknown or revoked)").into_response();
     };
     let needed = scope_for(path);
     if !key.allows(needed) {

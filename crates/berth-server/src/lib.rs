@@ -17,6 +17,7 @@ mod metrics;
 mod models;
 mod ollama;
 mod openai;
+mod quota;
 mod request;
 mod request_log;
 mod run;
