@@ -29,16 +29,17 @@ const BATCH: usize = 512;
 /// How long a finished span may wait for its batch.
 const BATCH_DELAY: Duration = Duration::from_secs(1);
 
-/// Set up logging, and span export to `otlp_endpoint` if given. Returns the exporter, to flush
+/// Set up logging (`format`: text, json, or auto: text on a terminal), and span export to
+/// `otlp_endpoint` if given. Returns the exporter, to flush
 /// at exit.
 pub fn init(format: &str, otlp_endpoint: Option<&str>, service_name: &str) -> anyhow::Result<Option<Exporter>> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let text =
-        (format != "json").then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi));
-    let json = (format == "json")
-        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).json().flatten_event(true));
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let as_json = format == "json" || (format == "auto" && !terminal);
+    let text = (!as_json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(terminal));
+    let json =
+        as_json.then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).json().flatten_event(true));
     let exporter = otlp_endpoint.map(|e| Exporter::start(e, service_name)).transpose()?;
     let layer = exporter.as_ref().map(|e| SpanLayer { queue: e.queue.clone(), dropped: e.dropped.clone() });
     // Already set (a second server in one process): the first one's stays.

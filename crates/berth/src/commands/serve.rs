@@ -66,9 +66,10 @@ pub struct Args {
     /// manage the models: only behind something that guards it.
     #[arg(long)]
     allow_insecure_public: bool,
-    /// Log lines as text or as JSON objects (one per line, for log collectors). What is logged is
-    /// chosen with RUST_LOG (default `info`).
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    /// Log lines as text or as JSON objects (one per line, for log collectors); `auto` writes text
+    /// to a terminal and JSON anywhere else (a container's log, a file). What is logged is chosen
+    /// with RUST_LOG (default `info`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "text", "json"])]
     log_format: String,
     /// On SIGTERM or Ctrl-C, seconds the requests in flight may take to finish before berth exits.
     #[arg(long, default_value_t = 30)]
