@@ -318,19 +318,19 @@ async fn respond(plan: Plan, kind: Kind) -> Response {
     let mut choices = Vec::new();
     let (mut prompt_tokens, mut completion_tokens, mut cached_tokens) = (0, 0, 0);
     // Every choice of every prompt is queued at once, so they run as one batch.
-    let mut generations = Vec::new();
+    let mut reqs = Vec::new();
     for prompt in &plan.prompts {
         for i in 0..plan.n {
             let mut req = plan.request.clone();
             req.prompt = prompt.clone();
             req.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
-            match crate::run::start(&plan.model, req) {
-                Ok(g) => generations.push(g),
-                Err(e) => return e.into_response(),
-            }
+            reqs.push((req, i == 0));
         }
     }
-    let mut generations = generations.into_iter();
+    let mut generations = match crate::run::start_all(&plan.model, reqs) {
+        Ok(g) => g.into_iter(),
+        Err(e) => return e.into_response(),
+    };
     let mut index = 0;
     for p in 0..plan.prompts.len() {
         for i in 0..plan.n {
@@ -380,15 +380,15 @@ async fn respond(plan: Plan, kind: Kind) -> Response {
 
 /// Stream the choices one after another (all of them queued at once, so they run as one batch).
 fn stream(plan: Plan, kind: Kind) -> Response {
-    let mut generations = Vec::new();
-    for i in 0..plan.n {
+    let reqs = (0..plan.n).map(|i| {
         let mut req = plan.request.clone();
         req.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
-        match crate::run::start(&plan.model, req) {
-            Ok(g) => generations.push(g),
-            Err(e) => return e.into_response(),
-        }
-    }
+        (req, i == 0)
+    });
+    let generations = match crate::run::start_all(&plan.model, reqs.collect()) {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
     let (tx, rx) = mpsc::channel::<Event>(64);
     let id = request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };

@@ -4,8 +4,12 @@
 //! Tokens arrive on a channel; when the handler lets go of its [`Generation`] (the client went
 //! away, or the handler is done), the scheduler sees the channel closed and frees the sequence's
 //! cache blocks at its next step.
+//!
+//! An API request may run several generations (`n` choices, a list of prompts); they share one
+//! [`RequestUsage`], which records the request once in usage and in its span, as the last of them
+//! ends.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use berth_engine::scheduler::TokenSink;
@@ -53,14 +57,106 @@ pub struct Generation {
     last_token: Option<Instant>,
     /// Keeps the model from being unloaded as idle while the request lives.
     _hold: Hold,
-    /// Who to charge (the key, or none on a server without keys).
-    caller: Option<Caller>,
+    /// The API request this generation is part of.
+    usage: Arc<RequestUsage>,
+    /// Whether its prompt counts in the request's usage (the first choice of each prompt does; the
+    /// other choices share that prompt).
+    counts_prompt: bool,
     prompt_tokens: usize,
     tokens: usize,
     first_token: Option<Instant>,
+}
+
+/// The usage of one API request, added up over its generations and recorded when the last ends.
+struct RequestUsage {
+    /// Who to charge (the key, or none on a server without keys).
+    caller: Option<Caller>,
+    model: String,
     request_id: String,
+    started: Instant,
     /// The request's span, kept open until the answer ends, and given its figures then.
     span: tracing::Span,
+    tally: Mutex<Tally>,
+}
+
+struct Tally {
+    /// Generations still running.
+    open: usize,
+    /// Recorded already (the request was refused, or every generation ended).
+    settled: bool,
+    /// The worst end among the generations: a failure, else a hang-up, else completed.
+    outcome: Outcome,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    first_token: Option<Instant>,
+}
+
+impl RequestUsage {
+    /// One generation ended.
+    fn end(&self, outcome: Outcome, prompt_tokens: usize, completion_tokens: usize, first_token: Option<Instant>) {
+        let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        if t.settled {
+            return;
+        }
+        let rank = |o: Outcome| match o {
+            Outcome::Completed => 0,
+            Outcome::Aborted => 1,
+            Outcome::Rejected => 2,
+            Outcome::Failed => 3,
+        };
+        if rank(outcome) > rank(t.outcome) {
+            t.outcome = outcome;
+        }
+        t.prompt_tokens += prompt_tokens;
+        t.completion_tokens += completion_tokens;
+        t.first_token = match (t.first_token, first_token) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        t.open = t.open.saturating_sub(1);
+        if t.open == 0 {
+            t.settled = true;
+            self.record(&t);
+        }
+    }
+
+    /// Refused before it ran: recorded as such, and the generations already queued are not
+    /// counted when they end.
+    fn refuse(&self) {
+        let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        t.settled = true;
+        t.outcome = Outcome::Rejected;
+        let (prompt_tokens, completion_tokens) = (0, 0);
+        self.record(&Tally { prompt_tokens, completion_tokens, first_token: None, ..*t });
+    }
+
+    fn record(&self, t: &Tally) {
+        let ttft = t.first_token.map(|f| f.duration_since(self.started));
+        let span = &self.span;
+        span.record("model", self.model.as_str());
+        span.record("outcome", t.outcome.name());
+        span.record("prompt_tokens", t.prompt_tokens);
+        span.record("completion_tokens", t.completion_tokens);
+        if let Some(ttft) = ttft {
+            span.record("ttft_ms", ms(ttft));
+        }
+        if let Some(c) = &self.caller {
+            c.record(&Record {
+                key_id: c.key_id(),
+                model: &self.model,
+                outcome: t.outcome,
+                prompt_tokens: t.prompt_tokens as u64,
+                completion_tokens: t.completion_tokens as u64,
+                duration: self.started.elapsed(),
+                time_to_first_token: ttft,
+            });
+        }
+    }
+}
+
+/// Milliseconds to a tenth, for logs and spans.
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
 }
 
 impl Drop for Generation {
@@ -74,68 +170,72 @@ impl Drop for Generation {
 }
 
 impl Generation {
-    /// Log the generation's end with its request id, model, tokens and timings, and record it
-    /// against the caller's key (or none).
+    /// Log the generation's end with its request id, model, tokens and timings, and add it to the
+    /// request's usage.
     fn charge(&self, outcome: Outcome, prompt_tokens: usize, completion_tokens: usize) {
-        let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
-        let ttft_ms = self.first_token.map(|t| ms(t.duration_since(self.started)));
-        self.span.record("model", self.model.name.as_str());
-        self.span.record("outcome", outcome.name());
-        self.span.record("prompt_tokens", prompt_tokens);
-        self.span.record("completion_tokens", completion_tokens);
-        if let Some(ttft) = ttft_ms {
-            self.span.record("ttft_ms", ttft);
-        }
         tracing::info!(
-            request_id = %self.request_id,
+            request_id = %self.usage.request_id,
             model = %self.model.name,
             outcome = ?outcome,
             prompt_tokens,
             completion_tokens,
-            ttft_ms,
+            ttft_ms = self.first_token.map(|t| ms(t.duration_since(self.started))),
             duration_ms = ms(self.started.elapsed()),
             "generation"
         );
-        if let Some(c) = &self.caller {
-            c.record(&Record {
-                key_id: c.key_id(),
-                model: &self.model.name,
-                outcome,
-                prompt_tokens: prompt_tokens as u64,
-                completion_tokens: completion_tokens as u64,
-                duration: self.started.elapsed(),
-                time_to_first_token: self.first_token.map(|t| t.duration_since(self.started)),
-            });
-        }
+        let counted_prompt = if self.counts_prompt { prompt_tokens } else { 0 };
+        self.usage.end(outcome, counted_prompt, completion_tokens, self.first_token);
     }
 }
 
 /// Queue `req` on `model`'s scheduler; refused at once (429) when its queue is full.
 pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generation, ApiError> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let prompt_tokens = req.prompt.len();
-    let caller = crate::auth::caller();
-    if let Err(e) = model.runner.submit(req, Box::new(ChannelSink(tx))) {
-        if let Some(c) = &caller {
-            c.record(&Record::rejected(c.key_id(), &model.name));
-        }
-        return Err(model.error(e));
-    }
-    let hold = model.hold();
-    Ok(Generation {
-        rx,
-        model: model.clone(),
-        done: false,
-        started: Instant::now(),
-        last_token: None,
-        _hold: hold,
-        caller,
-        prompt_tokens,
-        tokens: 0,
-        first_token: None,
+    let mut started = start_all(model, vec![(req, true)])?;
+    started.pop().ok_or_else(|| ApiError::internal("no generation was started"))
+}
+
+/// Queue the generations of one API request together (so they share steps), each with whether
+/// its prompt counts in the request's usage. If one is refused, none runs.
+pub fn start_all(model: &Arc<LoadedModel>, reqs: Vec<(GenerationRequest, bool)>) -> Result<Vec<Generation>, ApiError> {
+    let usage = Arc::new(RequestUsage {
+        caller: crate::auth::caller(),
+        model: model.name.clone(),
         request_id: crate::request_log::current().unwrap_or_default(),
+        started: Instant::now(),
         span: tracing::Span::current(),
-    })
+        tally: Mutex::new(Tally {
+            open: reqs.len(),
+            settled: false,
+            outcome: Outcome::Completed,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            first_token: None,
+        }),
+    });
+    let mut generations = Vec::with_capacity(reqs.len());
+    for (req, counts_prompt) in reqs {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let prompt_tokens = req.prompt.len();
+        if let Err(e) = model.runner.submit(req, Box::new(ChannelSink(tx))) {
+            // The ones already queued are cancelled as `generations` drops.
+            usage.refuse();
+            return Err(model.error(e));
+        }
+        generations.push(Generation {
+            rx,
+            model: model.clone(),
+            done: false,
+            started: Instant::now(),
+            last_token: None,
+            _hold: model.hold(),
+            usage: usage.clone(),
+            counts_prompt,
+            prompt_tokens,
+            tokens: 0,
+            first_token: None,
+        });
+    }
+    Ok(generations)
 }
 
 impl Generation {

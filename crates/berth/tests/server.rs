@@ -1004,6 +1004,14 @@ fn usage_counts_requests_without_keys_and_embeddings() {
     let (status, text) =
         server.post("/v1/completions", r#"{"model":"smollm2","prompt":"Hi","max_tokens":5,"ignore_eos":true}"#);
     assert_eq!(status, 200, "{text}");
+    let first: serde_json::Value = serde_json::from_str(&text).unwrap();
+    // Three choices of one prompt are one request, and its prompt counts once, as the client sees.
+    let body =
+        r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"n":3,"max_tokens":4,"ignore_eos":true}"#;
+    let (status, text) = server.post("/v1/chat/completions", body);
+    assert_eq!(status, 200, "{text}");
+    let second: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(second["usage"]["completion_tokens"], 12, "{text}");
     let (status, text) = server.post("/v1/embeddings", r#"{"model":"minilm","input":["one","two words"]}"#);
     assert_eq!(status, 200, "{text}");
     let embedded: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -1012,7 +1020,11 @@ fn usage_counts_requests_without_keys_and_embeddings() {
     let minilm = row("ai/minilm:latest");
     assert_eq!(minilm["completed"], 1, "{by_model}");
     assert_eq!(minilm["prompt_tokens"], embedded["usage"]["prompt_tokens"], "{by_model}");
-    assert_eq!(row("ai/smollm2:latest")["completion_tokens"], 5, "{by_model}");
+    let smollm2 = row("ai/smollm2:latest");
+    assert_eq!(smollm2["requests"], 2, "{by_model}");
+    assert_eq!(smollm2["completion_tokens"], 17, "{by_model}");
+    let prompt_tokens = |v: &serde_json::Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(smollm2["prompt_tokens"].as_u64(), Some(prompt_tokens(&first) + prompt_tokens(&second)), "{by_model}");
     let by_key = server.berth.ok(&["usage"]);
     assert!(by_key.contains("(no key)"), "{by_key}");
 }
