@@ -346,7 +346,12 @@ pub async fn show(
 pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let listed = state.models.list()?;
     let mut models = Vec::new();
+    let caller = crate::auth::caller();
     for m in state.models.status().await {
+        // A key kept to some models sees only those.
+        if caller.as_ref().is_some_and(|c| c.check_model(&m.name).is_err()) {
+            continue;
+        }
         let summary = listed.iter().find(|s| s.reference == m.name);
         let (running, waiting, limits) = match &m.loaded {
             Some(Loaded::Chat(c)) => {

@@ -968,6 +968,14 @@ fn quotas_refuse_with_retry_after_and_recover() {
     let (status, text) = call(&metered, "POST", "/v1/embeddings", r#"{"model":"minilm","input":"hi"}"#);
     assert_eq!(status, 403, "{text}");
     assert!(text.contains("model_not_allowed") && text.contains("ai/smollm2:latest"), "{text}");
+    // Another key loads the embedding model; the metered key's /api/ps does not show it.
+    let open = make(&["--name", "open"]);
+    assert_eq!(call(&open, "POST", "/v1/embeddings", r#"{"model":"minilm","input":"hi"}"#).0, 200);
+    let (_, everything) = call(&open, "GET", "/api/ps", "");
+    let (status, text) = call(&metered, "GET", "/api/ps", "");
+    assert_eq!(status, 200, "{text}");
+    assert!(everything.contains("ai/minilm:latest") && !text.contains("minilm"), "{text}");
+    assert!(text.contains("ai/smollm2:latest"), "{text}");
 
     // Tokens per day: one answer of 30 tokens uses up 20, so the next request is refused until the
     // answer leaves the window.
