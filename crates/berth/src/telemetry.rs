@@ -33,17 +33,33 @@ const BATCH_DELAY: Duration = Duration::from_secs(1);
 /// `otlp_endpoint` if given. Returns the exporter, to flush
 /// at exit.
 pub fn init(format: &str, otlp_endpoint: Option<&str>, service_name: &str) -> anyhow::Result<Option<Exporter>> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // RUST_LOG chooses what is logged; spans are exported whatever it says.
+    let log_filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let as_json = format == "json" || (format == "auto" && !terminal);
-    let text = (!as_json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(terminal));
-    let json =
-        as_json.then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).json().flatten_event(true));
+    let text = (!as_json).then(|| {
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(terminal).with_filter(log_filter())
+    });
+    let json = as_json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true)
+            .with_filter(log_filter())
+    });
     let exporter = otlp_endpoint.map(|e| Exporter::start(e, service_name)).transpose()?;
-    let layer = exporter.as_ref().map(|e| SpanLayer { queue: e.queue.clone(), dropped: e.dropped.clone() });
+    let spans = exporter.as_ref().map(|e| {
+        // berth's own spans; the libraries' are detail a trace backend does not need.
+        let berth_info =
+            |m: &tracing::Metadata<'_>| m.target().starts_with("berth") && *m.level() <= tracing::Level::INFO;
+        SpanLayer { queue: e.queue.clone(), dropped: e.dropped.clone() }
+            .with_filter(tracing_subscriber::filter::filter_fn(berth_info))
+    });
     // Already set (a second server in one process): the first one's stays.
-    let _ = tracing_subscriber::registry().with(filter).with(text).with(json).with(layer).try_init();
+    let _ = tracing_subscriber::registry().with(text).with(json).with(spans).try_init();
     Ok(exporter)
 }
 
@@ -132,8 +148,7 @@ thread_local! {
 
 impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SpanLayer {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        // berth's own spans only; the libraries' are detail a trace backend does not need.
-        if !attrs.metadata().target().starts_with("berth") || EXPORTING.get() {
+        if EXPORTING.get() {
             return;
         }
         let Some(span) = ctx.span(id) else { return };
