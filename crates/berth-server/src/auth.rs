@@ -139,6 +139,13 @@ impl Auth {
         Ok(wait.map(|w| w.as_secs_f64().ceil().max(1.0) as u64))
     }
 
+    /// 429 for a key past a quota (`used` says which), recorded as a rejected request.
+    fn refuse_over_quota(&self, key: &ApiKey, used: &str, seconds: u64, code: &'static str) -> Response {
+        self.record(&Record::rejected(&key.id, "-"));
+        let message = format!("the key `{}` has used its {used}; retry in {seconds} s", key.name);
+        ApiError::overloaded(message, seconds).with_code(code).into_response()
+    }
+
     /// Seconds until the key may send again, if its quota is used up; else counts this request.
     fn over_quota(&self, key: &ApiKey) -> Option<u64> {
         let limit = key.requests_per_minute? as usize;
@@ -210,32 +217,14 @@ pub async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Ne
     match auth.over_token_quota(&key) {
         Ok(None) => {}
         Ok(Some(seconds)) => {
-            auth.record(&Record::rejected(&key.id, "-"));
-            return ApiError::overloaded(
-                format!(
-                    "the key `{}` has used its {} tokens for the day; retry in {seconds} s",
-                    key.name,
-                    key.tokens_per_day.unwrap_or(0)
-                ),
-                seconds,
-            )
-            .with_code("insufficient_quota")
-            .into_response();
+            let used = format!("{} tokens for the day", key.tokens_per_day.unwrap_or(0));
+            return auth.refuse_over_quota(&key, &used, seconds, "insufficient_quota");
         }
         Err(e) => return e.into_response(),
     }
     if let Some(seconds) = auth.over_quota(&key) {
-        auth.record(&Record::rejected(&key.id, "-"));
-        return ApiError::overloaded(
-            format!(
-                "the key `{}` has used its {} requests per minute; retry in {seconds} s",
-                key.name,
-                key.requests_per_minute.unwrap_or(0)
-            ),
-            seconds,
-        )
-        .with_code("rate_limit_exceeded")
-        .into_response();
+        let used = format!("{} requests per minute", key.requests_per_minute.unwrap_or(0));
+        return auth.refuse_over_quota(&key, &used, seconds, "rate_limit_exceeded");
     }
     let caller = Caller { key: Some(key), auth: auth.clone() };
     CALLER.scope(Some(caller), next.run(request)).await
