@@ -145,6 +145,8 @@ pub struct Record<'a> {
     pub completion_tokens: u64,
     pub duration: std::time::Duration,
     pub time_to_first_token: Option<std::time::Duration>,
+    /// Completed at the token limit (`finish_reason: length`) rather than by a stop.
+    pub hit_length: bool,
 }
 
 impl<'a> Record<'a> {
@@ -158,6 +160,7 @@ impl<'a> Record<'a> {
             completion_tokens: 0,
             duration: std::time::Duration::ZERO,
             time_to_first_token: None,
+            hit_length: false,
         }
     }
 }
@@ -177,6 +180,8 @@ pub struct UsageRow {
     pub name: String,
     pub requests: u64,
     pub completed: u64,
+    /// Of the completed, those that ended at the token limit.
+    pub length: u64,
     pub aborted: u64,
     pub rejected: u64,
     pub failed: u64,
@@ -229,20 +234,25 @@ impl Accounts {
                 prompt_tokens INTEGER NOT NULL,
                 completion_tokens INTEGER NOT NULL,
                 duration_ms REAL NOT NULL,
-                ttft_ms REAL
+                ttft_ms REAL,
+                hit_length INTEGER NOT NULL DEFAULT 0
             );
             CREATE INDEX IF NOT EXISTS requests_at ON requests (at_ms);
             CREATE INDEX IF NOT EXISTS requests_key_at ON requests (key_id, at_ms);",
         )
         .map_err(err)?;
-        // Databases made before keys had token quotas and model lists gain the columns.
-        let columns: Vec<String> = db
-            .prepare("SELECT name FROM pragma_table_info('api_keys')")
-            .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
-            .map_err(err)?;
-        for (column, definition) in [("tokens_per_day", "INTEGER"), ("models", "TEXT NOT NULL DEFAULT ''")] {
+        // Databases made by earlier versions gain the columns added since.
+        for (table, column, definition) in [
+            ("api_keys", "tokens_per_day", "INTEGER"),
+            ("api_keys", "models", "TEXT NOT NULL DEFAULT ''"),
+            ("requests", "hit_length", "INTEGER NOT NULL DEFAULT 0"),
+        ] {
+            let columns: Vec<String> = db
+                .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
+                .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
+                .map_err(err)?;
             if !columns.iter().any(|c| c == column) {
-                db.execute_batch(&format!("ALTER TABLE api_keys ADD COLUMN {column} {definition}")).map_err(err)?;
+                db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}")).map_err(err)?;
             }
         }
         Ok(Accounts { path, db })
@@ -364,8 +374,8 @@ impl Accounts {
         let at_ms = chrono::Utc::now().timestamp_millis();
         self.db
             .execute(
-                "INSERT INTO requests (at_ms, key_id, model, outcome, prompt_tokens, completion_tokens, duration_ms, ttft_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO requests (at_ms, key_id, model, outcome, prompt_tokens, completion_tokens, duration_ms, ttft_ms, hit_length)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     at_ms,
                     r.key_id,
@@ -375,6 +385,7 @@ impl Accounts {
                     r.completion_tokens as i64,
                     ms(r.duration),
                     r.time_to_first_token.map(ms),
+                    r.hit_length,
                 ],
             )
             .map_err(self.err())?;
@@ -405,7 +416,7 @@ impl Accounts {
         };
         let sql = format!(
             "SELECT {group}, {name}, COUNT(*),
-                SUM(r.outcome = 'completed'), SUM(r.outcome = 'aborted'), SUM(r.outcome = 'rejected'), SUM(r.outcome = 'failed'),
+                SUM(r.outcome = 'completed'), SUM(r.outcome = 'completed' AND r.hit_length), SUM(r.outcome = 'aborted'), SUM(r.outcome = 'rejected'), SUM(r.outcome = 'failed'),
                 SUM(r.prompt_tokens), SUM(r.completion_tokens)
              FROM requests r LEFT JOIN api_keys k ON k.id = r.key_id
              WHERE r.at_ms >= ?1 GROUP BY {group} ORDER BY {group}"
@@ -419,11 +430,12 @@ impl Accounts {
                     name: r.get(1)?,
                     requests: n(r, 2)?,
                     completed: n(r, 3)?,
-                    aborted: n(r, 4)?,
-                    rejected: n(r, 5)?,
-                    failed: n(r, 6)?,
-                    prompt_tokens: n(r, 7)?,
-                    completion_tokens: n(r, 8)?,
+                    length: n(r, 4)?,
+                    aborted: n(r, 5)?,
+                    rejected: n(r, 6)?,
+                    failed: n(r, 7)?,
+                    prompt_tokens: n(r, 8)?,
+                    completion_tokens: n(r, 9)?,
                 })
             })
             .map_err(self.err())?;
@@ -489,6 +501,7 @@ mod tests {
             completion_tokens: completion,
             duration: std::time::Duration::from_millis(20),
             time_to_first_token: Some(std::time::Duration::from_millis(5)),
+            hit_length: outcome == Outcome::Completed,
         };
         accounts.record(&record(Outcome::Completed, 10, 5)).unwrap();
         accounts.record(&record(Outcome::Aborted, 3, 2)).unwrap();
@@ -497,6 +510,7 @@ mod tests {
         assert_eq!(usage.len(), 1);
         let u = &usage[0];
         assert_eq!((u.requests, u.completed, u.aborted, u.rejected, u.failed), (3, 1, 1, 1, 0));
+        assert_eq!(u.length, 1);
         assert_eq!((u.prompt_tokens, u.completion_tokens), (13, 7));
         assert_eq!(u.name, "ci");
         assert_eq!(accounts.usage(0, GroupBy::Model).unwrap()[0].group, "ai/smollm2:latest");
@@ -537,18 +551,24 @@ mod tests {
         assert_eq!(accounts.tokens_since(&key.id, second).unwrap(), []);
         assert_eq!(accounts.tokens_since("key-other", 0).unwrap(), []);
 
-        // A database from before the quota columns gains them.
+        // A database from before the quota columns and the length flag gains them, rows kept.
         let old = tempfile::tempdir().unwrap();
         let db = Connection::open(old.path().join("berth.db")).unwrap();
         db.execute_batch(
             "CREATE TABLE api_keys (id TEXT PRIMARY KEY, name TEXT NOT NULL, secret_sha256 BLOB NOT NULL UNIQUE,
              scopes TEXT NOT NULL, requests_per_minute INTEGER, created INTEGER NOT NULL, revoked INTEGER);
-             INSERT INTO api_keys VALUES ('key-1', 'old', x'00', 'inference', NULL, 0, NULL);",
+             INSERT INTO api_keys VALUES ('key-1', 'old', x'00', 'inference', NULL, 0, NULL);
+             CREATE TABLE requests (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, key_id TEXT NOT NULL,
+             model TEXT NOT NULL, outcome TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,
+             completion_tokens INTEGER NOT NULL, duration_ms REAL NOT NULL, ttft_ms REAL);
+             INSERT INTO requests VALUES (1, 1000, 'key-1', 'm', 'completed', 3, 4, 5.0, NULL);",
         )
         .unwrap();
         drop(db);
         let upgraded = Accounts::open(old.path()).unwrap();
         let keys = upgraded.list_keys().unwrap();
         assert_eq!((keys[0].name.as_str(), keys[0].tokens_per_day, keys[0].models.len()), ("old", None, 0));
+        let usage = upgraded.usage(0, GroupBy::Key).unwrap();
+        assert_eq!((usage[0].completed, usage[0].length, usage[0].completion_tokens), (1, 0, 4));
     }
 }

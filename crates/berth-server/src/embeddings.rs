@@ -83,6 +83,7 @@ async fn embed_all(model: Arc<EmbeddingModel>, items: Vec<Item>) -> Result<(Vec<
             completion_tokens: 0,
             duration: started.elapsed(),
             time_to_first_token: None,
+            hit_length: false,
         });
     }
     result

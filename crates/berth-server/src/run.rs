@@ -89,11 +89,14 @@ struct Tally {
     prompt_tokens: usize,
     completion_tokens: usize,
     first_token: Option<Instant>,
+    /// A choice ended at the token limit.
+    hit_length: bool,
 }
 
 impl RequestUsage {
     /// One generation ended.
-    fn end(&self, outcome: Outcome, prompt_tokens: usize, completion_tokens: usize, first_token: Option<Instant>) {
+    fn end(&self, end: End, first_token: Option<Instant>) {
+        let End { outcome, prompt_tokens, completion_tokens, hit_length } = end;
         let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
         if t.settled {
             return;
@@ -109,6 +112,7 @@ impl RequestUsage {
         }
         t.prompt_tokens += prompt_tokens;
         t.completion_tokens += completion_tokens;
+        t.hit_length |= hit_length;
         t.first_token = match (t.first_token, first_token) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -127,7 +131,7 @@ impl RequestUsage {
         t.settled = true;
         t.outcome = Outcome::Rejected;
         let (prompt_tokens, completion_tokens) = (0, 0);
-        self.record(&Tally { prompt_tokens, completion_tokens, first_token: None, ..*t });
+        self.record(&Tally { prompt_tokens, completion_tokens, first_token: None, hit_length: false, ..*t });
     }
 
     fn record(&self, t: &Tally) {
@@ -149,9 +153,19 @@ impl RequestUsage {
                 completion_tokens: t.completion_tokens as u64,
                 duration: self.started.elapsed(),
                 time_to_first_token: ttft,
+                hit_length: t.hit_length,
             });
         }
     }
+}
+
+/// How one generation ended.
+struct End {
+    outcome: Outcome,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    /// Completed at the token limit.
+    hit_length: bool,
 }
 
 /// Milliseconds to a tenth, for logs and spans.
@@ -164,7 +178,7 @@ impl Drop for Generation {
         // Let go before the end: the client went away.
         if !self.done {
             self.model.metrics.success(berth_engine::FinishReason::Cancelled);
-            self.charge(Outcome::Aborted, self.prompt_tokens, self.tokens);
+            self.charge(self.cut_short(Outcome::Aborted));
         }
     }
 }
@@ -172,19 +186,24 @@ impl Drop for Generation {
 impl Generation {
     /// Log the generation's end with its request id, model, tokens and timings, and add it to the
     /// request's usage.
-    fn charge(&self, outcome: Outcome, prompt_tokens: usize, completion_tokens: usize) {
+    fn charge(&self, end: End) {
         tracing::info!(
             request_id = %self.usage.request_id,
             model = %self.model.name,
-            outcome = ?outcome,
-            prompt_tokens,
-            completion_tokens,
+            outcome = ?end.outcome,
+            prompt_tokens = end.prompt_tokens,
+            completion_tokens = end.completion_tokens,
             ttft_ms = self.first_token.map(|t| ms(t.duration_since(self.started))),
             duration_ms = ms(self.started.elapsed()),
             "generation"
         );
-        let counted_prompt = if self.counts_prompt { prompt_tokens } else { 0 };
-        self.usage.end(outcome, counted_prompt, completion_tokens, self.first_token);
+        let prompt_tokens = if self.counts_prompt { end.prompt_tokens } else { 0 };
+        self.usage.end(End { prompt_tokens, ..end }, self.first_token);
+    }
+
+    /// How the generation ended, short of a completed answer: with the tokens it got so far.
+    fn cut_short(&self, outcome: Outcome) -> End {
+        End { outcome, prompt_tokens: self.prompt_tokens, completion_tokens: self.tokens, hit_length: false }
     }
 }
 
@@ -210,6 +229,7 @@ pub fn start_all(model: &Arc<LoadedModel>, reqs: Vec<(GenerationRequest, bool)>)
             prompt_tokens: 0,
             completion_tokens: 0,
             first_token: None,
+            hit_length: false,
         }),
     });
     let mut generations = Vec::with_capacity(reqs.len());
@@ -250,7 +270,7 @@ impl Generation {
             _ = abort.wait_for(|stop| *stop) => {
                 self.done = true;
                 self.model.metrics.failure("error");
-                self.charge(Outcome::Failed, self.prompt_tokens, self.tokens);
+                self.charge(self.cut_short(Outcome::Failed));
                 return Update::Done(Err(ApiError::unavailable(
                     "the server shut down before this answer finished (its drain timeout passed)",
                 )));
@@ -282,9 +302,14 @@ impl Generation {
                             berth_engine::FinishReason::Cancelled => Outcome::Aborted,
                             _ => Outcome::Completed,
                         };
-                        self.charge(outcome, out.prompt_tokens, out.tokens.len());
+                        self.charge(End {
+                            outcome,
+                            prompt_tokens: out.prompt_tokens,
+                            completion_tokens: out.tokens.len(),
+                            hit_length: out.finish == berth_engine::FinishReason::Length,
+                        });
                     }
-                    Err(_) => self.charge(Outcome::Failed, self.prompt_tokens, self.tokens),
+                    Err(_) => self.charge(self.cut_short(Outcome::Failed)),
                 }
                 Update::Done(result.map_err(|e| self.model.error(e)))
             }

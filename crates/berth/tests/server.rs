@@ -792,8 +792,13 @@ fn api_keys_scopes_quotas_and_usage() {
     let (status, text) = call("POST", "/v1/completions", Some(&user), completion);
     assert_eq!(status, 429, "{text}");
     assert!(text.to_ascii_lowercase().contains("retry-after:") && text.contains("rate_limit_exceeded"), "{text}");
-    // The admin key has no quota.
+    // The admin key has no quota. This answer ends at its token limit; the chat ends by itself.
     assert_eq!(call("POST", "/v1/completions", Some(&admin), completion).0, 200);
+    let chat =
+        r#"{"model":"smollm2","messages":[{"role":"user","content":"Say hi"}],"max_tokens":100,"temperature":0}"#;
+    let (status, text) = call("POST", "/v1/chat/completions", Some(&admin), chat);
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains(r#""finish_reason":"stop""#), "{text}");
 
     // Unloading is management: an inference key may not.
     let viewer = make(&["--name", "viewer"]);
@@ -811,8 +816,8 @@ fn api_keys_scopes_quotas_and_usage() {
     read_events(&mut s, 2);
     drop(s);
 
-    // Usage matches what the clients saw: 3 answers and 1 refusal for `app`, 1 answer and 1 hang-up
-    // for `ops`.
+    // Usage matches what the clients saw: 3 answers cut at their limit and 1 refusal for `app`; 1 answer
+    // cut at its limit, 1 that ended by itself and 1 hang-up for `ops`.
     let deadline = Instant::now() + Duration::from_secs(30);
     let usage = loop {
         let usage = server.berth.json(&["usage", "--json"]);
@@ -827,11 +832,12 @@ fn api_keys_scopes_quotas_and_usage() {
     let app = rows.iter().find(|r| r["name"] == "app").expect("the app key's usage");
     assert_eq!(app["requests"], 4, "{usage}");
     assert_eq!(app["completed"], 3, "{usage}");
+    assert_eq!(app["length"], 3, "{usage}");
     assert_eq!(app["rejected"], 1, "{usage}");
     assert_eq!(app["completion_tokens"], 12, "{usage}");
     assert!(app["prompt_tokens"].as_u64().unwrap_or(0) >= 3);
     let ops = rows.iter().find(|r| r["name"] == "ops").expect("the ops key's usage");
-    assert_eq!(ops["completed"], 1, "{usage}");
+    assert_eq!((ops["completed"].as_u64(), ops["length"].as_u64()), (Some(2), Some(1)), "{usage}");
     // The CLI speaks to a keyed server with a key.
     let url = format!("http://127.0.0.1:{}", server.port);
     let err = server.berth.fails(&["ps", "--url", &url]);
@@ -839,7 +845,10 @@ fn api_keys_scopes_quotas_and_usage() {
     let table = server.berth.ok(&["ps", "--url", &url, "--api-key", &admin]);
     assert!(table.contains("ai/smollm2:latest"), "{table}");
     let by_model = server.berth.ok(&["usage", "--by", "model", "--csv"]);
-    assert!(by_model.starts_with("model,name,requests") && by_model.contains("ai/smollm2:latest,"), "{by_model}");
+    assert!(
+        by_model.starts_with("model,name,requests,completed,length") && by_model.contains("ai/smollm2:latest,"),
+        "{by_model}"
+    );
 
     let id =
         listed.lines().find(|l| l.contains(" app ")).and_then(|l| l.split_whitespace().next()).unwrap().to_string();

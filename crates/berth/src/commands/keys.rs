@@ -125,6 +125,7 @@ pub fn usage(ctx: &Context, args: UsageArgs) -> anyhow::Result<()> {
         "name",
         "requests",
         "completed",
+        "length",
         "aborted",
         "rejected",
         "failed",
@@ -136,18 +137,27 @@ pub fn usage(ctx: &Context, args: UsageArgs) -> anyhow::Result<()> {
         for r in &rows {
             let name = r.name.replace('"', "\"\"");
             println!(
-                "{},\"{name}\",{},{},{},{},{},{},{}",
-                r.group, r.requests, r.completed, r.aborted, r.rejected, r.failed, r.prompt_tokens, r.completion_tokens
+                "{},\"{name}\",{},{},{},{},{},{},{},{}",
+                r.group,
+                r.requests,
+                r.completed,
+                r.length,
+                r.aborted,
+                r.rejected,
+                r.failed,
+                r.prompt_tokens,
+                r.completion_tokens
             );
         }
         return Ok(());
     }
     println!(
-        "{:<24} {:<14} {:>8} {:>9} {:>7} {:>8} {:>6} {:>10} {:>10}",
+        "{:<24} {:<14} {:>8} {:>9} {:>7} {:>7} {:>8} {:>6} {:>10} {:>10}",
         args.by.to_uppercase(),
         "NAME",
         "REQUESTS",
         "COMPLETED",
+        "LENGTH",
         "ABORTED",
         "REJECTED",
         "FAILED",
@@ -156,11 +166,12 @@ pub fn usage(ctx: &Context, args: UsageArgs) -> anyhow::Result<()> {
     );
     for r in rows {
         println!(
-            "{:<24} {:<14} {:>8} {:>9} {:>7} {:>8} {:>6} {:>10} {:>10}",
+            "{:<24} {:<14} {:>8} {:>9} {:>7} {:>7} {:>8} {:>6} {:>10} {:>10}",
             r.group,
             r.name,
             r.requests,
             r.completed,
+            r.length,
             r.aborted,
             r.rejected,
             r.failed,
