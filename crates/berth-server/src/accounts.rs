@@ -111,8 +111,9 @@ pub struct KeySpec {
     pub models: Vec<String>,
 }
 
-/// How a request ended, as usage records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a request ended, as usage records it. Ordered from best to worst: a request whose parts
+/// ended differently is recorded with the worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Outcome {
     /// Answered to the end (a stop or the length limit).
     Completed,
@@ -162,6 +163,23 @@ impl<'a> Record<'a> {
             time_to_first_token: None,
             hit_length: false,
         }
+    }
+}
+
+impl UsageRow {
+    /// The counts in the report's column order: requests, completed, length, aborted, rejected,
+    /// failed, prompt tokens, completion tokens.
+    pub fn counts(&self) -> [u64; 8] {
+        [
+            self.requests,
+            self.completed,
+            self.length,
+            self.aborted,
+            self.rejected,
+            self.failed,
+            self.prompt_tokens,
+            self.completion_tokens,
+        ]
     }
 }
 

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::accounts::{Accounts, ActiveKeys, ApiKey, NO_KEY, Record, Scope};
 use crate::error::ApiError;
-use crate::quota::TokenLedger;
+use crate::quota::{TokenLedger, millis, retry_after_seconds};
 
 pub struct Auth {
     accounts: Mutex<Accounts>,
@@ -67,7 +67,7 @@ tokio::task_local! {
     pub static CALLER: Option<Caller>;
 }
 
-/// The caller of the request being handled, if keys are in use.
+/// The caller of the request being handled (none outside a request, as when preloading).
 pub fn caller() -> Option<Caller> {
     CALLER.try_with(|c| c.clone()).ok().flatten()
 }
@@ -127,16 +127,15 @@ impl Auth {
         let ledger = match ledgers.entry(key.id.clone()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let window_ms = self.token_window.as_millis().min(i64::MAX as u128) as i64;
                 let used = self
                     .accounts()
-                    .tokens_since(&key.id, now_ms.saturating_sub(window_ms))
+                    .tokens_since(&key.id, now_ms.saturating_sub(millis(self.token_window)))
                     .map_err(|e| ApiError::internal(format!("cannot check the key's quota: {e}")))?;
                 e.insert(TokenLedger::new(used))
             }
         };
         let wait = ledger.wait(limit, self.token_window, now_ms);
-        Ok(wait.map(|w| w.as_secs_f64().ceil().max(1.0) as u64))
+        Ok(wait.map(retry_after_seconds))
     }
 
     /// 429 for a key past a quota (`used` says which), recorded as a rejected request.
@@ -158,8 +157,7 @@ impl Auth {
         if times.len() >= limit {
             let oldest = times.front().copied().unwrap_or(now);
             let wait = Duration::from_secs(60).saturating_sub(now.duration_since(oldest));
-            // Rounded up: a client that waits exactly this long is served.
-            return Some((wait.as_secs_f64().ceil() as u64).max(1));
+            return Some(retry_after_seconds(wait));
         }
         times.push_back(now);
         None

@@ -6,6 +6,17 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+/// A window's length in milliseconds, as usage rows count time.
+pub fn millis(window: Duration) -> i64 {
+    window.as_millis().min(i64::MAX as u128) as i64
+}
+
+/// Whole seconds to tell a client to wait (`Retry-After`): rounded up, so that a client that waits
+/// exactly this long is served, and at least one.
+pub fn retry_after_seconds(wait: Duration) -> u64 {
+    (wait.as_secs_f64().ceil() as u64).max(1)
+}
+
 /// What one key used within the window: (when a request ended, Unix ms; its tokens), oldest first.
 #[derive(Debug, Default)]
 pub struct TokenLedger {
@@ -30,7 +41,7 @@ impl TokenLedger {
     /// If `limit` tokens or more were used within `window` of `now_ms`: how long until enough of
     /// the oldest leave it for the total to be under the limit again.
     pub fn wait(&mut self, limit: u64, window: Duration, now_ms: i64) -> Option<Duration> {
-        let window_ms = window.as_millis().min(i64::MAX as u128) as i64;
+        let window_ms = millis(window);
         while let Some(&(at_ms, tokens)) = self.entries.front() {
             if at_ms > now_ms.saturating_sub(window_ms) {
                 break;

@@ -95,21 +95,13 @@ struct Tally {
 
 impl RequestUsage {
     /// One generation ended.
-    fn end(&self, end: End, first_token: Option<Instant>) {
-        let End { outcome, prompt_tokens, completion_tokens, hit_length } = end;
+    fn end(&self, end: End) {
+        let End { outcome, prompt_tokens, completion_tokens, hit_length, first_token } = end;
         let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
         if t.settled {
             return;
         }
-        let rank = |o: Outcome| match o {
-            Outcome::Completed => 0,
-            Outcome::Aborted => 1,
-            Outcome::Rejected => 2,
-            Outcome::Failed => 3,
-        };
-        if rank(outcome) > rank(t.outcome) {
-            t.outcome = outcome;
-        }
+        t.outcome = t.outcome.max(outcome);
         t.prompt_tokens += prompt_tokens;
         t.completion_tokens += completion_tokens;
         t.hit_length |= hit_length;
@@ -125,13 +117,12 @@ impl RequestUsage {
     }
 
     /// Refused before it ran: recorded as such, and the generations already queued are not
-    /// counted when they end.
+    /// counted when they end. (None has ended yet, so the tally holds no tokens.)
     fn refuse(&self) {
         let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
         t.settled = true;
         t.outcome = Outcome::Rejected;
-        let (prompt_tokens, completion_tokens) = (0, 0);
-        self.record(&Tally { prompt_tokens, completion_tokens, first_token: None, hit_length: false, ..*t });
+        self.record(&t);
     }
 
     fn record(&self, t: &Tally) {
@@ -166,6 +157,7 @@ struct End {
     completion_tokens: usize,
     /// Completed at the token limit.
     hit_length: bool,
+    first_token: Option<Instant>,
 }
 
 /// Milliseconds to a tenth, for logs and spans.
@@ -198,12 +190,18 @@ impl Generation {
             "generation"
         );
         let prompt_tokens = if self.counts_prompt { end.prompt_tokens } else { 0 };
-        self.usage.end(End { prompt_tokens, ..end }, self.first_token);
+        self.usage.end(End { prompt_tokens, ..end });
     }
 
     /// How the generation ended, short of a completed answer: with the tokens it got so far.
     fn cut_short(&self, outcome: Outcome) -> End {
-        End { outcome, prompt_tokens: self.prompt_tokens, completion_tokens: self.tokens, hit_length: false }
+        End {
+            outcome,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.tokens,
+            hit_length: false,
+            first_token: self.first_token,
+        }
     }
 }
 
@@ -307,6 +305,7 @@ impl Generation {
                             prompt_tokens: out.prompt_tokens,
                             completion_tokens: out.tokens.len(),
                             hit_length: out.finish == berth_engine::FinishReason::Length,
+                            first_token: self.first_token,
                         });
                     }
                     Err(_) => self.charge(self.cut_short(Outcome::Failed)),
@@ -314,7 +313,9 @@ impl Generation {
                 Update::Done(result.map_err(|e| self.model.error(e)))
             }
             None => {
+                // The scheduler went away without a last word: the request still counts, once.
                 self.done = true;
+                self.charge(self.cut_short(Outcome::Failed));
                 Update::Done(Err(self.model.error(EngineError::Stopped)))
             }
         }

@@ -120,64 +120,26 @@ pub fn usage(ctx: &Context, args: UsageArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(());
     }
-    let head = [
-        args.by.as_str(),
-        "name",
-        "requests",
-        "completed",
-        "length",
-        "aborted",
-        "rejected",
-        "failed",
-        "prompt_tokens",
-        "completion_tokens",
-    ];
+    // Column names in the order of `UsageRow::counts`; the table's widths fit its headings.
+    let counts =
+        ["requests", "completed", "length", "aborted", "rejected", "failed", "prompt_tokens", "completion_tokens"];
+    let headings = ["REQUESTS", "COMPLETED", "LENGTH", "ABORTED", "REJECTED", "FAILED", "PROMPT", "COMPLETION"];
+    let widths = [8, 9, 7, 7, 8, 6, 10, 10];
     if args.csv {
-        println!("{}", head.join(","));
+        println!("{},name,{}", args.by, counts.join(","));
         for r in &rows {
-            let name = r.name.replace('"', "\"\"");
-            println!(
-                "{},\"{name}\",{},{},{},{},{},{},{},{}",
-                r.group,
-                r.requests,
-                r.completed,
-                r.length,
-                r.aborted,
-                r.rejected,
-                r.failed,
-                r.prompt_tokens,
-                r.completion_tokens
-            );
+            let values: Vec<String> = r.counts().iter().map(u64::to_string).collect();
+            println!("{},\"{}\",{}", r.group, r.name.replace('"', "\"\""), values.join(","));
         }
         return Ok(());
     }
-    println!(
-        "{:<24} {:<14} {:>8} {:>9} {:>7} {:>7} {:>8} {:>6} {:>10} {:>10}",
-        args.by.to_uppercase(),
-        "NAME",
-        "REQUESTS",
-        "COMPLETED",
-        "LENGTH",
-        "ABORTED",
-        "REJECTED",
-        "FAILED",
-        "PROMPT",
-        "COMPLETION"
-    );
-    for r in rows {
-        println!(
-            "{:<24} {:<14} {:>8} {:>9} {:>7} {:>7} {:>8} {:>6} {:>10} {:>10}",
-            r.group,
-            r.name,
-            r.requests,
-            r.completed,
-            r.length,
-            r.aborted,
-            r.rejected,
-            r.failed,
-            r.prompt_tokens,
-            r.completion_tokens
-        );
+    let line = |group: &str, name: &str, cells: Vec<String>| {
+        let cells: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:>w$}")).collect();
+        println!("{group:<24} {name:<14} {}", cells.join(" "));
+    };
+    line(&args.by.to_uppercase(), "NAME", headings.iter().map(|h| h.to_string()).collect());
+    for r in &rows {
+        line(&r.group, &r.name, r.counts().iter().map(u64::to_string).collect());
     }
     Ok(())
 }
