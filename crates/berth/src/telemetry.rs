@@ -71,7 +71,6 @@ struct SpanData {
     parent_span_id: Option<[u8; 8]>,
     start: SystemTime,
     attributes: Vec<(&'static str, Value)>,
-    error: bool,
 }
 
 /// A finished span, in OTLP's JSON form, or a request to send what is queued now.
@@ -176,7 +175,6 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SpanLayer {
             parent_span_id,
             start: SystemTime::now(),
             attributes,
-            error: false,
         });
     }
 
@@ -185,9 +183,6 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SpanLayer {
             && let Some(data) = span.extensions_mut().get_mut::<SpanData>()
         {
             values.record(&mut Attrs(&mut data.attributes));
-            let status = data.attributes.iter().find(|(k, _)| *k == "http.response.status_code");
-            data.error =
-                status.and_then(|(_, v)| v["intValue"].as_str()?.parse::<u16>().ok()).is_some_and(|s| s >= 500);
         }
     }
 
@@ -195,6 +190,9 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SpanLayer {
         let Some(span) = ctx.span(&id) else { return };
         let Some(data) = span.extensions_mut().remove::<SpanData>() else { return };
         let attributes: Vec<Value> = data.attributes.iter().map(|(k, v)| json!({"key": k, "value": v})).collect();
+        // A server error marks the span as failed (OTLP status code 2).
+        let status = data.attributes.iter().find(|(k, _)| *k == "http.response.status_code");
+        let error = status.and_then(|(_, v)| v["intValue"].as_str()?.parse::<u16>().ok()).is_some_and(|s| s >= 500);
         let mut otlp = json!({
             "traceId": hex::encode(data.trace_id),
             "spanId": hex::encode(data.span_id),
@@ -204,7 +202,7 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SpanLayer {
             "startTimeUnixNano": nanos(data.start),
             "endTimeUnixNano": nanos(SystemTime::now()),
             "attributes": attributes,
-            "status": {"code": if data.error { 2 } else { 0 }},
+            "status": {"code": if error { 2 } else { 0 }},
         });
         if let Some(parent) = data.parent_span_id {
             otlp["parentSpanId"] = json!(hex::encode(parent));
