@@ -509,17 +509,16 @@ impl ModelManager {
         model: &str,
         abort: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Loaded, ApiError> {
-        let home = self.home.clone();
-        let batching = self.batching.clone();
-        let available = self.available();
+        // Only a first request loads; the others find the model in the cell and do none of this.
+        let manager = self;
         let name = reference.familiar();
         let span = tracing::info_span!("load_model", model = %name);
         cell.get_or_try_init(|| {
             async move {
                 let started = std::time::Instant::now();
-                let store = Store::open(&home).map_err(|e| ApiError::internal(e.to_string()))?;
+                let store = manager.store()?;
                 let (_, manifest, _) = store.load(&reference).map_err(|e| match e {
-                    berth_store::StoreError::NotFound(_) => ApiError::model_not_found(model, &available),
+                    berth_store::StoreError::NotFound(_) => ApiError::model_not_found(model, &manager.available()),
                     other => ApiError::internal(format!("cannot load {name}: {other}")),
                 })?;
                 let size = manifest.total_size();
@@ -535,7 +534,7 @@ impl ModelManager {
                     return Ok(Loaded::Embed(Arc::new(EmbeddingModel { name, embedder, size })));
                 }
                 let found = store.gguf_model(&reference).map_err(|e| match e {
-                    berth_store::StoreError::NotFound(_) => ApiError::model_not_found(model, &available),
+                    berth_store::StoreError::NotFound(_) => ApiError::model_not_found(model, &manager.available()),
                     berth_store::StoreError::Config(m) => ApiError::invalid("model", m),
                     other => ApiError::internal(format!("cannot load {name}: {other}")),
                 })?;
@@ -545,9 +544,10 @@ impl ModelManager {
                         .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))?
                         .map_err(|e| ApiError::internal(format!("cannot load {name}: {e}")))?;
                 let engine = Arc::new(engine);
+                let batching = &manager.batching;
                 let limits = batching.per_model.of(&reference);
                 let context = limits.context.unwrap_or(usize::MAX).min(engine.context_length());
-                let config = runner_config(&engine, &batching, &limits, context);
+                let config = runner_config(&engine, batching, &limits, context);
                 let runner = Runner::start(engine.clone(), config)
                     .map_err(|e| ApiError::internal(format!("cannot start {name}: {e}")))?;
                 let seconds = started.elapsed().as_secs_f64();
