@@ -27,8 +27,8 @@ pub struct Auth {
     /// `accounts`.
     ledgers: Mutex<HashMap<String, TokenLedger>>,
     /// The active keys, read again only when another process changed the database (`berth keys`
-    /// takes effect on the next request), so a request costs no query. Lock order: this, then
-    /// `accounts`.
+    /// takes effect on the next request), so a request costs one `PRAGMA data_version`, no table
+    /// read. Lock order: this, then `accounts`.
     keys: Mutex<(Option<i64>, Arc<ActiveKeys>)>,
 }
 

@@ -27,10 +27,6 @@ impl LimitsByModel {
         self.0.iter().find(|(r, _)| *r == reference).map(|(_, l)| l.clone()).unwrap_or_default()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &(String, ModelLimits)> {
-        self.0.iter()
-    }
-
     /// Parse `REF=threads:2,max-running:8,context:4096` (any of the three, in any order).
     pub fn add(&mut self, spec: &str) -> Result<(), String> {
         let usage =
