@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::AppState;
-use crate::accounts::{Outcome, Record};
+use crate::accounts::{NO_KEY, Outcome, Record};
 use crate::error::ApiError;
 use crate::models::EmbeddingModel;
 use crate::request::JsonBody;
@@ -66,26 +66,21 @@ async fn embed_all(model: Arc<EmbeddingModel>, items: Vec<Item>) -> Result<(Vec<
     let started = Instant::now();
     let name = model.name.clone();
     let result = embed_on_worker(model, items).await;
-    if let Some(caller) = crate::auth::caller() {
-        let (outcome, tokens) = match &result {
-            Ok((_, tokens)) => (Outcome::Completed, *tokens as u64),
-            Err(_) => (Outcome::Failed, 0),
-        };
-        let span = tracing::Span::current();
-        span.record("model", name.as_str());
-        span.record("outcome", outcome.name());
-        span.record("prompt_tokens", tokens);
-        caller.record(&Record {
-            key_id: caller.key_id(),
-            model: &name,
-            outcome,
-            prompt_tokens: tokens,
-            completion_tokens: 0,
-            duration: started.elapsed(),
-            time_to_first_token: None,
-            hit_length: false,
-        });
-    }
+    let (outcome, tokens) = match &result {
+        Ok((_, tokens)) => (Outcome::Completed, *tokens as u64),
+        Err(_) => (Outcome::Failed, 0),
+    };
+    let record = Record {
+        key_id: NO_KEY,
+        model: &name,
+        outcome,
+        prompt_tokens: tokens,
+        completion_tokens: 0,
+        duration: started.elapsed(),
+        time_to_first_token: None,
+        hit_length: false,
+    };
+    crate::run::account(crate::auth::caller().as_ref(), &tracing::Span::current(), record);
     result
 }
 

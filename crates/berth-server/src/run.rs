@@ -16,7 +16,7 @@ use berth_engine::scheduler::TokenSink;
 use berth_engine::{EngineError, GenerationOutput, GenerationRequest, TokenEvent};
 use tokio::sync::mpsc;
 
-use crate::accounts::{Outcome, Record};
+use crate::accounts::{NO_KEY, Outcome, Record};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::models::{Hold, LoadedModel};
@@ -126,27 +126,32 @@ impl RequestUsage {
     }
 
     fn record(&self, t: &Tally) {
-        let ttft = t.first_token.map(|f| f.duration_since(self.started));
-        let span = &self.span;
-        span.record("model", self.model.as_str());
-        span.record("outcome", t.outcome.name());
-        span.record("prompt_tokens", t.prompt_tokens);
-        span.record("completion_tokens", t.completion_tokens);
-        if let Some(ttft) = ttft {
-            span.record("ttft_ms", ms(ttft));
-        }
-        if let Some(c) = &self.caller {
-            c.record(&Record {
-                key_id: c.key_id(),
-                model: &self.model,
-                outcome: t.outcome,
-                prompt_tokens: t.prompt_tokens as u64,
-                completion_tokens: t.completion_tokens as u64,
-                duration: self.started.elapsed(),
-                time_to_first_token: ttft,
-                hit_length: t.hit_length,
-            });
-        }
+        let record = Record {
+            key_id: NO_KEY,
+            model: &self.model,
+            outcome: t.outcome,
+            prompt_tokens: t.prompt_tokens as u64,
+            completion_tokens: t.completion_tokens as u64,
+            duration: self.started.elapsed(),
+            time_to_first_token: t.first_token.map(|f| f.duration_since(self.started)),
+            hit_length: t.hit_length,
+        };
+        account(self.caller.as_ref(), &self.span, record);
+    }
+}
+
+/// An API request ended: its figures go into its span, and its usage row is charged to the caller
+/// (whose key replaces `record.key_id`).
+pub fn account(caller: Option<&Caller>, span: &tracing::Span, record: Record<'_>) {
+    span.record("model", record.model);
+    span.record("outcome", record.outcome.name());
+    span.record("prompt_tokens", record.prompt_tokens);
+    span.record("completion_tokens", record.completion_tokens);
+    if let Some(ttft) = record.time_to_first_token {
+        span.record("ttft_ms", ms(ttft));
+    }
+    if let Some(c) = caller {
+        c.record(&Record { key_id: c.key_id(), ..record });
     }
 }
 
