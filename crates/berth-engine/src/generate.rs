@@ -74,6 +74,18 @@ pub struct GenerationOutput {
     pub decode_time: Duration,
 }
 
+/// The chat template a GGUF file carries, if any (read from its metadata, nothing loaded).
+pub fn chat_template_of(path: &Path) -> Result<Option<String>, EngineError> {
+    let io = |source| EngineError::Io { path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: the map is read-only and dropped before this returns; berth's store files are
+    // never written in place.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    let gguf = berth_formats::gguf::GgufFile::parse(&map)
+        .map_err(|source| EngineError::Gguf { path: path.to_path_buf(), source })?;
+    Ok(gguf.get_str("tokenizer.chat_template").map(str::to_string))
+}
+
 impl Engine {
     /// Load a GGUF model; `template_override` (an artifact's template layer) replaces the file's.
     pub fn load(path: &Path, template_override: Option<&str>) -> Result<Engine, EngineError> {
@@ -99,23 +111,24 @@ impl Engine {
         self.model.config.context_length
     }
 
-    /// Tokens of a chat: the template's markers as special tokens, the messages as plain text.
+    /// Tokens of a chat: the template's markers as special tokens, the messages' text as text.
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
         let Some(template) = &self.template else {
             // No template: the messages' text, one per line, as a plain completion prompt.
             let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
             return self.text_prompt(&text.join("\n"));
         };
-        let rendered = template.render(messages, true)?;
-        let mut ids = Vec::new();
-        let mut at = 0;
-        for span in &rendered.content_spans {
-            ids.extend(self.tokenizer.encode(&rendered.text[at..span.start], true)?);
-            ids.extend(self.tokenizer.encode(&rendered.text[span.clone()], false)?);
-            at = span.end;
-        }
-        ids.extend(self.tokenizer.encode(&rendered.text[at..], true)?);
-        Ok(self.with_bos(ids))
+        // Roles and contents come from users: the special tokens' text in them is defused, so only
+        // the template's own markers become special tokens.
+        let messages: Vec<Message> = messages
+            .iter()
+            .map(|m| Message {
+                role: self.tokenizer.defuse_specials(&m.role).into_owned(),
+                content: self.tokenizer.defuse_specials(&m.content).into_owned(),
+            })
+            .collect();
+        let rendered = template.render(&messages, true)?;
+        Ok(self.with_bos(self.tokenizer.encode_rendered(&rendered)?))
     }
 
     /// Tokens of a raw completion prompt (special-token text stays text).

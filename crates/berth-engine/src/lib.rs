@@ -20,7 +20,7 @@ mod team;
 
 use team::Team;
 
-pub use generate::{Engine, FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
+pub use generate::{Engine, FinishReason, GenerationOutput, GenerationRequest, TokenEvent, chat_template_of};
 
 static TEAM: std::sync::OnceLock<std::sync::Arc<Team>> = std::sync::OnceLock::new();
 

@@ -24,7 +24,7 @@ fn renders_every_golden_prompt_exactly() {
             .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
             .collect();
         let got = template.render(&messages, true).unwrap();
-        assert_eq!(got.text, want["prompt_text"].as_str().unwrap(), "{}", case["name"]);
+        assert_eq!(got, want["prompt_text"].as_str().unwrap(), "{}", case["name"]);
         rendered += 1;
     }
     assert_eq!(rendered, 7);

@@ -156,6 +156,14 @@ pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatReq
             // Ollama loads the model and answers with an empty message.
             return Ok((model, None));
         }
+        for (i, m) in req.messages.iter().enumerate() {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].role"),
+                    format!("unknown role {:?}: a message's role is system, user, assistant or tool", m.role),
+                ));
+            }
+        }
         let messages: Vec<Message> = req.messages.iter().map(|m| Message::new(&m.role, &m.content)).collect();
         let prompt = model.engine.chat_prompt(&messages)?;
         let request = req.options.sampling().to_request(&model, prompt, None)?;
@@ -320,7 +328,7 @@ pub async fn show(
             .get(&req.model)
             .await
             .ok()
-            .and_then(|m| m.engine.model.gguf.get_str("tokenizer.chat_template").map(str::to_string)),
+            .and_then(|m| m.engine.template.as_ref().map(|t| t.source().to_string())),
         _ => None,
     };
     let info: serde_json::Map<String, Value> = c.gguf.iter().flatten().map(|(k, v)| (k.clone(), json!(v))).collect();

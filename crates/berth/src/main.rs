@@ -64,10 +64,24 @@ enum Command {
     Keys(commands::keys::KeyCommand),
     /// Show the requests and tokens each API key used, by model and day.
     Usage(commands::keys::UsageArgs),
+    /// Render chat templates for another berth process (see berth_engine::template::sandbox).
+    #[command(name = TEMPLATE_WORKER, hide = true)]
+    TemplateWorker,
 }
+
+/// The hidden command a template worker process runs.
+const TEMPLATE_WORKER: &str = "__template-worker";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Chat templates come from registries: render them in worker processes with their own memory
+    // limit, so that a hostile one cannot take this process down.
+    match std::env::current_exe() {
+        Ok(exe) => berth_engine::template::sandbox::use_worker_processes(exe, vec![TEMPLATE_WORKER.into()]),
+        Err(e) => {
+            eprintln!("berth: chat templates will render in this process (cannot find berth's own executable: {e})")
+        }
+    }
     let ctx = commands::Context {
         home: cli.home.unwrap_or_else(berth_store::Store::default_home),
         insecure_registries: cli.insecure_registries,
@@ -88,6 +102,9 @@ fn main() -> ExitCode {
         Command::Unload(a) => commands::loaded::unload(a),
         Command::Keys(c) => commands::keys::key(&ctx, c),
         Command::Usage(a) => commands::keys::usage(&ctx, a),
+        Command::TemplateWorker => {
+            return ExitCode::from(berth_engine::template::sandbox::worker_main().clamp(0, 255) as u8);
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

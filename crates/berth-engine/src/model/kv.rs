@@ -23,10 +23,12 @@ pub struct KvStore {
 
 impl KvStore {
     /// Storage for `blocks` blocks. The memory is zeroed lazily by the operating system, so a large
-    /// pool costs address space until it is used.
+    /// pool costs address space until it is used. (Each layer is its own zeroed allocation:
+    /// `vec![layer; n]` would clone the first layer's zeros into the others, writing every page.)
     pub fn new(layers: usize, kv_dim: usize, blocks: usize) -> Self {
         let per_layer = blocks * BLOCK_TOKENS * kv_dim;
-        Self { kv_dim, blocks, k: vec![vec![0; per_layer]; layers], v: vec![vec![0; per_layer]; layers] }
+        let zeroed = || (0..layers).map(|_| vec![0u16; per_layer]).collect();
+        Self { kv_dim, blocks, k: zeroed(), v: zeroed() }
     }
 
     /// Bytes one block takes over all layers, keys and values.

@@ -54,6 +54,25 @@ pub struct Tokenizer {
 /// The longest text berth tokenizes in one call (bytes); longer input is refused, not truncated.
 pub const MAX_TEXT_BYTES: usize = 16 << 20;
 
+/// The mark [`Tokenizer::defuse_specials`] puts into special tokens' text from users: a Unicode
+/// noncharacter, which no vocabulary's special token contains and no text means to hold.
+pub const DEFUSED: char = '\u{FDD0}';
+
+enum Piece<'t> {
+    Text(&'t str),
+    Special(u32),
+}
+
+fn check_length(text: &str) -> Result<(), EngineError> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(EngineError::Tokenizer(format!(
+            "the text is {} bytes; berth tokenizes at most {MAX_TEXT_BYTES} at once",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
 impl Tokenizer {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, EngineError> {
         let err = |m: String| EngineError::Tokenizer(m);
@@ -166,19 +185,63 @@ impl Tokenizer {
     /// Encode text without BOS/EOS. With `parse_special`, control and user-defined token strings in
     /// the text become those tokens; without, they are ordinary characters.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, EngineError> {
-        if text.len() > MAX_TEXT_BYTES {
-            return Err(EngineError::Tokenizer(format!(
-                "the text is {} bytes; berth tokenizes at most {MAX_TEXT_BYTES} at once",
-                text.len()
-            )));
-        }
+        check_length(text)?;
         let mut out = Vec::new();
-        if !parse_special {
+        if parse_special {
+            self.split_specials(text, |piece| match piece {
+                Piece::Text(t) => self.encode_plain(t, &mut out),
+                Piece::Special(id) => out.push(id),
+            });
+        } else {
             self.encode_plain(text, &mut out);
-            return Ok(out);
         }
+        Ok(out)
+    }
+
+    /// Make text from a user safe to put into a chat template: every special token's text in it
+    /// gets an invisible mark ([`DEFUSED`]) after its first character, so that no special token
+    /// can be read out of it once it is rendered. Templates see the text as it was everywhere else.
+    pub fn defuse_specials<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        let mut out: Option<String> = None;
+        let mut copied = 0;
+        for (i, c) in text.char_indices() {
+            if !self.special_first_bytes[text.as_bytes()[i] as usize] {
+                continue;
+            }
+            let defusable = |s: &str| s.len() > c.len_utf8() && text[i..].starts_with(s);
+            if self.specials.iter().any(|(s, _)| defusable(s)) {
+                let buf = out.get_or_insert_with(|| String::with_capacity(text.len() + 16));
+                let after = i + c.len_utf8();
+                buf.push_str(&text[copied..after]);
+                buf.push(DEFUSED);
+                copied = after;
+            }
+        }
+        match out {
+            None => std::borrow::Cow::Borrowed(text),
+            Some(mut buf) => {
+                buf.push_str(&text[copied..]);
+                std::borrow::Cow::Owned(buf)
+            }
+        }
+    }
+
+    /// Encode a rendered chat template: the special tokens the template wrote become tokens; text
+    /// that came from users (defused with [`Self::defuse_specials`]) stays text, its marks removed.
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        check_length(text)?;
+        let mut out = Vec::new();
+        self.split_specials(text, |piece| match piece {
+            Piece::Text(t) if t.contains(DEFUSED) => self.encode_plain(&t.replace(DEFUSED, ""), &mut out),
+            Piece::Text(t) => self.encode_plain(t, &mut out),
+            Piece::Special(id) => out.push(id),
+        });
+        Ok(out)
+    }
+
+    /// Walk text as runs of plain text and special tokens (longest match first).
+    fn split_specials<'t>(&self, text: &'t str, mut each: impl FnMut(Piece<'t>)) {
         let mut rest = text;
-        let mut plain_start = 0;
         let mut i = 0;
         while i < rest.len() {
             let hit = if self.special_first_bytes[rest.as_bytes()[i] as usize] {
@@ -188,17 +251,19 @@ impl Tokenizer {
             };
             match hit {
                 Some((s, id)) => {
-                    self.encode_plain(&rest[plain_start..i], &mut out);
-                    out.push(*id);
+                    if i > 0 {
+                        each(Piece::Text(&rest[..i]));
+                    }
+                    each(Piece::Special(*id));
                     rest = &rest[i + s.len()..];
-                    plain_start = 0;
                     i = 0;
                 }
                 None => i += rest[i..].chars().next().map_or(1, char::len_utf8),
             }
         }
-        self.encode_plain(&rest[plain_start..], &mut out);
-        Ok(out)
+        if !rest.is_empty() {
+            each(Piece::Text(rest));
+        }
     }
 
     fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {

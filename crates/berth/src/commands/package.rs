@@ -1,4 +1,6 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
 
 use berth_store::package::{self, GgufPackage};
 
@@ -32,6 +34,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let store = ctx.store()?;
     let bar = progress::for_terminal();
     let digest = if let Some(gguf) = args.gguf {
+        vet_template(&gguf, args.chat_template.as_deref())?;
         let pkg = GgufPackage {
             gguf,
             licenses: args.licenses,
@@ -46,4 +49,30 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     };
     println!("Packaged {} ({digest})", reference.familiar());
     Ok(())
+}
+
+/// A chat template is code every server of the model will run: refuse, before anything is stored,
+/// one that does not compile or cannot render a plain conversation within berth's limits.
+fn vet_template(gguf: &Path, override_file: Option<&Path>) -> anyhow::Result<()> {
+    let (source, origin) = match override_file {
+        Some(path) => {
+            let len = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+            if len > berth_engine::template::MAX_SOURCE_BYTES as u64 {
+                anyhow::bail!(
+                    "{} is {len} bytes; a chat template may have at most {}",
+                    path.display(),
+                    berth_engine::template::MAX_SOURCE_BYTES
+                );
+            }
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
+            (text, path.display().to_string())
+        }
+        None => match berth_engine::chat_template_of(gguf)? {
+            Some(text) => (text, format!("the chat template in {}", gguf.display())),
+            None => return Ok(()),
+        },
+    };
+    berth_engine::template::vet(&source)
+        .with_context(|| format!("{origin} cannot be used: fix the template or give another with --chat-template"))
 }

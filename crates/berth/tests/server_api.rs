@@ -1,0 +1,172 @@
+//! The APIs through the real server: the official openai, ollama and LangChain clients, bad
+//! requests, a client that hangs up mid-stream, and `berth bench --url`.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use berth_testkit::models;
+use berth_testkit::registry::http_request;
+use util::Berth;
+use util::server::*;
+
+#[test]
+fn the_official_openai_client_works() {
+    let server = Server::start();
+    let golden = models::golden_dir().join("minilm-l6-v2.reference.json").display().to_string();
+    run_python(
+        "openai_client.py",
+        &[&format!("http://127.0.0.1:{}/v1", server.port), "ai/smollm2:latest", "ai/minilm:latest", &golden],
+        &server,
+    );
+}
+
+#[test]
+fn the_official_ollama_client_works() {
+    // A real registry holding a copy of the model, for /api/pull.
+    let registry = berth_testkit::registry::Registry::start();
+    let remote = format!("{}/berth-test/smollm2:v1", registry.host());
+    let pusher = Berth::new();
+    pusher.ok(&["package", "--gguf", &models::smollm2_gguf().display().to_string(), &remote]);
+    pusher.ok(&["push", &remote]);
+    let server = Server::start();
+    let (status, _) = http_request(server.port, "HEAD", "/", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    run_python(
+        "ollama_client.py",
+        &[&format!("http://127.0.0.1:{}", server.port), "ai/smollm2:latest", &remote],
+        &server,
+    );
+}
+
+#[test]
+fn langchain_chat_openai_works() {
+    let server = Server::start();
+    run_python("langchain_client.py", &[&format!("http://127.0.0.1:{}/v1", server.port), "ai/smollm2:latest"], &server);
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
+    let server = Server::start();
+    let chat = |extra: &str| {
+        format!(r#"{{"model":"smollm2","messages":[{{"role":"user","content":"hi"}}],"max_tokens":4{extra}}}"#)
+    };
+    let long_prompt =
+        format!(r#"{{"model":"smollm2","messages":[{{"role":"user","content":"{}"}}]}}"#, "hello ".repeat(100_000));
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("invalid JSON", "{not json".into(), 400, "not valid JSON"),
+        ("wrong type", chat(r#","temperature":"hot""#), 400, "temperature"),
+        ("negative max_tokens", chat(r#","max_tokens":-5"#).replace(r#""max_tokens":4,"#, ""), 400, "max_tokens"),
+        ("huge max_tokens", chat("").replace(r#""max_tokens":4"#, r#""max_tokens":100000000"#), 400, "context"),
+        ("top_logprobs 21", chat(r#","logprobs":true,"top_logprobs":21"#), 400, "top_logprobs"),
+        ("temperature -1", chat(r#","temperature":-1"#), 400, "temperature"),
+        ("empty messages", r#"{"model":"smollm2","messages":[]}"#.into(), 400, "messages"),
+        ("unknown model", chat("").replace("smollm2", "nope"), 404, "nope"),
+        ("100k-token prompt", long_prompt, 400, "context"),
+        ("json_schema", chat(r#","response_format":{"type":"json_schema"}"#), 400, "response_format"),
+    ];
+    for (name, body, status, needle) in cases {
+        let (got, text) = server.post("/v1/chat/completions", &body);
+        assert_eq!(got, status, "{name}: {text}");
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: not JSON ({e}): {text}"));
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{name}: {message}");
+        assert!(v["error"]["type"].is_string(), "{name}: OpenAI error shape: {text}");
+    }
+
+    // A 10 MB body is refused at the limit.
+    let huge = format!(r#"{{"model":"smollm2","messages":[{{"role":"user","content":"{}"}}]}}"#, "a".repeat(10 << 20));
+    let (status, _) = server.post("/v1/chat/completions", &huge);
+    assert_eq!(status, 413);
+
+    // A 1 MB header is refused by the HTTP layer.
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let header = format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20));
+    let _ = s.write_all(header.as_bytes());
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let head = String::from_utf8_lossy(&resp[..resp.len().min(40)]).to_string();
+    assert!(head.is_empty() || head.contains(" 431 ") || head.contains(" 400 "), "big header: {head}");
+
+    // Unknown fields are ignored, and the server still answers.
+    let (status, text) = server.post("/v1/chat/completions", &chat(r#","no_such_field":{"x":1}"#));
+    assert_eq!(status, 200, "{text}");
+    let (status, _) = http_request(server.port, "GET", "/health", &[], b"").unwrap();
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_client_that_hangs_up_stops_its_generation() {
+    let server = Server::start();
+    let before = server.metric("berth:generation_tokens_total");
+    let body = r#"{"model":"smollm2","messages":[{"role":"user","content":"Write a long story about a dragon."}],"max_tokens":500,"stream":true,"temperature":0}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    // Read until a few content chunks arrived, then hang up.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen).matches("\"content\"").count() < 4 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    std::thread::sleep(Duration::from_millis(1500));
+    let after_hangup = server.metric("berth:generation_tokens_total");
+    std::thread::sleep(Duration::from_millis(1500));
+    let later = server.metric("berth:generation_tokens_total");
+    assert_eq!(after_hangup, later, "generation went on after the client left");
+    let received = String::from_utf8_lossy(&seen).matches("\"content\"").count() as u64;
+    // At most one decoding step runs after the hang-up is noticed (plus chunks in flight).
+    assert!(
+        after_hangup - before <= received + 8,
+        "generated {} tokens for a client that read {received}",
+        after_hangup - before
+    );
+    assert!(after_hangup - before < 500, "the generation ran to its end");
+}
+
+/// `berth bench --url` against the real server: every request completes, the counts are the
+/// server's (fixed output length through ignore_eos), and the latencies are consistent.
+#[test]
+fn bench_url_measures_a_running_server() {
+    let server = Server::start();
+    let url = format!("http://127.0.0.1:{}", server.port);
+    let args = ["bench", "smollm2", "--url", &url, "--requests", "6", "--concurrency", "3", "--prompt-tokens", "32"];
+    let report = server.berth.json(&[&args[..], &["--gen-tokens", "12", "--json"]].concat());
+    assert_eq!(report["completed"], 6, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["mean_prompt_tokens"], 32.0, "{report}");
+    assert_eq!(report["mean_output_tokens"], 12.0, "{report}");
+    let ms = |k: &str, p: &str| report[k][p].as_f64().unwrap_or(-1.0);
+    assert!(ms("ttft_ms", "p50") > 0.0 && ms("ttft_ms", "p99") >= ms("ttft_ms", "p50"), "{report}");
+    assert!(ms("e2e_ms", "p50") >= ms("ttft_ms", "p50") && ms("itl_ms", "p50") > 0.0, "{report}");
+    assert!(ms("tpot_ms", "mean") > 0.0 && report["output_token_throughput"].as_f64().unwrap_or(0.0) > 0.0);
+    // Poisson arrivals, and a model the server does not have: every failure is counted and named.
+    let poisson = server.berth.json(&[
+        "bench",
+        "smollm2",
+        "--url",
+        &url,
+        "--requests",
+        "3",
+        "--rate",
+        "20",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(poisson["completed"], 3, "{poisson}");
+    let err = server.berth.fails(&["bench", "nosuch", "--url", &url, "--requests", "2", "--gen-tokens", "4"]);
+    assert!(err.contains("no request completed") && err.contains("does not exist"), "{err}");
+}
