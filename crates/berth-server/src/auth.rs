@@ -5,6 +5,7 @@
 //! on a server without keys).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,9 @@ pub struct Auth {
     /// takes effect on the next request), so a request costs one `PRAGMA data_version`, no table
     /// read. Lock order: this, then `accounts`.
     keys: Mutex<(Option<i64>, Arc<ActiveKeys>)>,
+    /// Whether requests need a key: decided by the keys at start, and turned on (never off) when
+    /// the first key is made while the server runs.
+    keys_required: AtomicBool,
 }
 
 /// Who is asking: the key (none on a server without keys), and where its usage goes.
@@ -74,8 +78,9 @@ pub fn caller() -> Option<Caller> {
 
 impl Auth {
     /// `token_window` is the span of `tokens_per_day` quotas (a day, but for tests).
-    pub fn new(accounts: Accounts, token_window: Duration) -> Self {
+    pub fn new(accounts: Accounts, token_window: Duration, keys_required: bool) -> Self {
         Self {
+            keys_required: AtomicBool::new(keys_required),
             accounts: Mutex::new(accounts),
             recent: Mutex::new(HashMap::new()),
             token_window,
@@ -164,30 +169,22 @@ impl Auth {
     }
 }
 
-/// The scope an endpoint needs.
-fn scope_for(path: &str) -> Scope {
-    match path {
-        "/metrics" => Scope::Metrics,
-        "/api/pull" | "/api/delete" | "/api/push" | "/api/copy" | "/api/create" => Scope::Admin,
-        _ => Scope::Inference,
-    }
-}
-
-pub async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
-    let path = request.uri().path();
-    // Probes answer without a key, whatever the database says.
-    let keys = if matches!(path, "/health" | "/ready" | "/") {
-        None
-    } else {
-        match auth.active_keys() {
-            Ok(keys) => Some(keys).filter(|k| !k.is_empty()),
-            Err(e) => return e.into_response(),
-        }
+/// Check the caller of a route that needs `scope`: once the server has keys, a valid key with
+/// that scope and within its quotas.
+pub async fn authorize(State((auth, needed)): State<(Arc<Auth>, Scope)>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_string();
+    let keys = match auth.active_keys() {
+        Ok(keys) => keys,
+        Err(e) => return e.into_response(),
     };
-    let Some(keys) = keys else {
+    // Keys on, keys kept on: a server that had keys never opens up because the last was revoked.
+    if !keys.is_empty() {
+        auth.keys_required.store(true, Ordering::SeqCst);
+    }
+    if !auth.keys_required.load(Ordering::SeqCst) {
         let caller = Caller { key: None, auth: auth.clone() };
         return CALLER.scope(Some(caller), next.run(request)).await;
-    };
+    }
     let secret = request
         .headers()
         .get(AUTHORIZATION)
@@ -201,9 +198,14 @@ pub async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Ne
         .into_response();
     };
     let Some(key) = keys.find(secret) else {
+        if keys.is_empty() {
+            return ApiError::unauthorized(
+                "every API key of this server was revoked; it still requires one: `berth keys create` makes one",
+            )
+            .into_response();
+        }
         return ApiError::unauthorized("the API key is not valid (unknown or revoked)").into_response();
     };
-    let needed = scope_for(path);
     if !key.allows(needed) {
         return ApiError::forbidden_scope(format!(
             "the key `{}` lacks the `{}` scope that {path} needs",

@@ -138,8 +138,18 @@ impl ApiError {
         }
     }
 
+    /// The error as the client sees it. An internal error's message can hold what only the
+    /// operator should see (file paths, database errors): it goes to the log under the request's id,
+    /// and the client is given that id.
     pub fn body(&self) -> serde_json::Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+        let message = if self.status == StatusCode::INTERNAL_SERVER_ERROR {
+            let id = crate::request_log::current().unwrap_or_else(|| "-".into());
+            tracing::error!(request_id = %id, "internal error: {}", self.message);
+            format!("internal server error; the server's log has the details under request id {id}")
+        } else {
+            self.message.clone()
+        };
+        json!({"error": {"message": message, "type": self.kind, "param": self.param, "code": self.code}})
     }
 }
 

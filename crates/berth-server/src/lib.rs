@@ -13,6 +13,7 @@ mod embeddings;
 mod error;
 mod guard;
 mod limits;
+mod listener;
 mod metrics;
 mod models;
 mod ollama;
@@ -31,10 +32,11 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 
 pub use error::ApiError;
 pub use limits::{LimitsByModel, ModelLimits};
+pub use listener::ConnectionLimits;
 pub use models::{KeepAlive, MemoryConfig};
 
 /// How to run the server.
@@ -54,6 +56,11 @@ pub struct ServerConfig {
     pub allowed_hosts: Vec<String>,
     /// Serve on a non-loopback address without API keys (anyone who reaches it may use it).
     pub allow_insecure_public: bool,
+    /// Connections: how many at once, how long for a request's head and body.
+    pub connections: ConnectionLimits,
+    /// Web origins whose pages may call the API (`http://localhost:*` style patterns); pages of
+    /// any other origin are refused.
+    pub allowed_origins: Vec<String>,
     /// After SIGTERM or SIGINT, how long requests in flight may take to finish.
     pub drain_timeout: std::time::Duration,
     /// The window of keys' `tokens_per_day` quotas: a day (shorter only to test that quotas recover).
@@ -108,6 +115,8 @@ impl Default for ServerConfig {
             },
             allowed_hosts: Vec::new(),
             allow_insecure_public: false,
+            allowed_origins: Vec::new(),
+            connections: ConnectionLimits::default(),
             drain_timeout: std::time::Duration::from_secs(30),
             token_quota_window: std::time::Duration::from_secs(86_400),
         }
@@ -139,33 +148,64 @@ pub struct AppState {
     auth: Arc<auth::Auth>,
 }
 
+/// Who may call a route: anyone (probes), or a key with a scope once the server has keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    Open,
+    Needs(accounts::Scope),
+}
+
+/// Every route with the access it needs. A route is added here or nowhere, so none can miss its
+/// scope (authorization fails closed: there is no default).
+fn routes() -> Vec<(&'static str, Access, MethodRouter<AppState>)> {
+    use Access::{Needs, Open};
+    use accounts::Scope::{Admin, Inference, Metrics};
+    vec![
+        ("/v1/chat/completions", Needs(Inference), post(openai::chat_completions)),
+        ("/v1/completions", Needs(Inference), post(openai::completions)),
+        ("/v1/models", Needs(Inference), get(openai::list_models)),
+        ("/v1/models/{*id}", Needs(Inference), get(openai::get_model)),
+        ("/v1/embeddings", Needs(Inference), post(embeddings::openai_embeddings)),
+        ("/api/embed", Needs(Inference), post(embeddings::ollama_embed)),
+        ("/api/chat", Needs(Inference), post(ollama::chat)),
+        ("/api/generate", Needs(Inference), post(ollama::generate)),
+        ("/api/tags", Needs(Inference), get(ollama::tags)),
+        ("/api/show", Needs(Inference), post(ollama::show)),
+        ("/api/ps", Needs(Inference), get(ollama::ps)),
+        ("/api/version", Needs(Inference), get(ollama::version)),
+        ("/api/pull", Needs(Admin), post(ollama::pull)),
+        ("/api/delete", Needs(Admin), axum::routing::delete(ollama::delete)),
+        ("/metrics", Needs(Metrics), get(metrics)),
+        ("/health", Open, get(|| async { "ok" })),
+        ("/ready", Open, get(ready)),
+        ("/", Open, get(|| async { "berth is running" })),
+    ]
+}
+
 /// The routes, for tests and embedding. `allowed_hosts` adds names a loopback server answers to.
 pub fn router(state: AppState, config: &ServerConfig) -> Router {
-    let guard = guard::HostGuard::new(&config.host, &config.allowed_hosts);
-    Router::new()
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/models", get(openai::list_models))
-        .route("/v1/embeddings", post(embeddings::openai_embeddings))
-        .route("/api/embed", post(embeddings::ollama_embed))
-        .route("/v1/models/{*id}", get(openai::get_model))
-        .route("/api/chat", post(ollama::chat))
-        .route("/api/generate", post(ollama::generate))
-        .route("/api/tags", get(ollama::tags))
-        .route("/api/show", post(ollama::show))
-        .route("/api/ps", get(ollama::ps))
-        .route("/api/version", get(ollama::version))
-        .route("/api/pull", post(ollama::pull))
-        .route("/api/delete", axum::routing::delete(ollama::delete))
-        .route("/health", get(|| async { "ok" }))
-        .route("/metrics", get(metrics))
-        .route("/ready", get(ready))
-        .route("/", get(|| async { "berth is running" }))
+    let hosts = guard::HostGuard::new(&config.host, &config.allowed_hosts);
+    let origins = guard::OriginGuard::new(&config.allowed_origins);
+    let mut router = Router::new();
+    for (path, access, handler) in routes() {
+        let handler = match access {
+            Access::Open => handler,
+            Access::Needs(scope) => {
+                handler.layer(axum::middleware::from_fn_with_state((state.auth.clone(), scope), auth::authorize))
+            }
+        };
+        router = router.route(path, handler);
+    }
+    router
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(config.body_limit))
-        .layer(axum::middleware::from_fn_with_state(state.auth.clone(), auth::authorize))
+        .layer(axum::middleware::from_fn_with_state(
+            (config.body_limit, config.connections.body_timeout),
+            request::body_limits,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.draining.clone(), refuse_while_draining))
-        .layer(axum::middleware::from_fn_with_state(guard, guard::check_host))
+        .layer(axum::middleware::from_fn_with_state(origins, guard::check_origin))
+        .layer(axum::middleware::from_fn_with_state(hosts, guard::check_host))
         .layer(axum::middleware::from_fn(request_log::with_request_id))
         .with_state(state)
 }
@@ -254,7 +294,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         )),
         ready: Arc::new(AtomicBool::new(false)),
         draining: Arc::new(AtomicBool::new(false)),
-        auth: Arc::new(auth::Auth::new(accounts, config.token_quota_window)),
+        auth: Arc::new(auth::Auth::new(accounts, config.token_quota_window, keys)),
     };
     let app = router(state.clone(), &config);
     let local: SocketAddr = listener.local_addr().map_err(ServerError::Serve)?;
@@ -324,15 +364,15 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     };
     let _stop_reaper = AbortOnDrop(reaper);
     let shutdown = async move { stop_serving.notified().await };
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future();
+    let server = listener::serve(listener, app, &config.connections, shutdown);
     tokio::pin!(server);
     tokio::select! {
-        r = &mut server => return r.map_err(ServerError::Serve),
+        _ = &mut server => return Ok(()),
         p = preload => p?,
     }
     // Connections still open after the streams ended (idle keep-alives) do not hold the exit up.
     tokio::select! {
-        r = &mut server => r.map_err(ServerError::Serve)?,
+        _ = &mut server => {}
         _ = async {
             while !drain_task.0.is_finished() {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -388,5 +428,22 @@ async fn stop_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_probes_are_open_and_management_needs_admin() {
+        let table = routes();
+        let open: Vec<&str> = table.iter().filter(|r| r.1 == Access::Open).map(|r| r.0).collect();
+        assert_eq!(open, ["/health", "/ready", "/"]);
+        for (path, access, _) in &table {
+            if path.starts_with("/api/pull") || path.starts_with("/api/delete") {
+                assert_eq!(*access, Access::Needs(accounts::Scope::Admin), "{path}");
+            }
+        }
     }
 }

@@ -93,25 +93,42 @@ pub struct GenerateRequest {
     keep_alive: Option<Value>,
 }
 
-/// The request's `keep_alive`, if it has one.
+/// The longest `keep_alive` a request may ask for (a negative value, for ever, is the other way).
+const MAX_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
+/// The request's `keep_alive`, if it has one. How long a model stays in memory is everyone's
+/// business: with API keys in use, only an admin key may set it.
 fn keep_alive(value: &Option<Value>) -> Result<Option<KeepAlive>, ApiError> {
-    value.as_ref().map(|v| KeepAlive::parse(v).map_err(|m| ApiError::invalid("keep_alive", m))).transpose()
+    let Some(value) = value else { return Ok(None) };
+    let keep = KeepAlive::parse(value).map_err(|m| ApiError::invalid("keep_alive", m))?;
+    if let KeepAlive::For(d) = keep
+        && d > MAX_KEEP_ALIVE
+    {
+        return Err(ApiError::invalid(
+            "keep_alive",
+            format!("keep_alive may be at most 30 days (720h), or negative for ever; got {value}"),
+        ));
+    }
+    if let Some(key) = crate::auth::caller().and_then(|c| c.key)
+        && !key.allows(crate::accounts::Scope::Admin)
+    {
+        let message = format!(
+            "the key `{}` lacks the `admin` scope that keep_alive needs (it sets how long the model stays loaded for everyone); leave keep_alive out",
+            key.name
+        );
+        return Err(ApiError::forbidden_scope(message));
+    }
+    Ok(Some(keep))
 }
 
 /// A request with no prompt and `keep_alive: 0` unloads the model (Ollama's way), without loading
 /// it; the answer (or the error in `keep_alive`) is returned.
 async fn unload_if_asked(state: &AppState, model: &str, keep: &Option<Value>, chat: bool) -> Option<Response> {
+    // keep_alive() refuses keys without the admin scope: unloading is management.
     match keep_alive(keep) {
         Err(e) => return Some(e.into_response()),
         Ok(k) if k != Some(KeepAlive::For(std::time::Duration::ZERO)) => return None,
         Ok(_) => {}
-    }
-    // Unloading is management: with API keys in use it needs the admin scope.
-    if let Some(key) = crate::auth::caller().and_then(|c| c.key)
-        && !key.allows(crate::accounts::Scope::Admin)
-    {
-        let message = format!("the key `{}` lacks the `admin` scope that unloading a model needs", key.name);
-        return Some(ApiError::forbidden_scope(message).into_response());
     }
     let reference = match berth_store::Reference::parse(model) {
         Ok(r) => r,

@@ -15,26 +15,81 @@ use serde::de::DeserializeOwned;
 use crate::error::ApiError;
 use crate::models::LoadedModel;
 
-/// A JSON body whose rejections are API errors: 413 past the body limit, 400 otherwise. Any
-/// content type is read as JSON, as Ollama does (curl's default form type included).
+/// How long a request's body may take to arrive (set for every request by [`body_limits`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeout(pub std::time::Duration);
+
+/// Before a body is read: a declared `Content-Length` over the limit is a 413 at once (a client
+/// that sent `Expect: 100-continue` then never sends the body), and the body's read timeout rides
+/// along for [`JsonBody`].
+pub async fn body_limits(
+    axum::extract::State((limit, timeout)): axum::extract::State<(usize, std::time::Duration)>,
+    mut request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large().into_response();
+    }
+    request.extensions_mut().insert(BodyTimeout(timeout));
+    next.run(request).await
+}
+
+fn too_large() -> ApiError {
+    ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: "the request body is larger than the server's limit".into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("request_too_large"),
+        retry_after: None,
+    }
+}
+
+/// Whether a body of this content type is read as JSON. JSON types are; so are curl's default
+/// form type and none at all, but only from clients that are not browsers (no `Origin`, no
+/// `Sec-Fetch-Mode`): a web page can send those types cross-site without a preflight.
+fn json_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let media = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    let from_browser = headers.contains_key(axum::http::header::ORIGIN) || headers.contains_key("sec-fetch-mode");
+    match media.as_deref() {
+        Some("application/json") => Ok(()),
+        Some(m) if m.starts_with("application/") && m.ends_with("+json") => Ok(()),
+        None | Some("application/x-www-form-urlencoded") if !from_browser => Ok(()),
+        _ => Err(ApiError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: Some("unsupported_media_type"),
+            ..ApiError::bad_request("send the body as JSON, with `Content-Type: application/json`")
+        }),
+    }
+}
+
+/// A JSON body whose rejections are API errors: 415 for a body that is not declared JSON, 408
+/// for one that does not arrive in time, 413 past the body limit, 400 otherwise.
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = match Bytes::from_request(req, state).await {
+        json_content_type(req.headers())?;
+        let timeout = req.extensions().get::<BodyTimeout>().map_or(std::time::Duration::from_secs(60), |t| t.0);
+        let read = tokio::time::timeout(timeout, Bytes::from_request(req, state)).await.map_err(|_| ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: Some("request_timeout"),
+            ..ApiError::bad_request(format!("the request body did not arrive within {} s", timeout.as_secs()))
+        })?;
+        let bytes = match read {
             Ok(b) => b,
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(ApiError {
-                    status: StatusCode::PAYLOAD_TOO_LARGE,
-                    message: "the request body is larger than the server's limit".into(),
-                    kind: "invalid_request_error",
-                    param: None,
-                    code: Some("request_too_large"),
-                    retry_after: None,
-                });
-            }
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(too_large()),
             Err(e) => return Err(ApiError::bad_request(format!("cannot read the request body: {}", e.body_text()))),
         };
         let mut de = serde_json::Deserializer::from_slice(&bytes);

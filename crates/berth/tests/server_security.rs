@@ -2,6 +2,10 @@
 
 mod util;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
 use berth_testkit::models;
 use berth_testkit::registry::http_request;
 use util::server::*;
@@ -117,4 +121,230 @@ fn user_text_never_becomes_special_tokens() {
         // As special tokens this would be 3 more (two markers and a word); as text it is many more.
         assert!(injected >= plain + 8, "{injected} tokens against {plain}: control tokens were read from user text");
     }
+}
+
+/// A web page cannot drive a keyless local server: a cross-site POST (any content type) is 403, a
+/// body not declared as JSON is 415 from a browser, curl's `-d` (no Origin) still works, and an
+/// origin the operator allows gets its preflight answered and its responses marked readable.
+#[test]
+fn web_pages_of_other_origins_cannot_drive_the_server() {
+    let server = Server::start_with(&["--allowed-origin", "http://localhost:*"]);
+    let chat =
+        r#"{"model":"smollm2","stream":false,"options":{"num_predict":1},"messages":[{"role":"user","content":"hi"}]}"#;
+    let send = |headers: &[(&str, &str)]| {
+        let (status, raw) = http_request(server.port, "POST", "/api/chat", headers, chat.as_bytes()).unwrap();
+        (status, String::from_utf8_lossy(&raw).to_string())
+    };
+    for content_type in ["text/plain", "application/json", "application/x-www-form-urlencoded"] {
+        let (status, raw) = send(&[("Content-Type", content_type), ("Origin", "https://evil.example")]);
+        assert_eq!(status, 403, "{content_type}: {raw}");
+        assert!(raw.contains("origin_not_allowed") && raw.contains("--allowed-origin"), "{raw}");
+    }
+    let (status, raw) = send(&[("Content-Type", "text/plain")]);
+    assert_eq!(status, 415, "{raw}");
+    let (status, raw) = send(&[("Content-Type", "application/x-www-form-urlencoded"), ("Sec-Fetch-Mode", "no-cors")]);
+    assert_eq!(status, 415, "a browser's form type: {raw}");
+    let (status, raw) = send(&[("Content-Type", "application/x-www-form-urlencoded")]);
+    assert_eq!(status, 200, "curl -d: {raw}");
+    let (status, raw) = send(&[]);
+    assert_eq!(status, 200, "no content type, no browser: {raw}");
+    // The server's own pages and allowed origins.
+    let own = format!("http://127.0.0.1:{}", server.port);
+    let (status, raw) = send(&[("Content-Type", "application/json"), ("Origin", &own)]);
+    assert_eq!(status, 200, "{raw}");
+    let (status, raw) = http_request(
+        server.port,
+        "OPTIONS",
+        "/api/chat",
+        &[
+            ("Origin", "http://localhost:3000"),
+            ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "content-type"),
+        ],
+        b"",
+    )
+    .unwrap();
+    let raw = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert_eq!(status, 204, "{raw}");
+    assert!(raw.contains("access-control-allow-origin: http://localhost:3000"), "{raw}");
+    assert!(raw.contains("access-control-allow-methods") && raw.contains("content-type"), "{raw}");
+    let (status, raw) = send(&[("Content-Type", "application/json"), ("Origin", "http://localhost:3000")]);
+    assert_eq!(status, 200, "{raw}");
+    assert!(raw.to_ascii_lowercase().contains("access-control-allow-origin: http://localhost:3000"), "{raw}");
+    let (status, _) = http_request(
+        server.port,
+        "OPTIONS",
+        "/api/chat",
+        &[("Origin", "http://evil.example"), ("Access-Control-Request-Method", "POST")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(status, 403);
+}
+
+/// Read from a raw connection until the server closes it; returns what it sent and how long it took.
+fn until_closed(s: &mut TcpStream) -> (String, Duration) {
+    let started = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the server kept the connection open: {e}"),
+        }
+    }
+    (String::from_utf8_lossy(&out).to_string(), started.elapsed())
+}
+
+/// Connections cannot be held forever: an idle one and one sending its head a byte at a time are
+/// closed after the header timeout; a stalled body gets 408; past --max-connections a new
+/// connection gets 503; a declared body over the limit gets 413 before it is sent.
+#[test]
+fn slow_idle_and_excess_connections_are_closed() {
+    let server = Server::start_with(&[
+        "--header-timeout",
+        "2",
+        "--body-timeout",
+        "2",
+        "--max-connections",
+        "6",
+        "--body-limit",
+        "1000",
+    ]);
+    let connect = || TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let mut idle = connect();
+    let (_, took) = until_closed(&mut idle);
+    assert!(took < Duration::from_secs(10), "an idle connection lived {took:?}");
+    let mut slow = connect();
+    let trickle = std::thread::spawn(move || {
+        for b in b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ".iter().chain(b"a".repeat(200).iter()) {
+            if slow.write_all(&[*b]).is_err() {
+                return slow;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        slow
+    });
+    let mut slow = trickle.join().unwrap();
+    let (_, took) = until_closed(&mut slow);
+    assert!(took < Duration::from_secs(10), "a slow head kept its connection");
+    let mut partial = connect();
+    partial
+        .write_all(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"model\"")
+        .unwrap();
+    let (answer, _) = until_closed(&mut partial);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // The early 413: the client waits for 100 Continue and never sends the body.
+    let mut eager = connect();
+    eager
+        .write_all(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 64];
+    eager.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let n = eager.read(&mut head).unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 413"), "{}", String::from_utf8_lossy(&head[..n]));
+    drop(eager);
+    // Six idle connections fill the server; the seventh is told so.
+    let held: Vec<TcpStream> = (0..6).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = connect();
+    let (answer, _) = until_closed(&mut extra);
+    assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("too_many_connections"), "{answer}");
+    drop(held);
+    // Once they are gone (or timed out), requests are served again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_request(server.port, "GET", "/health", &[], b"").map(|r| r.0).unwrap_or(0) != 200 {
+        assert!(Instant::now() < deadline, "the server did not recover; log:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A server started with keys never opens up: with every key revoked it still refuses keyless
+/// requests. Every route but the probes needs a key; management and residency need the admin scope.
+#[test]
+fn keys_fail_closed() {
+    let server = Server::start();
+    let key = |args: &[&str]| server.berth.ok(&[&["keys", "create"][..], args].concat()).trim().to_string();
+    let user = key(&["--name", "user"]);
+    let call = |method: &str, path: &str, key: Option<&str>, body: &str| {
+        let auth = key.map(|k| format!("Bearer {k}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a.as_str()));
+        }
+        let (status, raw) = http_request(server.port, method, path, &headers, body.as_bytes()).unwrap();
+        (status, body_of(&raw))
+    };
+    let routes = [
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/smollm2"),
+        ("POST", "/v1/embeddings"),
+        ("POST", "/api/embed"),
+        ("POST", "/api/chat"),
+        ("POST", "/api/generate"),
+        ("GET", "/api/tags"),
+        ("POST", "/api/show"),
+        ("GET", "/api/ps"),
+        ("GET", "/api/version"),
+        ("POST", "/api/pull"),
+        ("DELETE", "/api/delete"),
+        ("GET", "/metrics"),
+    ];
+    for (method, path) in routes {
+        assert_eq!(call(method, path, None, "{}").0, 401, "{method} {path} without a key");
+    }
+    for (method, path) in [("GET", "/health"), ("GET", "/ready")] {
+        assert_eq!(call(method, path, None, "").0, 200, "{path} is a probe");
+    }
+    for (body, status, word) in [
+        (r#"{"model":"smollm2","prompt":"hi","stream":false,"keep_alive":-1}"#, 403, "admin"),
+        (r#"{"model":"smollm2","keep_alive":0}"#, 403, "admin"),
+    ] {
+        let (got, text) = call("POST", "/api/generate", Some(&user), body);
+        assert_eq!(got, status, "{body}: {text}");
+        assert!(text.contains(word), "{text}");
+    }
+    let admin = key(&["--name", "root", "--scope", "admin", "--scope", "inference"]);
+    let (got, text) =
+        call("POST", "/api/generate", Some(&admin), r#"{"model":"smollm2","prompt":"hi","keep_alive":"99999h"}"#);
+    assert_eq!(got, 400, "{text}");
+    assert!(text.contains("30 days"), "{text}");
+    let listed = server.berth.ok(&["keys", "list"]);
+    for line in listed.lines().skip(1) {
+        if let Some(id) = line.split_whitespace().next() {
+            server.berth.ok(&["keys", "revoke", id]);
+        }
+    }
+    let (status, text) = call("GET", "/v1/models", None, "");
+    assert_eq!(status, 401, "with every key revoked the server stays closed: {text}");
+    assert!(text.contains("revoked") || text.contains("API key"), "{text}");
+}
+
+/// Internal errors do not show the server's files: a model whose blob vanished fails with 500 and
+/// a request id, and the path is in the log only.
+#[test]
+fn internal_errors_do_not_leak_paths() {
+    let server = Server::start();
+    let blobs = server.berth.home().join("models").join("blobs");
+    let gguf_size = std::fs::metadata(models::smollm2_gguf()).unwrap().len();
+    let victim = std::fs::read_dir(blobs.join("sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == gguf_size))
+        .expect("the GGUF blob");
+    // A second name loads the model again (the first is loaded already), after its file is gone.
+    server.berth.ok(&["tag", "smollm2", "other"]);
+    std::fs::remove_file(&victim).unwrap();
+    let (status, body) = server.post("/api/generate", r#"{"model":"other","prompt":"hi","stream":false}"#);
+    assert_eq!(status, 500, "{body}");
+    let home = server.berth.home().display().to_string();
+    assert!(!body.contains(&home) && !body.contains("/tmp") && !body.contains("sha256/"), "{body}");
+    assert!(body.contains("request id"), "{body}");
+    assert!(server.log().contains(&victim.file_name().unwrap().to_string_lossy().to_string()), "the log has the detail");
 }

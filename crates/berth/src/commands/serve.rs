@@ -62,6 +62,19 @@ pub struct Args {
     /// get 403, which stops web pages reaching berth through DNS rebinding.
     #[arg(long = "allowed-host", value_name = "NAME")]
     allowed_hosts: Vec<String>,
+    /// A web origin whose pages may call the API (repeatable; `http://localhost:*` allows any port,
+    /// `*` any page). Pages of other origins get 403: a site the user visits cannot drive berth.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN", env = "BERTH_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// Connections open at once; more get 503 and are closed.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
+    /// Seconds a connection may wait to send a request's head (idle keep-alives included).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_timeout: u64,
+    /// Seconds a request's body may take to arrive.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    body_timeout: u64,
     /// Listen on a non-loopback address without API keys. Anyone who can reach the port can use and
     /// manage the models: only behind something that guards it.
     #[arg(long)]
@@ -161,6 +174,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             pinned: args.pinned,
         },
         allowed_hosts: args.allowed_hosts,
+        allowed_origins: args.allowed_origins,
+        connections: berth_server::ConnectionLimits {
+            max_connections: args.max_connections as usize,
+            header_timeout: Duration::from_secs(args.header_timeout),
+            body_timeout: Duration::from_secs(args.body_timeout),
+        },
         allow_insecure_public: args.allow_insecure_public,
         drain_timeout: Duration::from_secs(args.drain_timeout),
         token_quota_window: Duration::from_secs(args.token_quota_window),
