@@ -49,9 +49,10 @@ impl Caller {
         self.key.as_ref().map_or(NO_KEY, |k| &k.id)
     }
 
-    /// Record an ended request (logged, not fatal, if the database refuses).
-    pub fn record(&self, record: &Record<'_>) {
-        self.auth.record(record)
+    /// Record an ended request (logged, not fatal, if the database refuses), releasing the
+    /// tokens it had reserved.
+    pub fn record(&self, record: &Record<'_>, reserved: u64) {
+        self.auth.settle(record, reserved)
     }
 
     /// Refuse a model the key may not use (403, naming the ones it may).
@@ -111,9 +112,20 @@ impl Auth {
 
     /// Charge an ended request to its key (logged, not fatal, if the database refuses).
     pub fn record(&self, record: &Record<'_>) {
+        self.settle(record, 0)
+    }
+
+    /// Charge an ended request to its key and let go of the tokens it had reserved, in one step
+    /// (so no other request sees the quota without both).
+    pub fn settle(&self, record: &Record<'_>, reserved: u64) {
         // The ledger is held across the write, so a ledger being loaded sees the row either in
         // the database or as added here, never both.
         let mut ledgers = self.ledgers();
+        if reserved > 0
+            && let Some(ledger) = ledgers.get_mut(record.key_id)
+        {
+            ledger.release(reserved);
+        }
         match self.accounts().record(record) {
             Ok(at_ms) => {
                 if let Some(ledger) = ledgers.get_mut(record.key_id) {
@@ -129,7 +141,38 @@ impl Auth {
         let Some(limit) = key.tokens_per_day else { return Ok(None) };
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut ledgers = self.ledgers();
-        let ledger = match ledgers.entry(key.id.clone()) {
+        let ledger = self.ledger_of(&mut ledgers, key, now_ms)?;
+        let wait = ledger.wait(limit, self.token_window, now_ms);
+        Ok(wait.map(retry_after_seconds))
+    }
+
+    /// Reserve up to `wanted` tokens of the key's daily quota for a request that starts: how many
+    /// were granted (all of them for a key without a quota), or the seconds to wait when none are left.
+    pub fn reserve_tokens(&self, key: &ApiKey, wanted: u64) -> Result<u64, ApiError> {
+        let Some(limit) = key.tokens_per_day else { return Ok(wanted) };
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut ledgers = self.ledgers();
+        let ledger = self.ledger_of(&mut ledgers, key, now_ms)?;
+        let granted = wanted.min(ledger.left(limit, self.token_window, now_ms));
+        ledger.reserve(granted);
+        Ok(granted)
+    }
+
+    /// Give back a reservation that was not used (the request was refused before it ran).
+    pub fn release_tokens(&self, key_id: &str, tokens: u64) {
+        if let Some(ledger) = self.ledgers().get_mut(key_id) {
+            ledger.release(tokens);
+        }
+    }
+
+    /// The key's ledger, loaded from its usage rows on first use.
+    fn ledger_of<'l>(
+        &self,
+        ledgers: &'l mut HashMap<String, TokenLedger>,
+        key: &ApiKey,
+        now_ms: i64,
+    ) -> Result<&'l mut TokenLedger, ApiError> {
+        Ok(match ledgers.entry(key.id.clone()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let used = self
@@ -138,9 +181,7 @@ impl Auth {
                     .map_err(|e| ApiError::internal(format!("cannot check the key's quota: {e}")))?;
                 e.insert(TokenLedger::new(used))
             }
-        };
-        let wait = ledger.wait(limit, self.token_window, now_ms);
-        Ok(wait.map(retry_after_seconds))
+        })
     }
 
     /// 429 for a key past a quota (`used` says which), recorded as a rejected request.

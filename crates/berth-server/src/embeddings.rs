@@ -80,7 +80,7 @@ async fn embed_all(model: Arc<EmbeddingModel>, items: Vec<Item>) -> Result<(Vec<
         time_to_first_token: None,
         hit_length: false,
     };
-    crate::run::account(crate::auth::caller().as_ref(), &tracing::Span::current(), record);
+    crate::run::account(crate::auth::caller().as_ref(), &tracing::Span::current(), record, 0);
     result
 }
 

@@ -17,11 +17,14 @@ pub fn retry_after_seconds(wait: Duration) -> u64 {
     (wait.as_secs_f64().ceil() as u64).max(1)
 }
 
-/// What one key used within the window: (when a request ended, Unix ms; its tokens), oldest first.
+/// What one key used within the window: (when a request ended, Unix ms; its tokens), oldest first;
+/// and what the requests running now may still use (reserved when they were admitted, so that
+/// many at once cannot overrun the quota together).
 #[derive(Debug, Default)]
 pub struct TokenLedger {
     entries: VecDeque<(i64, u64)>,
     total: u64,
+    reserved: u64,
 }
 
 impl TokenLedger {
@@ -38,9 +41,23 @@ impl TokenLedger {
         self.total = self.total.saturating_add(tokens);
     }
 
-    /// If `limit` tokens or more were used within `window` of `now_ms`: how long until enough of
-    /// the oldest leave it for the total to be under the limit again.
-    pub fn wait(&mut self, limit: u64, window: Duration, now_ms: i64) -> Option<Duration> {
+    /// Hold `tokens` for a request that starts.
+    pub fn reserve(&mut self, tokens: u64) {
+        self.reserved = self.reserved.saturating_add(tokens);
+    }
+
+    /// Let go of a reservation (the request ended, and [`Self::add`] charges what it used).
+    pub fn release(&mut self, tokens: u64) {
+        self.reserved = self.reserved.saturating_sub(tokens);
+    }
+
+    /// Tokens left under `limit` now, reservations counted.
+    pub fn left(&mut self, limit: u64, window: Duration, now_ms: i64) -> u64 {
+        self.trim(window, now_ms);
+        limit.saturating_sub(self.total.saturating_add(self.reserved))
+    }
+
+    fn trim(&mut self, window: Duration, now_ms: i64) {
         let window_ms = millis(window);
         while let Some(&(at_ms, tokens)) = self.entries.front() {
             if at_ms > now_ms.saturating_sub(window_ms) {
@@ -49,9 +66,21 @@ impl TokenLedger {
             self.entries.pop_front();
             self.total -= tokens;
         }
-        if self.total < limit {
+    }
+
+    /// If `limit` tokens or more were used within `window` of `now_ms` or are reserved: how long
+    /// until enough of the oldest leave the window for the total to be under the limit again (a
+    /// second, when running requests' reservations alone fill it: they end soon).
+    pub fn wait(&mut self, limit: u64, window: Duration, now_ms: i64) -> Option<Duration> {
+        let window_ms = millis(window);
+        self.trim(window, now_ms);
+        if self.total.saturating_add(self.reserved) < limit {
             return None;
         }
+        if self.reserved >= limit {
+            return Some(Duration::from_secs(1));
+        }
+        let limit = limit - self.reserved;
         let mut left = self.total;
         for &(at_ms, tokens) in &self.entries {
             left -= tokens;
@@ -85,5 +114,25 @@ mod tests {
         assert_eq!(ledger.total, 500);
         assert_eq!(ledger.wait(100, day, 6_000 + ms(day)), None);
         assert_eq!((ledger.total, ledger.entries.len()), (0, 0));
+    }
+
+    #[test]
+    fn reservations_count_until_released() {
+        let day = Duration::from_secs(86_400);
+        let mut ledger = TokenLedger::new([(1_000, 60)]);
+        assert_eq!(ledger.left(100, day, 2_000), 40);
+        ledger.reserve(30);
+        assert_eq!(ledger.left(100, day, 2_000), 10);
+        ledger.reserve(10);
+        assert_eq!(ledger.wait(100, day, 2_000), Some(Duration::from_millis(ms_day() + 1_000 - 2_000)));
+        ledger.release(40);
+        ledger.add(3_000, 25);
+        assert_eq!(ledger.left(100, day, 4_000), 15);
+        ledger.reserve(100);
+        assert_eq!(ledger.wait(100, day, 4_000), Some(Duration::from_secs(1)), "reservations alone fill it");
+    }
+
+    fn ms_day() -> u64 {
+        86_400_000
     }
 }

@@ -77,6 +77,8 @@ struct RequestUsage {
     /// The request's span, kept open until the answer ends, and given its figures then.
     span: tracing::Span,
     tally: Mutex<Tally>,
+    /// Tokens of the key's daily quota held for this request while it runs.
+    reserved: u64,
 }
 
 struct Tally {
@@ -136,13 +138,13 @@ impl RequestUsage {
             time_to_first_token: t.first_token.map(|f| f.duration_since(self.started)),
             hit_length: t.hit_length,
         };
-        account(self.caller.as_ref(), &self.span, record);
+        account(self.caller.as_ref(), &self.span, record, self.reserved);
     }
 }
 
 /// An API request ended: its figures go into its span, and its usage row is charged to the caller
 /// (whose key replaces `record.key_id`).
-pub fn account(caller: Option<&Caller>, span: &tracing::Span, record: Record<'_>) {
+pub fn account(caller: Option<&Caller>, span: &tracing::Span, record: Record<'_>, reserved: u64) {
     span.record("model", record.model);
     span.record("outcome", record.outcome.name());
     span.record("prompt_tokens", record.prompt_tokens);
@@ -151,7 +153,7 @@ pub fn account(caller: Option<&Caller>, span: &tracing::Span, record: Record<'_>
         span.record("ttft_ms", ms(ttft));
     }
     if let Some(c) = caller {
-        c.record(&Record { key_id: c.key_id(), ..record });
+        c.record(&Record { key_id: c.key_id(), ..record }, reserved);
     }
 }
 
@@ -210,6 +212,37 @@ impl Generation {
     }
 }
 
+/// Hold what the request may use of its key's daily token quota: its prompts and every choice's
+/// `max_tokens`, or, when less is left, the prompts and what remains shared among the choices
+/// (their `max_tokens` lowered to fit). Many requests at once therefore cannot together use more
+/// than the quota. A request whose prompts alone do not fit is refused with 429.
+fn reserve_quota(caller: Option<&Caller>, reqs: &mut [(GenerationRequest, bool)]) -> Result<u64, ApiError> {
+    let Some((caller, key)) = caller.and_then(|c| c.key.as_ref().map(|k| (c, k))) else { return Ok(0) };
+    if key.tokens_per_day.is_none() {
+        return Ok(0);
+    }
+    let prompts: u64 = reqs.iter().filter(|r| r.1).map(|r| r.0.prompt.len() as u64).sum();
+    let answers: u64 = reqs.iter().map(|r| r.0.max_tokens as u64).sum();
+    let granted = caller.auth.reserve_tokens(key, prompts + answers)?;
+    if granted >= prompts + answers {
+        return Ok(granted);
+    }
+    let per_choice = granted.saturating_sub(prompts) / reqs.len().max(1) as u64;
+    if per_choice == 0 {
+        caller.auth.release_tokens(&key.id, granted);
+        let message = format!(
+            "the key `{}` has {granted} tokens left of its {} for the day, and this request's prompt needs {prompts}",
+            key.name,
+            key.tokens_per_day.unwrap_or(0)
+        );
+        return Err(ApiError::overloaded(message, 60).with_code("insufficient_quota"));
+    }
+    for (req, _) in reqs.iter_mut() {
+        req.max_tokens = req.max_tokens.min(per_choice as usize);
+    }
+    Ok(granted)
+}
+
 /// Queue `req` on `model`'s scheduler; refused at once (429) when its queue is full.
 pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generation, ApiError> {
     let mut started = start_all(model, vec![(req, true)])?;
@@ -218,9 +251,15 @@ pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generat
 
 /// Queue the generations of one API request together (so they share steps), each with whether
 /// its prompt counts in the request's usage. If one is refused, none runs.
-pub fn start_all(model: &Arc<LoadedModel>, reqs: Vec<(GenerationRequest, bool)>) -> Result<Vec<Generation>, ApiError> {
+pub fn start_all(
+    model: &Arc<LoadedModel>,
+    mut reqs: Vec<(GenerationRequest, bool)>,
+) -> Result<Vec<Generation>, ApiError> {
+    let caller = crate::auth::caller();
+    let reserved = reserve_quota(caller.as_ref(), &mut reqs)?;
     let usage = Arc::new(RequestUsage {
-        caller: crate::auth::caller(),
+        reserved,
+        caller,
         model: model.name.clone(),
         request_id: crate::request_log::current().unwrap_or_default(),
         started: Instant::now(),

@@ -167,11 +167,14 @@ fn quotas_refuse_with_retry_after_and_recover() {
     assert!(everything.contains("ai/minilm:latest") && !text.contains("minilm"), "{text}");
     assert!(text.contains("ai/smollm2:latest"), "{text}");
 
-    // Tokens per day: one answer of 30 tokens uses up 20, so the next request is refused until the
-    // answer leaves the window.
+    // Tokens per day: an answer asking for 30 tokens is cut to what is left of the 20 (its prompt
+    // counted), so the next request is refused until the answer leaves the window.
     let completion = r#"{"model":"smollm2","prompt":"Hello","max_tokens":30,"temperature":0,"ignore_eos":true}"#;
     let (status, text) = call(&metered, "POST", "/v1/completions", completion);
     assert_eq!(status, 200, "{text}");
+    let answer: serde_json::Value = serde_json::from_str(&body_of(text.as_bytes())).unwrap();
+    assert_eq!(answer["usage"]["total_tokens"], 20, "cut to the quota: {answer}");
+    let cut_to = answer["usage"]["completion_tokens"].as_u64().unwrap();
     let (status, text) = call(&metered, "POST", "/v1/completions", completion);
     assert_eq!(status, 429, "{text}");
     assert!(text.contains("insufficient_quota") && text.contains("20 tokens for the day"), "{text}");
@@ -191,7 +194,7 @@ fn quotas_refuse_with_retry_after_and_recover() {
     let row = |name: &str| usage.as_array().unwrap().iter().find(|r| r["name"] == name).cloned().unwrap();
     let metered = row("metered");
     assert_eq!((metered["completed"].as_u64(), metered["rejected"].as_u64()), (Some(2), Some(1)), "{usage}");
-    assert_eq!(metered["completion_tokens"], 60, "{usage}");
+    assert_eq!(metered["completion_tokens"], 2 * cut_to, "{usage}");
     assert_eq!(row("paced")["rejected"], 2, "{usage}");
 }
 
@@ -283,4 +286,39 @@ fn usage_survives_kill_9_under_load() {
     assert!(completed >= answered, "{completed} recorded, but the clients received {answered}: {usage}");
     assert!(row["requests"].as_u64().unwrap() <= sent, "more records than requests: {usage}");
     assert_eq!(row["completion_tokens"].as_u64(), Some(completed * 4), "{usage}");
+}
+
+/// Concurrency does not stretch a token quota: 20 requests at once, each asking for 30 tokens,
+/// against a quota of 100 use at most 100 between them; the rest are refused with 429.
+#[test]
+fn concurrent_requests_stay_within_a_token_quota() {
+    let server = Server::start();
+    let key = server.berth.ok(&["keys", "create", "--name", "burst", "--tokens-per-day", "100"]).trim().to_string();
+    let port = server.port;
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let key = key.clone();
+            std::thread::spawn(move || {
+                let auth = format!("Bearer {key}");
+                let body = r#"{"model":"smollm2","prompt":"Hello","max_tokens":30,"temperature":0,"ignore_eos":true}"#;
+                let headers = [("Content-Type", "application/json"), ("Authorization", auth.as_str())];
+                let (status, raw) = http_request(port, "POST", "/v1/completions", &headers, body.as_bytes()).unwrap();
+                let used = serde_json::from_str::<serde_json::Value>(&body_of(&raw))
+                    .ok()
+                    .and_then(|v| v["usage"]["total_tokens"].as_u64())
+                    .unwrap_or(0);
+                (status, used)
+            })
+        })
+        .collect();
+    let results: Vec<(u16, u64)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let served: u64 = results.iter().map(|r| r.1).sum();
+    let refused = results.iter().filter(|r| r.0 == 429).count();
+    assert!(served <= 100, "the clients were given {served} tokens against a quota of 100: {results:?}");
+    assert!(served >= 60 && refused >= 10, "{results:?}");
+    assert!(results.iter().all(|r| r.0 == 200 || r.0 == 429), "{results:?}");
+    let usage = server.berth.json(&["usage", "--json"]);
+    let row = usage.as_array().unwrap().iter().find(|r| r["name"] == "burst").cloned().unwrap();
+    let recorded = row["prompt_tokens"].as_u64().unwrap() + row["completion_tokens"].as_u64().unwrap();
+    assert!(recorded <= 100, "usage recorded {recorded} tokens: {usage}");
 }

@@ -346,5 +346,8 @@ fn internal_errors_do_not_leak_paths() {
     let home = server.berth.home().display().to_string();
     assert!(!body.contains(&home) && !body.contains("/tmp") && !body.contains("sha256/"), "{body}");
     assert!(body.contains("request id"), "{body}");
-    assert!(server.log().contains(&victim.file_name().unwrap().to_string_lossy().to_string()), "the log has the detail");
+    assert!(
+        server.log().contains(&victim.file_name().unwrap().to_string_lossy().to_string()),
+        "the log has the detail"
+    );
 }
