@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub allowed_hosts: Vec<String>,
     /// Serve on a non-loopback address without API keys (anyone who reaches it may use it).
     pub allow_insecure_public: bool,
+    /// How long the models named in `models` stay loaded when idle.
+    pub preload_keep_alive: KeepAlive,
     /// Connections: how many at once, how long for a request's head and body.
     pub connections: ConnectionLimits,
     /// Web origins whose pages may call the API (`http://localhost:*` style patterns); pages of
@@ -117,6 +119,7 @@ impl Default for ServerConfig {
             allow_insecure_public: false,
             allowed_origins: Vec::new(),
             connections: ConnectionLimits::default(),
+            preload_keep_alive: KeepAlive::Forever,
             drain_timeout: std::time::Duration::from_secs(30),
             token_quota_window: std::time::Duration::from_secs(86_400),
         }
@@ -305,10 +308,11 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             for model in &config.models {
                 state
                     .models
-                    .preload(model)
+                    .preload(model, config.preload_keep_alive)
                     .await
                     .map_err(|e| ServerError::Preload { model: model.clone(), message: e.message })?;
-                tracing::info!(model, "loaded");
+                let name = berth_store::Reference::parse(model).map_or_else(|_| model.clone(), |r| r.familiar());
+                tracing::info!(model = %name, "loaded");
             }
             state.ready.store(true, Ordering::SeqCst);
             Ok::<(), ServerError>(())

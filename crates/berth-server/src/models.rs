@@ -431,8 +431,8 @@ impl ModelManager {
     }
 
     /// Load a model of either kind (at server start).
-    pub async fn preload(&self, model: &str) -> Result<(), ApiError> {
-        self.load(model, None).await.map(|_| ())
+    pub async fn preload(&self, model: &str, keep_alive: KeepAlive) -> Result<(), ApiError> {
+        self.load(model, Some(keep_alive)).await.map(|_| ())
     }
 
     /// The loaded model, loading it first if needed.

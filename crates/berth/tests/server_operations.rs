@@ -494,3 +494,21 @@ fn an_unused_kv_cache_costs_no_memory() {
     let peak_mb = server.peak_rss_kb() / 1024;
     assert!(peak_mb < 1024, "an idle server with a 4 GiB KV cache peaked at {peak_mb} MB");
 }
+
+/// A model named with `--model` stays loaded (no keep-alive unless `--keep-alive` is given), and
+/// the log names it in its one normalised form.
+#[test]
+fn models_named_at_start_stay_loaded() {
+    let server = Server::start();
+    let (_, raw) = http_request(server.port, "GET", "/api/ps", &[], b"").unwrap();
+    let ps: serde_json::Value = serde_json::from_str(&body_of(&raw)).unwrap();
+    let model = &ps["models"][0];
+    assert_eq!(model["name"], "ai/smollm2:latest", "{ps}");
+    assert_eq!(model["berth"]["keep_alive_seconds"], -1, "{ps}");
+    let log = server.log();
+    assert!(log.contains("ai/smollm2:latest") && !log.contains("model=smollm2 "), "{log}");
+    let timed = Server::start_with(&["--keep-alive", "10m"]);
+    let (_, raw) = http_request(timed.port, "GET", "/api/ps", &[], b"").unwrap();
+    let ps: serde_json::Value = serde_json::from_str(&body_of(&raw)).unwrap();
+    assert_eq!(ps["models"][0]["berth"]["keep_alive_seconds"], 600.0, "{ps}");
+}

@@ -53,8 +53,9 @@ pub struct Args {
     memory_budget: Option<u64>,
     /// How long a model stays loaded after its last request, e.g. 5m, 1h, 0 (unload at once) or -1
     /// (for ever); a request's own keep_alive (Ollama's field) overrides it for that model.
-    #[arg(long, default_value = "5m", value_parser = parse_keep_alive, allow_hyphen_values = true)]
-    keep_alive: KeepAlive,
+    /// Models named with --model stay loaded (for ever) unless this is given.
+    #[arg(long, value_parser = parse_keep_alive, allow_hyphen_values = true)]
+    keep_alive: Option<KeepAlive>,
     /// A model that is never unloaded to make room or for being idle (repeatable).
     #[arg(long = "pin", value_name = "REF")]
     pinned: Vec<String>,
@@ -170,11 +171,14 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         },
         memory: MemoryConfig {
             budget: args.memory_budget.unwrap_or_else(default_memory_budget),
-            keep_alive: args.keep_alive,
+            keep_alive: args.keep_alive.unwrap_or(KeepAlive::For(Duration::from_secs(300))),
             pinned: args.pinned,
         },
         allowed_hosts: args.allowed_hosts,
         allowed_origins: args.allowed_origins,
+        // What the operator names at start is expected to stay (as vLLM and Docker Model Runner
+        // keep their preloaded models), unless --keep-alive says otherwise.
+        preload_keep_alive: args.keep_alive.unwrap_or(KeepAlive::Forever),
         connections: berth_server::ConnectionLimits {
             max_connections: args.max_connections as usize,
             header_timeout: Duration::from_secs(args.header_timeout),
