@@ -35,20 +35,51 @@ pub struct RenderInput {
     pub add_generation_prompt: bool,
 }
 
-/// Compile the job's template and, if asked, render it. Errors are the text a user is shown.
-pub fn run(job: &Job) -> Result<String, String> {
-    let env = environment(&job.source)?;
-    let Some(input) = &job.render else { return Ok(String::new()) };
-    let template = env.get_template("chat").map_err(describe)?;
-    let ctx = context! {
-        messages => &input.messages,
-        add_generation_prompt => input.add_generation_prompt,
-        bos_token => &job.bos_token,
-        eos_token => &job.eos_token,
-    };
-    let mut out = CappedWriter { buf: Vec::new() };
-    template.render_captured_to(ctx, &mut out).map_err(describe)?;
-    String::from_utf8(out.buf).map_err(|_| "the rendered prompt is not UTF-8".to_string())
+/// Templates compiled so far (a worker keeps the few its server uses, so a request renders
+/// without compiling again).
+#[derive(Default)]
+pub struct Renderer {
+    /// Most recently used last.
+    compiled: Vec<(String, Environment<'static>)>,
+}
+
+/// Compiled templates a [`Renderer`] keeps.
+const KEPT_TEMPLATES: usize = 8;
+
+impl Renderer {
+    /// Compile the job's template (unless kept from before) and, if asked, render it. Errors are
+    /// the text a user is shown.
+    pub fn run(&mut self, job: &Job) -> Result<String, String> {
+        let env = self.environment(&job.source)?;
+        let Some(input) = &job.render else { return Ok(String::new()) };
+        let template = env.get_template("chat").map_err(describe)?;
+        let ctx = context! {
+            messages => &input.messages,
+            add_generation_prompt => input.add_generation_prompt,
+            bos_token => &job.bos_token,
+            eos_token => &job.eos_token,
+        };
+        let mut out = CappedWriter { buf: Vec::new() };
+        template.render_captured_to(ctx, &mut out).map_err(describe)?;
+        String::from_utf8(out.buf).map_err(|_| "the rendered prompt is not UTF-8".to_string())
+    }
+
+    fn environment(&mut self, source: &str) -> Result<&Environment<'static>, String> {
+        match self.compiled.iter().position(|(s, _)| s == source) {
+            Some(i) => {
+                let hit = self.compiled.remove(i);
+                self.compiled.push(hit);
+            }
+            None => {
+                let env = environment(source)?;
+                if self.compiled.len() == KEPT_TEMPLATES {
+                    self.compiled.remove(0);
+                }
+                self.compiled.push((source.to_string(), env));
+            }
+        }
+        Ok(&self.compiled.last().expect("pushed just above").1)
+    }
 }
 
 /// Run `job` on a thread of this process with the renderer's stack.
@@ -57,7 +88,7 @@ pub fn run_on_own_stack(job: &Job) -> Result<String, String> {
         let handle = std::thread::Builder::new()
             .name("berth-template".into())
             .stack_size(STACK_BYTES)
-            .spawn_scoped(s, || run(job))
+            .spawn_scoped(s, || Renderer::default().run(job))
             .map_err(|e| format!("cannot start the template thread: {e}"))?;
         handle.join().unwrap_or_else(|_| Err("the template renderer failed".to_string()))
     })

@@ -75,19 +75,15 @@ impl Pool {
             Some(w) => w,
             None => self.spawn()?,
         };
-        match exchange(&mut worker, &request) {
-            Ok(reply) => {
-                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                if idle.len() < MAX_IDLE {
-                    idle.push(worker);
-                } else {
-                    drop(idle);
-                    end(worker);
-                }
-                reply
-            }
-            Err(why) => Err(why),
+        let reply = exchange(&mut worker, &request)?;
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(worker);
+        } else {
+            drop(idle);
+            end(worker);
         }
+        reply
     }
 
     fn spawn(&self) -> Result<Worker, String> {
@@ -208,9 +204,10 @@ pub fn worker_main() -> i32 {
     }
     let serve = || {
         let (mut input, mut output) = (std::io::stdin().lock(), std::io::stdout().lock());
+        let mut renderer = render::Renderer::default();
         while let Ok(frame) = read_frame(&mut input) {
             let reply = match serde_json::from_slice::<Job>(&frame) {
-                Ok(job) => render::run(&job),
+                Ok(job) => renderer.run(&job),
                 Err(e) => Err(format!("malformed template job: {e}")),
             };
             let Ok(bytes) = serde_json::to_vec(&reply) else { return 1 };
