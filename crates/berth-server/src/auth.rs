@@ -213,7 +213,6 @@ impl Auth {
 /// Check the caller of a route that needs `scope`: once the server has keys, a valid key with
 /// that scope and within its quotas.
 pub async fn authorize(State((auth, needed)): State<(Arc<Auth>, Scope)>, request: Request, next: Next) -> Response {
-    let path = request.uri().path().to_string();
     let keys = match auth.active_keys() {
         Ok(keys) => keys,
         Err(e) => return e.into_response(),
@@ -249,9 +248,10 @@ pub async fn authorize(State((auth, needed)): State<(Arc<Auth>, Scope)>, request
     };
     if !key.allows(needed) {
         return ApiError::forbidden_scope(format!(
-            "the key `{}` lacks the `{}` scope that {path} needs",
+            "the key `{}` lacks the `{}` scope that {} needs",
             key.name,
-            needed.name()
+            needed.name(),
+            request.uri().path()
         ))
         .into_response();
     }

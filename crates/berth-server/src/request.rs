@@ -43,11 +43,8 @@ pub async fn body_limits(
 fn too_large() -> ApiError {
     ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
-        message: "the request body is larger than the server's limit".into(),
-        kind: "invalid_request_error",
-        param: None,
         code: Some("request_too_large"),
-        retry_after: None,
+        ..ApiError::bad_request("the request body is larger than the server's limit")
     }
 }
 

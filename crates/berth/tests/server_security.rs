@@ -182,21 +182,14 @@ fn web_pages_of_other_origins_cannot_drive_the_server() {
     assert_eq!(status, 403);
 }
 
-/// Read from a raw connection until the server closes it; returns what it sent and how long it took.
+/// What the server sends on a raw connection until it closes it, and how long that took (a read
+/// timeout, 30 s, counts as closed: the callers bound the time).
 fn until_closed(s: &mut TcpStream) -> (String, Duration) {
     let started = Instant::now();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("the server kept the connection open: {e}"),
-        }
-    }
-    (String::from_utf8_lossy(&out).to_string(), started.elapsed())
+    let mut seen = Vec::new();
+    read_rest(s, &mut seen);
+    (String::from_utf8_lossy(&seen).to_string(), started.elapsed())
 }
 
 /// Connections cannot be held forever: an idle one and one sending its head a byte at a time are
@@ -235,8 +228,8 @@ fn slow_idle_and_excess_connections_are_closed() {
     partial
         .write_all(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"model\"")
         .unwrap();
-    let (answer, _) = until_closed(&mut partial);
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let (answer, took) = until_closed(&mut partial);
+    assert!(answer.starts_with("HTTP/1.1 408") && took < Duration::from_secs(10), "{answer} after {took:?}");
     // The early 413: the client waits for 100 Continue and never sends the body.
     let mut eager = connect();
     eager
@@ -251,8 +244,9 @@ fn slow_idle_and_excess_connections_are_closed() {
     let held: Vec<TcpStream> = (0..6).map(|_| connect()).collect();
     std::thread::sleep(Duration::from_millis(300));
     let mut extra = connect();
-    let (answer, _) = until_closed(&mut extra);
+    let (answer, took) = until_closed(&mut extra);
     assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("too_many_connections"), "{answer}");
+    assert!(took < Duration::from_secs(10), "the refused connection stayed open {took:?}");
     drop(held);
     // Once they are gone (or timed out), requests are served again.
     let deadline = Instant::now() + Duration::from_secs(10);
