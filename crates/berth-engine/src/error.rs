@@ -24,7 +24,7 @@ pub enum EngineError {
     #[error("the model is malformed: {0}")]
     BadModel(String),
     #[error(
-        "the prompt and answer need {needed} tokens but the context holds {limit}; shorten the prompt or lower max_tokens"
+        "the prompt and answer need {needed} tokens but the context holds {limit} tokens; shorten the prompt or lower max_tokens"
     )]
     ContextOverflow { needed: usize, limit: usize },
     #[error("the tokenizer cannot be built from the model file: {0}")]
@@ -33,6 +33,8 @@ pub enum EngineError {
     Template(String),
     #[error("invalid sampling parameter: {0}")]
     Sampling(String),
+    #[error("{message}")]
+    InvalidParameter { param: String, message: String },
     #[error("invalid scheduler setting: {0}")]
     BadConfig(String),
     #[error(

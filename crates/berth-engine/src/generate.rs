@@ -2,15 +2,13 @@
 //! time runs through the same scheduler that batches many (see [`crate::scheduler`]), so there is
 //! one generation loop.
 
-use std::path::Path;
-use std::time::Duration;
-
 use crate::error::EngineError;
 use crate::model::{LlamaModel, blocks_for};
-use crate::sampling::{SamplingParams, TokenLogprob};
+pub use crate::request::{FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
 use crate::scheduler::{Scheduler, SchedulerConfig, TokenSink};
 use crate::template::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
+use std::path::Path;
 
 /// Tokens of a prompt processed per forward pass when one request runs alone, bounding the
 /// memory of one step.
@@ -20,58 +18,6 @@ pub struct Engine {
     pub model: LlamaModel,
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
-}
-
-#[derive(Debug, Clone)]
-pub struct GenerationRequest {
-    pub prompt: Vec<u32>,
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    pub stop: Vec<String>,
-    pub stop_token_ids: Vec<u32>,
-    /// Report log-probabilities with this many alternatives.
-    pub logprobs: Option<usize>,
-    /// Keep going past end-of-generation tokens (benchmarks).
-    pub ignore_eos: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FinishReason {
-    /// An end-of-generation token or a stop string.
-    Stop,
-    /// `max_tokens` or the context ran out.
-    #[default]
-    Length,
-    /// The caller asked to stop.
-    Cancelled,
-}
-
-/// One generated token as it streams.
-#[derive(Debug, Clone)]
-pub struct TokenEvent {
-    /// The token, or `None` for text released at the end (held back until then).
-    pub token: Option<u32>,
-    /// Text that became final with this token (may be empty while a character or a possible stop
-    /// string is incomplete).
-    pub text: String,
-    pub logprob: Option<TokenLogprob>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct GenerationOutput {
-    pub text: String,
-    pub tokens: Vec<u32>,
-    pub logprobs: Vec<TokenLogprob>,
-    pub finish: FinishReason,
-    pub prompt_tokens: usize,
-    /// Prompt tokens whose keys and values came from the prefix cache.
-    pub cached_tokens: usize,
-    /// From arrival to admission.
-    pub queue_time: Duration,
-    /// From admission to the first token.
-    pub prefill_time: Duration,
-    /// From the first token to the end.
-    pub decode_time: Duration,
 }
 
 /// The chat template a GGUF file carries, if any (read from its metadata, nothing loaded).
@@ -84,6 +30,32 @@ pub fn chat_template_of(path: &Path) -> Result<Option<String>, EngineError> {
     let gguf = berth_formats::gguf::GgufFile::parse(&map)
         .map_err(|source| EngineError::Gguf { path: path.to_path_buf(), source })?;
     Ok(gguf.get_str("tokenizer.chat_template").map(str::to_string))
+}
+
+/// Vet the chat template a model artifact would run (its template layer when it has one, else
+/// the one inside its GGUF file) before the artifact enters a store: see [`crate::template::vet`].
+/// A GGUF file without a template passes; an unreadable layer does not.
+pub fn vet_artifact_template(gguf: Option<&Path>, layer: Option<&[u8]>) -> Result<(), EngineError> {
+    let source = match (layer, gguf) {
+        (Some(bytes), _) => {
+            if bytes.len() > crate::template::MAX_SOURCE_BYTES {
+                return Err(EngineError::Template(format!(
+                    "the template layer is {} bytes; a chat template may have at most {}",
+                    bytes.len(),
+                    crate::template::MAX_SOURCE_BYTES
+                )));
+            }
+            std::str::from_utf8(bytes)
+                .map_err(|_| EngineError::Template("the template layer is not UTF-8 text".into()))?
+                .to_string()
+        }
+        (None, Some(path)) => match chat_template_of(path)? {
+            Some(text) => text,
+            None => return Ok(()),
+        },
+        (None, None) => return Ok(()),
+    };
+    crate::template::vet(&source)
 }
 
 impl Engine {
@@ -143,6 +115,13 @@ impl Engine {
             ids.insert(0, bos);
         }
         ids
+    }
+
+    /// What a request run by [`Engine::generate`] must fit (it sizes its cache to the request, so
+    /// only the context bounds it).
+    pub fn request_limits(&self) -> crate::request::RequestLimits {
+        let context = self.context_length();
+        crate::request::RequestLimits { context, kv_tokens: context, vocab: self.model.config.vocab_size }
     }
 
     /// Cache blocks that hold `tokens` positions.

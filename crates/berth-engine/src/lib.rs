@@ -13,6 +13,7 @@ pub mod tokenizer;
 
 pub use error::EngineError;
 pub mod generate;
+pub mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod stop;
@@ -20,7 +21,8 @@ mod team;
 
 use team::Team;
 
-pub use generate::{Engine, FinishReason, GenerationOutput, GenerationRequest, TokenEvent, chat_template_of};
+pub use generate::{Engine, chat_template_of, vet_artifact_template};
+pub use request::{FinishReason, GenerationOutput, GenerationRequest, RequestDraft, RequestLimits, TokenEvent};
 
 static TEAM: std::sync::OnceLock<std::sync::Arc<Team>> = std::sync::OnceLock::new();
 

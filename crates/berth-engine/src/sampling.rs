@@ -48,8 +48,9 @@ impl SamplingParams {
     /// Check ranges; the error names the parameter.
     pub fn validate(&self, vocab_size: usize) -> Result<(), EngineError> {
         let bad = |m: String| Err(EngineError::Sampling(m));
-        if !(0.0..=100.0).contains(&self.temperature) || self.temperature.is_nan() {
-            return bad(format!("temperature must be between 0 and 100, got {}", self.temperature));
+        // The ranges OpenAI documents, which every berth API uses (see crate::request).
+        if !(0.0..=2.0).contains(&self.temperature) || self.temperature.is_nan() {
+            return bad(format!("temperature must be between 0 and 2, got {}", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -57,8 +58,8 @@ impl SamplingParams {
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
-        if !(self.repeat_penalty > 0.0 && self.repeat_penalty <= 10.0) {
-            return bad(format!("repeat_penalty must be in (0, 10], got {}", self.repeat_penalty));
+        if !(self.repeat_penalty >= 0.01 && self.repeat_penalty <= 10.0) {
+            return bad(format!("repeat_penalty must be between 0.01 and 10, got {}", self.repeat_penalty));
         }
         for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
             if !(-2.0..=2.0).contains(&v) {

@@ -255,6 +255,13 @@ impl Accounts {
                 ttft_ms REAL,
                 hit_length INTEGER NOT NULL DEFAULT 0
             );
+            CREATE TABLE IF NOT EXISTS rejections (
+                minute_ms INTEGER NOT NULL,
+                key_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                count INTEGER NOT NULL,
+                PRIMARY KEY (minute_ms, key_id, model)
+            );
             CREATE INDEX IF NOT EXISTS requests_at ON requests (at_ms);
             CREATE INDEX IF NOT EXISTS requests_key_at ON requests (key_id, at_ms);",
         )
@@ -410,6 +417,29 @@ impl Accounts {
         Ok(at_ms)
     }
 
+    /// Add refused requests (429s: no tokens, no time) to their minute's count, in one
+    /// transaction for all of them: a flood of refusals costs a row per key, model and minute, not
+    /// a row and a commit each.
+    pub fn record_rejections(&self, counts: &[((String, String), u64)]) -> Result<(), AccountsError> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let minute_ms = chrono::Utc::now().timestamp_millis() / 60_000 * 60_000;
+        let tx = self.db.unchecked_transaction().map_err(self.err())?;
+        {
+            let mut q = tx
+                .prepare_cached(
+                    "INSERT INTO rejections (minute_ms, key_id, model, count) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (minute_ms, key_id, model) DO UPDATE SET count = count + excluded.count",
+                )
+                .map_err(self.err())?;
+            for ((key_id, model), n) in counts {
+                q.execute(params![minute_ms, key_id, model, *n as i64]).map_err(self.err())?;
+            }
+        }
+        tx.commit().map_err(self.err())
+    }
+
     /// The key's requests from `since_ms` (Unix milliseconds) on, oldest first: when each ended and
     /// the tokens it used (prompt and completion).
     pub fn tokens_since(&self, key_id: &str, since_ms: i64) -> Result<Vec<(i64, u64)>, AccountsError> {
@@ -432,12 +462,20 @@ impl Accounts {
             GroupBy::Key => ("r.key_id", "COALESCE(k.name, CASE WHEN r.key_id = '-' THEN '(no key)' ELSE '' END)"),
             GroupBy::Model => ("r.model", "''"),
         };
+        // Refusals are counted per minute (see record_rejections); a minute that overlaps
+        // `since` counts whole.
         let sql = format!(
-            "SELECT {group}, {name}, COUNT(*),
-                SUM(r.outcome = 'completed'), SUM(r.outcome = 'completed' AND r.hit_length), SUM(r.outcome = 'aborted'), SUM(r.outcome = 'rejected'), SUM(r.outcome = 'failed'),
+            "WITH r AS (
+                SELECT key_id, model, outcome, prompt_tokens, completion_tokens, hit_length, 1 AS n
+                FROM requests WHERE at_ms >= ?1
+                UNION ALL
+                SELECT key_id, model, 'rejected', 0, 0, 0, count FROM rejections WHERE minute_ms + 60000 > ?1
+             )
+             SELECT {group}, {name}, SUM(r.n),
+                SUM(r.outcome = 'completed'), SUM(r.outcome = 'completed' AND r.hit_length), SUM(r.outcome = 'aborted'), SUM((r.outcome = 'rejected') * r.n), SUM(r.outcome = 'failed'),
                 SUM(r.prompt_tokens), SUM(r.completion_tokens)
-             FROM requests r LEFT JOIN api_keys k ON k.id = r.key_id
-             WHERE r.at_ms >= ?1 GROUP BY {group} ORDER BY {group}"
+             FROM r LEFT JOIN api_keys k ON k.id = r.key_id
+             GROUP BY {group} ORDER BY {group}"
         );
         let mut q = self.db.prepare(&sql).map_err(self.err())?;
         let n = |r: &rusqlite::Row<'_>, i| r.get::<_, i64>(i).map(|v| v as u64);

@@ -14,7 +14,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::accounts::{Accounts, ActiveKeys, ApiKey, NO_KEY, Record, Scope};
+use crate::accounts::{Accounts, ActiveKeys, ApiKey, NO_KEY, Outcome, Record, Scope};
 use crate::error::ApiError;
 use crate::quota::{TokenLedger, millis, retry_after_seconds};
 
@@ -34,6 +34,8 @@ pub struct Auth {
     /// Whether requests need a key: decided by the keys at start, and turned on (never off) when
     /// the first key is made while the server runs.
     keys_required: AtomicBool,
+    /// Refused requests not yet written, by key and model ([`Auth::flush_rejections`]).
+    rejections: Mutex<HashMap<(String, String), u64>>,
 }
 
 /// Who is asking: the key (none on a server without keys), and where its usage goes.
@@ -82,6 +84,7 @@ impl Auth {
     pub fn new(accounts: Accounts, token_window: Duration, keys_required: bool) -> Self {
         Self {
             keys_required: AtomicBool::new(keys_required),
+            rejections: Mutex::new(HashMap::new()),
             accounts: Mutex::new(accounts),
             recent: Mutex::new(HashMap::new()),
             token_window,
@@ -118,6 +121,16 @@ impl Auth {
     /// Charge an ended request to its key and let go of the tokens it had reserved, in one step
     /// (so no other request sees the quota without both).
     pub fn settle(&self, record: &Record<'_>, reserved: u64) {
+        if record.outcome == Outcome::Rejected && record.prompt_tokens + record.completion_tokens == 0 {
+            // Counted in memory and written in batches: a flood of 429s must not become a flood
+            // of commits. (Nothing was reserved for a request refused before it ran.)
+            if reserved > 0 {
+                self.release_tokens(record.key_id, reserved);
+            }
+            let mut pending = self.rejections.lock().unwrap_or_else(|e| e.into_inner());
+            *pending.entry((record.key_id.to_string(), record.model.to_string())).or_default() += 1;
+            return;
+        }
         // The ledger is held across the write, so a ledger being loaded sees the row either in
         // the database or as added here, never both.
         let mut ledgers = self.ledgers();
@@ -133,6 +146,22 @@ impl Auth {
                 }
             }
             Err(e) => tracing::error!(key_id = record.key_id, model = record.model, "usage not recorded: {e}"),
+        }
+    }
+
+    /// Write the refusals counted since the last flush (the server calls this a few times a
+    /// second, and at shutdown).
+    pub fn flush_rejections(&self) {
+        let pending: Vec<_> = {
+            let mut pending = self.rejections.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.is_empty() {
+                return;
+            }
+            pending.drain().collect()
+        };
+        if let Err(e) = self.accounts().record_rejections(&pending) {
+            let lost: u64 = pending.iter().map(|p| p.1).sum();
+            tracing::error!("{lost} refused requests not recorded in usage: {e}");
         }
     }
 

@@ -163,17 +163,27 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<berth_engine::EngineError> for ApiError {
-    fn from(e: berth_engine::EngineError) -> Self {
+impl ApiError {
+    /// The one classification of engine errors: status, code and Retry-After. `model` and
+    /// `max_running` word a full queue's answer and size its Retry-After.
+    pub fn from_engine(e: berth_engine::EngineError, model: &str, max_running: usize) -> ApiError {
         use berth_engine::EngineError as E;
-        match &e {
+        match e {
+            E::InvalidParameter { param, message } => ApiError::invalid(&param, message),
             E::ContextOverflow { .. } => {
                 ApiError { code: Some("context_length_exceeded"), ..ApiError::invalid("messages", e.to_string()) }
             }
-            E::Sampling(_) | E::Template(_) | E::Tokenizer(_) | E::KvCacheTooSmall { .. } => {
-                ApiError::bad_request(e.to_string())
+            E::KvCacheTooSmall { .. } => ApiError::bad_request(e.to_string()).with_code("kv_cache_too_small"),
+            E::Sampling(_) | E::Template(_) | E::Tokenizer(_) => ApiError::bad_request(e.to_string()),
+            E::QueueFull { waiting } => {
+                let seconds = (1 + waiting / max_running.max(1)).min(60) as u64;
+                ApiError::overloaded(
+                    format!(
+                        "{waiting} requests are already waiting for `{model}` (the server's --max-queue); retry in {seconds} s"
+                    ),
+                    seconds,
+                )
             }
-            E::QueueFull { .. } => ApiError::overloaded(e.to_string(), 1),
             E::TimedOut(_) => ApiError {
                 status: StatusCode::GATEWAY_TIMEOUT,
                 code: Some("timeout"),
@@ -182,5 +192,22 @@ impl From<berth_engine::EngineError> for ApiError {
             E::Stopped => ApiError::unavailable(e.to_string()),
             _ => ApiError::internal(e.to_string()),
         }
+    }
+
+    /// The `reason` label a failed request is counted under in `berth_request_failures_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self.status.as_u16() {
+            429 if self.code == Some("insufficient_quota") => "quota",
+            429 => "queue_full",
+            504 => "timeout",
+            400..=499 => "invalid",
+            _ => "error",
+        }
+    }
+}
+
+impl From<berth_engine::EngineError> for ApiError {
+    fn from(e: berth_engine::EngineError) -> Self {
+        ApiError::from_engine(e, "the model", 1)
     }
 }

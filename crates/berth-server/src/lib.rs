@@ -11,6 +11,7 @@ pub mod accounts;
 mod auth;
 mod embeddings;
 mod error;
+pub mod fuzzing;
 mod guard;
 mod limits;
 mod listener;
@@ -22,6 +23,9 @@ mod quota;
 mod request;
 mod request_log;
 mod run;
+mod vetting;
+
+pub use vetting::ModelVetting;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -356,13 +360,16 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         }
     };
     let drain_task = AbortOnDrop(tokio::spawn(drain));
-    // Models idle past their keep-alive are unloaded.
+    // Models idle past their keep-alive are unloaded; refused requests counted since the last
+    // round are written to usage.
     let reaper = {
-        let models = state.models.clone();
+        let (models, auth) = (state.models.clone(), state.auth.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
                 models.reap().await;
+                let auth = auth.clone();
+                let _ = tokio::task::spawn_blocking(move || auth.flush_rejections()).await;
             }
         })
     };
@@ -371,7 +378,10 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let server = listener::serve(listener, app, &config.connections, shutdown);
     tokio::pin!(server);
     tokio::select! {
-        _ = &mut server => return Ok(()),
+        _ = &mut server => {
+            state.auth.flush_rejections();
+            return Ok(());
+        }
         p = preload => p?,
     }
     // Connections still open after the streams ended (idle keep-alives) do not hold the exit up.
@@ -384,6 +394,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         } => {}
     }
+    state.auth.flush_rejections();
     tracing::info!("stopped");
     Ok(())
 }

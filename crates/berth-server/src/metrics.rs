@@ -69,7 +69,7 @@ pub fn finished_reason(finish: FinishReason) -> &'static str {
 
 const FINISHED: [&str; 3] = ["stop", "length", "abort"];
 /// Why a request failed, for `request_failure_total{reason}`.
-pub const FAILURES: [&str; 4] = ["queue_full", "timeout", "invalid", "error"];
+pub const FAILURES: [&str; 5] = ["queue_full", "quota", "timeout", "invalid", "error"];
 
 /// One model's request metrics (the scheduler keeps the rest: running, waiting, cache, tokens).
 pub struct ServingMetrics {
@@ -78,7 +78,7 @@ pub struct ServingMetrics {
     pub e2e: Histogram,
     pub queue: Histogram,
     success: [AtomicU64; 3],
-    failure: [AtomicU64; 4],
+    failure: [AtomicU64; FAILURES.len()],
     /// Seconds the model took to load.
     pub load_seconds: f64,
 }

@@ -57,34 +57,20 @@ impl LoadedModel {
         (self.runner.config().scheduler.kv_blocks * self.engine.model.kv_block_bytes()) as u64
     }
 
-    /// An engine error as the API reports it (and counted as a failure); a full queue says when to
-    /// come back.
+    /// What every request to this model must fit: the context the operator allows, the
+    /// scheduler's KV cache and the vocabulary.
+    pub fn limits(&self) -> berth_engine::RequestLimits {
+        berth_engine::RequestLimits { context: self.context, ..self.runner.limits() }
+    }
+
+    /// An engine error as the API reports it, counted as a failure under its label; a full queue
+    /// says when to come back (roughly one round of the running sequences per waiting batch of
+    /// that size).
     pub fn error(&self, e: EngineError) -> ApiError {
-        self.metrics.failure(match &e {
-            EngineError::QueueFull { .. } => "queue_full",
-            EngineError::TimedOut(_) => "timeout",
-            EngineError::ContextOverflow { .. }
-            | EngineError::KvCacheTooSmall { .. }
-            | EngineError::Sampling(_)
-            | EngineError::Template(_)
-            | EngineError::Tokenizer(_) => "invalid",
-            _ => "error",
-        });
-        match e {
-            EngineError::QueueFull { waiting } => {
-                // Roughly one round of the running sequences per waiting batch of that size.
-                let max_running = self.runner.config().scheduler.max_running.max(1);
-                let seconds = (1 + waiting / max_running).min(60) as u64;
-                ApiError::overloaded(
-                    format!(
-                        "{waiting} requests are already waiting for `{}` (the server's --max-queue); retry in {seconds} s",
-                        self.name
-                    ),
-                    seconds,
-                )
-            }
-            other => ApiError::from(other),
-        }
+        let max_running = self.runner.config().scheduler.max_running.max(1);
+        let api = ApiError::from_engine(e, &self.name, max_running);
+        self.metrics.failure(api.metric_label());
+        api
     }
 }
 
@@ -195,6 +181,8 @@ pub struct MemoryConfig {
 
 struct Entry {
     cell: Arc<OnceCell<Loaded>>,
+    /// The manifest the reference named when it was loaded.
+    digest: berth_store::Digest,
     /// Bytes reserved for it (an upper bound while it loads, its own figure after).
     reserved: u64,
     keep_alive: KeepAlive,
@@ -440,8 +428,25 @@ impl ModelManager {
         let reference = Reference::parse(model).map_err(|_| ApiError::model_not_found(model, &self.available()))?;
         Self::check_caller_may_use(&reference)?;
         let key = reference.to_string();
+        // The store decides what a name means on every request: a model removed from it (`berth
+        // rm`, /api/delete) is unloaded and no longer answered; a tag moved to another manifest
+        // loads that one (requests running on the old one finish on it).
+        let digest = match self.store()?.resolve(&reference) {
+            Ok(d) => d,
+            Err(berth_store::StoreError::NotFound(_)) => {
+                if self.loaded.lock().await.remove(&key).is_some() {
+                    tracing::info!(model = %reference.familiar(), "unloaded: removed from the store");
+                }
+                return Err(ApiError::model_not_found(model, &self.available()));
+            }
+            Err(e) => return Err(ApiError::internal(format!("cannot read the store: {e}"))),
+        };
         let cell = {
             let mut map = self.loaded.lock().await;
+            if map.get(&key).is_some_and(|e| e.digest != digest) {
+                tracing::info!(model = %reference.familiar(), digest = %digest, "unloaded: the name now points to another manifest");
+                map.remove(&key);
+            }
             match map.get_mut(&key) {
                 Some(e) => {
                     e.last_used = Instant::now();
@@ -470,6 +475,7 @@ impl ModelManager {
                         key.clone(),
                         Entry {
                             cell: cell.clone(),
+                            digest: digest.clone(),
                             reserved,
                             keep_alive: keep_alive.unwrap_or(self.memory.keep_alive),
                             pinned,
@@ -526,23 +532,32 @@ impl ModelManager {
                     // A safetensors folder: the embedding engine reads it by its files' paths.
                     let files: HashMap<String, PathBuf> =
                         store.model_files(&manifest).into_iter().map(|(_, path, blob)| (path, blob)).collect();
-                    let embedder = tokio::task::spawn_blocking(move || BertEmbedder::load(&files))
-                        .await
-                        .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))?
-                        .map_err(|e| ApiError::invalid("model", format!("cannot load {name}: {e}")))?;
+                    let checked = name.clone();
+                    let embedder = tokio::task::spawn_blocking(move || {
+                        store.verify_layers(&manifest).map_err(|e| damaged(&checked, e))?;
+                        BertEmbedder::load(&files)
+                            .map_err(|e| ApiError::invalid("model", format!("cannot load {checked}: {e}")))
+                    })
+                    .await
+                    .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))??;
                     tracing::info!(model = %name, seconds = started.elapsed().as_secs_f64(), "model loaded");
                     return Ok(Loaded::Embed(Arc::new(EmbeddingModel { name, embedder, size })));
                 }
-                let found = store.gguf_model(&reference).map_err(|e| match e {
-                    berth_store::StoreError::NotFound(_) => ApiError::model_not_found(model, &manager.available()),
-                    berth_store::StoreError::Config(m) => ApiError::invalid("model", m),
-                    other => ApiError::internal(format!("cannot load {name}: {other}")),
-                })?;
-                let engine =
-                    tokio::task::spawn_blocking(move || Engine::load(&found.path, found.chat_template.as_deref()))
-                        .await
-                        .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))?
-                        .map_err(|e| ApiError::internal(format!("cannot load {name}: {e}")))?;
+                let available = manager.available();
+                let (model_name, checked, reference_to_load) = (model.to_string(), name.clone(), reference.clone());
+                // Hashing the weights and mapping them take seconds for a large model: not on an
+                // async worker.
+                let engine = tokio::task::spawn_blocking(move || {
+                    let found = store.gguf_model(&reference_to_load).map_err(|e| match e {
+                        berth_store::StoreError::NotFound(_) => ApiError::model_not_found(&model_name, &available),
+                        berth_store::StoreError::Config(m) => ApiError::invalid("model", m),
+                        other => damaged(&checked, other),
+                    })?;
+                    Engine::load(&found.path, found.chat_template.as_deref())
+                        .map_err(|e| ApiError::internal(format!("cannot load {checked}: {e}")))
+                })
+                .await
+                .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))??;
                 let engine = Arc::new(engine);
                 let batching = &manager.batching;
                 let limits = batching.per_model.of(&reference);
@@ -569,6 +584,22 @@ impl ModelManager {
         })
         .await
         .cloned()
+    }
+}
+
+/// A model whose files fail their check: the client learns that the model is damaged (503: the
+/// operator repairs it with `berth pull`), the log gets the store's details.
+fn damaged(name: &str, e: berth_store::StoreError) -> ApiError {
+    use berth_store::StoreError as S;
+    match e {
+        S::DigestMismatch { .. } | S::SizeMismatch { .. } | S::MissingBlob(_) => {
+            tracing::error!(model = %name, "cannot load: {e}");
+            ApiError::unavailable(format!(
+                "the files of model {name} are damaged or missing in the server's store; the operator can repair them with `berth pull {name}`"
+            ))
+            .with_code("model_damaged")
+        }
+        other => ApiError::internal(format!("cannot load {name}: {other}")),
     }
 }
 

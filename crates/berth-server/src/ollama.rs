@@ -20,8 +20,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::AppState;
 use crate::error::ApiError;
 use crate::models::{KeepAlive, Loaded, LoadedModel};
-use crate::request::{JsonBody, Sampling, StopField};
+use crate::request::{JsonBody, PromptSource};
 use crate::run::Update;
+use berth_engine::request::{Param, RequestDraft};
 use std::sync::atomic::Ordering;
 
 #[derive(Deserialize, Default)]
@@ -39,20 +40,24 @@ struct Options {
 }
 
 impl Options {
-    fn sampling(&self) -> Sampling {
-        Sampling {
-            // Ollama: -1 (or -2) means "until the context is full".
-            max_tokens: self.num_predict.filter(|&n| n >= 0),
-            temperature: Some(self.temperature.unwrap_or(0.8)),
-            top_k: Some(self.top_k.unwrap_or(40)),
-            top_p: Some(self.top_p.unwrap_or(0.9)),
-            min_p: self.min_p,
-            seed: self.seed,
-            stop: self.stop.clone().map(StopField::Many),
-            repetition_penalty: Some(self.repeat_penalty.unwrap_or(1.1)),
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            ..Sampling::default()
+    /// The request's parameters, with Ollama's defaults where it has its own (temperature 0.8,
+    /// top_k 40, top_p 0.9, repeat_penalty 1.1) and its names in errors.
+    fn draft(&self) -> RequestDraft {
+        let p = |name, v: Option<f64>, default: f64| Some(Param::new(name, v.unwrap_or(default)));
+        let opt = |name, v: Option<f64>| v.map(|x| Param::new(name, x));
+        RequestDraft {
+            // Ollama: a negative num_predict (-1, -2) means "until the context is full".
+            max_tokens: self.num_predict.filter(|&n| n >= 0).map(|n| Param::new("num_predict", n as f64)),
+            temperature: p("temperature", self.temperature, 0.8),
+            top_k: p("top_k", self.top_k.map(|k| k as f64), 40.0),
+            top_p: p("top_p", self.top_p, 0.9),
+            min_p: opt("min_p", self.min_p),
+            repeat_penalty: p("repeat_penalty", self.repeat_penalty, 1.1),
+            presence_penalty: opt("presence_penalty", self.presence_penalty),
+            frequency_penalty: opt("frequency_penalty", self.frequency_penalty),
+            seed: opt("seed", self.seed.map(|s| s as f64)),
+            stop: self.stop.clone().unwrap_or_default(),
+            ..RequestDraft::default()
         }
     }
 }
@@ -91,6 +96,8 @@ pub struct GenerateRequest {
     #[serde(default)]
     options: Options,
     keep_alive: Option<Value>,
+    #[serde(default)]
+    images: Option<Vec<String>>,
 }
 
 /// The longest `keep_alive` a request may ask for (a negative value, for ever, is the other way).
@@ -157,6 +164,50 @@ fn created_at() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// What an Ollama chat asks for, checked before any model is involved; `None` for no messages
+/// (Ollama's way to load a model).
+pub(crate) fn chat_parts(req: &ChatRequest) -> Result<Option<(PromptSource, RequestDraft)>, ApiError> {
+    check_format(&req.format)?;
+    if req.messages.iter().any(|m| m.images.as_ref().is_some_and(|i| !i.is_empty())) {
+        return Err(ApiError::invalid("messages", "images are not supported by this model"));
+    }
+    for (i, m) in req.messages.iter().enumerate() {
+        if !berth_engine::template::ROLES.contains(&m.role.as_str()) {
+            return Err(ApiError::invalid(
+                &format!("messages[{i}].role"),
+                format!("unknown role {:?}: a message's role is system, user, assistant or tool", m.role),
+            ));
+        }
+    }
+    if req.messages.is_empty() {
+        return Ok(None);
+    }
+    let messages: Vec<Message> = req.messages.iter().map(|m| Message::new(&m.role, &m.content)).collect();
+    Ok(Some((PromptSource::Chat(messages), req.options.draft())))
+}
+
+/// The same for `/api/generate`; `None` for an empty prompt.
+pub(crate) fn generate_parts(req: &GenerateRequest) -> Result<Option<(PromptSource, RequestDraft)>, ApiError> {
+    check_format(&req.format)?;
+    if req.images.as_ref().is_some_and(|i| !i.is_empty()) {
+        return Err(ApiError::invalid("images", "images are not supported by this model"));
+    }
+    if req.prompt.is_empty() {
+        return Ok(None);
+    }
+    let source = if req.raw {
+        PromptSource::Texts(vec![req.prompt.clone()])
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = &req.system {
+            messages.push(Message::new("system", s));
+        }
+        messages.push(Message::new("user", &req.prompt));
+        PromptSource::Chat(messages)
+    };
+    Ok(Some((source, req.options.draft())))
+}
+
 pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {
     if req.messages.is_empty()
         && let Some(r) = unload_if_asked(&state, &req.model, &req.keep_alive, true).await
@@ -164,27 +215,14 @@ pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatReq
         return r;
     }
     let prepared = async {
-        check_format(&req.format)?;
-        if req.messages.iter().any(|m| m.images.as_ref().is_some_and(|i| !i.is_empty())) {
-            return Err(ApiError::invalid("messages", "images are not supported by this model"));
-        }
+        let parts = chat_parts(&req)?;
         let model = state.models.get_keeping(&req.model, keep_alive(&req.keep_alive)?).await?;
-        if req.messages.is_empty() {
+        let Some((source, draft)) = parts else {
             // Ollama loads the model and answers with an empty message.
             return Ok((model, None));
-        }
-        for (i, m) in req.messages.iter().enumerate() {
-            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
-                return Err(ApiError::invalid(
-                    &format!("messages[{i}].role"),
-                    format!("unknown role {:?}: a message's role is system, user, assistant or tool", m.role),
-                ));
-            }
-        }
-        let messages: Vec<Message> = req.messages.iter().map(|m| Message::new(&m.role, &m.content)).collect();
-        let prompt = model.engine.chat_prompt(&messages)?;
-        let request = req.options.sampling().to_request(&model, prompt, None)?;
-        Ok::<_, ApiError>((model, Some(request)))
+        };
+        let request = model.prepare(source, draft).await?.pop();
+        Ok::<_, ApiError>((model, request))
     }
     .await;
     match prepared {
@@ -200,23 +238,11 @@ pub async fn generate(State(state): State<AppState>, JsonBody(req): JsonBody<Gen
         return r;
     }
     let prepared = async {
-        check_format(&req.format)?;
+        let parts = generate_parts(&req)?;
         let model = state.models.get_keeping(&req.model, keep_alive(&req.keep_alive)?).await?;
-        if req.prompt.is_empty() {
-            return Ok((model, None));
-        }
-        let prompt = if req.raw {
-            model.engine.text_prompt(&req.prompt)?
-        } else {
-            let mut messages = Vec::new();
-            if let Some(s) = &req.system {
-                messages.push(Message::new("system", s));
-            }
-            messages.push(Message::new("user", &req.prompt));
-            model.engine.chat_prompt(&messages)?
-        };
-        let request = req.options.sampling().to_request(&model, prompt, None)?;
-        Ok::<_, ApiError>((model, Some(request)))
+        let Some((source, draft)) = parts else { return Ok((model, None)) };
+        let request = model.prepare(source, draft).await?.pop();
+        Ok::<_, ApiError>((model, request))
     }
     .await;
     match prepared {
@@ -453,14 +479,15 @@ pub async fn pull(State(state): State<AppState>, JsonBody(req): JsonBody<PullReq
     let home = state.models.home().to_path_buf();
     let pulled = async move {
         let store = berth_store::Store::open(&home).map_err(|e| ApiError::internal(e.to_string()))?;
-        berth_store::registry::pull(&store, &reference, &options, Arc::new(berth_store::progress::NoProgress))
-            .await
-            .map_err(|e| match e {
-                berth_store::StoreError::Registry(berth_store::registry::RegistryError::NotFound { .. }) => {
-                    ApiError::not_found(e.to_string())
-                }
-                other => ApiError::bad_request(other.to_string()),
-            })
+        berth_store::registry::pull(
+            &store,
+            &reference,
+            &options,
+            Arc::new(berth_store::progress::NoProgress),
+            &crate::vetting::ModelVetting,
+        )
+        .await
+        .map_err(pull_error)
     };
     if req.stream.unwrap_or(true) {
         let (tx, rx) = mpsc::channel::<String>(4);
@@ -478,6 +505,22 @@ pub async fn pull(State(state): State<AppState>, JsonBody(req): JsonBody<PullReq
     match pulled.await {
         Ok(_) => Json(json!({"status": "success"})).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+/// A failed pull as the client sees it: what the registry or the artifact got wrong is the
+/// client's to fix (404, 502, 400); the store's own trouble is an internal error (its paths stay in
+/// the log).
+fn pull_error(e: berth_store::StoreError) -> ApiError {
+    use berth_store::StoreError as S;
+    use berth_store::registry::RegistryError as R;
+    match e {
+        S::Registry(R::NotFound { .. }) => ApiError::not_found(e.to_string()),
+        S::Registry(R::Unreachable { .. } | R::Interrupted { .. } | R::Protocol { .. }) => {
+            ApiError { status: axum::http::StatusCode::BAD_GATEWAY, ..ApiError::unavailable(e.to_string()) }
+        }
+        S::Io { .. } | S::CorruptIndex { .. } | S::Registry(R::Credentials { .. }) => ApiError::internal(e.to_string()),
+        other => ApiError::bad_request(other.to_string()),
     }
 }
 

@@ -19,8 +19,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::AppState;
 use crate::error::ApiError;
 use crate::models::{LoadedModel, now};
-use crate::request::{JsonBody, Sampling, request_id};
+use crate::request::{JsonBody, PromptSource, Sampling, request_id};
 use crate::run::Update;
+use berth_engine::request::RequestDraft;
 
 #[derive(Deserialize)]
 pub struct ChatRequest {
@@ -35,6 +36,8 @@ pub struct ChatRequest {
     logprobs: bool,
     top_logprobs: Option<i64>,
     response_format: Option<ResponseFormat>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -123,23 +126,42 @@ impl ChatMessage {
                 text
             }
         };
-        if !matches!(self.role.as_str(), "system" | "user" | "assistant" | "developer" | "tool") {
+        let role = if self.role == "developer" { "system" } else { self.role.as_str() };
+        if !berth_engine::template::ROLES.contains(&role) {
             return Err(ApiError::invalid(&format!("messages[{index}].role"), format!("unknown role `{}`", self.role)));
         }
-        let role = if self.role == "developer" { "system" } else { self.role.as_str() };
         Ok(Message::new(role, &content))
     }
 }
 
 struct Plan {
     model: Arc<LoadedModel>,
-    prompts: Vec<Vec<u32>>,
+    /// One validated request per prompt.
+    requests: Vec<GenerationRequest>,
     echo_texts: Vec<String>,
-    request: GenerationRequest,
     n: u32,
     stream: bool,
     include_usage: bool,
     top_logprobs: Option<usize>,
+}
+
+/// Tool calls are not produced yet: a request that must call a tool is refused rather than
+/// answered in text as if it had none. With `auto` (or `none`) the model may answer in text,
+/// which is what a client must handle anyway.
+fn check_tools(tools: &Option<Value>, choice: &Option<Value>) -> Result<(), ApiError> {
+    let has_tools = tools.as_ref().is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()));
+    let forced = match choice {
+        None | Some(Value::Null) => false,
+        Some(Value::String(c)) if c == "auto" || c == "none" => false,
+        Some(_) => true,
+    };
+    if forced && has_tools {
+        return Err(ApiError::invalid(
+            "tool_choice",
+            "this server cannot make tool calls yet; leave tool_choice out (or `auto`) to get a text answer",
+        ));
+    }
+    Ok(())
 }
 
 fn check_n(n: u32) -> Result<(), ApiError> {
@@ -149,51 +171,77 @@ fn check_n(n: u32) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// What a chat request asks for, checked before any model is involved: the messages and the
+/// parameters as a draft (validated against the model in [`LoadedModel::prepare`]), and
+/// `top_logprobs`.
+pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraft), ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    check_n(req.n)?;
+    if let Some(f) = &req.response_format
+        && f.kind != "text"
+    {
+        return Err(ApiError::invalid(
+            "response_format",
+            format!("response_format `{}` is not supported yet (constrained decoding is coming); use `text`", f.kind),
+        ));
+    }
+    check_tools(&req.tools, &req.tool_choice)?;
+    let top = match (req.logprobs, req.top_logprobs) {
+        (_, Some(t)) if !(0..=20).contains(&t) => {
+            return Err(ApiError::invalid("top_logprobs", format!("top_logprobs must be between 0 and 20, got {t}")));
+        }
+        (true, t) => Some(t.unwrap_or(0) as usize),
+        (false, Some(_)) => return Err(ApiError::invalid("top_logprobs", "top_logprobs needs logprobs: true")),
+        (false, None) => None,
+    };
+    let messages: Vec<Message> =
+        req.messages.iter().enumerate().map(|(i, m)| m.to_message(i)).collect::<Result<_, _>>()?;
+    Ok((PromptSource::Chat(messages), req.sampling.draft(top)?))
+}
+
+/// The same for a completion request: its prompts (1 to 16) and parameters.
+pub(crate) fn completion_parts(req: &CompletionRequest) -> Result<(PromptSource, RequestDraft), ApiError> {
+    check_n(req.n)?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid("suffix", "suffix (fill-in-the-middle) is not supported"));
+    }
+    let top = match req.logprobs {
+        Some(t) if !(0..=5).contains(&t) => {
+            return Err(ApiError::invalid("logprobs", format!("logprobs must be between 0 and 5, got {t}")));
+        }
+        t => t.map(|t| t as usize),
+    };
+    let texts = match &req.prompt {
+        PromptField::One(p) => vec![p.clone()],
+        PromptField::Many(ps) if !ps.is_empty() && ps.len() <= 16 => ps.clone(),
+        PromptField::Many(_) => return Err(ApiError::invalid("prompt", "prompt lists must hold 1 to 16 prompts")),
+    };
+    if req.stream && texts.len() > 1 {
+        return Err(ApiError::invalid("prompt", "streaming takes a single prompt"));
+    }
+    Ok((PromptSource::Texts(texts), req.sampling.draft(top)?))
+}
+
 pub async fn chat_completions(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {
     let plan = async {
-        if req.messages.is_empty() {
-            return Err(ApiError::invalid("messages", "messages must not be empty"));
-        }
-        check_n(req.n)?;
-        if let Some(f) = &req.response_format
-            && f.kind != "text"
-        {
-            return Err(ApiError::invalid(
-                "response_format",
-                format!(
-                    "response_format `{}` is not supported yet (constrained decoding is coming); use `text`",
-                    f.kind
-                ),
-            ));
-        }
-        let top = match (req.logprobs, req.top_logprobs) {
-            (_, Some(t)) if !(0..=20).contains(&t) => {
-                return Err(ApiError::invalid(
-                    "top_logprobs",
-                    format!("top_logprobs must be between 0 and 20, got {t}"),
-                ));
-            }
-            (true, t) => Some(t.unwrap_or(0) as usize),
-            (false, Some(_)) => return Err(ApiError::invalid("top_logprobs", "top_logprobs needs logprobs: true")),
-            (false, None) => None,
-        };
-        let messages: Vec<Message> =
-            req.messages.iter().enumerate().map(|(i, m)| m.to_message(i)).collect::<Result<_, _>>()?;
+        let (source, draft) = chat_parts(&req)?;
+        let top_logprobs = draft.logprobs;
         let model = state.models.get(&req.model).await?;
-        let prompt = model.engine.chat_prompt(&messages)?;
-        let request = req.sampling.to_request(&model, prompt.clone(), top)?;
+        let requests = model.prepare(source, draft).await?;
         Ok(Plan {
             model,
-            prompts: vec![prompt],
+            requests,
             echo_texts: vec![String::new()],
-            request,
             n: req.n,
             stream: req.stream,
             include_usage: req.stream_options.is_some_and(|o| o.include_usage),
-            top_logprobs: top,
+            top_logprobs,
         })
     }
     .await;
+    let plan: Result<Plan, ApiError> = plan;
     match plan {
         Ok(plan) => respond(plan, Kind::Chat).await,
         Err(e) => e.into_response(),
@@ -202,43 +250,27 @@ pub async fn chat_completions(State(state): State<AppState>, JsonBody(req): Json
 
 pub async fn completions(State(state): State<AppState>, JsonBody(req): JsonBody<CompletionRequest>) -> Response {
     let plan = async {
-        check_n(req.n)?;
-        if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-            return Err(ApiError::invalid("suffix", "suffix (fill-in-the-middle) is not supported"));
-        }
-        let top = match req.logprobs {
-            Some(t) if !(0..=5).contains(&t) => {
-                return Err(ApiError::invalid("logprobs", format!("logprobs must be between 0 and 5, got {t}")));
-            }
-            t => t.map(|t| t as usize),
+        let (source, draft) = completion_parts(&req)?;
+        let top_logprobs = draft.logprobs;
+        let echo_texts = match (&source, req.echo) {
+            (PromptSource::Texts(texts), true) => texts.clone(),
+            (PromptSource::Texts(texts), false) => vec![String::new(); texts.len()],
+            (PromptSource::Chat(_), _) => vec![String::new()],
         };
-        let texts = match req.prompt {
-            PromptField::One(p) => vec![p],
-            PromptField::Many(ps) if !ps.is_empty() && ps.len() <= 16 => ps,
-            PromptField::Many(_) => return Err(ApiError::invalid("prompt", "prompt lists must hold 1 to 16 prompts")),
-        };
-        if req.stream && texts.len() > 1 {
-            return Err(ApiError::invalid("prompt", "streaming takes a single prompt"));
-        }
         let model = state.models.get(&req.model).await?;
-        let prompts: Vec<Vec<u32>> =
-            texts.iter().map(|t| model.engine.text_prompt(t)).collect::<Result<_, _>>().map_err(ApiError::from)?;
-        if prompts.iter().any(|p| p.is_empty()) {
-            return Err(ApiError::invalid("prompt", "the prompt is empty"));
-        }
-        let request = req.sampling.to_request(&model, prompts[0].clone(), top)?;
+        let requests = model.prepare(source, draft).await?;
         Ok(Plan {
             model,
-            prompts,
-            echo_texts: if req.echo { texts } else { vec![String::new(); texts.len()] },
-            request,
+            requests,
+            echo_texts,
             n: req.n,
             stream: req.stream,
             include_usage: req.stream_options.is_some_and(|o| o.include_usage),
-            top_logprobs: top,
+            top_logprobs,
         })
     }
     .await;
+    let plan: Result<Plan, ApiError> = plan;
     match plan {
         Ok(plan) => respond(plan, Kind::Completion).await,
         Err(e) => e.into_response(),
@@ -319,10 +351,9 @@ async fn respond(plan: Plan, kind: Kind) -> Response {
     let (mut prompt_tokens, mut completion_tokens, mut cached_tokens) = (0, 0, 0);
     // Every choice of every prompt is queued at once, so they run as one batch.
     let mut reqs = Vec::new();
-    for prompt in &plan.prompts {
+    for request in &plan.requests {
         for i in 0..plan.n {
-            let mut req = plan.request.clone();
-            req.prompt = prompt.clone();
+            let mut req = request.clone();
             req.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
             reqs.push((req, i == 0));
         }
@@ -332,7 +363,7 @@ async fn respond(plan: Plan, kind: Kind) -> Response {
         Err(e) => return e.into_response(),
     };
     let mut index = 0;
-    for p in 0..plan.prompts.len() {
+    for p in 0..plan.requests.len() {
         for i in 0..plan.n {
             let Some(generation) = generations.next() else { break };
             let out: GenerationOutput = match generation.finish().await {
@@ -381,7 +412,7 @@ async fn respond(plan: Plan, kind: Kind) -> Response {
 /// Stream the choices one after another (all of them queued at once, so they run as one batch).
 fn stream(plan: Plan, kind: Kind) -> Response {
     let reqs = (0..plan.n).map(|i| {
-        let mut req = plan.request.clone();
+        let mut req = plan.requests[0].clone();
         req.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
         (req, i == 0)
     });

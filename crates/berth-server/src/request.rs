@@ -1,16 +1,19 @@
 //! Turning request bodies into validated engine requests: JSON parsing with OpenAI-shaped errors,
 //! and the sampling fields OpenAI and Ollama share, each checked against its range.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
+use std::sync::Arc;
+
 use berth_engine::GenerationRequest;
-use berth_engine::sampling::SamplingParams;
+use berth_engine::request::{Param, RequestDraft};
+use berth_engine::template::Message;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::models::LoadedModel;
@@ -134,142 +137,152 @@ fn key_before(bytes: &[u8], line: usize, column: usize) -> Option<String> {
     Some(text[start + 1..colon].to_string())
 }
 
-/// `stop`: one string or a list.
-#[derive(Deserialize, Clone)]
-#[serde(untagged)]
-pub enum StopField {
-    One(String),
-    Many(Vec<String>),
-}
-
-/// Sampling fields shared by the OpenAI endpoints.
+/// Sampling fields shared by the OpenAI endpoints. Numbers are read as any JSON value and
+/// checked by [`Sampling::draft`]: the fields are flattened into each request, and serde would
+/// blame a wrong type on whichever key it read last.
 #[derive(Deserialize, Default)]
 pub struct Sampling {
-    pub max_tokens: Option<i64>,
-    pub max_completion_tokens: Option<i64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f64>,
-    pub frequency_penalty: Option<f64>,
-    pub presence_penalty: Option<f64>,
-    pub repetition_penalty: Option<f64>,
-    pub seed: Option<i64>,
-    pub stop: Option<StopField>,
-    pub logit_bias: Option<HashMap<String, f64>>,
+    pub max_tokens: Option<Value>,
+    pub max_completion_tokens: Option<Value>,
+    pub temperature: Option<Value>,
+    pub top_p: Option<Value>,
+    pub top_k: Option<Value>,
+    pub min_p: Option<Value>,
+    pub frequency_penalty: Option<Value>,
+    pub presence_penalty: Option<Value>,
+    pub repetition_penalty: Option<Value>,
+    pub seed: Option<Value>,
+    pub stop: Option<Value>,
+    pub logit_bias: Option<Value>,
     /// Keep generating past the end-of-sequence token up to the token limit (the extension vLLM and
     /// llama-server accept; benchmarks use it for fixed output lengths).
-    #[serde(default)]
-    pub ignore_eos: bool,
+    pub ignore_eos: Option<Value>,
     #[allow(dead_code)]
-    pub user: Option<String>,
+    pub user: Option<Value>,
 }
 
-const MAX_STOPS: usize = 4;
-const MAX_STOP_LEN: usize = 256;
-
-fn in_range(param: &str, v: Option<f64>, lo: f64, hi: f64, default: f64) -> Result<f32, ApiError> {
+/// A JSON number field (`null` is absent).
+pub fn number(name: &'static str, v: &Option<Value>) -> Result<Option<Param>, ApiError> {
     match v {
-        None => Ok(default as f32),
-        Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x as f32),
-        Some(x) => Err(ApiError::invalid(param, format!("{param} must be between {lo} and {hi}, got {x}"))),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64().map(|x| Param::new(name, x))),
+        Some(other) => Err(ApiError::invalid(name, format!("{name} must be a number, got {}", json_kind(other)))),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `stop`: one string or a list of them.
+pub fn stop_strings(v: &Option<Value>) -> Result<Vec<String>, ApiError> {
+    let bad = || ApiError::invalid("stop", "stop must be a string or a list of strings");
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(items)) => {
+            if items.len() > berth_engine::request::MAX_STOPS {
+                return Err(ApiError::invalid(
+                    "stop",
+                    format!(
+                        "stop takes at most {} strings of at most {} bytes",
+                        berth_engine::request::MAX_STOPS,
+                        berth_engine::request::MAX_STOP_BYTES
+                    ),
+                ));
+            }
+            items.iter().map(|i| i.as_str().map(str::to_string).ok_or_else(bad)).collect()
+        }
+        Some(_) => Err(bad()),
     }
 }
 
 impl Sampling {
-    /// Check every field and build the engine request for `prompt`.
-    pub fn to_request(
-        &self,
-        model: &LoadedModel,
-        prompt: Vec<u32>,
-        logprobs: Option<usize>,
-    ) -> Result<GenerationRequest, ApiError> {
-        let ctx = model.context;
-        if prompt.len() >= ctx {
-            return Err(ApiError {
-                code: Some("context_length_exceeded"),
-                ..ApiError::invalid(
-                    "messages",
-                    format!("the prompt is {} tokens; this model's context holds {ctx} tokens", prompt.len()),
-                )
-            });
-        }
-        let room = ctx - prompt.len();
-        let (param, asked) = match (self.max_completion_tokens, self.max_tokens) {
-            (Some(m), _) => ("max_completion_tokens", Some(m)),
-            (None, m) => ("max_tokens", m),
+    /// The request's parameters, typed and named, for [`berth_engine::request::validate`].
+    pub fn draft(&self, logprobs: Option<usize>) -> Result<RequestDraft, ApiError> {
+        let max_tokens = match number("max_completion_tokens", &self.max_completion_tokens)? {
+            Some(p) => Some(p),
+            None => number("max_tokens", &self.max_tokens)?,
         };
-        let max_tokens = match asked {
-            None => room,
-            Some(m) if m < 1 => return Err(ApiError::invalid(param, format!("{param} must be at least 1, got {m}"))),
-            Some(m) if m as u64 > ctx as u64 => {
-                return Err(ApiError::invalid(
-                    param,
-                    format!("{param} is {m}, more than this model's context of {ctx} tokens"),
-                ));
-            }
-            Some(m) => (m as usize).min(room),
-        };
-        let stop = match &self.stop {
-            None => Vec::new(),
-            Some(StopField::One(s)) => vec![s.clone()],
-            Some(StopField::Many(v)) => v.clone(),
-        };
-        if stop.len() > MAX_STOPS || stop.iter().any(|s| s.len() > MAX_STOP_LEN) {
-            return Err(ApiError::invalid(
-                "stop",
-                format!("stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_LEN} bytes"),
-            ));
-        }
-        let vocab = model.engine.model.config.vocab_size;
-        let mut logit_bias = Vec::new();
-        for (k, &v) in self.logit_bias.iter().flatten() {
-            let id: u32 = k.parse().ok().filter(|&i: &u32| (i as usize) < vocab).ok_or_else(|| {
-                ApiError::invalid(
-                    "logit_bias",
-                    format!("logit_bias key {k:?} is not a token id of this model (0..{vocab})"),
-                )
-            })?;
-            if !(-100.0..=100.0).contains(&v) {
-                return Err(ApiError::invalid(
-                    "logit_bias",
-                    format!("logit_bias values must be between -100 and 100, got {v}"),
-                ));
-            }
-            logit_bias.push((id, v as f32));
-        }
-        let top_k = match self.top_k {
-            None => 0,
-            Some(k) if (0..=vocab as i64).contains(&k) => k as usize,
-            Some(k) => return Err(ApiError::invalid("top_k", format!("top_k must be between 0 and {vocab}, got {k}"))),
-        };
-        let sampling = SamplingParams {
-            temperature: in_range("temperature", self.temperature, 0.0, 2.0, 1.0)?,
-            top_k,
-            top_p: {
-                let p = in_range("top_p", self.top_p, 0.0, 1.0, 1.0)?;
-                if p <= 0.0 {
-                    return Err(ApiError::invalid("top_p", "top_p must be greater than 0"));
+        let logit_bias = match &self.logit_bias {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Object(map)) => {
+                if map.len() > 1024 {
+                    return Err(ApiError::invalid("logit_bias", "logit_bias takes at most 1024 tokens"));
                 }
-                p
-            },
-            min_p: in_range("min_p", self.min_p, 0.0, 1.0, 0.0)?,
-            repeat_penalty: in_range("repetition_penalty", self.repetition_penalty, 0.01, 10.0, 1.0)?,
-            repeat_last_n: 64,
-            presence_penalty: in_range("presence_penalty", self.presence_penalty, -2.0, 2.0, 0.0)?,
-            frequency_penalty: in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, 0.0)?,
-            seed: self.seed.map(|s| s as u64),
-            logit_bias,
+                map.iter()
+                    .map(|(k, v)| match v.as_f64() {
+                        Some(b) => Ok((k.clone(), b)),
+                        None => Err(ApiError::invalid("logit_bias", "logit_bias values must be numbers")),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            Some(_) => return Err(ApiError::invalid("logit_bias", "logit_bias must be an object of token ids")),
         };
-        Ok(GenerationRequest {
-            prompt,
+        let ignore_eos = match &self.ignore_eos {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(ApiError::invalid("ignore_eos", "ignore_eos must be true or false")),
+        };
+        Ok(RequestDraft {
             max_tokens,
-            sampling,
-            stop,
-            stop_token_ids: Vec::new(),
+            temperature: number("temperature", &self.temperature)?,
+            top_p: number("top_p", &self.top_p)?,
+            top_k: number("top_k", &self.top_k)?,
+            min_p: number("min_p", &self.min_p)?,
+            repeat_penalty: number("repetition_penalty", &self.repetition_penalty)?,
+            repeat_last_n: None,
+            presence_penalty: number("presence_penalty", &self.presence_penalty)?,
+            frequency_penalty: number("frequency_penalty", &self.frequency_penalty)?,
+            seed: number("seed", &self.seed)?,
+            stop: stop_strings(&self.stop)?,
+            logit_bias,
             logprobs,
-            ignore_eos: self.ignore_eos,
+            ignore_eos,
         })
+    }
+}
+
+/// What a request's prompt is made of, before the model's template and tokenizer see it.
+pub enum PromptSource {
+    Chat(Vec<Message>),
+    /// Raw completion prompts, one generation each.
+    Texts(Vec<String>),
+}
+
+impl LoadedModel {
+    /// Template, tokenize and validate a request on a blocking thread (a 2 MB body takes real
+    /// time, and templates render in a worker process): one [`GenerationRequest`] per prompt, each
+    /// checked against the same limits the scheduler applies, so it is never refused later.
+    pub async fn prepare(
+        self: &Arc<Self>,
+        source: PromptSource,
+        draft: RequestDraft,
+    ) -> Result<Vec<GenerationRequest>, ApiError> {
+        let model = self.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            let prompts = match &source {
+                PromptSource::Chat(messages) => vec![model.engine.chat_prompt(messages)?],
+                PromptSource::Texts(texts) => {
+                    texts.iter().map(|t| model.engine.text_prompt(t)).collect::<Result<Vec<_>, _>>()?
+                }
+            };
+            let limits = model.limits();
+            prompts
+                .into_iter()
+                .map(|p| berth_engine::request::validate(&draft, p, &limits))
+                .collect::<Result<Vec<_>, berth_engine::EngineError>>()
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("preparing the request stopped: {e}")))?;
+        prepared.map_err(|e| self.error(e))
     }
 }
 

@@ -256,7 +256,17 @@ pub fn start_all(
     mut reqs: Vec<(GenerationRequest, bool)>,
 ) -> Result<Vec<Generation>, ApiError> {
     let caller = crate::auth::caller();
-    let reserved = reserve_quota(caller.as_ref(), &mut reqs)?;
+    let reserved = match reserve_quota(caller.as_ref(), &mut reqs) {
+        Ok(r) => r,
+        Err(e) => {
+            // Refused before it ran: counted like every other refusal, in metrics and in usage.
+            model.metrics.failure(e.metric_label());
+            if let Some(c) = &caller {
+                c.record(&Record::rejected(c.key_id(), &model.name), 0);
+            }
+            return Err(e);
+        }
+    };
     let usage = Arc::new(RequestUsage {
         reserved,
         caller,

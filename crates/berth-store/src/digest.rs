@@ -39,6 +39,22 @@ impl Digest {
         Digest::from_hasher(Sha256::new_with_prefix(bytes))
     }
 
+    /// The digest of everything a reader yields.
+    pub fn of_reader(mut reader: impl std::io::Read) -> std::io::Result<Digest> {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+        }
+        Ok(Digest::from_hasher(hasher))
+    }
+
     /// The digest a running hasher has computed.
     pub fn from_hasher(h: Sha256) -> Digest {
         Digest { hex: hex::encode(h.finalize()) }

@@ -39,6 +39,8 @@ pub enum StoreError {
     Config(String),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("{reference} was refused and nothing was added to the store: {reason}")]
+    Refused { reference: String, reason: String },
 }
 
 impl StoreError {

@@ -12,7 +12,8 @@
 //!
 //! let store = Store::open(&Store::default_home())?;
 //! let reference = Reference::parse("ai/smollm2")?;
-//! registry::pull(&store, &reference, &registry::RegistryOptions::from_env(), Arc::new(NoProgress)).await?;
+//! let options = registry::RegistryOptions::from_env();
+//! registry::pull(&store, &reference, &options, Arc::new(NoProgress), &registry::NoCheck).await?;
 //! for model in store.list()? {
 //!     println!("{} {}", model.reference, model.parameters);
 //! }

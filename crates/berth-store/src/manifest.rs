@@ -64,7 +64,14 @@ pub enum ManifestError {
     NoWeights,
     #[error("layer file path {0:?} is not a safe relative path")]
     UnsafePath(String),
+    #[error("blob {digest} is listed with two sizes, {first} and {second} bytes")]
+    ConflictingSizes { digest: Digest, first: u64, second: u64 },
+    #[error("the manifest lists {0} layers; berth accepts at most {MAX_LAYERS}")]
+    TooManyLayers(usize),
 }
+
+/// The most layers a manifest may list (a safetensors model has one per shard and a few files).
+pub const MAX_LAYERS: usize = 4096;
 
 impl Manifest {
     /// Parse and check a manifest from outside. Unknown media types are refused, not ignored.
@@ -92,7 +99,24 @@ impl Manifest {
         if self.config.size > MAX_MANIFEST_BYTES as u64 {
             return Err(ManifestError::BlobTooLarge { digest: self.config.digest.clone(), size: self.config.size });
         }
+        if self.layers.len() > MAX_LAYERS {
+            return Err(ManifestError::TooManyLayers(self.layers.len()));
+        }
+        let mut sizes = BTreeMap::new();
+        for d in self.blobs() {
+            if let Some(&first) = sizes.get(&d.digest)
+                && first != d.size
+            {
+                return Err(ManifestError::ConflictingSizes { digest: d.digest.clone(), first, second: d.size });
+            }
+            sizes.insert(d.digest.clone(), d.size);
+        }
         for l in &self.layers {
+            // Documents berth reads into memory (templates, licenses) have the config's bound.
+            let small = l.media_type == media::CHAT_TEMPLATE || l.media_type == media::LICENSE;
+            if small && l.size > MAX_MANIFEST_BYTES as u64 {
+                return Err(ManifestError::BlobTooLarge { digest: l.digest.clone(), size: l.size });
+            }
             if !media::LAYER_TYPES.contains(&l.media_type.as_str()) {
                 return Err(ManifestError::LayerMediaType {
                     media_type: l.media_type.clone(),
@@ -117,6 +141,13 @@ impl Manifest {
     /// All blobs the manifest needs: config first, then layers.
     pub fn blobs(&self) -> impl Iterator<Item = &Descriptor> {
         std::iter::once(&self.config).chain(&self.layers)
+    }
+
+    /// Every blob once (a manifest may list the same layer twice): config first, then layers in
+    /// their order.
+    pub fn unique_blobs(&self) -> Vec<&Descriptor> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.blobs().filter(|d| seen.insert(&d.digest)).collect()
     }
 
     /// Sum of config and layer sizes.
@@ -146,9 +177,10 @@ mod tests {
     use super::*;
 
     fn manifest_json(layer_type: &str, path: &str) -> String {
+        let c = format!("sha256:{}", "2".repeat(64));
         let d = format!("sha256:{}", "1".repeat(64));
         format!(
-            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"{}","digest":"{d}","size":10}},
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"{}","digest":"{c}","size":10}},
             "layers":[{{"mediaType":"{layer_type}","digest":"{d}","size":5,"annotations":{{"org.cncf.model.filepath":"{path}"}}}}]}}"#,
             media::OCI_MANIFEST,
             media::MODEL_CONFIG_V01
@@ -157,7 +189,29 @@ mod tests {
 
     #[test]
     fn accepts_a_model_manifest() {
-        Manifest::parse(manifest_json(media::GGUF, "model.gguf").as_bytes()).unwrap();
+        let m = Manifest::parse(manifest_json(media::GGUF, "model.gguf").as_bytes()).unwrap();
+        assert_eq!(m.config.media_type, media::MODEL_CONFIG_V01);
+        assert_eq!((m.config.digest.hex(), m.config.size), ("2".repeat(64).as_str(), 10));
+        assert_eq!(m.layers.len(), 1);
+        assert_eq!((m.layers[0].media_type.as_str(), m.layers[0].size), (media::GGUF, 5));
+        assert_eq!(m.layers[0].file_path(), Some("model.gguf"));
+        assert_eq!(m.total_size(), 15);
+        // What berth writes parses back to the same manifest.
+        assert_eq!(Manifest::parse(&m.to_bytes()).unwrap(), m);
+    }
+
+    #[test]
+    fn lists_a_repeated_layer_once_and_refuses_one_with_two_sizes() {
+        let one = manifest_json(media::GGUF, "model.gguf");
+        let layer = one[one.find(r#"{"mediaType":"application/vnd.docker.ai.gguf"#).unwrap()..one.rfind(']').unwrap()]
+            .to_string();
+        let twice = one.replace(&layer, &format!("{layer},{layer}"));
+        let m = Manifest::parse(twice.as_bytes()).unwrap();
+        assert_eq!(m.layers.len(), 2);
+        assert_eq!(m.unique_blobs().len(), 2, "the config and the one layer");
+        let resized = one.replace(&layer, &format!("{layer},{}", layer.replace(r#""size":5"#, r#""size":6"#)));
+        let e = Manifest::parse(resized.as_bytes()).unwrap_err();
+        assert!(matches!(e, ManifestError::ConflictingSizes { first: 5, second: 6, .. }), "{e}");
     }
 
     #[test]

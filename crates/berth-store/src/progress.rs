@@ -10,6 +10,10 @@ pub trait Progress: Send + Sync {
     fn finish(&self);
     /// A step that moved nothing (a blob already present, say), to mention in passing.
     fn note(&self, _message: &str) {}
+    /// Something the user should hear about even without a terminal (a damaged blob replaced).
+    fn warn(&self, message: &str) {
+        self.note(message)
+    }
 }
 
 /// Reports nothing.

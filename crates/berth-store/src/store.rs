@@ -10,6 +10,8 @@
 //!
 //! Writers (pull, package) hold `gc.lock` shared until their manifest is tagged, and garbage
 //! collection holds it exclusively, so a blob written but not yet referenced is never collected.
+//! For the same reason, whatever garbage collection finds in `tmp/` was left by a process that
+//! died; it goes. Partial downloads in `incoming/` go when no pull touched them for a week.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -63,6 +65,8 @@ pub struct GgufModel {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct GcReport {
     pub blobs_removed: u64,
+    /// Partial downloads and temporary files removed.
+    pub leftovers_removed: u64,
     pub bytes_freed: u64,
 }
 
@@ -76,7 +80,21 @@ pub struct DiskUsage {
     pub unreferenced_bytes: u64,
     /// Bytes of interrupted downloads waiting to be resumed.
     pub partial_bytes: u64,
+    /// Bytes of files being written, or left by a writer that died (`tmp/`).
+    pub temporary_bytes: u64,
 }
+
+/// What `berth verify` found for one blob.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlobCheck {
+    pub digest: Digest,
+    pub size: u64,
+    /// `ok`, `missing`, `wrong size` or `damaged`.
+    pub state: &'static str,
+}
+
+/// How long a partial download waits to be resumed before garbage collection removes it.
+pub const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Index {
@@ -130,6 +148,43 @@ impl Store {
     /// Whether a blob is present with the expected size.
     pub fn has_blob(&self, digest: &Digest, size: u64) -> bool {
         fs::metadata(self.blob_path(digest)).is_ok_and(|m| m.is_file() && m.len() == size)
+    }
+
+    /// Check a blob's bytes against its digest (about 1 GB/s; cheap next to loading a model).
+    /// `MissingBlob`, `SizeMismatch` or `DigestMismatch` say what is wrong.
+    pub fn verify_blob(&self, digest: &Digest, size: u64) -> Result<(), StoreError> {
+        let path = self.blob_path(digest);
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::MissingBlob(digest.clone()),
+            _ => StoreError::Io { context: format!("reading {}", path.display()), source: e },
+        })?;
+        let len = file.metadata().map_err(StoreError::io(format!("reading {}", path.display())))?.len();
+        if len != size {
+            return Err(StoreError::SizeMismatch { digest: digest.clone(), expected: size, actual: len });
+        }
+        let actual = Digest::of_reader(file).map_err(StoreError::io(format!("reading {}", path.display())))?;
+        if &actual != digest {
+            return Err(StoreError::DigestMismatch { expected: digest.clone(), actual });
+        }
+        Ok(())
+    }
+
+    /// Check every blob of a model; the list says what state each is in.
+    pub fn verify(&self, reference: &Reference) -> Result<Vec<BlobCheck>, StoreError> {
+        let digest = self.resolve(reference)?;
+        let manifest = self.manifest(&digest)?;
+        let mut out = Vec::new();
+        for d in manifest.unique_blobs() {
+            let state = match self.verify_blob(&d.digest, d.size) {
+                Ok(()) => "ok",
+                Err(StoreError::MissingBlob(_)) => "missing",
+                Err(StoreError::SizeMismatch { .. }) => "wrong size",
+                Err(StoreError::DigestMismatch { .. }) => "damaged",
+                Err(e) => return Err(e),
+            };
+            out.push(BlobCheck { digest: d.digest.clone(), size: d.size, state });
+        }
+        Ok(out)
     }
 
     /// Start writing a new blob.
@@ -345,9 +400,35 @@ impl Store {
         Ok(live)
     }
 
-    /// Remove every blob no reference reaches.
-    pub fn gc(&self) -> Result<GcReport, StoreError> {
+    /// Remove every blob no reference reaches, temporary files no writer holds, and partial
+    /// downloads older than `partial_max_age` (all of them with `Duration::ZERO`).
+    pub fn gc_with(&self, partial_max_age: std::time::Duration) -> Result<GcReport, StoreError> {
         let _gc = self.lock("gc.lock", true)?;
+        let mut report = self.collect_blobs()?;
+        // No blob writer holds gc.lock now, and index writers hold index.lock: with both, what is
+        // in tmp/ was left by a process that died.
+        let _index = self.lock("index.lock", true)?;
+        for (path, len, _) in leftovers(&self.root.join("tmp"))? {
+            if fs::remove_file(&path).is_ok() {
+                report.leftovers_removed += 1;
+                report.bytes_freed += len;
+            }
+        }
+        for (path, len, age) in leftovers(&self.root.join("incoming"))? {
+            if age >= partial_max_age && fs::remove_file(&path).is_ok() {
+                report.leftovers_removed += 1;
+                report.bytes_freed += len;
+            }
+        }
+        Ok(report)
+    }
+
+    /// [`Store::gc_with`] keeping partial downloads younger than [`PARTIAL_MAX_AGE`].
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        self.gc_with(PARTIAL_MAX_AGE)
+    }
+
+    fn collect_blobs(&self) -> Result<GcReport, StoreError> {
         let live = self.reachable(&self.read_index()?)?;
         let mut report = GcReport::default();
         for (path, digest, len) in self.blob_files()? {
@@ -387,10 +468,8 @@ impl Store {
                 du.unreferenced_bytes += len;
             }
         }
-        let incoming = self.root.join("incoming");
-        if let Ok(entries) = fs::read_dir(&incoming) {
-            du.partial_bytes = entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
-        }
+        du.partial_bytes = leftovers(&self.root.join("incoming"))?.iter().map(|f| f.1).sum();
+        du.temporary_bytes = leftovers(&self.root.join("tmp"))?.iter().map(|f| f.1).sum();
         Ok(du)
     }
 
@@ -401,9 +480,8 @@ impl Store {
         let weights = manifest.layers.iter().find(|l| l.media_type == crate::media::GGUF).ok_or_else(|| {
             StoreError::Config(format!("{} has no GGUF layer; berth runs GGUF models", reference.familiar()))
         })?;
-        if !self.has_blob(&weights.digest, weights.size) {
-            return Err(StoreError::MissingBlob(weights.digest.clone()));
-        }
+        // A damaged file would run and answer garbage: its bytes are checked before every load.
+        self.verify_blob(&weights.digest, weights.size)?;
         let chat_template = match manifest.layers.iter().find(|l| l.media_type == crate::media::CHAT_TEMPLATE) {
             Some(l) => {
                 let bytes = self.read_small_blob(&l.digest)?;
@@ -417,6 +495,11 @@ impl Store {
         Ok(GgufModel { path: self.blob_path(&weights.digest), chat_template, context_size: config.config.context_size })
     }
 
+    /// Check every layer of a manifest against its digest (before a model is loaded from them).
+    pub fn verify_layers(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        manifest.layers.iter().try_for_each(|l| self.verify_blob(&l.digest, l.size))
+    }
+
     /// The files of a model, as (path inside the model folder, blob path), for engines to open.
     pub fn model_files(&self, manifest: &Manifest) -> Vec<(String, String, PathBuf)> {
         manifest
@@ -428,6 +511,36 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// The plain files of a folder with their sizes and how long ago each was last written.
+fn leftovers(dir: &Path) -> Result<Vec<(PathBuf, u64, std::time::Duration)>, StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::Io { context: format!("listing {}", dir.display()), source: e }),
+    };
+    let now = std::time::SystemTime::now();
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        let age = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).unwrap_or_default();
+        out.push((entry.path(), meta.len(), age));
+    }
+    Ok(out)
+}
+
+/// A small file (a config being pulled) read whole, at most [`MAX_MANIFEST_BYTES`].
+pub(crate) fn read_bounded(path: &Path) -> Result<Vec<u8>, StoreError> {
+    let file = File::open(path).map_err(StoreError::io(format!("reading {}", path.display())))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_MANIFEST_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(StoreError::io(format!("reading {}", path.display())))?;
+    Ok(bytes)
 }
 
 fn default_file_name(media_type: &str) -> String {

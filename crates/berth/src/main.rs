@@ -49,6 +49,10 @@ enum Command {
     Rm(commands::manage::RmArgs),
     /// Show the store's disk usage.
     Df(commands::manage::DfArgs),
+    /// Check local models' files against their digests.
+    Verify(commands::manage::VerifyArgs),
+    /// Remove files no model uses: unreferenced blobs, partial downloads, leftovers of killed writers.
+    Prune(commands::manage::PruneArgs),
     /// Run a model: answer a prompt, or chat on a terminal.
     Run(commands::run::Args),
     /// Measure a model's prefill and decode speed on this machine.
@@ -95,6 +99,8 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::manage::inspect(&ctx, a),
         Command::Rm(a) => commands::manage::rm(&ctx, a),
         Command::Df(a) => commands::manage::df(&ctx, a),
+        Command::Verify(a) => commands::manage::verify(&ctx, a),
+        Command::Prune(a) => commands::manage::prune(&ctx, a),
         Command::Run(a) => commands::run::run(&ctx, a),
         Command::Bench(a) => commands::bench::run(&ctx, a),
         Command::Serve(a) => commands::serve::run(&ctx, a),

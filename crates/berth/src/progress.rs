@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 
-use berth_store::progress::{NoProgress, Progress};
+use berth_store::progress::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 
 struct Bars {
@@ -49,7 +49,19 @@ impl Progress for Bars {
     }
 }
 
-/// Bars when a person is watching, nothing otherwise.
+/// Without a terminal: no bars, only warnings.
+struct WarningsOnly;
+
+impl Progress for WarningsOnly {
+    fn start(&self, _: &str, _: u64, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
+    fn warn(&self, message: &str) {
+        eprintln!("berth: {message}");
+    }
+}
+
+/// Bars when a person is watching, only warnings otherwise.
 pub fn for_terminal() -> Arc<dyn Progress> {
-    if std::io::stderr().is_terminal() { Arc::new(Bars { current: Mutex::new(None) }) } else { Arc::new(NoProgress) }
+    if std::io::stderr().is_terminal() { Arc::new(Bars { current: Mutex::new(None) }) } else { Arc::new(WarningsOnly) }
 }

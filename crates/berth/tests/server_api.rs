@@ -66,6 +66,30 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         ("unknown model", chat("").replace("smollm2", "nope"), 404, "nope"),
         ("100k-token prompt", long_prompt, 400, "context"),
         ("json_schema", chat(r#","response_format":{"type":"json_schema"}"#), 400, "response_format"),
+        // Each wrong field is named, not the last one serde happened to read.
+        (
+            "max_tokens 1e308",
+            chat(r#","temperature":0.5"#).replace(r#""max_tokens":4"#, r#""max_tokens":1e308"#),
+            400,
+            "max_tokens is 1e308",
+        ),
+        (
+            "fractional max_tokens",
+            chat("").replace(r#""max_tokens":4"#, r#""max_tokens":2.5"#),
+            400,
+            "max_tokens must be a whole number",
+        ),
+        ("top_k as text", chat(r#","top_k":"many","temperature":0.5"#), 400, "top_k must be a number"),
+        ("stop as a number", chat(r#","stop":5"#), 400, "stop must be"),
+        ("five stops", chat(r#","stop":["a","b","c","d","e"]"#), 400, "at most 4"),
+        ("logit_bias off the vocabulary", chat(r#","logit_bias":{"999999":1}"#), 400, "logit_bias"),
+        ("seed 0.5", chat(r#","seed":0.5"#), 400, "seed must be a whole number"),
+        (
+            "tool_choice required",
+            chat(r#","tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required""#),
+            400,
+            "tool calls",
+        ),
     ];
     for (name, body, status, needle) in cases {
         let (got, text) = server.post("/v1/chat/completions", &body);
@@ -75,6 +99,48 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         let message = v["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(needle), "{name}: {message}");
         assert!(v["error"]["type"].is_string(), "{name}: OpenAI error shape: {text}");
+    }
+
+    // Every 400 above carries the parameter it blames.
+    let (_, text) =
+        server.post("/v1/chat/completions", &chat("").replace(r#""max_tokens":4"#, r#""max_tokens":1e308"#));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["param"], "max_tokens", "{text}");
+    // Tools the model may ignore still get an answer in text.
+    let (status, text) = server.post(
+        "/v1/chat/completions",
+        &chat(r#","tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"auto""#),
+    );
+    assert_eq!(status, 200, "{text}");
+
+    // Ollama: the same checks, in Ollama's names; images are refused, not ignored.
+    let ollama_cases = [
+        ("/api/generate", r#"{"model":"smollm2","prompt":"hi","images":["aGk="],"stream":false}"#, "images"),
+        (
+            "/api/chat",
+            r#"{"model":"smollm2","messages":[{"role":"user","content":"hi","images":["aGk="]}],"stream":false}"#,
+            "images",
+        ),
+        (
+            "/api/generate",
+            r#"{"model":"smollm2","prompt":"hi","stream":false,"options":{"temperature":7}}"#,
+            "temperature",
+        ),
+        (
+            "/api/generate",
+            r#"{"model":"smollm2","prompt":"hi","stream":false,"options":{"num_predict":1e9}}"#,
+            "num_predict",
+        ),
+        (
+            "/api/chat",
+            r#"{"model":"smollm2","messages":[{"role":"user","content":"hi"}],"stream":true,"options":{"top_k":-3}}"#,
+            "top_k",
+        ),
+    ];
+    for (path, body, needle) in ollama_cases {
+        let (status, text) = server.post(path, body);
+        assert_eq!(status, 400, "{path} {body}: {text}");
+        assert!(text.contains(needle), "{path} {body}: {text}");
     }
 
     // A 10 MB body is refused at the limit.

@@ -513,3 +513,67 @@ fn models_named_at_start_stay_loaded() {
     let ps: serde_json::Value = serde_json::from_str(&body_of(&raw)).unwrap();
     assert_eq!(ps["models"][0]["berth"]["keep_alive_seconds"], 600.0, "{ps}");
 }
+
+/// The value of the series of `family` whose labels contain `label`.
+fn series(server: &Server, family: &str, label: &str) -> f64 {
+    let (_, raw) = http_request(server.port, "GET", "/metrics", &[], b"").unwrap();
+    let text = body_of(&raw);
+    text.lines()
+        .find(|l| l.starts_with(family) && l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no series {family}{{{label}}} in /metrics:\n{text}"))
+}
+
+/// A request that can never fit the KV cache is refused with 400 before any response starts,
+/// streamed or not, on every API; it is counted as invalid, and the server goes on serving.
+#[test]
+fn a_request_larger_than_the_kv_cache_is_refused_before_its_stream_starts() {
+    // Two blocks of 16 tokens.
+    let server = Server::start_with(&["--kv-cache", "1MiB"]);
+    let prompt = "word ".repeat(200);
+    let invalid_before = series(&server, "berth:request_failure_total", "reason=\"invalid\"");
+    let requests = [
+        ("/v1/completions", serde_json::json!({"model": "smollm2", "prompt": prompt, "max_tokens": 4, "stream": true})),
+        ("/v1/completions", serde_json::json!({"model": "smollm2", "prompt": prompt, "max_tokens": 4})),
+        (
+            "/v1/chat/completions",
+            serde_json::json!({"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "stream": true}),
+        ),
+        ("/api/generate", serde_json::json!({"model": "smollm2", "prompt": prompt, "stream": true})),
+    ];
+    for (path, body) in &requests {
+        let (status, text) = server.post(path, &body.to_string());
+        assert_eq!(status, 400, "{path}: {text}");
+        assert!(text.contains("--kv-cache") && !text.contains("data:"), "{path}: one JSON error, no stream: {text}");
+    }
+    let invalid_after = series(&server, "berth:request_failure_total", "reason=\"invalid\"");
+    assert_eq!(invalid_after - invalid_before, requests.len() as f64, "each refusal counted as invalid");
+    let (status, text) = server.post("/v1/completions", r#"{"model":"smollm2","prompt":"Hi","max_tokens":2}"#);
+    assert_eq!(status, 200, "{text}");
+}
+
+/// `berth rm` of a model a server holds: requests running finish, new ones get 404, and the
+/// server unloads it. Tagging it back loads it again.
+#[test]
+fn a_model_removed_from_the_store_is_no_longer_served() {
+    let server = Server::start();
+    let ask = || server.post("/v1/completions", r#"{"model":"smollm2","prompt":"Hi","max_tokens":2}"#);
+    assert_eq!(ask().0, 200);
+    server.berth.ok(&["tag", "smollm2", "spare"]);
+    server.berth.ok(&["rm", "smollm2"]);
+    let (status, text) = ask();
+    assert_eq!(status, 404, "{text}");
+    assert!(text.contains("model_not_found"), "{text}");
+    let (_, raw) = http_request(server.port, "GET", "/api/ps", &[], b"").unwrap();
+    let ps = body_of(&raw);
+    assert!(!ps.contains("ai/smollm2:latest"), "unloaded: {ps}");
+    let (_, raw) = http_request(server.port, "GET", "/v1/models", &[], b"").unwrap();
+    assert!(!body_of(&raw).contains("ai/smollm2:latest"));
+    assert!(server.log().contains("removed from the store"), "{}", server.log());
+    // The same weights under another name still answer, and the old name does again once tagged.
+    let (status, text) = server.post("/v1/completions", r#"{"model":"spare","prompt":"Hi","max_tokens":2}"#);
+    assert_eq!(status, 200, "{text}");
+    server.berth.ok(&["tag", "spare", "smollm2"]);
+    assert_eq!(ask().0, 200);
+}

@@ -319,14 +319,29 @@ fn keys_fail_closed() {
     assert!(text.contains("revoked") || text.contains("API key"), "{text}");
 }
 
-/// Internal errors do not show the server's files: a model whose blob vanished fails with 500 and
-/// a request id, and the path is in the log only.
+/// Internal errors do not show the server's files: a store the server cannot read fails with 500
+/// and a request id, and the path is in the log only. A model whose weights vanished is a 503
+/// naming the model and how to repair it, without the blob's path.
 #[test]
 fn internal_errors_do_not_leak_paths() {
     let server = Server::start();
-    let blobs = server.berth.home().join("models").join("blobs");
+    let models_dir = server.berth.home().join("models");
+    let home = server.berth.home().display().to_string();
+    let no_paths = |body: &str| !body.contains(&home) && !body.contains("/tmp") && !body.contains("sha256/");
+
+    // The index turned into a folder: reading it fails with an error that names its path.
+    let index = models_dir.join("index.json");
+    std::fs::rename(&index, models_dir.join("index.json.aside")).unwrap();
+    std::fs::create_dir(&index).unwrap();
+    let (status, body) = server.post("/api/generate", r#"{"model":"smollm2","prompt":"hi","stream":false}"#);
+    assert_eq!(status, 500, "{body}");
+    assert!(no_paths(&body) && body.contains("request id"), "{body}");
+    assert!(server.log().contains("index.json"), "the log has the detail: {}", server.log());
+    std::fs::remove_dir(&index).unwrap();
+    std::fs::rename(models_dir.join("index.json.aside"), &index).unwrap();
+
     let gguf_size = std::fs::metadata(models::smollm2_gguf()).unwrap().len();
-    let victim = std::fs::read_dir(blobs.join("sha256"))
+    let victim = std::fs::read_dir(models_dir.join("blobs/sha256"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
@@ -336,12 +351,36 @@ fn internal_errors_do_not_leak_paths() {
     server.berth.ok(&["tag", "smollm2", "other"]);
     std::fs::remove_file(&victim).unwrap();
     let (status, body) = server.post("/api/generate", r#"{"model":"other","prompt":"hi","stream":false}"#);
-    assert_eq!(status, 500, "{body}");
-    let home = server.berth.home().display().to_string();
-    assert!(!body.contains(&home) && !body.contains("/tmp") && !body.contains("sha256/"), "{body}");
-    assert!(body.contains("request id"), "{body}");
+    assert_eq!(status, 503, "{body}");
+    assert!(no_paths(&body) && body.contains("model_damaged") && body.contains("berth pull"), "{body}");
     assert!(
         server.log().contains(&victim.file_name().unwrap().to_string_lossy().to_string()),
         "the log has the detail"
     );
+}
+
+/// An embedding model whose config makes its norms divide by zero is refused when it loads, with
+/// an error naming the field, rather than answering 200 with vectors of nulls.
+#[test]
+fn an_embedding_model_with_a_bad_norm_epsilon_is_refused() {
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(models::minilm_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let config_path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(models::minilm_dir().join("config.json")).unwrap()).unwrap();
+    config["layer_norm_eps"] = serde_json::json!(-1);
+    std::fs::remove_file(&config_path).unwrap();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    server.berth.ok(&["package", "--safetensors-dir", &dir.path().display().to_string(), "badeps"]);
+    let (status, text) = server.post("/v1/embeddings", r#"{"model":"badeps","input":"hello"}"#);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("layer_norm_eps") && !text.contains("\"embedding\""), "{text}");
+    let (status, text) = server.post("/v1/embeddings", r#"{"model":"minilm","input":"hello"}"#);
+    assert_eq!(status, 200, "{text}");
 }

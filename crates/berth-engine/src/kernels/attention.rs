@@ -388,7 +388,13 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn x86_dot_products_match_the_portable_ones() {
+        // A machine without AVX2 would test nothing here: say so by failing, unless the person
+        // running the tests accepted that the AVX2 kernels go untested.
         if !crate::kernels::x86::has_avx2() {
+            assert!(
+                std::env::var_os("BERTH_ACCEPT_NO_AVX2").is_some(),
+                "this CPU lacks AVX2/FMA/F16C, so the AVX2 attention kernels cannot be tested here; set BERTH_ACCEPT_NO_AVX2=1 to accept that"
+            );
             return;
         }
         let mut seed = 3u64;

@@ -94,7 +94,14 @@ impl BertEmbedder {
             return Err(EngineError::BadModel("hidden_size is not a multiple of num_attention_heads".into()));
         }
         let max_positions = int("max_position_embeddings")?;
-        let eps = config["layer_norm_eps"].as_f64().unwrap_or(1e-12) as f32;
+        // A norm's epsilon keeps a square root away from zero: one outside (0, 1) makes NaNs or
+        // flattens every vector, so the model is refused rather than answering nulls.
+        let eps = match &config["layer_norm_eps"] {
+            Value::Null => 1e-12,
+            v => v.as_f64().filter(|e| e.is_finite() && *e > 0.0 && *e < 1.0).ok_or_else(|| {
+                EngineError::BadModel(format!("config.json layer_norm_eps is {v}; it must be between 0 and 1"))
+            })?,
+        } as f32;
         let tok_path = file("tokenizer.json")?;
         let tokenizer = WordPiece::from_tokenizer_json(&std::fs::read(tok_path).map_err(io(tok_path))?)?;
         // sentence-transformers' own limit when present, else the position table's.
@@ -258,6 +265,10 @@ impl BertEmbedder {
             pooled.iter_mut().zip(row).for_each(|(p, &v)| *p += v as f64);
         }
         let norm = pooled.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
+        if !norm.is_finite() {
+            // Weights with infinities or NaNs: an error, not a vector of nulls.
+            return Err(EngineError::BadModel("the model's weights produce non-finite values".into()));
+        }
         Ok(pooled.iter().map(|v| (v / norm) as f32).collect())
     }
 }

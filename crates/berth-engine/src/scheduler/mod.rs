@@ -33,8 +33,9 @@ use std::time::Instant;
 use self::blocks::BlockPool;
 use self::sequence::Sequence;
 use crate::error::EngineError;
-use crate::generate::{Engine, FinishReason, GenerationRequest};
+use crate::generate::Engine;
 use crate::model::{BLOCK_TOKENS, KvStore, Logits, SeqStep, blocks_for};
+use crate::request::{FinishReason, GenerationRequest};
 
 pub use runner::{Runner, RunnerConfig};
 pub use sequence::TokenSink;
@@ -141,19 +142,19 @@ impl<'e, 's> Scheduler<'e, 's> {
         self.config.kv_blocks * BLOCK_TOKENS
     }
 
+    /// What a request must fit (see [`crate::request::check`]).
+    pub fn limits(&self) -> crate::request::RequestLimits {
+        crate::request::RequestLimits {
+            context: self.engine.context_length(),
+            kv_tokens: self.capacity(),
+            vocab: self.engine.model.config.vocab_size,
+        }
+    }
+
     /// Queue a request. Requests that can never run (bad parameters, larger than the context or the
     /// whole cache) fail at once through their sink.
     pub fn submit(&mut self, req: GenerationRequest, sink: Box<dyn TokenSink + 's>, deadline: Option<Instant>) {
-        let context = self.engine.context_length();
-        let checked = if req.prompt.is_empty() {
-            Err(EngineError::BadModel("the prompt is empty".into()))
-        } else if req.prompt.len() >= context {
-            Err(EngineError::ContextOverflow { needed: req.prompt.len() + 1, limit: context })
-        } else if req.prompt.len() + 1 > self.capacity() {
-            Err(EngineError::KvCacheTooSmall { needed: req.prompt.len() + 1, capacity: self.capacity() })
-        } else {
-            req.sampling.validate(self.engine.model.config.vocab_size)
-        };
+        let checked = crate::request::check(&req, &self.limits());
         let seq = Sequence::new(req, sink, deadline);
         match checked {
             Err(e) => seq.fail(e),

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use super::{Scheduler, SchedulerConfig, SchedulerStats, TokenSink};
 use crate::error::EngineError;
-use crate::generate::{Engine, GenerationRequest};
+use crate::generate::Engine;
+use crate::request::GenerationRequest;
 
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -37,6 +38,7 @@ pub struct Runner {
     in_transit: Arc<AtomicUsize>,
     stats: Arc<SchedulerStats>,
     config: RunnerConfig,
+    limits: crate::request::RequestLimits,
 }
 
 impl Runner {
@@ -63,12 +65,12 @@ impl Runner {
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok(scheduler.stats()));
+                let _ = ready_tx.send(Ok((scheduler.stats(), scheduler.limits())));
                 serve(&mut scheduler, &rx, &transit);
             })
             .map_err(|e| EngineError::BadConfig(format!("cannot start the scheduler thread: {e}")))?;
-        let stats = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
-        Ok(Runner { tx, in_transit, stats, config })
+        let (stats, limits) = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
+        Ok(Runner { tx, in_transit, stats, config, limits })
     }
 
     /// Queue a request; its tokens and its end go to `sink`. Refused at once with
@@ -93,6 +95,11 @@ impl Runner {
 
     pub fn config(&self) -> &RunnerConfig {
         &self.config
+    }
+
+    /// What every request must fit to be accepted (see [`crate::request::check`]).
+    pub fn limits(&self) -> crate::request::RequestLimits {
+        self.limits
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::blocks::PrefixKey;
 use crate::error::EngineError;
-use crate::generate::{FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
+use crate::request::{FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
 use crate::sampling::{Sampler, TokenLogprob};
 use crate::stop::{StopCheck, StopMatcher};
 use crate::tokenizer::{StreamDecoder, Tokenizer};

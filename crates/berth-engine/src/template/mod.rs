@@ -18,6 +18,9 @@ use crate::error::EngineError;
 pub use limits::{MAX_SOURCE_BYTES, MAX_TAG_PARTS};
 pub use render::MAX_RENDERED_BYTES;
 
+/// The roles a message may have, in every API (OpenAI's `developer` is its name for `system`).
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {

@@ -5,11 +5,12 @@
 //! config, and plain HTTP only where it is safe.
 
 mod credentials;
+mod document;
 mod pull;
 mod push;
 
 pub use credentials::{Credentials, credentials_for};
-pub use pull::pull;
+pub use pull::{ArtifactCheck, NoCheck, pull};
 pub use push::push;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -118,8 +119,19 @@ pub(crate) fn classify(reference: &Reference, e: OciDistributionError) -> Regist
             RegistryError::Unauthorized { registry, reference: name }
         }
         OciDistributionError::ServerError { code: 404, .. } => RegistryError::NotFound { registry, reference: name },
-        OciDistributionError::RegistryError { envelope, .. } => {
-            let text = envelope.to_string();
+        OciDistributionError::RegistryError { envelope, url } => {
+            // A registry may answer an error with an envelope that says nothing; name the request.
+            let said: Vec<String> = envelope
+                .errors
+                .iter()
+                .map(|e| format!("{:?} {}", e.code, e.message).trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect();
+            if said.is_empty() {
+                let detail = format!("the registry refused {url} without saying why");
+                return RegistryError::Protocol { registry, detail };
+            }
+            let text = said.join("; ");
             let lower = text.to_lowercase();
             if lower.contains("unauthorized") || lower.contains("denied") {
                 RegistryError::Unauthorized { registry, reference: name }

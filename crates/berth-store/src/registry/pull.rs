@@ -10,29 +10,48 @@ use sha2::{Digest as _, Sha256};
 use super::{RegistryError, RegistryOptions, classify, credentials_for, to_oci};
 use crate::digest::Digest;
 use crate::error::StoreError;
-use crate::manifest::{Descriptor, MAX_MANIFEST_BYTES, Manifest};
-use crate::media;
+use crate::manifest::{Descriptor, Manifest};
 use crate::progress::Progress;
 use crate::reference::Reference;
 use crate::store::Store;
 
-/// Pull a model: manifest first (checked before any blob is fetched), then every blob not already
-/// present, each verified before it becomes visible; the reference is set only at the end.
+/// What a pulled artifact must pass before it enters the store, beyond its digests and its
+/// manifest's shape (berth-store knows nothing of running a model; the caller does: berth vets the
+/// chat template here, since a template is code that every server of the model will run).
+pub trait ArtifactCheck: Sync {
+    /// `files` are the artifact's layers as (media type, path of the verified bytes); an `Err`
+    /// says why the artifact is refused.
+    fn check(&self, manifest: &Manifest, files: &[(String, std::path::PathBuf)]) -> Result<(), String>;
+}
+
+/// No checks beyond the store's own.
+pub struct NoCheck;
+
+impl ArtifactCheck for NoCheck {
+    fn check(&self, _: &Manifest, _: &[(String, std::path::PathBuf)]) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Pull a model: manifest first (streamed with its size limit, checked before any blob is
+/// fetched), then every blob that is not present whole and verified (a damaged one is fetched
+/// again), the config parsed and `check` passed; only then does anything enter the store, and the
+/// reference is set last. A pull that fails adds nothing.
 pub async fn pull(
     store: &Store,
     reference: &Reference,
     options: &RegistryOptions,
     progress: Arc<dyn Progress>,
+    check: &dyn ArtifactCheck,
 ) -> Result<Digest, StoreError> {
     let client = options.client(reference);
     let oref = to_oci(reference);
-    let auth = credentials_for(reference.registry(), options)?.to_auth();
-    client.auth(&oref, &auth, RegistryOperation::Pull).await.map_err(|e| classify(reference, e))?;
-    let (bytes, _) =
-        client.pull_manifest_raw(&oref, &auth, &[media::OCI_MANIFEST]).await.map_err(|e| classify(reference, e))?;
-    if bytes.len() > MAX_MANIFEST_BYTES {
-        return Err(crate::manifest::ManifestError::TooLarge(bytes.len()).into());
-    }
+    let credentials = credentials_for(reference.registry(), options)?;
+    let token = client
+        .auth(&oref, &credentials.to_auth(), RegistryOperation::Pull)
+        .await
+        .map_err(|e| classify(reference, e))?;
+    let bytes = super::document::fetch_manifest(reference, &oref, options, &credentials, token).await?;
     let manifest_digest = Digest::of(&bytes);
     if let Some(want) = reference.digest()
         && want != &manifest_digest
@@ -42,22 +61,51 @@ pub async fn pull(
     let manifest = Manifest::parse(&bytes)?;
 
     let _writing = store.writer_lock()?;
-    let mut fetched = Vec::new();
-    for desc in manifest.blobs() {
-        if store.has_blob(&desc.digest, desc.size) {
-            progress.note(&format!("{} already present", desc.digest.short()));
-            continue;
+    // Blobs to move into the store once everything passed, and every layer's verified bytes.
+    let mut fetched: Vec<Digest> = Vec::new();
+    let mut files = Vec::new();
+    let refuse = |fetched: &[Digest], reason: String| {
+        // A refused artifact is not resumed later: its downloads go.
+        for digest in fetched {
+            let _ = fs::remove_file(store.partial_path(digest));
         }
-        fetch_blob(&client, &oref, reference, store, desc, progress.as_ref()).await?;
-        fetched.push(&desc.digest);
+        StoreError::Refused { reference: reference.familiar(), reason }
+    };
+    for (i, desc) in manifest.unique_blobs().into_iter().enumerate() {
+        let present = match store.verify_blob(&desc.digest, desc.size) {
+            Ok(()) => true,
+            Err(StoreError::MissingBlob(_) | StoreError::SizeMismatch { .. }) => false,
+            Err(StoreError::DigestMismatch { .. }) => {
+                progress
+                    .warn(&format!("blob {} is damaged in the local store; fetching it again", desc.digest.short()));
+                false
+            }
+            Err(e) => return Err(e),
+        };
+        let path = if present {
+            progress.note(&format!("{} already present", desc.digest.short()));
+            store.blob_path(&desc.digest)
+        } else {
+            fetch_blob(&client, &oref, reference, store, desc, progress.as_ref()).await?;
+            fetched.push(desc.digest.clone());
+            store.partial_path(&desc.digest)
+        };
+        if i == 0 {
+            // The config comes first: one that does not parse stops the pull before the weights.
+            let config = crate::store::read_bounded(&path)?;
+            if let Err(e) = serde_json::from_slice::<crate::config::ModelConfigFile>(&config) {
+                return Err(refuse(&fetched, format!("its model config is not valid: {e}")));
+            }
+        } else {
+            files.push((desc.media_type.clone(), path));
+        }
     }
-    // Only when every blob is verified does any of them enter the store: a pull that fails
-    // halfway adds nothing (what it verified waits in incoming/ for the next try).
-    for digest in fetched {
+    if let Err(reason) = check.check(&manifest, &files) {
+        return Err(refuse(&fetched, reason));
+    }
+    for digest in &fetched {
         store.publish_partial(digest)?;
     }
-    // The config must be readable before the model is announced.
-    store.config(&manifest)?;
     store.put_bytes(&bytes)?;
     store.set_ref(reference, &manifest_digest)?;
     Ok(manifest_digest)

@@ -35,6 +35,15 @@ pub struct RmArgs {
 }
 
 #[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// Local models to check (every model when none is named).
+    references: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct PruneArgs {}
+
+#[derive(clap::Args)]
 pub struct DfArgs {
     /// Print JSON.
     #[arg(long)]
@@ -110,9 +119,60 @@ pub fn rm(ctx: &Context, args: RmArgs) -> anyhow::Result<()> {
             let shown = berth_store::Reference::parse(&name).map(|r| r.familiar()).unwrap_or(name);
             println!("Removed {shown}");
         }
-        if gc.blobs_removed > 0 {
-            println!("Freed {} in {} files", format_size(gc.bytes_freed), gc.blobs_removed);
+        print_gc(&gc);
+    }
+    Ok(())
+}
+
+fn print_gc(gc: &berth_store::GcReport) {
+    let files = gc.blobs_removed + gc.leftovers_removed;
+    if files > 0 {
+        println!("Freed {} in {files} files", format_size(gc.bytes_freed));
+    }
+}
+
+/// Remove what no model uses: unreferenced blobs, leftovers of killed writers, and every partial
+/// download (a later pull starts those again from zero).
+pub fn prune(ctx: &Context, _args: PruneArgs) -> anyhow::Result<()> {
+    let gc = ctx.store()?.gc_with(std::time::Duration::ZERO)?;
+    print_gc(&gc);
+    if gc.blobs_removed + gc.leftovers_removed == 0 {
+        println!("Nothing to remove");
+    }
+    Ok(())
+}
+
+/// Hash every blob of the named models (or all) and say which are missing or damaged.
+pub fn verify(ctx: &Context, args: VerifyArgs) -> anyhow::Result<()> {
+    let store = ctx.store()?;
+    let references = if args.references.is_empty() {
+        store.list()?.into_iter().map(|m| m.reference).collect()
+    } else {
+        args.references
+    };
+    if references.is_empty() {
+        println!("No models to verify");
+    }
+    let mut bad = Vec::new();
+    for r in &references {
+        let reference = parse_ref(r)?;
+        let checks = store.verify(&reference)?;
+        let broken: Vec<_> = checks.iter().filter(|c| c.state != "ok").collect();
+        if broken.is_empty() {
+            println!("{}: {} blobs verified", reference.familiar(), checks.len());
         }
+        for c in broken {
+            println!("{}: blob {} ({}) is {}", reference.familiar(), c.digest.short(), format_size(c.size), c.state);
+            bad.push(reference.familiar());
+        }
+    }
+    if !bad.is_empty() {
+        bad.dedup();
+        anyhow::bail!(
+            "{} damaged: pull {} again to repair (a pull fetches what is missing or damaged)",
+            if bad.len() == 1 { "a model is" } else { "models are" },
+            bad.join(", ")
+        );
     }
     Ok(())
 }
@@ -129,6 +189,7 @@ pub fn df(ctx: &Context, args: DfArgs) -> anyhow::Result<()> {
     t.row(["blobs".to_string(), du.blobs.to_string(), format_size(du.blob_bytes)]);
     t.row(["unreferenced".to_string(), String::new(), format_size(du.unreferenced_bytes)]);
     t.row(["partial downloads".to_string(), String::new(), format_size(du.partial_bytes)]);
+    t.row(["temporary files".to_string(), String::new(), format_size(du.temporary_bytes)]);
     print!("{t}");
     println!("Store: {}", store.root().display());
     Ok(())

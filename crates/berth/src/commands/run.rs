@@ -4,9 +4,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context as _;
-use berth_engine::sampling::SamplingParams;
+use berth_engine::request::{Param, RequestDraft};
 use berth_engine::template::Message;
-use berth_engine::{Engine, FinishReason, GenerationOutput, GenerationRequest};
+use berth_engine::{Engine, FinishReason, GenerationOutput};
 
 use super::Context;
 
@@ -16,7 +16,7 @@ pub struct Args {
     model: String,
     /// The prompt; without one, berth reads standard input, or chats when it is a terminal.
     prompt: Vec<String>,
-    /// Sampling temperature (0: always the most likely token).
+    /// Sampling temperature, 0 to 2 (0: always the most likely token).
     #[arg(long, default_value_t = 0.8)]
     temperature: f32,
     /// Most tokens per answer (default: up to the context size).
@@ -48,9 +48,15 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     if args.verbose {
         eprintln!("loaded {} in {:.2} s", args.model, loaded.elapsed().as_secs_f64());
     }
-    let sampling = SamplingParams { temperature: args.temperature, seed: args.seed, ..SamplingParams::default() };
-    sampling.validate(engine.model.config.vocab_size).context("check --temperature")?;
-    let chat = Chat { engine: &engine, sampling, max_tokens: args.max_tokens, verbose: args.verbose, raw: args.raw };
+    let draft = RequestDraft {
+        temperature: Some(Param::new("--temperature", args.temperature.into())),
+        seed: args.seed.map(|s| Param::new("--seed", s as f64)),
+        max_tokens: args.max_tokens.map(|n| Param::new("--max-tokens", n as f64)),
+        ..RequestDraft::default()
+    };
+    // The options are checked once, before any prompt (a one-token stand-in) is read.
+    berth_engine::request::validate(&draft, vec![0], &engine.request_limits())?;
+    let chat = Chat { engine: &engine, draft, verbose: args.verbose, raw: args.raw };
     let system = args.system.as_deref().map(|s| Message::new("system", s));
 
     let prompt = if !args.prompt.is_empty() {
@@ -75,8 +81,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
 
 struct Chat<'e> {
     engine: &'e Engine,
-    sampling: SamplingParams,
-    max_tokens: Option<usize>,
+    draft: RequestDraft,
     verbose: bool,
     raw: bool,
 }
@@ -88,16 +93,7 @@ impl Chat<'_> {
             (true, Some(last)) => self.engine.text_prompt(&last.content)?,
             _ => self.engine.chat_prompt(messages)?,
         };
-        let room = self.engine.context_length().saturating_sub(prompt.len());
-        let req = GenerationRequest {
-            prompt,
-            max_tokens: self.max_tokens.unwrap_or(room).min(room),
-            sampling: self.sampling.clone(),
-            stop: vec![],
-            stop_token_ids: vec![],
-            logprobs: None,
-            ignore_eos: false,
-        };
+        let req = berth_engine::request::validate(&self.draft, prompt, &self.engine.request_limits())?;
         let mut stdout = std::io::stdout().lock();
         let out = self.engine.generate(&req, &mut |ev| {
             // A closed stdout (a pipe into `head`) ends the answer, not the program with a panic.

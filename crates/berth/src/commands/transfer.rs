@@ -27,7 +27,8 @@ pub fn pull(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
     let reference = parse_ref(&args.reference)?;
     let store = ctx.store()?;
     let bar = progress::for_terminal();
-    let digest = runtime()?.block_on(registry::pull(&store, &reference, &options(ctx), bar))?;
+    let digest =
+        runtime()?.block_on(registry::pull(&store, &reference, &options(ctx), bar, &berth_server::ModelVetting))?;
     println!("Pulled {} ({digest})", reference.familiar());
     Ok(())
 }

@@ -1,0 +1,42 @@
+//! The request path without HTTP or a model, for the fuzz target `request` (fuzz/): body bytes
+//! through the same types and checks the handlers use, to validated requests. The model's
+//! template and tokenizer are stood in for by one token per byte of the messages' text.
+
+use berth_engine::request::validate;
+use berth_engine::{GenerationRequest, RequestLimits};
+
+use crate::request::PromptSource;
+
+/// The endpoints whose bodies become generation requests.
+#[derive(Debug, Clone, Copy)]
+pub enum Api {
+    OpenAiChat,
+    OpenAiCompletion,
+    OllamaChat,
+    OllamaGenerate,
+}
+
+/// Parse and check a body for `api`, and validate it against `limits`: the requests the
+/// scheduler would get, or the error message a client would.
+pub fn validate_body(api: Api, body: &[u8], limits: &RequestLimits) -> Result<Vec<GenerationRequest>, String> {
+    let parts = match api {
+        Api::OpenAiChat => parse(body).and_then(|r| crate::openai::chat_parts(&r).map(Some)),
+        Api::OpenAiCompletion => parse(body).and_then(|r| crate::openai::completion_parts(&r).map(Some)),
+        Api::OllamaChat => parse(body).and_then(|r| crate::ollama::chat_parts(&r)),
+        Api::OllamaGenerate => parse(body).and_then(|r| crate::ollama::generate_parts(&r)),
+    }
+    .map_err(|e| e.message)?;
+    let Some((source, draft)) = parts else { return Ok(Vec::new()) };
+    let stand_in = |text: &str| -> Vec<u32> { text.bytes().map(|b| b as u32 % limits.vocab.max(1) as u32).collect() };
+    let prompts: Vec<Vec<u32>> = match &source {
+        PromptSource::Chat(messages) => {
+            vec![stand_in(&messages.iter().map(|m| format!("{}:{}\n", m.role, m.content)).collect::<String>())]
+        }
+        PromptSource::Texts(texts) => texts.iter().map(|t| stand_in(t)).collect(),
+    };
+    prompts.into_iter().map(|p| validate(&draft, p, limits).map_err(|e| e.to_string())).collect()
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, crate::error::ApiError> {
+    serde_json::from_slice(body).map_err(|e| crate::error::ApiError::bad_request(format!("invalid request: {e}")))
+}
