@@ -3,7 +3,7 @@
 //! one generation loop.
 
 use crate::error::EngineError;
-use crate::model::{LlamaModel, blocks_for};
+use crate::model::{TextModel, blocks_for};
 pub use crate::request::{FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
 use crate::scheduler::{Scheduler, SchedulerConfig, TokenSink};
 use crate::template::{ChatTemplate, Message};
@@ -14,10 +14,11 @@ use std::path::Path;
 /// memory of one step.
 const PREFILL_CHUNK: usize = 512;
 
+/// A model with its tokenizer and chat template: what the APIs and `berth run` hold.
 pub struct Engine {
-    pub model: LlamaModel,
-    pub tokenizer: Tokenizer,
-    pub template: Option<ChatTemplate>,
+    model: Box<dyn TextModel>,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
 }
 
 /// The chat template a GGUF file carries, if any (read from its metadata, nothing loaded).
@@ -61,16 +62,16 @@ pub fn vet_artifact_template(gguf: Option<&Path>, layer: Option<&[u8]>) -> Resul
 impl Engine {
     /// Load a GGUF model; `template_override` (an artifact's template layer) replaces the file's.
     pub fn load(path: &Path, template_override: Option<&str>) -> Result<Engine, EngineError> {
-        let model = LlamaModel::load(path)?;
-        let tokenizer = Tokenizer::from_gguf(&model.gguf)?;
-        if tokenizer.vocab_size() != model.config.vocab_size {
+        let model = crate::model::load(path)?;
+        let tokenizer = Tokenizer::from_gguf(model.metadata())?;
+        if tokenizer.vocab_size() != model.vocab_size() {
             return Err(EngineError::BadModel(format!(
                 "the tokenizer has {} tokens but the model {}",
                 tokenizer.vocab_size(),
-                model.config.vocab_size
+                model.vocab_size()
             )));
         }
-        let source = template_override.or_else(|| model.gguf.get_str("tokenizer.chat_template"));
+        let source = template_override.or_else(|| model.metadata().get_str("tokenizer.chat_template"));
         let token = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default().to_string();
         let template = match source {
             Some(src) => Some(ChatTemplate::new(src, &token(tokenizer.bos), &token(tokenizer.eos))?),
@@ -79,8 +80,21 @@ impl Engine {
         Ok(Engine { model, tokenizer, template })
     }
 
+    pub fn model(&self) -> &dyn TextModel {
+        self.model.as_ref()
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template in use (the artifact's override, else the file's), if there is one.
+    pub fn template(&self) -> Option<&ChatTemplate> {
+        self.template.as_ref()
+    }
+
     pub fn context_length(&self) -> usize {
-        self.model.config.context_length
+        self.model.context_length()
     }
 
     /// Tokens of a chat: the template's markers as special tokens, the messages' text as text.
@@ -121,7 +135,7 @@ impl Engine {
     /// only the context bounds it).
     pub fn request_limits(&self) -> crate::request::RequestLimits {
         let context = self.context_length();
-        crate::request::RequestLimits { context, kv_tokens: context, vocab: self.model.config.vocab_size }
+        crate::request::RequestLimits { context, kv_tokens: context, vocab: self.model.vocab_size() }
     }
 
     /// Cache blocks that hold `tokens` positions.

@@ -1,9 +1,11 @@
-//! berth's inference engine: llama-family GGUF models on CPU, with the tokenizer and chat template
-//! read from the model file itself, sampling, and generation with stop strings and logprobs.
+//! berth's inference engine: GGUF models on CPU behind one model seam ([`model::TextModel`]), with
+//! the tokenizer and chat template read from the model file itself, sampling, and generation with
+//! stop strings and logprobs.
 //!
-//! The forward pass is batched ([`model::LlamaModel::forward`] takes many sequences, each with its
-//! own positions and block table in a shared paged KV cache), and [`scheduler`] serves many requests
-//! at once with continuous batching on top of it.
+//! The forward pass is batched ([`model::TextModel::forward`] takes many sequences, each with its
+//! own positions and block table in a KV pool the model owns), and [`scheduler`] serves many
+//! requests at once with continuous batching on top of it; requests reach it validated
+//! ([`request`]).
 
 pub mod error;
 pub mod kernels;

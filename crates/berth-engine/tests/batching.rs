@@ -136,7 +136,7 @@ fn a_shared_prefix_is_computed_once() {
     prefix.truncate(1000);
     let ask = |q: &str| {
         let mut p = prefix.clone();
-        p.extend(engine.tokenizer.encode(q, false).expect("tokens"));
+        p.extend(engine.tokenizer().encode(q, false).expect("tokens"));
         greedy(p, 16)
     };
     let (first, second) = (ask(" What does berth run?"), ask(" How are models packaged?"));

@@ -1,6 +1,6 @@
 //! The engine against llama.cpp's reference outputs (../shared/golden): teacher forcing and greedy.
 
-use berth_engine::model::LlamaModel;
+use berth_engine::model::SequenceCache;
 use berth_engine::sampling::SamplingParams;
 use berth_engine::template::Message;
 use berth_engine::{Engine, FinishReason, GenerationRequest};
@@ -25,8 +25,9 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
 
 #[test]
 fn teacher_forcing_agrees_with_llama_cpp() {
-    let model = LlamaModel::load(&models::smollm2_gguf()).expect("load SmolLM2");
-    let vocab = model.config.vocab_size;
+    let model = berth_engine::model::load(&models::smollm2_gguf()).expect("load SmolLM2");
+    let model = model.as_ref();
+    let vocab = model.vocab_size();
     let golden = golden();
     let (mut steps, mut top1_agree, mut close) = (0usize, 0usize, 0usize);
     let mut diffs = Vec::new();
@@ -35,10 +36,10 @@ fn teacher_forcing_agrees_with_llama_cpp() {
         let greedy = case["greedy"].as_array().unwrap();
         let reference: Vec<u32> = greedy.iter().map(|s| s["id"].as_u64().unwrap() as u32).collect();
         // As llama.cpp produced the reference: the prompt in one step, then one token per step.
-        let mut cache = model.new_cache();
-        let mut logits = model.forward_cache(&mut cache, &prompt, false).expect("forward");
+        let mut cache = SequenceCache::new(model);
+        let mut logits = cache.forward(model, &prompt, false).expect("forward");
         for &t in &reference[..reference.len().saturating_sub(1)] {
-            logits.extend(model.forward_cache(&mut cache, &[t], false).expect("forward"));
+            logits.extend(cache.forward(model, &[t], false).expect("forward"));
         }
         for (i, step) in greedy.iter().enumerate() {
             let row = &logits[i * vocab..(i + 1) * vocab];

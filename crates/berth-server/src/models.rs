@@ -54,7 +54,7 @@ impl LoadedModel {
 
     /// Bytes of KV cache the model's scheduler may use.
     pub fn kv_cache_bytes(&self) -> u64 {
-        (self.runner.config().scheduler.kv_blocks * self.engine.model.kv_block_bytes()) as u64
+        (self.runner.config().scheduler.kv_blocks * self.engine.model().kv_block_bytes()) as u64
     }
 
     /// What every request to this model must fit: the context the operator allows, the
@@ -607,7 +607,7 @@ fn damaged(name: &str, e: berth_store::StoreError) -> ApiError {
 /// gets the configured memory, but no more than every running sequence at full context could use.
 fn runner_config(engine: &Engine, batching: &BatchingConfig, limits: &ModelLimits, context: usize) -> RunnerConfig {
     let max_running = limits.max_running.unwrap_or(batching.max_running);
-    let block_bytes = engine.model.kv_block_bytes().max(1) as u64;
+    let block_bytes = engine.model().kv_block_bytes().max(1) as u64;
     let by_memory = (batching.kv_cache_bytes / block_bytes) as usize;
     let by_use = engine.kv_blocks_for(max_running.saturating_mul(context));
     RunnerConfig {

@@ -371,7 +371,7 @@ pub async fn show(
             .get(&req.model)
             .await
             .ok()
-            .and_then(|m| m.engine.template.as_ref().map(|t| t.source().to_string())),
+            .and_then(|m| m.engine.template().map(|t| t.source().to_string())),
         _ => None,
     };
     let info: serde_json::Map<String, Value> = c.gguf.iter().flatten().map(|(k, v)| (k.clone(), json!(v))).collect();

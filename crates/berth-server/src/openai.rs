@@ -291,12 +291,12 @@ fn finish_reason(f: FinishReason) -> &'static str {
 }
 
 fn token_text(model: &LoadedModel, id: u32) -> String {
-    String::from_utf8_lossy(&model.engine.tokenizer.token_bytes(id)).into_owned()
+    String::from_utf8_lossy(&model.engine.tokenizer().token_bytes(id)).into_owned()
 }
 
 fn chat_logprobs(model: &LoadedModel, lps: &[TokenLogprob]) -> Value {
     let entry = |id: u32, lp: f32| {
-        let bytes = model.engine.tokenizer.token_bytes(id);
+        let bytes = model.engine.tokenizer().token_bytes(id);
         json!({"token": String::from_utf8_lossy(&bytes), "logprob": lp, "bytes": bytes})
     };
     let content: Vec<Value> = lps

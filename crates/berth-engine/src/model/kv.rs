@@ -36,19 +36,6 @@ impl KvStore {
         layers * 2 * BLOCK_TOKENS * kv_dim * std::mem::size_of::<u16>()
     }
 
-    pub fn blocks(&self) -> usize {
-        self.blocks
-    }
-
-    /// Add blocks at the end (single-sequence caches grow this way; the scheduler's pool does not).
-    pub fn grow(&mut self, blocks: usize) {
-        self.blocks += blocks;
-        let per_layer = self.blocks * BLOCK_TOKENS * self.kv_dim;
-        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
-            l.resize(per_layer, 0);
-        }
-    }
-
     /// Block `block` of `layer`: keys and values, `BLOCK_TOKENS × kv_dim` each.
     pub fn block(&self, layer: usize, block: u32) -> (&[u16], &[u16]) {
         let size = BLOCK_TOKENS * self.kv_dim;
@@ -63,35 +50,12 @@ impl KvStore {
     }
 }
 
-/// One sequence's cache with its own storage: for callers that run one sequence by hand (teacher
-/// forcing, benchmarks of the bare forward pass). Serving goes through the scheduler's shared pool.
-pub struct KvCache {
-    pub(crate) store: KvStore,
-    pub(crate) blocks: Vec<u32>,
-    pub(crate) len: usize,
-}
-
-impl KvCache {
-    pub(crate) fn new(layers: usize, kv_dim: usize) -> Self {
-        Self { store: KvStore::new(layers, kv_dim, 0), blocks: Vec::new(), len: 0 }
+impl super::KvPool for KvStore {
+    fn blocks(&self) -> usize {
+        self.blocks
     }
 
-    /// Tokens cached so far (the next token's position).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Make room for `tokens` more positions.
-    pub(crate) fn reserve(&mut self, tokens: usize) {
-        let needed = blocks_for(self.len + tokens);
-        if needed > self.blocks.len() {
-            let first = self.store.blocks() as u32;
-            self.store.grow(needed - self.blocks.len());
-            self.blocks.extend(first..self.store.blocks() as u32);
-        }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }

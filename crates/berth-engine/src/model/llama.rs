@@ -8,7 +8,8 @@ use berth_formats::gguf::{GgmlType, GgufFile, TensorInfo};
 use memmap2::Mmap;
 
 use super::config::LlamaConfig;
-use super::kv::{BLOCK_TOKENS, KvCache, KvStore, blocks_for};
+use super::kv::{BLOCK_TOKENS, KvStore, blocks_for};
+use super::{KvPool, Logits, SeqStep, TextModel};
 use crate::error::EngineError;
 use crate::kernels::attention::{Attention, SeqKv};
 use crate::kernels::{QMatrix, f16, ops, quant};
@@ -38,39 +39,12 @@ struct Layer {
 /// A loaded llama-family model. Weights stay in the memory-mapped file.
 pub struct LlamaModel {
     mmap: Mmap,
-    pub config: LlamaConfig,
-    pub gguf: GgufFile,
+    config: LlamaConfig,
+    gguf: GgufFile,
     token_embd: Weight,
     layers: Vec<Layer>,
     output_norm: Vec<f32>,
     output: Weight,
-}
-
-/// Which logits a sequence wants from a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
-    /// None: a prompt chunk with more to come (the output layer is a large share of a small
-    /// model's work, so it runs only where a token will be sampled).
-    None,
-    /// The last token's.
-    Last,
-    /// Every token's (teacher forcing, prompt logprobs).
-    All,
-}
-
-/// One sequence's part of a batched step over a shared [`KvStore`].
-pub struct SeqStep<'a> {
-    /// The sequence's block table, covering at least `start + tokens.len()` positions.
-    pub blocks: &'a [u32],
-    /// Positions already cached: the first new token's position.
-    pub start: usize,
-    pub tokens: &'a [u32],
-    /// Positions below this belong to a prompt of several tokens, which llama.cpp reduces in
-    /// another order than tokens generated one at a time (see
-    /// [`crate::kernels::attention::Order`]); berth decides the order
-    /// per token, so a token's result does not depend on what else shares its step.
-    pub gemm_until: usize,
-    pub logits: Logits,
 }
 
 impl LlamaModel {
@@ -131,46 +105,13 @@ impl LlamaModel {
             .expect("weights were checked when the model was loaded")
     }
 
-    /// A fresh, empty cache for one sequence, with storage of its own.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.n_layers, self.config.kv_dim())
-    }
-
-    /// Storage for `blocks` cache blocks, shared by the sequences a scheduler runs.
-    pub fn new_kv_store(&self, blocks: usize) -> KvStore {
-        KvStore::new(self.config.n_layers, self.config.kv_dim(), blocks)
-    }
-
-    /// Bytes one cache block takes.
-    pub fn kv_block_bytes(&self) -> usize {
-        KvStore::block_bytes(self.config.n_layers, self.config.kv_dim())
-    }
-
-    /// Run `tokens` of the sequence cached in `cache` (a prompt if there are several) and return
-    /// the last token's logits, or every token's with `all_logits`.
-    pub fn forward_cache(
-        &self,
-        cache: &mut KvCache,
-        tokens: &[u32],
-        all_logits: bool,
-    ) -> Result<Vec<f32>, EngineError> {
-        cache.reserve(tokens.len());
-        let start = cache.len;
-        let step = SeqStep {
-            blocks: &cache.blocks,
-            start,
-            tokens,
-            gemm_until: if tokens.len() > 1 { start + tokens.len() } else { 0 },
-            logits: if all_logits { Logits::All } else { Logits::Last },
-        };
-        let out = self.forward(&mut cache.store, &[step])?.pop().unwrap_or_default();
-        cache.len += tokens.len();
-        Ok(out)
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
     }
 
     /// Run one step for a batch of sequences whose caches live in `store`. Returns, per sequence,
     /// the logits it asked for (`rows × vocab`).
-    pub fn forward(&self, store: &mut KvStore, steps: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+    fn forward_store(&self, store: &mut KvStore, steps: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
         let c = &self.config;
         let (d, kv_dim, q_dim) = (c.n_embd, c.kv_dim(), c.q_dim());
         // Which sequence and position each token of the batch belongs to.
@@ -248,7 +189,10 @@ impl LlamaModel {
                 seqs.push(SeqKv {
                     rows: row..row + len,
                     first: step.start,
-                    gemm_until: step.gemm_until,
+                    // llama.cpp reduces a prompt of several tokens as a matrix product (tinyBLAS)
+                    // and a generated token as a vector product: berth picks the order by the
+                    // token's place in its sequence, not by what shares the step.
+                    gemm_until: if step.prompt_len > 1 { step.prompt_len } else { 0 },
                     k_blocks,
                     v_blocks,
                 });
@@ -302,6 +246,40 @@ impl LlamaModel {
             at += count;
         }
         Ok(out)
+    }
+}
+
+impl TextModel for LlamaModel {
+    fn architecture(&self) -> &str {
+        self.gguf.architecture().unwrap_or("llama")
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn context_length(&self) -> usize {
+        self.config.context_length
+    }
+
+    fn kv_block_bytes(&self) -> usize {
+        KvStore::block_bytes(self.config.n_layers, self.config.kv_dim())
+    }
+
+    fn new_kv_pool(&self, blocks: usize) -> Box<dyn KvPool> {
+        Box::new(KvStore::new(self.config.n_layers, self.config.kv_dim(), blocks))
+    }
+
+    fn forward(&self, pool: &mut dyn KvPool, steps: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let store = pool
+            .as_any_mut()
+            .downcast_mut::<KvStore>()
+            .ok_or_else(|| EngineError::BadModel("a cache pool of another backend was given to the CPU model".into()))?;
+        self.forward_store(store, steps)
+    }
+
+    fn metadata(&self) -> &GgufFile {
+        &self.gguf
     }
 }
 

@@ -19,7 +19,7 @@
 //! pool; a request too large for the whole pool is refused when it arrives.
 //!
 //! Batching does not change answers: every token's arithmetic depends only on its own sequence
-//! (see [`crate::model::SeqStep::gemm_until`]).
+//! (see [`crate::model::SeqStep::prompt_len`]).
 
 pub mod blocks;
 mod runner;
@@ -34,7 +34,7 @@ use self::blocks::BlockPool;
 use self::sequence::Sequence;
 use crate::error::EngineError;
 use crate::generate::Engine;
-use crate::model::{BLOCK_TOKENS, KvStore, Logits, SeqStep, blocks_for};
+use crate::model::{BLOCK_TOKENS, KvPool, Logits, SeqStep, blocks_for};
 use crate::request::{FinishReason, GenerationRequest};
 
 pub use runner::{Runner, RunnerConfig};
@@ -104,7 +104,8 @@ impl SchedulerStats {
 pub struct Scheduler<'e, 's> {
     engine: &'e Engine,
     config: SchedulerConfig,
-    store: KvStore,
+    /// The model's cache blocks (owned by its backend; the scheduler hands out their numbers).
+    store: Box<dyn KvPool>,
     pool: BlockPool,
     waiting: VecDeque<Sequence<'s>>,
     /// In admission order: the last is the first to be preempted.
@@ -119,7 +120,7 @@ impl<'e, 's> Scheduler<'e, 's> {
         stats.kv_blocks_total.store(config.kv_blocks, Ordering::Relaxed);
         Ok(Self {
             engine,
-            store: engine.model.new_kv_store(config.kv_blocks),
+            store: engine.model().new_kv_pool(config.kv_blocks),
             pool: BlockPool::new(config.kv_blocks, config.prefix_cache),
             config,
             waiting: VecDeque::new(),
@@ -147,7 +148,7 @@ impl<'e, 's> Scheduler<'e, 's> {
         crate::request::RequestLimits {
             context: self.engine.context_length(),
             kv_tokens: self.capacity(),
-            vocab: self.engine.model.config.vocab_size,
+            vocab: self.engine.model().vocab_size(),
         }
     }
 
@@ -361,12 +362,12 @@ impl<'e, 's> Scheduler<'e, 's> {
                     blocks: &seq.blocks,
                     start: seq.computed,
                     tokens: &seq.tokens[seq.computed..seq.computed + n],
-                    gemm_until: if seq.prompt_len > 1 { seq.prompt_len } else { 0 },
+                    prompt_len: seq.prompt_len,
                     logits: if seq.computed + n == seq.tokens.len() { Logits::Last } else { Logits::None },
                 }
             })
             .collect();
-        let result = self.engine.model.forward(&mut self.store, &steps);
+        let result = self.engine.model().forward(self.store.as_mut(), &steps);
         drop(steps);
         let total: usize = plan.iter().map(|&(_, n)| n).sum();
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
@@ -419,7 +420,7 @@ impl<'e, 's> Scheduler<'e, 's> {
         for (i, (token, lp)) in picks {
             let seq = &mut self.running[i];
             let before = seq.tokens.len();
-            let end = seq.accept(token, lp, &self.engine.tokenizer, context);
+            let end = seq.accept(token, lp, self.engine.tokenizer(), context);
             self.stats.generated_tokens.fetch_add((seq.tokens.len() - before) as u64, Ordering::Relaxed);
             if let Some(end) = end {
                 finished.push((i, end));

@@ -3,7 +3,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use berth_engine::model::{Logits, SeqStep};
+use berth_engine::model::{Logits, SeqStep, SequenceCache};
 
 use super::{Context, bench_serve};
 
@@ -96,22 +96,22 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         berth_engine::set_threads(n.into())?;
     }
     let engine = super::load_engine(ctx, &args.model)?;
-    let model = &engine.model;
-    let vocab = model.config.vocab_size;
+    let model = engine.model();
+    let vocab = model.vocab_size();
     anyhow::ensure!(vocab > 512, "the model's vocabulary is too small to benchmark");
     anyhow::ensure!(
-        args.prompt_tokens + args.gen_tokens <= model.config.context_length && args.repetitions > 0,
+        args.prompt_tokens + args.gen_tokens <= model.context_length() && args.repetitions > 0,
         "prompt and generated tokens must fit the context of {} tokens",
-        model.config.context_length
+        model.context_length()
     );
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for rep in 0..args.repetitions {
         let prompt = tokens(args.prompt_tokens, vocab, rep as u64);
-        let mut cache = model.new_cache();
+        let mut cache = SequenceCache::new(model);
         let t = Instant::now();
         for chunk in prompt.chunks(512) {
-            model.forward_cache(&mut cache, chunk, false)?;
+            cache.forward(model, chunk, false)?;
         }
         prefill.push(args.prompt_tokens as f64 / t.elapsed().as_secs_f64());
 
@@ -120,7 +120,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             (0..batch).map(|b| tokens(args.gen_tokens, vocab, 1000 + (rep * batch + b) as u64)).collect();
         // Each sequence with its own blocks in one shared store, as the scheduler lays them out.
         let per_seq = engine.kv_blocks_for(args.gen_tokens);
-        let mut store = model.new_kv_store(per_seq * batch);
+        let mut pool = model.new_kv_pool(per_seq * batch);
         let tables: Vec<Vec<u32>> =
             (0..batch).map(|b| ((b * per_seq) as u32..((b + 1) * per_seq) as u32).collect()).collect();
         let t = Instant::now();
@@ -130,11 +130,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                     blocks: &tables[b],
                     start: pos,
                     tokens: &generated[b][pos..pos + 1],
-                    gemm_until: 0,
+                    prompt_len: 0,
                     logits: Logits::Last,
                 })
                 .collect();
-            model.forward(&mut store, &steps)?;
+            model.forward(pool.as_mut(), &steps)?;
         }
         decode.push((args.gen_tokens * batch) as f64 / t.elapsed().as_secs_f64());
     }
