@@ -366,12 +366,9 @@ pub async fn show(
     let c = &d.config.config;
     // Only text models have a template; embedding models have none to show.
     let template = match c.format.as_str() {
-        "gguf" => state
-            .models
-            .get(&req.model)
-            .await
-            .ok()
-            .and_then(|m| m.engine.template().map(|t| t.source().to_string())),
+        "gguf" => {
+            state.models.get(&req.model).await.ok().and_then(|m| m.engine.template().map(|t| t.source().to_string()))
+        }
         _ => None,
     };
     let info: serde_json::Map<String, Value> = c.gguf.iter().flatten().map(|(k, v)| (k.clone(), json!(v))).collect();

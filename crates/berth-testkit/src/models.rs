@@ -47,3 +47,22 @@ pub fn golden_dir() -> PathBuf {
     );
     dir
 }
+
+/// llama.cpp's own test data (tokenizer vocabularies with expected ids, chat templates, its C++
+/// tests) as `scripts/fetch-llamacpp-testdata` extracts it from the llama-cpp-python sdist:
+/// `$BERTH_LLAMACPP_TESTDATA`, else `~/.cache/berth/llamacpp-testdata-0.3.36`.
+pub fn llamacpp_testdata() -> PathBuf {
+    let dir = match std::env::var_os("BERTH_LLAMACPP_TESTDATA") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+            home.join(".cache/berth/llamacpp-testdata-0.3.36")
+        }
+    };
+    assert!(
+        dir.join(".complete").exists(),
+        "llama.cpp's test data {} is missing: run scripts/fetch-llamacpp-testdata (or set BERTH_LLAMACPP_TESTDATA)",
+        dir.display()
+    );
+    dir
+}

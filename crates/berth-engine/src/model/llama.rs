@@ -271,10 +271,9 @@ impl TextModel for LlamaModel {
     }
 
     fn forward(&self, pool: &mut dyn KvPool, steps: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
-        let store = pool
-            .as_any_mut()
-            .downcast_mut::<KvStore>()
-            .ok_or_else(|| EngineError::BadModel("a cache pool of another backend was given to the CPU model".into()))?;
+        let store = pool.as_any_mut().downcast_mut::<KvStore>().ok_or_else(|| {
+            EngineError::BadModel("a cache pool of another backend was given to the CPU model".into())
+        })?;
         self.forward_store(store, steps)
     }
 

@@ -112,7 +112,12 @@ impl SequenceCache {
 
     /// Run `tokens` next: several tokens are (part of) the prompt, one alone is generated. Returns
     /// the last token's logits, or every token's with `all_logits`.
-    pub fn forward(&mut self, model: &dyn TextModel, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, EngineError> {
+    pub fn forward(
+        &mut self,
+        model: &dyn TextModel,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>, EngineError> {
         if tokens.len() > 1 {
             self.prompt_len = self.prompt_len.max(self.len + tokens.len());
         }

@@ -1,6 +1,7 @@
-//! GPT-2 style byte-level BPE: text bytes are mapped to printable characters, then merged by the
-//! ranks of `tokenizer.ggml.merges`. A priority queue over a linked list of symbols keeps encoding
-//! O(n log n) even for long pieces.
+//! BPE by the ranks of `tokenizer.ggml.merges`, in two flavours: GPT-2 style byte-level BPE (text
+//! bytes mapped to printable characters first) and SentencePiece-style BPE (Gemma 4: spaces
+//! written as `▁`, merges over raw UTF-8, unknown bytes as `<0xXX>` tokens). A priority queue over a
+//! linked list of symbols keeps encoding O(n log n) even for long pieces.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -15,7 +16,12 @@ pub struct Bpe {
     byte_to_char: [char; 256],
     char_to_byte: HashMap<char, u8>,
     pre: PreTokenizer,
+    /// GPT-2's byte-level mapping; without it, SentencePiece-style (see the module's doc).
+    byte_level: bool,
 }
+
+/// SentencePiece's visible space.
+const SPACE: char = '\u{2581}';
 
 /// GPT-2's reversible byte → character map: printable bytes map to themselves, the rest to U+0100+.
 fn byte_chars() -> [char; 256] {
@@ -44,10 +50,29 @@ impl Bpe {
         }
         let byte_to_char = byte_chars();
         let char_to_byte = byte_to_char.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
-        Ok(Self { vocab: super::index(tokens), ranks, byte_to_char, char_to_byte, pre })
+        Ok(Self { vocab: super::index(tokens), ranks, byte_to_char, char_to_byte, pre, byte_level: true })
+    }
+
+    /// SentencePiece-style BPE (`tokenizer.ggml.model` `gemma4`): no word splitting, only lines.
+    pub fn sentencepiece_style(tokens: &[String], merges: &[String]) -> Result<Self, EngineError> {
+        Ok(Self { byte_level: false, ..Self::new(tokens, merges, PreTokenizer::named("gemma4")?)? })
     }
 
     pub fn encode(&self, text: &str, out: &mut Vec<u32>) {
+        if !self.byte_level {
+            let text = text.replace(' ', "\u{2581}");
+            for piece in self.pre.split(&text) {
+                // A run of newlines that is a token is that token (as llama.cpp does for Gemma 4).
+                if piece.bytes().all(|b| b == b'\n')
+                    && let Some(&id) = self.vocab.get(piece)
+                {
+                    out.push(id);
+                    continue;
+                }
+                self.merge(piece, out);
+            }
+            return;
+        }
         for piece in self.pre.split(text) {
             let mapped: String = piece.bytes().map(|b| self.byte_to_char[b as usize]).collect();
             if let Some(&id) = self.vocab.get(&mapped) {
@@ -97,10 +122,18 @@ impl Bpe {
             let text = &word[s.start..s.start + s.len];
             match self.vocab.get(text) {
                 Some(&id) => out.push(id),
-                // A merge result missing from the vocabulary: fall back to its characters.
-                None => {
+                // A merge result missing from the vocabulary: fall back to its characters, or, for
+                // SentencePiece-style vocabularies, to its bytes' `<0xXX>` tokens.
+                None if self.byte_level => {
                     for c in text.chars() {
                         if let Some(&id) = self.vocab.get(c.encode_utf8(&mut [0; 4]) as &str) {
+                            out.push(id);
+                        }
+                    }
+                }
+                None => {
+                    for b in text.bytes() {
+                        if let Some(&id) = self.vocab.get(&format!("<0x{b:02X}>")) {
                             out.push(id);
                         }
                     }
@@ -112,6 +145,15 @@ impl Bpe {
 
     /// The bytes a vocabulary entry stands for.
     pub fn token_bytes(&self, text: &str) -> Vec<u8> {
+        if !self.byte_level {
+            if let Some(hex) = text.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'))
+                && hex.len() == 2
+                && let Ok(b) = u8::from_str_radix(hex, 16)
+            {
+                return vec![b];
+            }
+            return text.replace(SPACE, " ").into_bytes();
+        }
         text.chars()
             .map(|c| match self.char_to_byte.get(&c) {
                 Some(&b) => vec![b],

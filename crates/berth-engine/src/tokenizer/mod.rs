@@ -106,6 +106,13 @@ impl Tokenizer {
                 let pretokenizer = pretokenize::PreTokenizer::named(pre)?;
                 (Model::Bpe(Box::new(bpe::Bpe::new(&tokens, &merges, pretokenizer)?)), false)
             }
+            "gemma4" => {
+                let merges = match gguf.get("tokenizer.ggml.merges").and_then(|v| v.as_array()) {
+                    Some(Array::String(m)) => m.clone(),
+                    _ => return Err(err("a gemma4 tokenizer needs tokenizer.ggml.merges".into())),
+                };
+                (Model::Bpe(Box::new(bpe::Bpe::sentencepiece_style(&tokens, &merges)?)), true)
+            }
             "llama" => {
                 let scores = match gguf.get("tokenizer.ggml.scores").and_then(|v| v.as_array()) {
                     Some(Array::F32(s)) if s.len() == n => s.clone(),
@@ -118,7 +125,7 @@ impl Tokenizer {
             }
             other => {
                 return Err(err(format!(
-                    "tokenizer model {other:?} is not supported (berth reads \"gpt2\" and \"llama\" vocabularies)"
+                    "tokenizer model {other:?} is not supported (berth reads \"gpt2\", \"gemma4\" and \"llama\" vocabularies)"
                 )));
             }
         };
@@ -153,7 +160,8 @@ impl Tokenizer {
         Ok(Self {
             special_first_bytes,
             model,
-            add_bos: flag("tokenizer.ggml.add_bos_token", add_bos_default),
+            // llama.cpp adds BOS for Gemma 4 whatever its file says.
+            add_bos: model_name == "gemma4" || flag("tokenizer.ggml.add_bos_token", add_bos_default),
             add_eos: flag("tokenizer.ggml.add_eos_token", false),
             tokens,
             types,
@@ -187,19 +195,21 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, EngineError> {
         check_length(text)?;
         let mut out = Vec::new();
-        if parse_special {
-            self.split_specials(text, |piece| match piece {
-                Piece::Text(t) => self.encode_plain(t, &mut out),
-                Piece::Special(id) => out.push(id),
-            });
-        } else {
-            self.encode_plain(text, &mut out);
-        }
+        self.encode_into(text, parse_special, &mut out);
         Ok(out)
     }
 
-    /// Make text from a user safe to put into a chat template: every special token's text in it
-    /// gets an invisible mark ([`DEFUSED`]) after its first character, so that no special token
+    /// User-defined tokens (MPT's runs of spaces, added words) are always read out of text, as
+    /// llama.cpp and Hugging Face do; control tokens only with `control`.
+    fn encode_into(&self, text: &str, control: bool, out: &mut Vec<u32>) {
+        self.split_specials(text, control, |piece| match piece {
+            Piece::Text(t) => self.encode_plain(t, out),
+            Piece::Special(id) => out.push(id),
+        });
+    }
+
+    /// Make text from a user safe to put into a chat template: every control token's text in it
+    /// gets an invisible mark ([`DEFUSED`]) after its first character, so that no control token
     /// can be read out of it once it is rendered. Templates see the text as it was everywhere else.
     pub fn defuse_specials<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
         let mut out: Option<String> = None;
@@ -209,7 +219,7 @@ impl Tokenizer {
                 continue;
             }
             let defusable = |s: &str| s.len() > c.len_utf8() && text[i..].starts_with(s);
-            if self.specials.iter().any(|(s, _)| defusable(s)) {
+            if self.specials.iter().any(|(s, id)| self.types[*id as usize] == token_type::CONTROL && defusable(s)) {
                 let buf = out.get_or_insert_with(|| String::with_capacity(text.len() + 16));
                 let after = i + c.len_utf8();
                 buf.push_str(&text[copied..after]);
@@ -231,21 +241,24 @@ impl Tokenizer {
     pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         check_length(text)?;
         let mut out = Vec::new();
-        self.split_specials(text, |piece| match piece {
-            Piece::Text(t) if t.contains(DEFUSED) => self.encode_plain(&t.replace(DEFUSED, ""), &mut out),
+        self.split_specials(text, true, |piece| match piece {
+            Piece::Text(t) if t.contains(DEFUSED) => self.encode_into(&t.replace(DEFUSED, ""), false, &mut out),
             Piece::Text(t) => self.encode_plain(t, &mut out),
             Piece::Special(id) => out.push(id),
         });
         Ok(out)
     }
 
-    /// Walk text as runs of plain text and special tokens (longest match first).
-    fn split_specials<'t>(&self, text: &'t str, mut each: impl FnMut(Piece<'t>)) {
+    /// Walk text as runs of plain text and special tokens (longest match first): user-defined
+    /// tokens always, control tokens with `control`.
+    fn split_specials<'t>(&self, text: &'t str, control: bool, mut each: impl FnMut(Piece<'t>)) {
         let mut rest = text;
         let mut i = 0;
         while i < rest.len() {
             let hit = if self.special_first_bytes[rest.as_bytes()[i] as usize] {
-                self.specials.iter().find(|(s, _)| rest[i..].starts_with(s.as_str()))
+                self.specials.iter().find(|(s, id)| {
+                    (control || self.types[*id as usize] != token_type::CONTROL) && rest[i..].starts_with(s.as_str())
+                })
             } else {
                 None
             };
