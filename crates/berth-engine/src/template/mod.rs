@@ -6,9 +6,11 @@
 //! [`EngineError::Template`] for that request.
 
 mod limits;
+mod pyrepr;
 mod render;
 pub mod sandbox;
 mod strftime;
+mod tojson;
 
 use std::fmt;
 
@@ -68,8 +70,21 @@ impl ChatTemplate {
 
     /// Render messages; with `add_generation_prompt`, the opening of the assistant's turn follows.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, EngineError> {
+        let messages: Vec<serde_json::Value> =
+            messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
+        self.render_json(messages, add_generation_prompt, serde_json::Map::new())
+    }
+
+    /// Render messages given as JSON objects (with tool calls, names, ...) and more variables
+    /// (`tools`, `enable_thinking`, ...), as Hugging Face's `apply_chat_template` does.
+    pub fn render_json(
+        &self,
+        messages: Vec<serde_json::Value>,
+        add_generation_prompt: bool,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, EngineError> {
         let job = render::Job {
-            render: Some(render::RenderInput { messages: messages.to_vec(), add_generation_prompt }),
+            render: Some(render::RenderInput { messages, add_generation_prompt, extra }),
             ..self.job.clone()
         };
         sandbox::run(&job).map_err(EngineError::Template)
@@ -117,7 +132,10 @@ mod tests {
     fn bad_templates_fail_clearly() {
         let e = ChatTemplate::new("{% for m in messages %}", "", "").unwrap_err();
         assert!(e.to_string().contains("chat template"), "{e}");
-        let t = ChatTemplate::new("{{ nope }}", "", "").unwrap();
+        // As in jinja2: an undefined value prints as nothing, but has no attributes.
+        let t = ChatTemplate::new("[{{ nope }}]", "", "").unwrap();
+        assert_eq!(t.render(&[], false).unwrap(), "[]");
+        let t = ChatTemplate::new("{{ nope.attr }}", "", "").unwrap();
         assert!(t.render(&[], false).unwrap_err().to_string().contains("undefined"));
         let t = ChatTemplate::new("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "", "").unwrap();
         assert!(t.render(&[], false).is_err(), "runaway recursion is stopped");

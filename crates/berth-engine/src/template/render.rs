@@ -8,7 +8,6 @@ use std::io::Write;
 use minijinja::{Environment, Error, ErrorKind, UndefinedBehavior, Value, context};
 use serde::{Deserialize, Serialize};
 
-use super::Message;
 use super::strftime::strftime_now;
 
 /// The largest rendered prompt (bytes).
@@ -31,8 +30,13 @@ pub struct Job {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RenderInput {
-    pub messages: Vec<Message>,
+    /// Messages as the template sees them: `role` and `content`, and whatever else a message of
+    /// its API carries (`tool_calls`, `name`, `tool_call_id`, `reasoning_content`, ...).
+    pub messages: Vec<serde_json::Value>,
     pub add_generation_prompt: bool,
+    /// More variables for the template (`tools`, `enable_thinking`, ...).
+    #[serde(default)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Templates compiled so far (a worker keeps the few its server uses, so a request renders
@@ -58,6 +62,7 @@ impl Renderer {
             add_generation_prompt => input.add_generation_prompt,
             bos_token => &job.bos_token,
             eos_token => &job.eos_token,
+            ..Value::from_serialize(&input.extra)
         };
         let mut out = CappedWriter { buf: Vec::new() };
         template.render_captured_to(ctx, &mut out).map_err(describe)?;
@@ -98,16 +103,139 @@ fn environment(source: &str) -> Result<Environment<'static>, String> {
     let mut env = Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
-    // Printing an undefined value is an error; testing one (`if tools`) is not.
-    env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
+    // As jinja2's default (what transformers uses): an undefined value prints as nothing.
+    env.set_undefined_behavior(UndefinedBehavior::Lenient);
     env.set_fuel(Some(FUEL));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, format!("the template raised: {msg}")))
     });
     env.add_function("strftime_now", |fmt: String| -> Result<Value, Error> { Ok(Value::from(strftime_now(&fmt))) });
-    env.add_template_owned("chat", source.to_string()).map_err(describe)?;
+    env.add_filter("tojson", super::tojson::tojson);
+    // jinja2's undefined has a length of 0 (`tools|length` without tools).
+    env.add_filter("length", length);
+    env.add_filter("count", length);
+    env.add_filter("indent", indent);
+    env.add_filter("string", |v: &Value| super::pyrepr::python_str(v));
+    env.set_formatter(|out, _state, value| {
+        let text = super::pyrepr::python_str(value);
+        std::fmt::Write::write_str(out, &text)
+            .map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write the prompt"))
+    });
+    env.add_template_owned("chat", without_generation_tags(source)).map_err(describe)?;
     Ok(env)
+}
+
+/// jinja2's `indent`, trailing newline and all (minijinja's drops it, which joins lines that
+/// Command R's template keeps apart).
+fn indent(
+    s: String,
+    width: Option<Value>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<String, Error> {
+    let width = match kwargs.get::<Option<Value>>("width")? {
+        Some(w) => Some(w),
+        None => width,
+    };
+    let first = kwargs.get::<Option<bool>>("first")?.or(first);
+    let blank = kwargs.get::<Option<bool>>("blank")?.or(blank);
+    kwargs.assert_all_used()?;
+    let indention = match &width {
+        Some(w) if w.as_str().is_some() => w.as_str().unwrap_or_default().to_string(),
+        Some(w) => " ".repeat(usize::try_from(w.clone()).unwrap_or(4).min(256)),
+        None => "    ".to_string(),
+    };
+    let text = format!("{s}\n");
+    let lines: Vec<&str> = python_splitlines(&text);
+    let mut rv = if blank.unwrap_or(false) {
+        lines.join(&format!("\n{indention}"))
+    } else {
+        let mut rv = lines.first().copied().unwrap_or_default().to_string();
+        for line in lines.iter().skip(1) {
+            rv.push('\n');
+            if !line.is_empty() {
+                rv.push_str(&indention);
+            }
+            rv.push_str(line);
+        }
+        rv
+    };
+    if first.unwrap_or(false) {
+        rv.insert_str(0, &indention);
+    }
+    Ok(rv)
+}
+
+/// Python's `str.splitlines()` for the line breaks templates meet (`\n`, `\r\n`, `\r`).
+fn python_splitlines(s: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\n' => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            b'\r' => {
+                out.push(&s[start..i]);
+                if b.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    if start < s.len() {
+        out.push(&s[start..]);
+    }
+    out
+}
+
+fn length(v: &Value) -> Result<usize, Error> {
+    if v.is_undefined() {
+        return Ok(0);
+    }
+    v.len().ok_or_else(|| {
+        Error::new(ErrorKind::InvalidOperation, format!("cannot calculate length of value of type {}", v.kind()))
+    })
+}
+
+/// transformers' `{% generation %}…{% endgeneration %}` marks the assistant's part for training
+/// and renders its body: written as an `if true` block, which keeps the tags' whitespace control.
+fn without_generation_tags(source: &str) -> String {
+    if !source.contains("generation") {
+        return source.to_string();
+    }
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(open) = rest.find("{%") {
+        let Some(len) = rest[open..].find("%}") else { break };
+        let tag = &rest[open + 2..open + len];
+        let inner = tag.trim_start_matches(['-', '+']).trim_end_matches(['-', '+']).trim();
+        let replacement = match inner {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        out.push_str(&rest[..open]);
+        match replacement {
+            Some(r) => {
+                let start = &tag[..tag.len() - tag.trim_start_matches(['-', '+']).len()];
+                let end = &tag[tag.trim_end_matches(['-', '+']).len()..];
+                out.push_str(&format!("{{%{start} {r} {end}%}}"));
+            }
+            None => out.push_str(&rest[open..open + len + 2]),
+        }
+        rest = &rest[open + len + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The error and its causes on one line.
