@@ -35,11 +35,11 @@ fn foreign_host_names_and_public_addresses_are_refused() {
 
 /// A chat template that blows up only for one conversation gets past `berth package`'s check;
 /// served, it must fail that request alone.
-const BOMB_TEMPLATE: &str = "{% if messages[0].content == 'double' %}{% set ns = namespace(s='0123456789abcdef') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}{% endif %}{% if messages[0].content == 'spin' %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+const BOMB_TEMPLATE: &str = "{% if messages[0].content == 'double' %}{% set ns = namespace(s='0123456789abcdef') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}{% endif %}{% if messages[0].content == 'nest' %}{% set ns = namespace(x=[]) %}{% for i in range(1000) %}{% for j in range(500) %}{% set ns.x = [ns.x] %}{% endfor %}{% endfor %}{{ ns.x ~ '' }}{% endif %}{% if messages[0].content == 'spin' %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 /// Chat templates come from registries. `berth package` refuses ones too deep to compile safely,
 /// broken ones and ones that blow up on a plain conversation; a served template that doubles a
-/// string into gigabytes or spins fails only its own request (400, the server's memory stays
+/// string into gigabytes, nests a value past any stack or spins fails only its own request (400, the server's memory stays
 /// small), and the server goes on answering, `/api/show` included.
 #[test]
 fn hostile_chat_templates_fail_their_request_not_the_server() {
@@ -75,6 +75,11 @@ fn hostile_chat_templates_fail_their_request_not_the_server() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("chat template") && body.contains("memory"), "{body}");
     let (status, body) = chat("spin");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("chat template"), "{body}");
+    // A value nested half a million deep overflows any stack when it is printed (found by
+    // fuzzing): the worker dies, not the server.
+    let (status, body) = chat("nest");
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("chat template"), "{body}");
     let (status, body) = chat("hello");
