@@ -104,7 +104,7 @@ pub struct RequestDraft {
     pub stop: Vec<String>,
     /// Token id (as text, the JSON key) → bias.
     pub logit_bias: Vec<(String, f64)>,
-    /// The name the API gives `logit_bias`, for errors.
+    /// Report log-probabilities with this many alternatives.
     pub logprobs: Option<usize>,
     pub ignore_eos: bool,
 }
@@ -239,4 +239,51 @@ pub fn check(req: &GenerationRequest, limits: &RequestLimits) -> Result<(), Engi
         return Err(EngineError::KvCacheTooSmall { needed: n + 1, capacity: limits.kv_tokens });
     }
     req.sampling.validate(limits.vocab)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: RequestLimits = RequestLimits { context: 64, kv_tokens: 48, vocab: 100 };
+
+    fn draft() -> RequestDraft {
+        RequestDraft::default()
+    }
+
+    #[test]
+    fn fits_the_answer_to_the_context_and_names_what_is_wrong() {
+        let r = validate(
+            &RequestDraft { max_tokens: Some(Param::new("max_tokens", 60.0)), ..draft() },
+            vec![1; 10],
+            &LIMITS,
+        )
+        .unwrap();
+        assert_eq!(r.max_tokens, 54, "lowered to what the context leaves");
+        assert_eq!(validate(&draft(), vec![1; 10], &LIMITS).unwrap().max_tokens, 54, "no max_tokens: the rest");
+        let param = |d: RequestDraft, prompt: Vec<u32>| match validate(&d, prompt, &LIMITS) {
+            Err(EngineError::InvalidParameter { param, .. }) => param,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            param(RequestDraft { max_tokens: Some(Param::new("num_predict", 1e308)), ..draft() }, vec![1]),
+            "num_predict"
+        );
+        assert_eq!(
+            param(RequestDraft { temperature: Some(Param::new("temperature", f64::NAN)), ..draft() }, vec![1]),
+            "temperature"
+        );
+        assert_eq!(param(RequestDraft { top_k: Some(Param::new("top_k", 1.5)), ..draft() }, vec![1]), "top_k");
+        assert_eq!(param(RequestDraft { logit_bias: vec![("100".into(), 1.0)], ..draft() }, vec![1]), "logit_bias");
+        assert_eq!(param(RequestDraft { stop: vec!["x".into(); 5], ..draft() }, vec![1]), "stop");
+        assert_eq!(param(draft(), vec![]), "prompt");
+    }
+
+    #[test]
+    fn refuses_what_can_never_run_as_the_scheduler_would() {
+        assert!(matches!(validate(&draft(), vec![1; 64], &LIMITS), Err(EngineError::ContextOverflow { .. })));
+        assert!(matches!(validate(&draft(), vec![1; 48], &LIMITS), Err(EngineError::KvCacheTooSmall { .. })));
+        let ok = validate(&draft(), vec![1; 47], &LIMITS).unwrap();
+        assert!(check(&ok, &LIMITS).is_ok());
+    }
 }

@@ -1,12 +1,12 @@
 //! Turning request bodies into validated engine requests: JSON parsing with OpenAI-shaped errors,
 //! and the sampling fields OpenAI and Ollama share, each checked against its range.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
-use std::sync::Arc;
 
 use berth_engine::GenerationRequest;
 use berth_engine::request::{Param, RequestDraft};
