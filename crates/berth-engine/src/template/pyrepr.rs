@@ -7,49 +7,75 @@ use minijinja::value::{Value, ValueKind};
 /// How deep a value may nest before printing stops descending (templates are untrusted).
 const MAX_DEPTH: usize = 128;
 
-/// `str(value)`.
+/// `str(value)`. Stops descending past [`MAX_DEPTH`], and stops writing once the text is longer
+/// than a prompt may be (a list holding itself twice, thirty times over, would print 2^30 items;
+/// the renderer's output cap then refuses the result).
 pub fn python_str(v: &Value) -> String {
     match v.kind() {
         ValueKind::String => v.as_str().unwrap_or_default().to_string(),
         ValueKind::Undefined => String::new(),
-        _ => python_repr(v, 0),
+        _ => {
+            let mut out = String::new();
+            python_repr(&mut out, v, 0);
+            out
+        }
     }
 }
 
-/// `repr(value)`.
-fn python_repr(v: &Value, depth: usize) -> String {
+/// `repr(value)`, appended to `out`.
+fn python_repr(out: &mut String, v: &Value, depth: usize) {
+    if out.len() > super::MAX_RENDERED_BYTES {
+        return;
+    }
     if depth > MAX_DEPTH {
-        return "...".to_string();
+        out.push_str("...");
+        return;
     }
     match v.kind() {
-        ValueKind::Undefined => String::new(),
-        ValueKind::None => "None".to_string(),
-        ValueKind::Bool => if v.is_true() { "True" } else { "False" }.to_string(),
-        ValueKind::Number if v.is_integer() => v.to_string(),
+        ValueKind::Undefined => {}
+        ValueKind::None => out.push_str("None"),
+        ValueKind::Bool => out.push_str(if v.is_true() { "True" } else { "False" }),
+        ValueKind::Number if v.is_integer() => out.push_str(&v.to_string()),
         ValueKind::Number => match f64::try_from(v.clone()) {
-            Ok(f) if f.is_nan() => "nan".to_string(),
-            Ok(f) if f.is_infinite() => if f > 0.0 { "inf" } else { "-inf" }.to_string(),
-            Ok(f) => super::tojson::python_float(f),
-            Err(_) => v.to_string(),
+            Ok(f) if f.is_nan() => out.push_str("nan"),
+            Ok(f) if f.is_infinite() => out.push_str(if f > 0.0 { "inf" } else { "-inf" }),
+            Ok(f) => out.push_str(&super::tojson::python_float(f)),
+            Err(_) => out.push_str(&v.to_string()),
         },
-        ValueKind::String => repr_str(v.as_str().unwrap_or_default()),
+        ValueKind::String => out.push_str(&repr_str(v.as_str().unwrap_or_default())),
         ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<String> =
-                v.try_iter().map(|it| it.map(|x| python_repr(&x, depth + 1)).collect()).unwrap_or_default();
-            format!("[{}]", items.join(", "))
+            out.push('[');
+            if let Ok(items) = v.try_iter() {
+                for (i, item) in items.enumerate() {
+                    if out.len() > super::MAX_RENDERED_BYTES {
+                        return;
+                    }
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    python_repr(out, &item, depth + 1);
+                }
+            }
+            out.push(']');
         }
         ValueKind::Map => {
-            let keys: Vec<Value> = v.try_iter().map(|it| it.collect()).unwrap_or_default();
-            let items: Vec<String> = keys
-                .iter()
-                .map(|k| {
-                    let item = v.get_item(k).unwrap_or_default();
-                    format!("{}: {}", python_repr(k, depth + 1), python_repr(&item, depth + 1))
-                })
-                .collect();
-            format!("{{{}}}", items.join(", "))
+            out.push('{');
+            if let Ok(keys) = v.try_iter() {
+                for (i, key) in keys.enumerate() {
+                    if out.len() > super::MAX_RENDERED_BYTES {
+                        return;
+                    }
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    python_repr(out, &key, depth + 1);
+                    out.push_str(": ");
+                    python_repr(out, &v.get_item(&key).unwrap_or_default(), depth + 1);
+                }
+            }
+            out.push('}');
         }
-        _ => v.to_string(),
+        _ => out.push_str(&v.to_string()),
     }
 }
 
@@ -86,5 +112,15 @@ mod tests {
         assert_eq!(python_str(&v), r#"{'a': [1, 2.5, True, None, "it's"], 'b': 'x\ny'}"#);
         assert_eq!(python_str(&Value::from("plain")), "plain");
         assert_eq!(python_str(&Value::from(())), "None");
+    }
+
+    #[test]
+    fn stops_at_the_prompt_limit() {
+        let mut v = Value::from(vec![Value::from("x")]);
+        for _ in 0..40 {
+            v = Value::from(vec![v.clone(), v]);
+        }
+        let text = python_str(&v);
+        assert!(text.len() <= crate::template::MAX_RENDERED_BYTES + 1024, "{}", text.len());
     }
 }

@@ -112,6 +112,10 @@ fn write_container(
         return Ok(());
     }
     for i in 0..len {
+        // Shared values can repeat exponentially (a list holding itself twice, thirty times over).
+        if out.len() > super::MAX_RENDERED_BYTES {
+            return Err(Error::new(ErrorKind::InvalidOperation, "tojson: the value is larger than a prompt may be"));
+        }
         if i > 0 {
             out.push_str(&style.item_sep);
         }
