@@ -133,12 +133,19 @@ fn ranged(p: Option<Param>, lo: f64, hi: f64, default: f64) -> Result<f32, Engin
     }
 }
 
+/// Refuse a parameter that is not a whole number.
+fn integral(Param { name, value }: Param) -> Result<(), EngineError> {
+    if value.is_finite() && value.fract() == 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(name, format!("{name} must be a whole number, got {}", shown(value))))
+    }
+}
+
 /// A whole number within `lo..=hi`.
 fn whole(p: Param, lo: f64, hi: f64) -> Result<i64, EngineError> {
+    integral(p)?;
     let Param { name, value } = p;
-    if !(value.is_finite() && value.fract() == 0.0) {
-        return Err(invalid(name, format!("{name} must be a whole number, got {}", shown(value))));
-    }
     if value < lo || value > hi {
         return Err(invalid(name, format!("{name} must be between {lo} and {hi}, got {}", shown(value))));
     }
@@ -157,10 +164,8 @@ pub fn validate(
     let room = ctx.saturating_sub(prompt.len());
     let max_tokens = match draft.max_tokens {
         None => room,
-        Some(Param { name, value }) => {
-            if !(value.is_finite() && value.fract() == 0.0) {
-                return Err(invalid(name, format!("{name} must be a whole number, got {}", shown(value))));
-            }
+        Some(p @ Param { name, value }) => {
+            integral(p)?;
             if value < 1.0 {
                 return Err(invalid(name, format!("{name} must be at least 1, got {}", shown(value))));
             }

@@ -230,7 +230,7 @@ pub async fn chat_completions(State(state): State<AppState>, JsonBody(req): Json
         let top_logprobs = draft.logprobs;
         let model = state.models.get(&req.model).await?;
         let requests = model.prepare(source, draft).await?;
-        Ok(Plan {
+        Ok::<_, ApiError>(Plan {
             model,
             requests,
             echo_texts: vec![String::new()],
@@ -241,7 +241,6 @@ pub async fn chat_completions(State(state): State<AppState>, JsonBody(req): Json
         })
     }
     .await;
-    let plan: Result<Plan, ApiError> = plan;
     match plan {
         Ok(plan) => respond(plan, Kind::Chat).await,
         Err(e) => e.into_response(),
@@ -259,7 +258,7 @@ pub async fn completions(State(state): State<AppState>, JsonBody(req): JsonBody<
         };
         let model = state.models.get(&req.model).await?;
         let requests = model.prepare(source, draft).await?;
-        Ok(Plan {
+        Ok::<_, ApiError>(Plan {
             model,
             requests,
             echo_texts,
@@ -270,7 +269,6 @@ pub async fn completions(State(state): State<AppState>, JsonBody(req): JsonBody<
         })
     }
     .await;
-    let plan: Result<Plan, ApiError> = plan;
     match plan {
         Ok(plan) => respond(plan, Kind::Completion).await,
         Err(e) => e.into_response(),
