@@ -9,7 +9,9 @@ pub enum EngineError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a usable GGUF file: {source}")]
     Gguf { path: PathBuf, source: GgufError },
-    #[error("architecture {0:?} is not supported; berth runs the llama family (llama, mistral, TinyLlama, SmolLM)")]
+    #[error(
+        "architecture {0:?} is not supported; berth runs llama (Llama 2/3, Mistral, SmolLM), qwen2, qwen3, qwen3moe, gemma2, gemma3 and phi3"
+    )]
     UnsupportedArchitecture(String),
     #[error(
         "tensor type {0} is not supported; berth runs F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K"

@@ -36,10 +36,12 @@ fn a_tiny_valid_model_loads_and_generates() {
 
 #[test]
 fn an_unknown_architecture() {
-    let shape = LlamaShape { architecture: "gpt-neox".into(), ..LlamaShape::default() };
-    let err = load(tiny_llama(&shape).build()).err().expect("refused");
-    assert!(matches!(err, EngineError::UnsupportedArchitecture(ref a) if a == "gpt-neox"), "{err}");
-    assert!(err.to_string().contains("llama family"), "{err}");
+    for arch in ["gpt-neox", "mamba"] {
+        let shape = LlamaShape { architecture: arch.into(), ..LlamaShape::default() };
+        let err = load(tiny_llama(&shape).build()).err().expect("refused");
+        assert!(matches!(err, EngineError::UnsupportedArchitecture(ref a) if a == arch), "{err}");
+        assert!(err.to_string().contains(arch) && err.to_string().contains("qwen2"), "{err}");
+    }
 }
 
 #[test]

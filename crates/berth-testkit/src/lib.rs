@@ -2,6 +2,7 @@
 //! fetched by `scripts/fetch-test-models`, a real `docker-registry` on loopback, a real TCP proxy
 //! that can cut a connection mid-transfer. Nothing here is a mock.
 
+pub mod families;
 pub mod models;
 pub mod proxy;
 pub mod registry;

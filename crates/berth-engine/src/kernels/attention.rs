@@ -20,11 +20,25 @@ pub enum Order {
     Gemm,
 }
 
-/// Shape of the attention and the per-call scratch space.
+/// Shape and scoring of one layer's attention.
 pub struct Attention {
     pub n_head: usize,
     pub n_head_kv: usize,
     pub head_dim: usize,
+    /// Multiplies the scores inside the softmax (`1/√head_dim` for most models; 1 where the model
+    /// scales its queries itself).
+    pub scale: f32,
+    /// Gemma 2's soft-capping of the raw scores (`cap · tanh(s / cap)`, before `scale`).
+    pub softcap: Option<f32>,
+    /// A sliding-window layer sees only the last `window` positions (itself included).
+    pub window: Option<usize>,
+}
+
+impl Attention {
+    /// Plain causal attention scaled by `1/√head_dim`.
+    pub fn causal(n_head: usize, n_head_kv: usize, head_dim: usize) -> Self {
+        Self { n_head, n_head_kv, head_dim, scale: 1.0 / (head_dim as f32).sqrt(), softcap: None, window: None }
+    }
 }
 
 /// Fold four 16-lane accumulators the way `GGML_F32x16_REDUCE` does before the final reduction.
@@ -314,8 +328,10 @@ impl Attention {
     fn head_portable(&self, job: &HeadJob<'_>, out: &mut [f32], scratch: &mut HeadScratch) {
         let &HeadJob { q, k, v, pos, order } = job;
         let hd = self.head_dim;
-        let scale = 1.0 / (hd as f32).sqrt();
         let valid = pos + 1;
+        // Positions a sliding window no longer sees are masked like the future (ggml's
+        // `LLAMA_SWA_TYPE_STANDARD`: key j is hidden from position p when p − j ≥ window).
+        let first = self.window.map_or(0, |w| valid.saturating_sub(w));
         // Positions are padded with zeros to whole reduction steps, as llama.cpp's KV cache is;
         // so is the query, for the gemv order's 64-element steps.
         let padded = valid.next_multiple_of(64);
@@ -327,11 +343,14 @@ impl Attention {
         qh.resize(hd_padded, 0.0);
         scores.clear();
         scores.resize(padded, 0.0);
-        for (j, s) in scores.iter_mut().enumerate().take(valid) {
+        for (j, s) in scores.iter_mut().enumerate().take(valid).skip(first) {
             let row = &k[j * hd..(j + 1) * hd];
             *s = dot_qk(qh, row, order);
+            if let Some(cap) = self.softcap {
+                *s = ops::softcap(*s, cap);
+            }
         }
-        ops::softmax_ggml(scores, valid, scale);
+        ops::softmax_ggml(scores, first..valid, self.scale);
         // Values: position j feeds lane j % 16 (and accumulator (j % 64) / 16 in gemv order) of
         // every output dimension; positions past `valid` carry probability zero. Accumulators
         // are lane-major ([lane][dim]): each position's value row updates one contiguous slice,
@@ -342,7 +361,7 @@ impl Attention {
         };
         acc.clear();
         acc.resize(slots * hd, 0.0);
-        for (j, &s) in scores.iter().enumerate().take(valid) {
+        for (j, &s) in scores.iter().enumerate().take(valid).skip(first) {
             let p = t[f16::from_f32(s) as usize];
             let row = &v[j * hd..(j + 1) * hd];
             let slot = j % slots;
@@ -427,7 +446,7 @@ mod tests {
         let k: Vec<u16> = (0..positions * kv_dim).map(|_| f16::from_f32(rnd())).collect();
         let v: Vec<u16> = (0..positions * kv_dim).map(|_| f16::from_f32(rnd())).collect();
         let q: Vec<f32> = (0..n_head * hd).map(|_| rnd()).collect();
-        let att = Attention { n_head, n_head_kv, head_dim: hd };
+        let att = Attention::causal(n_head, n_head_kv, hd);
         // Cache blocks of 16 positions (the last one partly used).
         let block = 16 * kv_dim;
         let k_blocks: Vec<Vec<u16>> = k.chunks(block).map(|b| [b, &vec![0; block - b.len()]].concat()).collect();
@@ -457,7 +476,7 @@ mod tests {
                         Order::Gemv => ops::dot_f16_gemv(kat, |d| qh[d], hd),
                     };
                 }
-                ops::softmax_ggml(&mut scores, pos + 1, 1.0 / 8.0);
+                ops::softmax_ggml(&mut scores, 0..pos + 1, 1.0 / 8.0);
                 let probs: Vec<f32> = scores.iter().map(|&s| t[f16::from_f32(s) as usize]).collect();
                 for d in 0..hd {
                     let vat = |j: usize| if j <= pos { t[v[j * kv_dim + kvh * hd + d] as usize] } else { 0.0 };

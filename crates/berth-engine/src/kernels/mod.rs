@@ -85,20 +85,34 @@ impl<'a> QMatrix<'a> {
     /// `out[t][r] = Σ_c W[r][c] · x[t][c]` for every activation row `t`: `x` is `n × cols`, `out` is
     /// `n × rows`.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        self.matmul_batched(x, n, &[], out)
+    }
+
+    /// [`Self::matmul`] with, per token, the size of the batch llama.cpp would compute it in
+    /// (`peer_batch[t]`; missing means 1): llama.cpp's CPU backend reduces some products in
+    /// another order for larger batches (f32 weights from 2 tokens, K-quants from
+    /// [`TILED_FROM`]), and berth follows it token by token, so which tokens share a step never
+    /// changes a result.
+    pub fn matmul_batched(&self, x: &[f32], n: usize, peer_batch: &[u32], out: &mut [f32]) {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(out.len(), n * self.rows);
-        Self::matmul_many(x, n, &mut [(*self, out)]);
+        Self::matmul_many_batched(x, n, peer_batch, &mut [(*self, out)]);
     }
 
     /// Several matrices times the same activations (a layer's query, key and value, or its gate
     /// and up projections): the activations are quantised once per format, and for few tokens all
     /// the matrices' rows are shared among the workers in one parallel region.
     pub fn matmul_many(x: &[f32], n: usize, products: &mut [(QMatrix<'_>, &mut [f32])]) {
+        Self::matmul_many_batched(x, n, &[], products)
+    }
+
+    /// [`Self::matmul_many`] with the tokens' batch sizes as in [`Self::matmul_batched`].
+    pub fn matmul_many_batched(x: &[f32], n: usize, peer_batch: &[u32], products: &mut [(QMatrix<'_>, &mut [f32])]) {
         let mut acts: Vec<QuantizedActivations<'_>> = Vec::new();
         for (m, _) in products.iter() {
             let format = ActivationFormat::for_weights(m.ggml_type);
             if !acts.iter().any(|a| a.format == format) {
-                acts.push(QuantizedActivations::new(format, x, n, m.cols));
+                acts.push(QuantizedActivations::new(format, x, n, m.cols).with_peer_batch(peer_batch));
             }
         }
         let which = |m: &QMatrix<'_>| {
@@ -196,16 +210,27 @@ impl<'a> QMatrix<'a> {
             }
             return;
         }
-        // Formats without an integer kernel: dequantise each weight row once for all tokens.
+        // Formats without an integer kernel: dequantise each weight row once for all tokens. F32
+        // weights (an MoE router) reduce in llama.cpp's orders: tinyBLAS for a batch of two or
+        // more tokens, its vector dot product for one.
+        let f32_orders = self.ggml_type == GgmlType::F32 && self.cols % 16 == 0;
         let mut row_f32 = vec![0f32; self.cols];
         for r in rows.clone() {
             quant::dequantize(self.ggml_type, self.row(r), &mut row_f32);
             for t in tokens.clone() {
-                out[at(t, r)] = quant::dot_f32(&row_f32, acts.row_f32(t));
+                out[at(t, r)] = match (f32_orders, acts.peer_batch(t)) {
+                    (true, 1) => ops::dot_f32_ggml(&row_f32, acts.row_f32(t)),
+                    (true, _) => ops::dot_f32_tinyblas(&row_f32, acts.row_f32(t)),
+                    (false, _) => quant::dot_f32(&row_f32, acts.row_f32(t)),
+                };
             }
         }
     }
 }
+
+/// Batches from which llama.cpp's x86 build multiplies K-quant weights with its tiled kernel
+/// (`ggml_tiled_min_batch`).
+pub const TILED_FROM: u32 = 8;
 
 /// Tokens multiplied together by one weight block in the tile kernels.
 const TOKEN_GROUP: usize = 4;
@@ -222,6 +247,10 @@ pub(crate) struct Acts<'a> {
     /// Sums of every 16 values (Q8_K only; empty otherwise). Only x86 has K-quant SIMD kernels.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub bsums: &'a [i16],
+    /// Per token: the size of the batch llama.cpp would compute it in (missing means 1). Only the
+    /// x86 K-quant kernels read it (llama.cpp's tiled kernel from [`TILED_FROM`] tokens).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub peer_batch: &'a [u32],
     pub nb: usize,
 }
 

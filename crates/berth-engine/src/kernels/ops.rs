@@ -14,28 +14,70 @@ pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
 }
 }
 
+/// How a model rotates its queries and keys (GGML's `rope_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i + 1)`: the llama family.
+    Normal,
+    /// Pairs `(i, i + rope_dim / 2)`, as GPT-NeoX: Qwen, Gemma, Phi-3.
+    Neox,
+}
+
+/// One layer's rotary position embedding: `rope_dim` of each head's `head_dim` dimensions turn,
+/// the rest pass through.
+#[derive(Debug, Clone, Copy)]
+pub struct Rope<'a> {
+    pub style: RopeStyle,
+    pub head_dim: usize,
+    pub rope_dim: usize,
+    pub base: f32,
+    /// Linear position scaling (`1 / rope.scaling.factor`), 1 without.
+    pub freq_scale: f32,
+    /// Multiplies the sine and cosine (`rope.scaling.attn_factor`, LongRoPE's magnitude), 1 without.
+    pub attn_factor: f32,
+    /// Per-frequency divisors of the angle (`rope_freqs` of Llama 3.1, Phi-3's long/short factors).
+    pub factors: Option<&'a [f32]>,
+}
+
 fma_dispatch! {
-/// Rotary position embedding on adjacent pairs (GGML's "normal" mode, used by the llama family),
-/// applied to every head of one token's vector. Angles step by repeated multiplication and the
-/// rotation fuses one product into a multiply-add, exactly as ggml's compiled code does
-/// (`x0·cos − x1·sin` and `x0·sin + x1·cos`, each with its first product unrounded).
-pub fn rope_norm(v: &mut [f32], head_dim: usize, rope_dim: usize, pos: u32, base: f32) {
-    let theta_scale = base.powf(-2.0 / rope_dim as f32);
+/// Rotary position embedding of every head of one token's vector, as ggml computes it: angles
+/// step by repeated multiplication (`rope_yarn` without extrapolation: `freq_scale · θ / factor`,
+/// cosine and sine times `attn_factor`) and each rotation fuses one product into a multiply-add
+/// (`x0·cos − x1·sin` and `x0·sin + x1·cos`, each with its first product unrounded), as ggml's
+/// compiled code does. With no scaling and no factors every extra step multiplies or divides by
+/// one, so the llama family's bits are unchanged.
+pub fn rope(v: &mut [f32], r: &Rope<'_>, pos: u32) {
+    let half = r.rope_dim / 2;
+    let theta_scale = r.base.powf(-2.0 / r.rope_dim as f32);
     let mut cache = [(0f32, 0f32); 256];
     let mut theta = pos as f32;
-    for c in cache.iter_mut().take(rope_dim / 2) {
-        let (s, co) = theta.sin_cos();
-        *c = (co, s);
+    for (i, c) in cache.iter_mut().take(half).enumerate() {
+        let factor = r.factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
+        let angle = r.freq_scale * (theta / factor);
+        let (s, co) = angle.sin_cos();
+        *c = (co * r.attn_factor, s * r.attn_factor);
         theta *= theta_scale;
     }
-    for head in v.chunks_exact_mut(head_dim) {
-        for (i, &(cos, sin)) in cache.iter().take(rope_dim / 2).enumerate() {
-            let (x0, x1) = (head[2 * i], head[2 * i + 1]);
-            head[2 * i] = x0.mul_add(cos, -(x1 * sin));
-            head[2 * i + 1] = x0.mul_add(sin, x1 * cos);
+    let (stride, offset) = match r.style {
+        RopeStyle::Normal => (2, 1),
+        RopeStyle::Neox => (1, half),
+    };
+    for head in v.chunks_exact_mut(r.head_dim) {
+        for (i, &(cos, sin)) in cache.iter().take(half).enumerate() {
+            let (a, b) = (stride * i, stride * i + offset);
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0.mul_add(cos, -(x1 * sin));
+            head[b] = x0.mul_add(sin, x1 * cos);
         }
     }
 }
+}
+
+/// Rotary embedding on adjacent pairs with no scaling (the llama family's).
+pub fn rope_norm(v: &mut [f32], head_dim: usize, rope_dim: usize, pos: u32, base: f32) {
+    let r =
+        Rope { style: RopeStyle::Normal, head_dim, rope_dim, base, freq_scale: 1.0, attn_factor: 1.0, factors: None };
+    rope(v, &r, pos)
 }
 
 #[cfg(test)]
@@ -94,6 +136,87 @@ pub fn swiglu_ggml(gate: &mut [f32], up: &[f32]) {
 }
 }
 
+/// ggml's tanh-approximated GELU of one value, as its table stores it: the input rounded to f16,
+/// the result rounded to f16 (`GGML_GELU_FP16`), saturating outside ±10.
+#[inline(always)]
+pub fn gelu_ggml(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const GELU_COEF_A: f32 = 0.044715;
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let x = super::f16::to_f32(super::f16::from_f32(x));
+    let g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh());
+    super::f16::to_f32(super::f16::from_f32(g))
+}
+
+/// `gate ← gelu(gate) · up`, as `ggml_vec_geglu_f32` computes it (Gemma's feed-forward).
+pub fn geglu_ggml(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = gelu_ggml(*g) * u;
+    }
+}
+
+/// `x ← cap · tanh(x / cap)`: Gemma 2's soft-capping of attention scores and logits, in ggml's
+/// steps (scale by the inverse, tanh, scale back).
+#[inline(always)]
+pub fn softcap(x: f32, cap: f32) -> f32 {
+    (x * (1.0 / cap)).tanh() * cap
+}
+
+fma_dispatch! {
+/// An f32 dot product in the order of llamafile's tinyBLAS for f32 weights (llama.cpp's AVX-512
+/// build): one 16-lane accumulator of fused multiply-adds over 16-element steps, then reduced.
+/// `a.len()` must be a multiple of 16.
+pub fn dot_f32_tinyblas(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for (x, y) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+        for l in 0..16 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    reduce16(&acc)
+}
+}
+
+/// An f32 dot product as `ggml_vec_dot_f32` computes it (AVX-512 build): four 16-lane fused
+/// accumulators over 64-element steps, folded and reduced, then the rest one fused multiply-add
+/// at a time.
+pub fn dot_f32_ggml(a: &[f32], b: &[f32]) -> f32 {
+    let whole = a.len().min(b.len()) / 64 * 64;
+    let mut sum = if whole > 0 { dot_f16_gemv(|i| a[i], |i| b[i], whole) } else { 0.0 };
+    for (x, y) in a[whole..].iter().zip(&b[whole..]) {
+        sum = x.mul_add(*y, sum);
+    }
+    sum
+}
+
+/// A softmax over one short row as `ggml_soft_max` computes it on the CPU: `ggml_expf` over
+/// 16-wide chunks with each chunk's sum reduced and added in f64, `expf` for the rest, then one
+/// multiply by the inverse (an MoE router's probabilities).
+pub fn softmax_row_ggml(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    let whole = x.len() / 16 * 16;
+    for chunk in x[..whole].chunks_exact_mut(16) {
+        let mut e = [0f32; 16];
+        for (v, s) in e.iter_mut().zip(chunk.iter()) {
+            *v = ggml_expf(*s - max);
+        }
+        chunk.copy_from_slice(&e);
+        sum += reduce16(&e) as f64;
+    }
+    for v in &mut x[whole..] {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
 /// GCC's `_mm512_reduce_add_ps`: halves, then quarters, then pairs.
 #[inline(always)]
 pub fn reduce16(a: &[f32; 16]) -> f32 {
@@ -143,13 +266,13 @@ pub fn dot_f16_gemm(x: impl Fn(usize) -> f32, y: impl Fn(usize) -> f32, n: usize
     reduce16(&acc)
 }
 
-/// Softmax of attention scores as ggml computes it: scale, mask (`valid` entries, the rest −∞),
+/// Softmax of attention scores as ggml computes it: scale, mask (entries outside `visible`, −∞),
 /// max, `ggml_expf` in 16-wide chunks summed in f64 chunk by chunk, then one multiply by the
 /// inverse. `scores.len()` must be a multiple of 16.
 #[inline(always)]
-pub fn softmax_ggml(scores: &mut [f32], valid: usize, scale: f32) {
+pub fn softmax_ggml(scores: &mut [f32], visible: std::ops::Range<usize>, scale: f32) {
     for (i, s) in scores.iter_mut().enumerate() {
-        *s = if i < valid { *s * scale } else { f32::NEG_INFINITY };
+        *s = if visible.contains(&i) { *s * scale } else { f32::NEG_INFINITY };
     }
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
@@ -184,7 +307,7 @@ mod ggml_tests {
     #[test]
     fn softmax_sums_to_one() {
         let mut s: Vec<f32> = (0..32).map(|i| i as f32 * 0.1).collect();
-        softmax_ggml(&mut s, 20, 1.0);
+        softmax_ggml(&mut s, 0..20, 1.0);
         let total: f32 = s.iter().sum();
         assert!((total - 1.0).abs() < 1e-5);
         assert!(s[20..].iter().all(|&p| p == 0.0));

@@ -180,7 +180,7 @@ pub enum ActivationFormat {
     /// Q8_0 plus the block's scaled sum (llama.cpp's Q8_1), for weights with an offset (Q4_1).
     Q8_1,
     /// 256-value blocks, 8-bit values, an f32 scale and sums of every 16 values (llama.cpp's
-    /// Q8_K), for the K-quants with integer kernels (Q4_K, Q6_K).
+    /// Q8_K), for the K-quants with integer kernels (Q4_K, Q5_K, Q6_K).
     Q8K,
     /// Plain f32, for weights dequantised before the dot product.
     F32,
@@ -191,7 +191,7 @@ impl ActivationFormat {
         match t {
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => ActivationFormat::Q8_0,
             GgmlType::Q4_1 | GgmlType::Q5_1 => ActivationFormat::Q8_1,
-            GgmlType::Q4_K | GgmlType::Q6_K => ActivationFormat::Q8K,
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => ActivationFormat::Q8K,
             _ => ActivationFormat::F32,
         }
     }
@@ -210,6 +210,8 @@ pub struct QuantizedActivations<'x> {
     bsums: Vec<i16>,
     qs: Vec<i8>,
     f32_rows: &'x [f32],
+    /// Per token: the size of the batch llama.cpp would compute it in (see [`super::Acts`]).
+    peer_batch: &'x [u32],
 }
 
 /// Tokens from which quantising activations is shared out among the workers (below, the work is
@@ -229,6 +231,7 @@ impl<'x> QuantizedActivations<'x> {
             bsums: Vec::new(),
             qs: Vec::new(),
             f32_rows: x,
+            peer_batch: &[],
         };
         let nb = n * blocks_per_row;
         if format == ActivationFormat::F32 {
@@ -268,6 +271,17 @@ impl<'x> QuantizedActivations<'x> {
             _ => quantize_q8(format, x, d, s, qs),
         });
         acts
+    }
+
+    /// Give each token the size of the batch llama.cpp would compute it in.
+    pub fn with_peer_batch(mut self, peer_batch: &'x [u32]) -> Self {
+        self.peer_batch = peer_batch;
+        self
+    }
+
+    /// The size of the batch llama.cpp would compute token `t` in (1 if not given).
+    pub fn peer_batch(&self, t: usize) -> u32 {
+        self.peer_batch.get(t).copied().unwrap_or(1)
     }
 
     pub fn row_f32(&self, t: usize) -> &[f32] {
@@ -389,7 +403,14 @@ fn quantize_q8_k(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
 /// The integer formats, as the SIMD tile kernels see them.
 impl QuantizedActivations<'_> {
     pub(crate) fn view(&self) -> super::Acts<'_> {
-        super::Acts { qs: &self.qs, d: &self.d, s: &self.s, bsums: &self.bsums, nb: self.blocks_per_row }
+        super::Acts {
+            qs: &self.qs,
+            d: &self.d,
+            s: &self.s,
+            bsums: &self.bsums,
+            peer_batch: self.peer_batch,
+            nb: self.blocks_per_row,
+        }
     }
 }
 
@@ -405,6 +426,7 @@ pub fn vec_dot(t: GgmlType, w: &[u8], acts: &QuantizedActivations<'_>, row: usiz
         (GgmlType::Q5_0, ActivationFormat::Q8_0) => dot_q5_q8(w, acts, base, nb, false),
         (GgmlType::Q5_1, ActivationFormat::Q8_1) => dot_q5_q8(w, acts, base, nb, true),
         (GgmlType::Q4_K, ActivationFormat::Q8K) => dot_q4_k_q8_k(w, acts, base, nb),
+        (GgmlType::Q5_K, ActivationFormat::Q8K) => dot_q5_k_q8_k(w, acts, base, nb),
         (GgmlType::Q6_K, ActivationFormat::Q8K) => dot_q6_k_q8_k(w, acts, base, nb),
         _ => {
             // Formats without an integer path: dequantise the row, then an f32 dot product.
@@ -590,6 +612,47 @@ pub(crate) fn dot_q4_k_q8_k(w: &[u8], acts: &QuantizedActivations<'_>, base: usi
     hsum8(&acc) + ((acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]))
 }
 
+/// llama.cpp's `ggml_vec_dot_q5_K_q8_K` (AVX2): Q4_K's integer sums with a fifth bit per value,
+/// and the minimums' term kept as one scalar, one fused multiply-add per block.
+#[inline(always)]
+pub(crate) fn dot_q5_k_q8_k(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
+    for (i, wb) in w.chunks_exact(176).enumerate().take(nb) {
+        let yd = acts.d[base + i];
+        let d = yd * f16_at(wb, 0);
+        let dmin = -yd * f16_at(wb, 2);
+        let q8 = &acts.qs[(base + i) * QK_K..(base + i + 1) * QK_K];
+        let bs = &acts.bsums[(base + i) * 16..(base + i + 1) * 16];
+        let (mut sc, mut mn) = ([0i32; 8], [0i32; 8]);
+        for j in 0..8 {
+            let (s, m) = scale_min_k4(j, &wb[4..16]);
+            (sc[j], mn[j]) = (s as i32, m as i32);
+        }
+        let pair = |k: usize| bs[2 * k] as i32 + bs[2 * k + 1] as i32;
+        let prod: i32 = (0..8).map(|k| mn[k] * pair(k)).sum();
+        summs = dmin.mul_add(prod as f32, summs);
+        let (qh, qs) = (&wb[16..48], &wb[48..176]);
+        let mut sumi = [0i32; 8];
+        for j in 0..4 {
+            for (lane, sum) in sumi.iter_mut().enumerate() {
+                let (mut lo, mut hi) = (0i32, 0i32);
+                for e in 4 * lane..4 * lane + 4 {
+                    let l = (qs[32 * j + e] & 0xF) | (((qh[e] >> (2 * j)) & 1) << 4);
+                    let h = (qs[32 * j + e] >> 4) | (((qh[e] >> (2 * j + 1)) & 1) << 4);
+                    lo += l as i32 * q8[64 * j + e] as i32;
+                    hi += h as i32 * q8[64 * j + 32 + e] as i32;
+                }
+                *sum += sc[2 * j] * lo + sc[2 * j + 1] * hi;
+            }
+        }
+        for (a, s) in acc.iter_mut().zip(sumi) {
+            *a = d.mul_add(s as f32, *a);
+        }
+    }
+    hsum8(&acc) + summs
+}
+
 #[inline(always)]
 pub(crate) fn dot_q6_k_q8_k(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
     let mut acc = [0f32; 8];
@@ -707,7 +770,11 @@ mod tests {
 
     /// `rows` rows of random K-quant blocks with sane scales (random bytes elsewhere are all valid).
     fn random_k_blocks(ty: GgmlType, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
-        let (bytes, scale_at) = if ty == GgmlType::Q4_K { (144, vec![0, 2]) } else { (210, vec![208]) };
+        let (bytes, scale_at) = match ty {
+            GgmlType::Q4_K => (144, vec![0, 2]),
+            GgmlType::Q5_K => (176, vec![0, 2]),
+            _ => (210, vec![208]),
+        };
         let mut out = Vec::new();
         for _ in 0..rows * cols / QK_K {
             let mut block: Vec<u8> = (0..bytes).map(|_| (lcg(seed) * 128.0 + 128.0) as u8).collect();
@@ -724,7 +791,7 @@ mod tests {
     #[test]
     fn k_quant_integer_dots_match_the_float_reference() {
         let mut seed = 5;
-        for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
             for cols in [256usize, 768] {
                 let w = random_k_blocks(ty, 1, cols, &mut seed);
                 let x: Vec<f32> = (0..cols * 2).map(|_| lcg(&mut seed)).collect();
@@ -828,7 +895,7 @@ mod tests {
                 (GgmlType::Q5_1, q5_1),
             ];
             if cols % QK_K == 0 {
-                for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+                for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
                     cases.push((ty, random_k_blocks(ty, rows, cols, &mut seed)));
                 }
             }
@@ -860,6 +927,100 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// One weight row times token `t` in the order of llama.cpp's tiled K-quant kernel, written
+    /// from its definition: per block, the exact integer sums of scales × codes × activations and
+    /// of minimums × activation sums, scaled once, added with one fused multiply-add.
+    fn tiled_reference(ty: GgmlType, w: &[u8], acts: &QuantizedActivations<'_>, t: usize) -> f32 {
+        let nb = acts.blocks_per_row;
+        let bytes = w.len() / nb;
+        let mut acc = 0f32;
+        for (i, wb) in w.chunks_exact(bytes).enumerate() {
+            let block = t * nb + i;
+            let q8 = &acts.qs[block * QK_K..(block + 1) * QK_K];
+            let bs = &acts.bsums[block * 16..(block + 1) * 16];
+            let yd = acts.d[block];
+            let dot = |codes: &dyn Fn(usize) -> i32, range: std::ops::Range<usize>| -> i32 {
+                range.map(|k| codes(k) * q8[k] as i32).sum()
+            };
+            let r = if ty == GgmlType::Q6_K {
+                let (ql, qh, sc) = (&wb[0..128], &wb[128..192], &wb[192..208]);
+                let code = |k: usize| {
+                    let (h, l) = (k / 128, k % 128);
+                    let (ql, qh) = (&ql[64 * h..], &qh[32 * h..]);
+                    let v = match l / 32 {
+                        0 => (ql[l] & 0xF) | ((qh[l] & 3) << 4),
+                        1 => (ql[l] & 0xF) | (((qh[l - 32] >> 2) & 3) << 4),
+                        2 => (ql[l - 64] >> 4) | (((qh[l - 64] >> 4) & 3) << 4),
+                        _ => (ql[l - 64] >> 4) | (((qh[l - 96] >> 6) & 3) << 4),
+                    };
+                    v as i32 - 32
+                };
+                let s1: i32 = (0..16).map(|s| (sc[s] as i8) as i32 * dot(&code, 16 * s..16 * s + 16)).sum();
+                s1 as f32 * f16_at(wb, 208)
+            } else {
+                let five = ty == GgmlType::Q5_K;
+                let qs = if five { &wb[48..176] } else { &wb[16..144] };
+                let code = |k: usize| {
+                    let (j, e) = (k / 64, k % 32);
+                    let high = (k % 64) >= 32;
+                    let v = if high { qs[32 * j + e] >> 4 } else { qs[32 * j + e] & 0xF };
+                    let bit = if five { (wb[16 + e] >> (2 * j + usize::from(high))) & 1 } else { 0 };
+                    (v | (bit << 4)) as i32
+                };
+                let (mut s1, mut s2) = (0i32, 0i32);
+                for s in 0..8 {
+                    let (sc, m) = scale_min_k4(s, &wb[4..16]);
+                    s1 += sc as i32 * dot(&code, 32 * s..32 * s + 32);
+                    s2 += m as i32 * (bs[2 * s] as i32 + bs[2 * s + 1] as i32);
+                }
+                (-f16_at(wb, 2)).mul_add(s2 as f32, s1 as f32 * f16_at(wb, 0))
+            };
+            acc = r.mul_add(yd, acc);
+        }
+        acc
+    }
+
+    /// The x86 K-quant kernels reduce the tokens marked as in a batch of 8 or more as llama.cpp's
+    /// tiled kernel does, and the others as its vector dot product does, in one call.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn k_quant_kernels_follow_each_tokens_batch_size() {
+        use super::super::{Layout, x86};
+        let Some(level) = x86::level() else { return };
+        let mut seed = 13;
+        let (rows, cols, n) = (19usize, 512usize, 6usize);
+        let x: Vec<f32> = (0..cols * n).map(|_| lcg(&mut seed) * 50.0).collect();
+        // Tokens 0, 2 and 5 were in large batches.
+        let peer_batch = [64u32, 1, 8, 7, 2, 300];
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+            let w = random_k_blocks(ty, rows, cols, &mut seed);
+            let acts = QuantizedActivations::new(ActivationFormat::Q8K, &x, n, cols).with_peer_batch(&peer_batch);
+            let row_bytes = w.len() / rows;
+            let mut got = vec![f32::NAN; n * rows];
+            x86::matmul_tiles(
+                level,
+                ty,
+                &w,
+                rows,
+                acts.view(),
+                0..n,
+                &mut got,
+                Layout { token_stride: rows, row_stride: 1 },
+            );
+            for t in 0..n {
+                for r in 0..rows {
+                    let row = &w[r * row_bytes..(r + 1) * row_bytes];
+                    let want = if peer_batch[t] >= super::super::TILED_FROM {
+                        tiled_reference(ty, row, &acts, t)
+                    } else {
+                        vec_dot(ty, row, &acts, t)
+                    };
+                    assert_eq!(got[t * rows + r].to_bits(), want.to_bits(), "{ty} row {r} token {t}");
                 }
             }
         }

@@ -70,6 +70,7 @@ pub fn matmul_tiles(
         GgmlType::Q5_0 => (<Q5_0 as Kernel>::BYTES, 32),
         GgmlType::Q5_1 => (<Q5_1 as Kernel>::BYTES, 32),
         GgmlType::Q4_K => (<Q4K as Kernel>::BYTES, 256),
+        GgmlType::Q5_K => (<Q5K as Kernel>::BYTES, 256),
         GgmlType::Q6_K => (<Q6K as Kernel>::BYTES, 256),
         other => panic!("no integer kernel for {other}"),
     };
@@ -94,6 +95,7 @@ pub fn matmul_tiles(
             (Level::Avx2, GgmlType::Q5_0) => avx2::<Q5_0>(&job),
             (Level::Avx2, GgmlType::Q5_1) => avx2::<Q5_1>(&job),
             (Level::Avx2, GgmlType::Q4_K) => avx2::<Q4K>(&job),
+            (Level::Avx2, GgmlType::Q5_K) => avx2::<Q5K>(&job),
             (Level::Avx2, _) => avx2::<Q6K>(&job),
             (Level::Vnni, GgmlType::Q8_0) => vnni::<Q8_0>(&job),
             (Level::Vnni, GgmlType::Q4_0) => vnni::<Q4_0>(&job),
@@ -101,6 +103,7 @@ pub fn matmul_tiles(
             (Level::Vnni, GgmlType::Q5_0) => vnni::<Q5_0>(&job),
             (Level::Vnni, GgmlType::Q5_1) => vnni::<Q5_1>(&job),
             (Level::Vnni, GgmlType::Q4_K) => vnni::<Q4K>(&job),
+            (Level::Vnni, GgmlType::Q5_K) => vnni::<Q5K>(&job),
             (Level::Vnni, _) => vnni::<Q6K>(&job),
         }
     }
@@ -230,6 +233,7 @@ unsafe fn tile_32<B: Block, const VNNI: bool, const T: usize>(
 }
 
 struct Q4K;
+struct Q5K;
 struct Q6K;
 
 impl Kernel for Q4K {
@@ -251,6 +255,9 @@ impl Kernel for Q4K {
             let m4 = _mm256_set1_epi8(0xF);
             let mut acc = [_mm256_setzero_ps(); T];
             let mut acc_m = [_mm_setzero_ps(); T];
+            let tiled: [bool; T] =
+                std::array::from_fn(|t| acts.peer_batch.get(first + t).is_some_and(|&b| b >= super::TILED_FROM));
+            let mut tiled_acc = [0f32; T];
             for i in 0..nb {
                 let x = w.add(i * Self::BYTES);
                 prefetch_ahead(x, Self::BYTES);
@@ -291,6 +298,12 @@ impl Kernel for Q4K {
                     let q8sums = _mm256_loadu_si256(acts.bsums.as_ptr().add(block * 16) as *const __m256i);
                     let q8s = _mm_hadd_epi16(_mm256_extracti128_si256(q8sums, 0), _mm256_extracti128_si256(q8sums, 1));
                     let prod = _mm_madd_epi16(mins, q8s);
+                    if tiled[t] {
+                        // The whole block's integer sums, scaled once (llama.cpp's tiled kernel).
+                        let r = (-wmin).mul_add(hsum_epi32_128(prod) as f32, hsum_epi32(sumi[t]) as f32 * wd);
+                        tiled_acc[t] = tiled_update(tiled_acc[t], r, yd);
+                        continue;
+                    }
                     acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(-yd * wmin), _mm_cvtepi32_ps(prod), acc_m[t]);
                     acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(yd * wd), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
                 }
@@ -298,7 +311,93 @@ impl Kernel for Q4K {
             for t in 0..T {
                 let m = _mm_add_ps(acc_m[t], _mm_movehl_ps(acc_m[t], acc_m[t]));
                 let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-                *out.add(t * token_stride) = hsum8(acc[t]) + _mm_cvtss_f32(m);
+                *out.add(t * token_stride) = if tiled[t] { tiled_acc[t] } else { hsum8(acc[t]) + _mm_cvtss_f32(m) };
+            }
+        }
+    }
+}
+
+impl Kernel for Q5K {
+    const BYTES: usize = 176;
+    /// llama.cpp's AVX2 `ggml_vec_dot_q5_K_q8_K`, with each weight chunk unpacked once for `T`
+    /// tokens: Q4_K's products with a fifth bit from `qh`, and the minimums' term summed as one
+    /// scalar (fused multiply-add per block) instead of four lanes.
+    #[inline(always)]
+    unsafe fn tile<const VNNI: bool, const T: usize>(
+        w: *const u8,
+        acts: &Acts<'_>,
+        first: usize,
+        out: *mut f32,
+        token_stride: usize,
+    ) {
+        let nb = acts.nb;
+        // SAFETY (whole body): the caller guarantees AVX2, `nb` blocks at `w`, and `nb` Q8_K
+        // activation blocks for tokens first..first+T.
+        unsafe {
+            let m4 = _mm256_set1_epi8(0xF);
+            let mut acc = [_mm256_setzero_ps(); T];
+            let mut summs = [0f32; T];
+            let tiled: [bool; T] =
+                std::array::from_fn(|t| acts.peer_batch.get(first + t).is_some_and(|&b| b >= super::TILED_FROM));
+            let mut tiled_acc = [0f32; T];
+            for i in 0..nb {
+                let x = w.add(i * Self::BYTES);
+                prefetch_ahead(x, Self::BYTES);
+                let wd = f16_at(x);
+                let wmin = f16_at(x.add(2));
+                let mut utmp = [0u32; 4];
+                std::ptr::copy_nonoverlapping(x.add(4), utmp.as_mut_ptr() as *mut u8, 12);
+                utmp[3] = ((utmp[2] >> 4) & 0x0f0f0f0f) | (((utmp[1] >> 6) & 0x03030303) << 4);
+                let uaux = utmp[1] & 0x3f3f3f3f;
+                utmp[1] = (utmp[2] & 0x0f0f0f0f) | (((utmp[0] >> 6) & 0x03030303) << 4);
+                utmp[2] = uaux;
+                utmp[0] &= 0x3f3f3f3f;
+                let mins_and_scales =
+                    _mm256_cvtepu8_epi16(_mm_set_epi32(utmp[3] as i32, utmp[2] as i32, utmp[1] as i32, utmp[0] as i32));
+                let mins = _mm256_extracti128_si256(mins_and_scales, 1);
+                let sc128 = _mm256_extracti128_si256(mins_and_scales, 0);
+                let scales = _mm256_set_m128i(sc128, sc128);
+                let mut sumi = [_mm256_setzero_si256(); T];
+                let hbits = _mm256_loadu_si256(x.add(16) as *const __m256i);
+                let q5 = x.add(48);
+                for j in 0..4 {
+                    let scale_l = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j));
+                    let scale_h = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j + 1));
+                    let q5bits = _mm256_loadu_si256(q5.add(32 * j) as *const __m256i);
+                    // The fifth bit of each value: bit 2j (low nibbles) or 2j + 1 (high) of qh.
+                    let (bl, bh) = (_mm256_set1_epi8(1 << (2 * j)), _mm256_set1_epi8(1 << (2 * j + 1)));
+                    let sixteen = _mm256_set1_epi8(16);
+                    let fifth_l = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, bl), bl), sixteen);
+                    let fifth_h = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, bh), bh), sixteen);
+                    let q4l = _mm256_add_epi8(_mm256_and_si256(q5bits, m4), fifth_l);
+                    let q4h = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(q5bits, 4), m4), fifth_h);
+                    for (t, sum) in sumi.iter_mut().enumerate() {
+                        let q8 = acts.qs.as_ptr().add(((first + t) * nb + i) * 256 + 64 * j);
+                        let q8l = _mm256_loadu_si256(q8 as *const __m256i);
+                        let q8h = _mm256_loadu_si256(q8.add(32) as *const __m256i);
+                        let p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
+                        let p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
+                        *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(p16l, p16h));
+                    }
+                }
+                for t in 0..T {
+                    let block = (first + t) * nb + i;
+                    let yd = *acts.d.as_ptr().add(block);
+                    let q8sums = _mm256_loadu_si256(acts.bsums.as_ptr().add(block * 16) as *const __m256i);
+                    let q8s = _mm_hadd_epi16(_mm256_extracti128_si256(q8sums, 0), _mm256_extracti128_si256(q8sums, 1));
+                    let prod = _mm_madd_epi16(mins, q8s);
+                    if tiled[t] {
+                        // The whole block's integer sums, scaled once (llama.cpp's tiled kernel).
+                        let r = (-wmin).mul_add(hsum_epi32_128(prod) as f32, hsum_epi32(sumi[t]) as f32 * wd);
+                        tiled_acc[t] = tiled_update(tiled_acc[t], r, yd);
+                        continue;
+                    }
+                    summs[t] = (-yd * wmin).mul_add(hsum_epi32_128(prod) as f32, summs[t]);
+                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(yd * wd), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+                }
+            }
+            for t in 0..T {
+                *out.add(t * token_stride) = if tiled[t] { tiled_acc[t] } else { hsum8(acc[t]) + summs[t] };
             }
         }
     }
@@ -322,6 +421,9 @@ impl Kernel for Q6K {
             let m3 = _mm256_set1_epi8(3);
             let m15 = _mm256_set1_epi8(15);
             let mut acc = [_mm256_setzero_ps(); T];
+            let tiled: [bool; T] =
+                std::array::from_fn(|t| acts.peer_batch.get(first + t).is_some_and(|&b| b >= super::TILED_FROM));
+            let mut tiled_acc = [0f32; T];
             for i in 0..nb {
                 let x = w.add(i * Self::BYTES);
                 prefetch_ahead(x, Self::BYTES);
@@ -360,15 +462,45 @@ impl Kernel for Q6K {
                     let q8sums = _mm256_loadu_si256(acts.bsums.as_ptr().add(block * 16) as *const __m256i);
                     let q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, _mm256_cvtepi8_epi16(scales)), 5);
                     let s = _mm256_sub_epi32(sumi[t], q8sclsub);
-                    let d = _mm256_set1_ps(*acts.d.as_ptr().add(block) * wd);
-                    acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[t]);
+                    let yd = *acts.d.as_ptr().add(block);
+                    if tiled[t] {
+                        tiled_acc[t] = tiled_update(tiled_acc[t], hsum_epi32(s) as f32 * wd, yd);
+                        continue;
+                    }
+                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(yd * wd), _mm256_cvtepi32_ps(s), acc[t]);
                 }
             }
             for (t, a) in acc.iter().enumerate() {
-                *out.add(t * token_stride) = hsum8(*a);
+                *out.add(t * token_stride) = if tiled[t] { tiled_acc[t] } else { hsum8(*a) };
             }
         }
     }
+}
+
+/// The sum of eight 32-bit lanes (exact: the sums of a block fit easily).
+#[inline(always)]
+unsafe fn hsum_epi32(v: __m256i) -> i32 {
+    let mut lanes = [0i32; 8];
+    // SAFETY: an unaligned store of 32 bytes into a 32-byte array.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, v) };
+    lanes.iter().fold(0i32, |a, &b| a.wrapping_add(b))
+}
+
+/// The sum of four 32-bit lanes.
+#[inline(always)]
+unsafe fn hsum_epi32_128(v: __m128i) -> i32 {
+    let mut lanes = [0i32; 4];
+    // SAFETY: an unaligned store of 16 bytes into a 16-byte array.
+    unsafe { _mm_storeu_si128(lanes.as_mut_ptr() as *mut __m128i, v) };
+    lanes.iter().fold(0i32, |a, &b| a.wrapping_add(b))
+}
+
+/// One block's contribution to a product in llama.cpp's tiled K-quant kernel, which it uses for
+/// batches of 8 or more tokens: `acc + r · d_activation` in one fused multiply-add (GCC contracts
+/// the kernel's separate multiply and add intrinsics; measured against llama.cpp's own build).
+#[inline(always)]
+fn tiled_update(acc: f32, r: f32, yd: f32) -> f32 {
+    r.mul_add(yd, acc)
 }
 
 /// llama.cpp's `get_scale_shuffle_k4`: 16-bit scale `i` repeated over all 16 lanes.

@@ -5,13 +5,14 @@
 //!
 //! The scheduler sees only this trait: it decides which tokens of which sequences run in a step
 //! and which cache blocks each sequence holds; the model decides how to compute them (kernels,
-//! reduction orders, where the cache lives). Adding an architecture is a type implementing
+//! reduction orders, where the cache lives). Most families are one [`DecoderModel`] driven by
+//! their [`Architecture`] description; one that does not fit is a type of its own implementing
 //! [`TextModel`] and a line in [`load`].
 
 pub mod bert;
 mod config;
+mod decoder;
 pub mod kv;
-mod llama;
 
 use std::any::Any;
 use std::path::Path;
@@ -20,9 +21,9 @@ use berth_formats::gguf::GgufFile;
 
 use crate::error::EngineError;
 
-pub use config::LlamaConfig;
+pub use config::{Activation, Architecture, DecoderConfig, ExpertConfig, LayerAttention};
+pub use decoder::DecoderModel;
 pub use kv::{BLOCK_TOKENS, KvStore, blocks_for};
-pub use llama::LlamaModel;
 
 /// A text-generating model, as the scheduler, the engine and the benchmarks use it.
 pub trait TextModel: Send + Sync {
@@ -79,9 +80,10 @@ pub struct SeqStep<'a> {
     pub logits: Logits,
 }
 
-/// Open a GGUF model file with the architecture it names.
+/// Open a GGUF model file with the architecture it names. An architecture berth does not run
+/// fails here, naming it.
 pub fn load(path: &Path) -> Result<Box<dyn TextModel>, EngineError> {
-    Ok(Box::new(LlamaModel::load(path)?))
+    Ok(Box::new(DecoderModel::load(path)?))
 }
 
 /// One sequence's cache with a pool of its own: for callers that run one sequence by hand

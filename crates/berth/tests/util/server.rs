@@ -29,11 +29,16 @@ impl Server {
         let berth = Berth::new();
         berth.ok(&["package", "--gguf", &models::smollm2_gguf().display().to_string(), "smollm2"]);
         berth.ok(&["package", "--safetensors-dir", &models::minilm_dir().display().to_string(), "minilm"]);
+        Self::serve(berth, &[&["--model", "smollm2"][..], options].concat())
+    }
+
+    /// `berth serve` on a home the caller prepared, with these options.
+    pub fn serve(berth: Berth, options: &[&str]) -> Server {
         let port = berth_testkit::free_port();
         let log = berth.home().join("server.log");
         let file = std::fs::File::create(&log).unwrap();
         let child = berth
-            .command(&[&["serve", "--port", &port.to_string(), "--model", "smollm2"][..], options].concat())
+            .command(&[&["serve", "--port", &port.to_string()][..], options].concat())
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file))
             .spawn()

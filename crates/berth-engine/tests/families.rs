@@ -1,0 +1,188 @@
+//! Every decoder family berth runs, on its random-weight test model with a real vocabulary and
+//! chat template (berth_testkit::families): it loads as its architecture, tokenizes and renders
+//! with its own tokenizer and template, generates, keeps berth's rule that batching does not change
+//! answers, and its sliding windows really limit attention. (Agreement with llama.cpp on the same
+//! models: tests/peer_architectures.rs and scripts/agreement-vs-llamacpp.)
+
+use std::path::{Path, PathBuf};
+
+use berth_engine::model::{self, KvPool, Logits, SeqStep, TextModel, blocks_for};
+use berth_engine::sampling::SamplingParams;
+use berth_engine::template::Message;
+use berth_engine::{Engine, GenerationRequest};
+use berth_formats::gguf::{Array, GgufFile, Value};
+use berth_testkit::families::{FAMILIES, Family, Storage, WINDOW, family, family_model, write_family_model};
+use berth_testkit::models;
+
+fn write(family: Family, dir: &Path) -> PathBuf {
+    let path = dir.join(format!("{}.gguf", family.arch));
+    write_family_model(family, &models::llamacpp_testdata(), Storage::Q8_0, &path).expect("write the test model");
+    path
+}
+
+/// Pseudo-random ordinary tokens (the middle of the vocabulary).
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (1000 + (s >> 33) % (vocab as u64 - 2000)) as u32
+        })
+        .collect()
+}
+
+/// Run sequences through one shared pool, each in its own blocks, all in the same steps: a prompt
+/// step, then `decode` single-token steps. Returns each sequence's logits of every step.
+fn run_together(model: &dyn TextModel, prompts: &[Vec<u32>], decode: usize) -> Vec<Vec<Vec<f32>>> {
+    let per_seq = blocks_for(prompts.iter().map(Vec::len).max().unwrap() + decode + 1);
+    let mut pool: Box<dyn KvPool> = model.new_kv_pool(per_seq * prompts.len());
+    let tables: Vec<Vec<u32>> =
+        (0..prompts.len()).map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect()).collect();
+    let mut out = vec![Vec::new(); prompts.len()];
+    let steps: Vec<SeqStep<'_>> = prompts
+        .iter()
+        .zip(&tables)
+        .map(|(p, t)| SeqStep { blocks: t, start: 0, tokens: p, prompt_len: p.len(), logits: Logits::Last })
+        .collect();
+    let first = model.forward(pool.as_mut(), &steps).expect("prompt step");
+    let mut next: Vec<u32> = Vec::new();
+    for (s, logits) in first.into_iter().enumerate() {
+        next.push(argmax(&logits));
+        out[s].push(logits);
+    }
+    for i in 0..decode {
+        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let steps: Vec<SeqStep<'_>> = prompts
+            .iter()
+            .zip(&tables)
+            .zip(&toks)
+            .map(|((p, t), tok)| SeqStep {
+                blocks: t,
+                start: p.len() + i,
+                tokens: tok,
+                prompt_len: p.len(),
+                logits: Logits::Last,
+            })
+            .collect();
+        let logits = model.forward(pool.as_mut(), &steps).expect("decode step");
+        for (s, l) in logits.into_iter().enumerate() {
+            next[s] = argmax(&l);
+            out[s].push(l);
+        }
+    }
+    out
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    (0..logits.len()).fold(0, |best, i| if logits[i] > logits[best] { i } else { best }) as u32
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn every_family_loads_renders_and_generates_with_its_own_tokenizer_and_template() {
+    let dir = tempfile::tempdir().unwrap();
+    for &family in FAMILIES {
+        let path = write(family, dir.path());
+        let engine = Engine::load(&path, None).unwrap_or_else(|e| panic!("{}: {e}", family.arch));
+        assert_eq!(engine.model().architecture(), family.arch);
+        assert_eq!(engine.context_length(), berth_testkit::families::CONTEXT);
+        // The family's own template: the rendered text holds the family's turn markers, and the
+        // prompt is that text in the family's tokens, its special markers one token each.
+        let messages = [Message::new("user", "What is the capital of France?")];
+        let prompt = engine.chat_prompt(&messages).unwrap_or_else(|e| panic!("{}: {e}", family.arch));
+        let text = engine.template().expect("the family's template").render(&messages, true).unwrap();
+        let (marker, special) = match family.arch {
+            "llama" => (
+                "<|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?<|eot_id|>",
+                Some("<|eot_id|>"),
+            ),
+            "qwen2" | "qwen3" | "qwen3moe" => {
+                ("<|im_start|>user\nWhat is the capital of France?<|im_end|>", Some("<|im_end|>"))
+            }
+            // llama-spm's vocabulary has no Gemma turn tokens: the markers stay text.
+            "gemma2" | "gemma3" => ("<start_of_turn>user\nWhat is the capital of France?<end_of_turn>", None),
+            "phi3" => ("<|user|>\nWhat is the capital of France?<|end|>", Some("<|end|>")),
+            other => panic!("no marker for {other}"),
+        };
+        assert!(text.contains(marker), "{}: {text:?}", family.arch);
+        if let Some(special) = special {
+            let id = engine.tokenizer().encode(special, true).unwrap();
+            assert_eq!(id.len(), 1, "{}: {special} is one token", family.arch);
+            assert!(prompt.contains(&id[0]), "{}: the prompt lacks {special}", family.arch);
+        }
+        assert!(engine.tokenizer().decode(&prompt).contains("What is the capital of France?"));
+        let req = GenerationRequest {
+            prompt,
+            max_tokens: 6,
+            sampling: SamplingParams::greedy(),
+            stop: vec![],
+            stop_token_ids: vec![],
+            logprobs: Some(2),
+            ignore_eos: true,
+        };
+        let out = engine.generate(&req, &mut |_| true).unwrap_or_else(|e| panic!("{}: {e}", family.arch));
+        assert_eq!(out.tokens.len(), 6, "{}", family.arch);
+        assert!(out.logprobs.iter().all(|l| l.logprob.is_finite()), "{}", family.arch);
+    }
+}
+
+#[test]
+fn batching_does_not_change_any_familys_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    for &family in FAMILIES {
+        let path = write(family, dir.path());
+        let model = model::load(&path).unwrap();
+        let vocab = model.vocab_size();
+        // Prompts longer and shorter than the sliding window, one beside the others.
+        let prompts = vec![tokens(45, vocab, 1), tokens(7, vocab, 2), tokens(70, vocab, 3)];
+        let together = run_together(model.as_ref(), &prompts, 4);
+        for (s, prompt) in prompts.iter().enumerate() {
+            let alone = run_together(model.as_ref(), std::slice::from_ref(prompt), 4);
+            for (step, (a, b)) in alone[0].iter().zip(&together[s]).enumerate() {
+                assert!(bits(a) == bits(b), "{}: sequence {s} step {step} differs when batched", family.arch);
+            }
+        }
+    }
+}
+
+/// A Gemma 2 model whose every layer slides (the file's per-layer flags): what lies further back
+/// than the layers' combined reach cannot change the last position's logits. The same change does
+/// reach it through the real model's global layers, so the check is not empty.
+#[test]
+fn sliding_windows_really_limit_attention() {
+    let dir = tempfile::tempdir().unwrap();
+    let testdata = models::llamacpp_testdata();
+    let gemma2 = family("gemma2").unwrap();
+    let vocab_bytes = std::fs::read(testdata.join("models/ggml-vocab-llama-spm.gguf")).unwrap();
+    let vocab = GgufFile::parse(&vocab_bytes).unwrap();
+    let template = std::fs::read_to_string(testdata.join("models/templates").join(gemma2.template)).unwrap();
+    let all_sliding = family_model("gemma2", &vocab, &template, Storage::Q8_0)
+        .metadata("gemma2.attention.sliding_window_pattern", Value::Array(Array::Bool(vec![true; 4])))
+        .build();
+    let sliding_path = dir.path().join("all-sliding.gguf");
+    std::fs::write(&sliding_path, all_sliding).unwrap();
+    let mixed_path = write(gemma2, dir.path());
+
+    // 4 layers each reaching back WINDOW − 1 positions: position 199 cannot see position 0.
+    let n = 200;
+    assert!(n > 4 * WINDOW);
+    let last_logits = |path: &Path, first: u32| -> Vec<u32> {
+        let model = model::load(path).unwrap();
+        let mut prompt = tokens(n, model.vocab_size(), 9);
+        prompt[0] = first;
+        bits(&run_together(model.as_ref(), &[prompt], 0)[0][0])
+    };
+    assert_eq!(
+        last_logits(&sliding_path, 1500),
+        last_logits(&sliding_path, 2500),
+        "a token out of every window changed the logits"
+    );
+    assert_ne!(
+        last_logits(&mixed_path, 1500),
+        last_logits(&mixed_path, 2500),
+        "the global layers should see the first token"
+    );
+}
