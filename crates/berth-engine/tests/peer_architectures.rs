@@ -123,7 +123,7 @@ fn every_family_agrees_with_llama_cpp() {
     println!("|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {}/{} ({:.2}%) | {:.4} | {}/{} |",
+            "| {} | {}/{} ({:.2}%) | {:.1e} | {}/{} |",
             r.model,
             r.top1_agree,
             r.positions,

@@ -53,29 +53,134 @@ pub enum Storage {
 /// Write the test model of `family` to `out`, its vocabulary from `testdata` (the folder
 /// `scripts/fetch-llamacpp-testdata` prints) and its chat template from the same place.
 pub fn write_family_model(family: Family, testdata: &Path, storage: Storage, out: &Path) -> std::io::Result<()> {
+    write_family_model_shaped(family, &Shape::test(family.arch), testdata, storage, out)
+}
+
+/// [`write_family_model`] in another shape.
+pub fn write_family_model_shaped(
+    family: Family,
+    shape: &Shape,
+    testdata: &Path,
+    storage: Storage,
+    out: &Path,
+) -> std::io::Result<()> {
     let models = testdata.join("models");
-    let vocab_bytes = std::fs::read(models.join(format!("ggml-vocab-{}.gguf", family.vocab)))?;
+    // "-" for the testdata folder: the synthetic byte-level vocabulary and a ChatML template of
+    // berth_testkit::synthetic (small files, for fuzzing seeds).
+    let (vocab_bytes, template) = if testdata == Path::new("-") {
+        let tiny = crate::synthetic::tiny_llama(&crate::synthetic::LlamaShape::default()).build();
+        let parsed = GgufFile::parse(&tiny).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let template = parsed.get_str("tokenizer.chat_template").unwrap_or_default().to_string();
+        (tiny, template)
+    } else {
+        let template = std::fs::read_to_string(models.join("templates").join(family.template))?;
+        (std::fs::read(models.join(format!("ggml-vocab-{}.gguf", family.vocab)))?, template)
+    };
     let vocab = GgufFile::parse(&vocab_bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let template = std::fs::read_to_string(models.join("templates").join(family.template))?;
-    let bytes = family_model(family.arch, &vocab, &template, storage).build();
+    let bytes = family_model_shaped(family.arch, shape, &vocab, &template, storage).build();
     let part = out.with_extension("part");
     std::fs::write(&part, bytes)?;
     std::fs::rename(part, out)
 }
 
+/// Dimensions of a written model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shape {
+    pub n_layers: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    /// Experts, experts used per token, and each expert's feed-forward width (MoE families).
+    pub experts: (usize, usize, usize),
+    /// Without `output.weight` even where the family may have one.
+    pub tied: bool,
+}
+
+impl Shape {
+    /// The agreement-test shape of a family: a few layers, widths that are multiples of 256.
+    pub fn test(arch: &str) -> Shape {
+        Shape {
+            n_layers: if arch == "gemma3" { 6 } else { 4 },
+            n_embd: 256,
+            n_head: 4,
+            n_head_kv: 2,
+            // Qwen3 declares its head width apart from the embedding width; so does its test model.
+            head_dim: if arch.starts_with("qwen3") { 128 } else { 64 },
+            n_ff: 512,
+            experts: (8, 2, 256),
+            tied: false,
+        }
+    }
+
+    /// A minimal shape (one layer, widths of 32), for fuzzing seeds.
+    pub fn tiny() -> Shape {
+        Shape {
+            n_layers: 1,
+            n_embd: 32,
+            n_head: 2,
+            n_head_kv: 1,
+            head_dim: 16,
+            n_ff: 32,
+            experts: (4, 2, 32),
+            tied: true,
+        }
+    }
+
+    /// Qwen2.5-0.5B's shape (24 layers of 896, 14 query and 2 key/value heads, 4864 wide
+    /// feed-forward, tied embeddings), for speed measurements.
+    pub fn qwen2_5_0_5b() -> Shape {
+        Shape {
+            n_layers: 24,
+            n_embd: 896,
+            n_head: 14,
+            n_head_kv: 2,
+            head_dim: 64,
+            n_ff: 4864,
+            experts: (0, 0, 0),
+            tied: true,
+        }
+    }
+
+    /// Qwen3-30B-A3B's shape made small: its layer widths (2048 wide, 32 query and 4 key/value
+    /// heads of 128, experts 768 wide, 8 used per token) with 8 layers and 32 experts instead of
+    /// 48 and 128, for speed measurements of routed experts.
+    pub fn small_qwen3_moe() -> Shape {
+        Shape {
+            n_layers: 8,
+            n_embd: 2048,
+            n_head: 32,
+            n_head_kv: 4,
+            head_dim: 128,
+            n_ff: 6144,
+            experts: (32, 8, 768),
+            tied: false,
+        }
+    }
+}
+
 /// The test model of a family as a GGUF builder (tests may change it before writing).
 pub fn family_model(arch: &str, vocab: &GgufFile, template: &str, storage: Storage) -> GgufBuilder {
+    family_model_shaped(arch, &Shape::test(arch), vocab, template, storage)
+}
+
+/// A model of a family in any shape, with the same pseudo-random weights' statistics.
+pub fn family_model_shaped(
+    arch: &str,
+    shape: &Shape,
+    vocab: &GgufFile,
+    template: &str,
+    storage: Storage,
+) -> GgufBuilder {
     let n_vocab = match vocab.get("tokenizer.ggml.tokens") {
         Some(Value::Array(tokens)) => tokens.len(),
         _ => panic!("the vocabulary file has no tokens"),
     };
     let moe = arch == "qwen3moe";
-    let (n_embd, n_head, n_head_kv, n_ff) = (256usize, 4usize, 2usize, 512usize);
-    // Qwen3 declares its head width apart from the embedding width; so does the test model.
-    let head_dim = if arch.starts_with("qwen3") { 128 } else { 64 };
-    let n_layers = if arch == "gemma3" { 6 } else { 4 };
+    let Shape { n_layers, n_embd, n_head, n_head_kv, head_dim, n_ff, experts, tied } = shape.clone();
     let (q_dim, kv_dim) = (n_head * head_dim, n_head_kv * head_dim);
-    let (n_expert, n_expert_used, n_ff_exp) = (8usize, 2usize, 256usize);
+    let (n_expert, n_expert_used, n_ff_exp) = experts;
 
     let key = |k: &str| format!("{arch}.{k}");
     let mut b = GgufBuilder::new()
@@ -190,6 +295,13 @@ pub fn family_model(arch: &str, vocab: &GgufFile, template: &str, storage: Stora
         }
     }
     b = norm(b, "output_norm.weight", n_embd);
+    if arch == "llama" {
+        // Llama 3.1's RoPE frequency factors: 1 for the fast-turning dimensions, up to 8 for the
+        // slow ones (the file stores the divisors llama.cpp applies).
+        let half = head_dim / 2;
+        let factors: Vec<f32> = (0..half).map(|i| 1.0 + 7.0 * (i as f32 / (half - 1) as f32).powi(2)).collect();
+        b = write_tensor(b, "rope_freqs.weight", &[half as u64], &factors, Storage::F32);
+    }
     if arch == "phi3" {
         let half = head_dim / 2;
         let long: Vec<f32> = (0..half).map(|i| 1.0 + i as f32 * 0.5).collect();
@@ -198,7 +310,7 @@ pub fn family_model(arch: &str, vocab: &GgufFile, template: &str, storage: Stora
         b = write_tensor(b, "rope_factors_short.weight", &[half as u64], &short, Storage::F32);
     }
     // Gemma ties its output to the embedding; the others get their own output layer.
-    if !arch.starts_with("gemma") {
+    if !arch.starts_with("gemma") && !tied {
         b = w(b, "output.weight", &[e, v], 1.7 / 4.0);
     }
     b

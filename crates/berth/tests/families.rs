@@ -33,7 +33,7 @@ fn every_family_packages_serves_and_answers_through_both_apis() {
         let (status, body) = server.post("/v1/chat/completions", &chat);
         assert_eq!(status, 200, "{}: {body}\n{}", family.arch, server.log());
         let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["model"], family.arch);
+        assert_eq!(v["model"], format!("ai/{}:latest", family.arch));
         assert_eq!(v["usage"]["completion_tokens"], 5, "{}: {body}", family.arch);
         // The prompt went through the family's template: Gemma's has no system turn and wraps the
         // user's words in its turn markers, which the tokenizer counts as single tokens.

@@ -213,7 +213,7 @@ impl<'a> QMatrix<'a> {
         // Formats without an integer kernel: dequantise each weight row once for all tokens. F32
         // weights (an MoE router) reduce in llama.cpp's orders: tinyBLAS for a batch of two or
         // more tokens, its vector dot product for one.
-        let f32_orders = self.ggml_type == GgmlType::F32 && self.cols % 16 == 0;
+        let f32_orders = self.ggml_type == GgmlType::F32 && self.cols.is_multiple_of(16);
         let mut row_f32 = vec![0f32; self.cols];
         for r in rows.clone() {
             quant::dequantize(self.ggml_type, self.row(r), &mut row_f32);

@@ -51,6 +51,9 @@ pub struct Architecture {
     pub prescale_queries: bool,
     /// Routed experts in every layer's feed-forward block (Qwen3-MoE).
     pub experts: bool,
+    /// RoPE frequency factors from the file (`rope_freqs` of Llama 3.1+, Phi-3's long and short
+    /// factors), where llama.cpp's graph of the family applies them.
+    pub rope_factors: bool,
 }
 
 impl Architecture {
@@ -70,14 +73,16 @@ impl Architecture {
             final_softcap: None,
             prescale_queries: false,
             experts: false,
+            rope_factors: true,
         };
-        let neox = Architecture { rope: RopeStyle::Neox, ..llama.clone() };
+        let neox = Architecture { rope: RopeStyle::Neox, rope_factors: false, ..llama.clone() };
         let gemma = Architecture {
             rope: RopeStyle::Neox,
             post_norms: true,
             activation: Activation::GeGlu,
             scale_embeddings: true,
             prescale_queries: true,
+            rope_factors: false,
             ..llama.clone()
         };
         Some(match name {
@@ -86,7 +91,7 @@ impl Architecture {
             "qwen2" => neox,
             "qwen3" => Architecture { qk_norm: true, ..neox },
             "qwen3moe" => Architecture { qk_norm: true, experts: true, ..neox },
-            "phi3" => Architecture { prescale_queries: true, ..neox },
+            "phi3" => Architecture { prescale_queries: true, rope_factors: true, ..neox },
             "gemma2" => Architecture {
                 always_tied: true,
                 swa_pattern: 2,
@@ -156,6 +161,9 @@ pub struct DecoderConfig {
 /// Largest supported sizes: well above any released model, low enough that products of them
 /// cannot overflow or ask for absurd allocations.
 const MAX_DIM: u64 = 1 << 24;
+/// Layers: released models have at most a few hundred; per-layer settings are allocated before
+/// the tensors are checked.
+const MAX_LAYERS: usize = 4096;
 
 impl DecoderConfig {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, EngineError> {
@@ -172,6 +180,9 @@ impl DecoderConfig {
         };
         let float = |k: &str| -> Option<f32> { gguf.get(&key(k)).and_then(|v| v.as_f64()).map(|v| v as f32) };
         let n_layers = int("block_count")?;
+        if n_layers > MAX_LAYERS {
+            return Err(EngineError::BadModel(format!("{n_layers} layers is more than berth runs ({MAX_LAYERS})")));
+        }
         let n_embd = int("embedding_length")?;
         let n_head = int("attention.head_count")?;
         let n_head_kv = int("attention.head_count_kv").unwrap_or(n_head);
@@ -205,6 +216,9 @@ impl DecoderConfig {
                 .map(|a| a.len())
                 .ok_or_else(|| EngineError::MissingMetadata(key("vocab_size")))?,
         };
+        if vocab_size == 0 || vocab_size as u64 >= MAX_DIM {
+            return Err(EngineError::BadModel(format!("a vocabulary of {vocab_size} tokens is out of range")));
+        }
         let rms_eps = float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5);
         let rope_base = float("rope.freq_base").unwrap_or(10_000.0);
         if !(rms_eps > 0.0 && rms_eps < 1.0 && rope_base > 1.0 && rope_base.is_finite()) {
