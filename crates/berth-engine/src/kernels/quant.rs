@@ -370,9 +370,11 @@ fn quantize_blocks(format: ActivationFormat, x: &[f32], d: &mut [f32], s: &mut [
 }
 }
 
+fma_dispatch! {
 /// Quantise 256-value blocks exactly as llama.cpp's `quantize_row_q8_K` does: scale by −127 over
 /// the signed value of largest magnitude (the first, if several tie), round half to even, cap at
-/// 127, keep the f32 scale and the sums of every 16 values.
+/// 127, keep the f32 scale and the sums of every 16 values. (Compiled for AVX2 too, where rounding
+/// is one instruction instead of a call to `rintf`.)
 fn quantize_q8_k(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
     for (b, block) in x.chunks_exact(QK_K).enumerate() {
         let (mut amax, mut max) = (0f32, 0f32);
@@ -398,6 +400,7 @@ fn quantize_q8_k(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
         }
         d[b] = 1.0 / iscale;
     }
+}
 }
 
 /// The integer formats, as the SIMD tile kernels see them.
