@@ -578,50 +578,24 @@ pub(crate) fn dot_q5_q8(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, 
 
 #[inline(always)]
 pub(crate) fn dot_q4_k_q8_k(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut acc_m = [0f32; 4];
-    for (i, wb) in w.chunks_exact(144).enumerate().take(nb) {
-        let yd = acts.d[base + i];
-        let d = yd * f16_at(wb, 0);
-        let dmin = -yd * f16_at(wb, 2);
-        let q8 = &acts.qs[(base + i) * QK_K..(base + i + 1) * QK_K];
-        let bs = &acts.bsums[(base + i) * 16..(base + i + 1) * 16];
-        let (mut sc, mut mn) = ([0i32; 8], [0i32; 8]);
-        for j in 0..8 {
-            let (s, m) = scale_min_k4(j, &wb[4..16]);
-            (sc[j], mn[j]) = (s as i32, m as i32);
-        }
-        let pair = |k: usize| bs[2 * k] as i32 + bs[2 * k + 1] as i32;
-        for (p, a) in acc_m.iter_mut().enumerate() {
-            let prod = mn[2 * p] * pair(2 * p) + mn[2 * p + 1] * pair(2 * p + 1);
-            *a = dmin.mul_add(prod as f32, *a);
-        }
-        let qs = &wb[16..144];
-        let mut sumi = [0i32; 8];
-        for j in 0..4 {
-            for (lane, sum) in sumi.iter_mut().enumerate() {
-                let (mut lo, mut hi) = (0i32, 0i32);
-                for e in 4 * lane..4 * lane + 4 {
-                    lo += (qs[32 * j + e] & 0xF) as i32 * q8[64 * j + e] as i32;
-                    hi += (qs[32 * j + e] >> 4) as i32 * q8[64 * j + 32 + e] as i32;
-                }
-                *sum += sc[2 * j] * lo + sc[2 * j + 1] * hi;
-            }
-        }
-        for (a, s) in acc.iter_mut().zip(sumi) {
-            *a = d.mul_add(s as f32, *a);
-        }
-    }
-    hsum8(&acc) + ((acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]))
+    dot_q4_5_k_q8_k::<false>(w, acts, base, nb)
 }
 
-/// llama.cpp's `ggml_vec_dot_q5_K_q8_K` (AVX2): Q4_K's integer sums with a fifth bit per value,
-/// and the minimums' term kept as one scalar, one fused multiply-add per block.
 #[inline(always)]
 pub(crate) fn dot_q5_k_q8_k(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
+    dot_q4_5_k_q8_k::<true>(w, acts, base, nb)
+}
+
+/// llama.cpp's `ggml_vec_dot_q4_K_q8_K` and `ggml_vec_dot_q5_K_q8_K` (AVX2): eight lanes of integer
+/// sums scaled per block; the minimums' term in four lanes for Q4_K, as one scalar (a fused
+/// multiply-add per block) for Q5_K, whose values carry a fifth bit from `qh`.
+#[inline(always)]
+fn dot_q4_5_k_q8_k<const FIVE: bool>(w: &[u8], acts: &QuantizedActivations<'_>, base: usize, nb: usize) -> f32 {
+    let bytes = if FIVE { 176 } else { 144 };
     let mut acc = [0f32; 8];
+    let mut acc_m = [0f32; 4];
     let mut summs = 0f32;
-    for (i, wb) in w.chunks_exact(176).enumerate().take(nb) {
+    for (i, wb) in w.chunks_exact(bytes).enumerate().take(nb) {
         let yd = acts.d[base + i];
         let d = yd * f16_at(wb, 0);
         let dmin = -yd * f16_at(wb, 2);
@@ -633,16 +607,24 @@ pub(crate) fn dot_q5_k_q8_k(w: &[u8], acts: &QuantizedActivations<'_>, base: usi
             (sc[j], mn[j]) = (s as i32, m as i32);
         }
         let pair = |k: usize| bs[2 * k] as i32 + bs[2 * k + 1] as i32;
-        let prod: i32 = (0..8).map(|k| mn[k] * pair(k)).sum();
-        summs = dmin.mul_add(prod as f32, summs);
-        let (qh, qs) = (&wb[16..48], &wb[48..176]);
+        if FIVE {
+            let prod: i32 = (0..8).map(|k| mn[k] * pair(k)).sum();
+            summs = dmin.mul_add(prod as f32, summs);
+        } else {
+            for (p, a) in acc_m.iter_mut().enumerate() {
+                let prod = mn[2 * p] * pair(2 * p) + mn[2 * p + 1] * pair(2 * p + 1);
+                *a = dmin.mul_add(prod as f32, *a);
+            }
+        }
+        let (qh, qs) = if FIVE { (&wb[16..48], &wb[48..176]) } else { (&wb[0..0], &wb[16..144]) };
+        let fifth = |e: usize, bit: usize| if FIVE { ((qh[e] >> bit) & 1) << 4 } else { 0 };
         let mut sumi = [0i32; 8];
         for j in 0..4 {
             for (lane, sum) in sumi.iter_mut().enumerate() {
                 let (mut lo, mut hi) = (0i32, 0i32);
                 for e in 4 * lane..4 * lane + 4 {
-                    let l = (qs[32 * j + e] & 0xF) | (((qh[e] >> (2 * j)) & 1) << 4);
-                    let h = (qs[32 * j + e] >> 4) | (((qh[e] >> (2 * j + 1)) & 1) << 4);
+                    let l = (qs[32 * j + e] & 0xF) | fifth(e, 2 * j);
+                    let h = (qs[32 * j + e] >> 4) | fifth(e, 2 * j + 1);
                     lo += l as i32 * q8[64 * j + e] as i32;
                     hi += h as i32 * q8[64 * j + 32 + e] as i32;
                 }
@@ -653,7 +635,8 @@ pub(crate) fn dot_q5_k_q8_k(w: &[u8], acts: &QuantizedActivations<'_>, base: usi
             *a = d.mul_add(s as f32, *a);
         }
     }
-    hsum8(&acc) + summs
+    let mins = if FIVE { summs } else { (acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]) };
+    hsum8(&acc) + mins
 }
 
 #[inline(always)]

@@ -248,80 +248,16 @@ impl Kernel for Q4K {
         out: *mut f32,
         token_stride: usize,
     ) {
-        let nb = acts.nb;
-        // SAFETY (whole body): the caller guarantees AVX2, `nb` blocks at `w`, and `nb` Q8_K
-        // activation blocks for tokens first..first+T.
-        unsafe {
-            let m4 = _mm256_set1_epi8(0xF);
-            let mut acc = [_mm256_setzero_ps(); T];
-            let mut acc_m = [_mm_setzero_ps(); T];
-            let tiled: [bool; T] =
-                std::array::from_fn(|t| acts.peer_batch.get(first + t).is_some_and(|&b| b >= super::TILED_FROM));
-            let mut tiled_acc = [0f32; T];
-            for i in 0..nb {
-                let x = w.add(i * Self::BYTES);
-                prefetch_ahead(x, Self::BYTES);
-                let wd = f16_at(x);
-                let wmin = f16_at(x.add(2));
-                let mut utmp = [0u32; 4];
-                std::ptr::copy_nonoverlapping(x.add(4), utmp.as_mut_ptr() as *mut u8, 12);
-                utmp[3] = ((utmp[2] >> 4) & 0x0f0f0f0f) | (((utmp[1] >> 6) & 0x03030303) << 4);
-                let uaux = utmp[1] & 0x3f3f3f3f;
-                utmp[1] = (utmp[2] & 0x0f0f0f0f) | (((utmp[0] >> 6) & 0x03030303) << 4);
-                utmp[2] = uaux;
-                utmp[0] &= 0x3f3f3f3f;
-                let mins_and_scales =
-                    _mm256_cvtepu8_epi16(_mm_set_epi32(utmp[3] as i32, utmp[2] as i32, utmp[1] as i32, utmp[0] as i32));
-                let mins = _mm256_extracti128_si256(mins_and_scales, 1);
-                let sc128 = _mm256_extracti128_si256(mins_and_scales, 0);
-                let scales = _mm256_set_m128i(sc128, sc128);
-                let mut sumi = [_mm256_setzero_si256(); T];
-                let q4 = x.add(16);
-                for j in 0..4 {
-                    let scale_l = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j));
-                    let scale_h = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j + 1));
-                    let q4bits = _mm256_loadu_si256(q4.add(32 * j) as *const __m256i);
-                    let q4l = _mm256_and_si256(q4bits, m4);
-                    let q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
-                    for (t, sum) in sumi.iter_mut().enumerate() {
-                        let q8 = acts.qs.as_ptr().add(((first + t) * nb + i) * 256 + 64 * j);
-                        let q8l = _mm256_loadu_si256(q8 as *const __m256i);
-                        let q8h = _mm256_loadu_si256(q8.add(32) as *const __m256i);
-                        let p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
-                        let p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
-                        *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(p16l, p16h));
-                    }
-                }
-                for t in 0..T {
-                    let block = (first + t) * nb + i;
-                    let yd = *acts.d.as_ptr().add(block);
-                    let q8sums = _mm256_loadu_si256(acts.bsums.as_ptr().add(block * 16) as *const __m256i);
-                    let q8s = _mm_hadd_epi16(_mm256_extracti128_si256(q8sums, 0), _mm256_extracti128_si256(q8sums, 1));
-                    let prod = _mm_madd_epi16(mins, q8s);
-                    if tiled[t] {
-                        // The whole block's integer sums, scaled once (llama.cpp's tiled kernel).
-                        let r = (-wmin).mul_add(hsum_epi32_128(prod) as f32, hsum_epi32(sumi[t]) as f32 * wd);
-                        tiled_acc[t] = tiled_update(tiled_acc[t], r, yd);
-                        continue;
-                    }
-                    acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(-yd * wmin), _mm_cvtepi32_ps(prod), acc_m[t]);
-                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(yd * wd), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
-                }
-            }
-            for t in 0..T {
-                let m = _mm_add_ps(acc_m[t], _mm_movehl_ps(acc_m[t], acc_m[t]));
-                let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-                *out.add(t * token_stride) = if tiled[t] { tiled_acc[t] } else { hsum8(acc[t]) + _mm_cvtss_f32(m) };
-            }
-        }
+        // SAFETY: forwarded from the caller.
+        unsafe { tile_q4_5_k::<false, 144, T>(w, acts, first, out, token_stride) }
     }
 }
 
 impl Kernel for Q5K {
     const BYTES: usize = 176;
-    /// llama.cpp's AVX2 `ggml_vec_dot_q5_K_q8_K`, with each weight chunk unpacked once for `T`
-    /// tokens: Q4_K's products with a fifth bit from `qh`, and the minimums' term summed as one
-    /// scalar (fused multiply-add per block) instead of four lanes.
+    /// llama.cpp's AVX2 `ggml_vec_dot_q5_K_q8_K`: Q4_K's products with a fifth bit from `qh`, and
+    /// the minimums' term summed as one scalar (a fused multiply-add per block) instead of four
+    /// lanes.
     #[inline(always)]
     unsafe fn tile<const VNNI: bool, const T: usize>(
         w: *const u8,
@@ -330,75 +266,106 @@ impl Kernel for Q5K {
         out: *mut f32,
         token_stride: usize,
     ) {
-        let nb = acts.nb;
-        // SAFETY (whole body): the caller guarantees AVX2, `nb` blocks at `w`, and `nb` Q8_K
-        // activation blocks for tokens first..first+T.
-        unsafe {
-            let m4 = _mm256_set1_epi8(0xF);
-            let mut acc = [_mm256_setzero_ps(); T];
-            let mut summs = [0f32; T];
-            let tiled: [bool; T] =
-                std::array::from_fn(|t| acts.peer_batch.get(first + t).is_some_and(|&b| b >= super::TILED_FROM));
-            let mut tiled_acc = [0f32; T];
-            for i in 0..nb {
-                let x = w.add(i * Self::BYTES);
-                prefetch_ahead(x, Self::BYTES);
-                let wd = f16_at(x);
-                let wmin = f16_at(x.add(2));
-                let mut utmp = [0u32; 4];
-                std::ptr::copy_nonoverlapping(x.add(4), utmp.as_mut_ptr() as *mut u8, 12);
-                utmp[3] = ((utmp[2] >> 4) & 0x0f0f0f0f) | (((utmp[1] >> 6) & 0x03030303) << 4);
-                let uaux = utmp[1] & 0x3f3f3f3f;
-                utmp[1] = (utmp[2] & 0x0f0f0f0f) | (((utmp[0] >> 6) & 0x03030303) << 4);
-                utmp[2] = uaux;
-                utmp[0] &= 0x3f3f3f3f;
-                let mins_and_scales =
-                    _mm256_cvtepu8_epi16(_mm_set_epi32(utmp[3] as i32, utmp[2] as i32, utmp[1] as i32, utmp[0] as i32));
-                let mins = _mm256_extracti128_si256(mins_and_scales, 1);
-                let sc128 = _mm256_extracti128_si256(mins_and_scales, 0);
-                let scales = _mm256_set_m128i(sc128, sc128);
-                let mut sumi = [_mm256_setzero_si256(); T];
-                let hbits = _mm256_loadu_si256(x.add(16) as *const __m256i);
-                let q5 = x.add(48);
-                for j in 0..4 {
-                    let scale_l = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j));
-                    let scale_h = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j + 1));
-                    let q5bits = _mm256_loadu_si256(q5.add(32 * j) as *const __m256i);
+        // SAFETY: forwarded from the caller.
+        unsafe { tile_q4_5_k::<true, 176, T>(w, acts, first, out, token_stride) }
+    }
+}
+
+/// The tile kernel of Q4_K (`FIVE` false) and Q5_K (`FIVE` true), `BYTES` per block; each token
+/// reduced in the order llama.cpp uses for its batch size (vector dot product, or the tiled
+/// kernel from [`super::TILED_FROM`] tokens).
+#[inline(always)]
+unsafe fn tile_q4_5_k<const FIVE: bool, const BYTES: usize, const T: usize>(
+    w: *const u8,
+    acts: &Acts<'_>,
+    first: usize,
+    out: *mut f32,
+    token_stride: usize,
+) {
+    let nb = acts.nb;
+    // SAFETY (whole body): the caller guarantees AVX2, `nb` blocks at `w`, and `nb` Q8_K
+    // activation blocks for tokens first..first+T.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0xF);
+        let mut acc = [_mm256_setzero_ps(); T];
+        // Q4_K keeps the minimums' term in four lanes, Q5_K as one scalar (llama.cpp's kernels).
+        let mut acc_m = [_mm_setzero_ps(); T];
+        let mut summs = [0f32; T];
+        let tiled: [bool; T] =
+            std::array::from_fn(|t| acts.peer_batch.get(first + t).is_some_and(|&b| b >= super::TILED_FROM));
+        let mut tiled_acc = [0f32; T];
+        for i in 0..nb {
+            let x = w.add(i * BYTES);
+            prefetch_ahead(x, BYTES);
+            let wd = f16_at(x);
+            let wmin = f16_at(x.add(2));
+            let mut utmp = [0u32; 4];
+            std::ptr::copy_nonoverlapping(x.add(4), utmp.as_mut_ptr() as *mut u8, 12);
+            utmp[3] = ((utmp[2] >> 4) & 0x0f0f0f0f) | (((utmp[1] >> 6) & 0x03030303) << 4);
+            let uaux = utmp[1] & 0x3f3f3f3f;
+            utmp[1] = (utmp[2] & 0x0f0f0f0f) | (((utmp[0] >> 6) & 0x03030303) << 4);
+            utmp[2] = uaux;
+            utmp[0] &= 0x3f3f3f3f;
+            let mins_and_scales =
+                _mm256_cvtepu8_epi16(_mm_set_epi32(utmp[3] as i32, utmp[2] as i32, utmp[1] as i32, utmp[0] as i32));
+            let mins = _mm256_extracti128_si256(mins_and_scales, 1);
+            let sc128 = _mm256_extracti128_si256(mins_and_scales, 0);
+            let scales = _mm256_set_m128i(sc128, sc128);
+            let mut sumi = [_mm256_setzero_si256(); T];
+            let hbits = if FIVE { _mm256_loadu_si256(x.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
+            let q5 = x.add(if FIVE { 48 } else { 16 });
+            for j in 0..4 {
+                let scale_l = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j));
+                let scale_h = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j + 1));
+                let q5bits = _mm256_loadu_si256(q5.add(32 * j) as *const __m256i);
+                let mut q4l = _mm256_and_si256(q5bits, m4);
+                let mut q4h = _mm256_and_si256(_mm256_srli_epi16(q5bits, 4), m4);
+                if FIVE {
                     // The fifth bit of each value: bit 2j (low nibbles) or 2j + 1 (high) of qh.
                     let (bl, bh) = (_mm256_set1_epi8(1 << (2 * j)), _mm256_set1_epi8(1 << (2 * j + 1)));
                     let sixteen = _mm256_set1_epi8(16);
                     let fifth_l = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, bl), bl), sixteen);
                     let fifth_h = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, bh), bh), sixteen);
-                    let q4l = _mm256_add_epi8(_mm256_and_si256(q5bits, m4), fifth_l);
-                    let q4h = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(q5bits, 4), m4), fifth_h);
-                    for (t, sum) in sumi.iter_mut().enumerate() {
-                        let q8 = acts.qs.as_ptr().add(((first + t) * nb + i) * 256 + 64 * j);
-                        let q8l = _mm256_loadu_si256(q8 as *const __m256i);
-                        let q8h = _mm256_loadu_si256(q8.add(32) as *const __m256i);
-                        let p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
-                        let p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
-                        *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(p16l, p16h));
-                    }
+                    q4l = _mm256_add_epi8(q4l, fifth_l);
+                    q4h = _mm256_add_epi8(q4h, fifth_h);
                 }
-                for t in 0..T {
-                    let block = (first + t) * nb + i;
-                    let yd = *acts.d.as_ptr().add(block);
-                    let q8sums = _mm256_loadu_si256(acts.bsums.as_ptr().add(block * 16) as *const __m256i);
-                    let q8s = _mm_hadd_epi16(_mm256_extracti128_si256(q8sums, 0), _mm256_extracti128_si256(q8sums, 1));
-                    let prod = _mm_madd_epi16(mins, q8s);
-                    if tiled[t] {
-                        // The whole block's integer sums, scaled once (llama.cpp's tiled kernel).
-                        let r = (-wmin).mul_add(hsum_epi32_128(prod) as f32, hsum_epi32(sumi[t]) as f32 * wd);
-                        tiled_acc[t] = tiled_update(tiled_acc[t], r, yd);
-                        continue;
-                    }
-                    summs[t] = (-yd * wmin).mul_add(hsum_epi32_128(prod) as f32, summs[t]);
-                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(yd * wd), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+                for (t, sum) in sumi.iter_mut().enumerate() {
+                    let q8 = acts.qs.as_ptr().add(((first + t) * nb + i) * 256 + 64 * j);
+                    let q8l = _mm256_loadu_si256(q8 as *const __m256i);
+                    let q8h = _mm256_loadu_si256(q8.add(32) as *const __m256i);
+                    let p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
+                    let p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
+                    *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(p16l, p16h));
                 }
             }
             for t in 0..T {
-                *out.add(t * token_stride) = if tiled[t] { tiled_acc[t] } else { hsum8(acc[t]) + summs[t] };
+                let block = (first + t) * nb + i;
+                let yd = *acts.d.as_ptr().add(block);
+                let q8sums = _mm256_loadu_si256(acts.bsums.as_ptr().add(block * 16) as *const __m256i);
+                let q8s = _mm_hadd_epi16(_mm256_extracti128_si256(q8sums, 0), _mm256_extracti128_si256(q8sums, 1));
+                let prod = _mm_madd_epi16(mins, q8s);
+                if tiled[t] {
+                    // The whole block's integer sums, scaled once (llama.cpp's tiled kernel).
+                    let r = (-wmin).mul_add(hsum_epi32_128(prod) as f32, hsum_epi32(sumi[t]) as f32 * wd);
+                    tiled_acc[t] = tiled_update(tiled_acc[t], r, yd);
+                    continue;
+                }
+                if FIVE {
+                    summs[t] = (-yd * wmin).mul_add(hsum_epi32_128(prod) as f32, summs[t]);
+                } else {
+                    acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(-yd * wmin), _mm_cvtepi32_ps(prod), acc_m[t]);
+                }
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(yd * wd), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
             }
+        }
+        for t in 0..T {
+            let mins = if FIVE {
+                summs[t]
+            } else {
+                let m = _mm_add_ps(acc_m[t], _mm_movehl_ps(acc_m[t], acc_m[t]));
+                _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)))
+            };
+            *out.add(t * token_stride) = if tiled[t] { tiled_acc[t] } else { hsum8(acc[t]) + mins };
         }
     }
 }
