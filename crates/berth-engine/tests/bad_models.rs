@@ -95,3 +95,21 @@ fn a_prompt_longer_than_the_context() {
     assert!(matches!(err, EngineError::ContextOverflow { limit: 256, .. }), "{err}");
     assert!(err.to_string().contains("256"), "{err}");
 }
+
+/// Hyper-parameters a file sets out of range are refused, not replaced by defaults; a family's
+/// own limits (expert counts, layer counts, scaling berth does not run) are clear errors too.
+#[test]
+fn hyper_parameters_out_of_range() {
+    let cases: [(&str, Value, &str); 5] = [
+        ("llama.attention.head_count_kv", Value::U32(0), "head_count_kv"),
+        ("llama.attention.key_length", Value::U64(1 << 40), "key_length"),
+        ("llama.block_count", Value::U32(100_000), "layers"),
+        ("llama.rope.scaling.type", Value::String("yarn".into()), "yarn"),
+        ("llama.rope.dimension_count", Value::U32(3), "rope dimension"),
+    ];
+    for (key, value, says) in cases {
+        let b = tiny_llama(&LlamaShape::default()).without_metadata(key).metadata(key, value);
+        let err = load(b.build()).err().unwrap_or_else(|| panic!("{key} was accepted"));
+        assert!(err.to_string().contains(says), "{key}: {err}");
+    }
+}

@@ -33,7 +33,8 @@ pub struct Architecture {
     /// The output layer is always the embedding (Gemma 2 has no `output.weight`).
     pub always_tied: bool,
     /// Which layers use a sliding window: `n` means every layer but each `n`-th (llama.cpp's
-    /// `set_swa_pattern`); 0 means none. A file's `attention.sliding_window_pattern` overrides it.
+    /// `set_swa_pattern`); 0 means the family has no sliding windows (Phi-3's files name one that
+    /// llama.cpp does not apply). A file's `attention.sliding_window_pattern` overrides it.
     pub swa_pattern: u32,
     /// Sliding window used when the file names none (Gemma 2's 4096); `None`: no window unless the
     /// file gives one.
@@ -178,6 +179,14 @@ impl DecoderConfig {
                 .filter(|&v| v > 0 && (v as u64) < MAX_DIM)
                 .ok_or_else(|| EngineError::BadModel(format!("{full} = {v} is out of range")))
         };
+        // A key that may be absent: absent is `None`, present but out of range is still an error.
+        let optional = |k: &str| -> Result<Option<usize>, EngineError> {
+            match int(k) {
+                Ok(v) => Ok(Some(v)),
+                Err(EngineError::MissingMetadata(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
         let float = |k: &str| -> Option<f32> { gguf.get(&key(k)).and_then(|v| v.as_f64()).map(|v| v as f32) };
         let n_layers = int("block_count")?;
         if n_layers > MAX_LAYERS {
@@ -185,32 +194,32 @@ impl DecoderConfig {
         }
         let n_embd = int("embedding_length")?;
         let n_head = int("attention.head_count")?;
-        let n_head_kv = int("attention.head_count_kv").unwrap_or(n_head);
+        let n_head_kv = optional("attention.head_count_kv")?.unwrap_or(n_head);
         if n_head % n_head_kv != 0 {
             return Err(EngineError::BadModel(format!("{n_head} heads do not share out over {n_head_kv} KV heads")));
         }
-        let head_dim = match int("attention.key_length") {
-            Ok(v) => v,
-            Err(_) if n_embd % n_head == 0 => n_embd / n_head,
-            Err(_) => {
+        let head_dim = match optional("attention.key_length")? {
+            Some(v) => v,
+            None if n_embd % n_head == 0 => n_embd / n_head,
+            None => {
                 return Err(EngineError::BadModel(format!(
                     "{n_embd} embedding width does not divide into {n_head} heads"
                 )));
             }
         };
-        if int("attention.value_length").is_ok_and(|v| v != head_dim) {
+        if optional("attention.value_length")?.is_some_and(|v| v != head_dim) {
             return Err(EngineError::BadModel("keys and values of different widths are not supported".into()));
         }
         if head_dim % 16 != 0 || head_dim > 1024 {
             return Err(EngineError::BadModel(format!("a head width of {head_dim} is not supported")));
         }
-        let rope_dim = int("rope.dimension_count").unwrap_or(head_dim);
+        let rope_dim = optional("rope.dimension_count")?.unwrap_or(head_dim);
         if rope_dim > head_dim || rope_dim % 2 != 0 || rope_dim > 512 {
             return Err(EngineError::BadModel(format!("rope dimension {rope_dim} does not fit head size {head_dim}")));
         }
-        let vocab_size = match int("vocab_size") {
-            Ok(v) => v,
-            Err(_) => gguf
+        let vocab_size = match optional("vocab_size")? {
+            Some(v) => v,
+            None => gguf
                 .get("tokenizer.ggml.tokens")
                 .and_then(|v| v.as_array())
                 .map(|a| a.len())
@@ -239,7 +248,7 @@ impl DecoderConfig {
             }
         }
         let context_length = int("context_length")?;
-        let rope_original_context = int("rope.scaling.original_context_length").unwrap_or(context_length);
+        let rope_original_context = optional("rope.scaling.original_context_length")?.unwrap_or(context_length);
         let softcap = |k: &str, default: Option<f32>| -> Result<Option<f32>, EngineError> {
             // Only families that cap read the keys (llama.cpp ignores them elsewhere); 0 turns it off.
             let Some(default) = default else { return Ok(None) };
@@ -254,10 +263,10 @@ impl DecoderConfig {
 
         // Sliding windows: the file's window (or the family's default) on the layers its pattern
         // (an array of flags, or a period) marks.
-        let window = match int("attention.sliding_window") {
-            Ok(w) => Some(w),
-            Err(_) => arch.default_window,
-        };
+        // Only families whose llama.cpp graph slides read a window (a Mistral or Qwen2 file may name
+        // one that llama.cpp ignores, and so does berth).
+        let window =
+            if arch.swa_pattern > 0 { optional("attention.sliding_window")?.or(arch.default_window) } else { None };
         let swa_layers: Vec<bool> = match (window, gguf.get(&key("attention.sliding_window_pattern"))) {
             (None, _) => vec![false; n_layers],
             (Some(_), Some(Value::Array(flags))) => {
@@ -286,8 +295,6 @@ impl DecoderConfig {
                 (0..n_layers as u64).map(|il| n == 0 || il % n < n - 1).collect()
             }
         };
-        // Phi-3's file names a window llama.cpp does not apply (its conversion marks no layers).
-        let swa_layers = if name == "phi3" { vec![false; n_layers] } else { swa_layers };
         let swa_base = float("rope.freq_base_swa").or(arch.swa_rope_base).unwrap_or(rope_base);
         let layers = swa_layers
             .iter()
@@ -304,14 +311,17 @@ impl DecoderConfig {
             if used > count || used > 64 {
                 return Err(EngineError::BadModel(format!("{used} experts used of {count}")));
             }
-            let n_ff = int("expert_feed_forward_length").or_else(|_| int("feed_forward_length").map(|f| f / used))?;
+            let n_ff = match optional("expert_feed_forward_length")? {
+                Some(n) => n,
+                None => (int("feed_forward_length")? / used).max(1),
+            };
             let weights_scale = float("expert_weights_scale").filter(|&s| s != 0.0).unwrap_or(1.0);
             Some(ExpertConfig { count, used, n_ff, weights_scale })
         } else {
             None
         };
         let n_ff =
-            if experts.is_some() { int("feed_forward_length").unwrap_or(1) } else { int("feed_forward_length")? };
+            if experts.is_some() { optional("feed_forward_length")?.unwrap_or(1) } else { int("feed_forward_length")? };
         Ok(Self {
             name: name.to_string(),
             arch,

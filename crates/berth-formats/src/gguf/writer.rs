@@ -32,6 +32,12 @@ impl GgufBuilder {
         self
     }
 
+    /// Drop a metadata entry (to set it again, or to leave it out).
+    pub fn without_metadata(mut self, key: &str) -> Self {
+        self.metadata.retain(|(k, _)| k != key);
+        self
+    }
+
     /// Add a tensor with its raw bytes; dims are innermost first (GGML's `ne`).
     pub fn tensor(mut self, name: &str, dims: &[u64], ggml_type: GgmlType, data: Vec<u8>) -> Self {
         self.tensors.push(PendingTensor {
