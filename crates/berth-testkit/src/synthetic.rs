@@ -90,7 +90,7 @@ fn weights(n: usize, seed: &mut u64) -> Vec<u8> {
 
 /// Q4_1 blocks (scale, minimum, 32 nibbles) with pseudo-random nibbles and small, sane scales.
 fn q4_1_weights(n: usize, seed: &mut u64) -> Vec<u8> {
-    let (d, m) = (half_bits(0.002), half_bits(-0.015));
+    let (d, m) = (crate::families::f16_bits(0.002), crate::families::f16_bits(-0.015));
     let mut out = Vec::with_capacity(n / 32 * 20);
     for _ in 0..n / 32 {
         out.extend_from_slice(&d.to_le_bytes());
@@ -101,15 +101,6 @@ fn q4_1_weights(n: usize, seed: &mut u64) -> Vec<u8> {
         }
     }
     out
-}
-
-/// f16 bits of a normal value in f16's range (enough for the constants above).
-fn half_bits(x: f32) -> u16 {
-    let bits = x.to_bits();
-    let sign = ((bits >> 16) & 0x8000) as u16;
-    let exp = ((bits >> 23) & 0xFF) as i32 - 127 + 15;
-    let mantissa = ((bits >> 13) & 0x3FF) as u16;
-    sign | ((exp as u16) << 10) | mantissa
 }
 
 /// A builder holding a complete model; tests may add or replace parts before `build()`.

@@ -73,13 +73,6 @@ pub fn rope(v: &mut [f32], r: &Rope<'_>, pos: u32) {
 }
 }
 
-/// Rotary embedding on adjacent pairs with no scaling (the llama family's).
-pub fn rope_norm(v: &mut [f32], head_dim: usize, rope_dim: usize, pos: u32, base: f32) {
-    let r =
-        Rope { style: RopeStyle::Normal, head_dim, rope_dim, base, freq_scale: 1.0, attn_factor: 1.0, factors: None };
-    rope(v, &r, pos)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,9 +88,29 @@ mod tests {
     #[test]
     fn rope_at_position_zero_is_identity_and_preserves_norm() {
         let mut v = vec![1.0f32, 2.0, 3.0, 4.0];
-        rope_norm(&mut v, 4, 4, 0, 10000.0);
-        assert_eq!(v, [1.0, 2.0, 3.0, 4.0]);
-        rope_norm(&mut v, 4, 4, 17, 10000.0);
+        for style in [RopeStyle::Normal, RopeStyle::Neox] {
+            let r = Rope {
+                style,
+                head_dim: 4,
+                rope_dim: 4,
+                base: 10000.0,
+                freq_scale: 1.0,
+                attn_factor: 1.0,
+                factors: None,
+            };
+            rope(&mut v, &r, 0);
+            assert_eq!(v, [1.0, 2.0, 3.0, 4.0]);
+        }
+        let r = Rope {
+            style: RopeStyle::Normal,
+            head_dim: 4,
+            rope_dim: 4,
+            base: 10000.0,
+            freq_scale: 1.0,
+            attn_factor: 1.0,
+            factors: None,
+        };
+        rope(&mut v, &r, 17);
         let n: f32 = v.iter().map(|x| x * x).sum();
         assert!((n - 30.0).abs() < 1e-4);
     }
@@ -194,9 +207,10 @@ pub fn dot_f32_ggml(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
-/// A softmax over one short row as `ggml_soft_max` computes it on the CPU: `ggml_expf` over
+/// A softmax over one row as `ggml_soft_max` computes it on the CPU: max, `ggml_expf` over
 /// 16-wide chunks with each chunk's sum reduced and added in f64, `expf` for the rest, then one
-/// multiply by the inverse (an MoE router's probabilities).
+/// multiply by the inverse (attention scores, an MoE router's probabilities).
+#[inline(always)]
 pub fn softmax_row_ggml(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
@@ -274,20 +288,7 @@ pub fn softmax_ggml(scores: &mut [f32], visible: std::ops::Range<usize>, scale: 
     for (i, s) in scores.iter_mut().enumerate() {
         *s = if visible.contains(&i) { *s * scale } else { f32::NEG_INFINITY };
     }
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for chunk in scores.chunks_exact_mut(16) {
-        let mut e = [0f32; 16];
-        for (v, s) in e.iter_mut().zip(chunk.iter()) {
-            *v = ggml_expf(*s - max);
-        }
-        chunk.copy_from_slice(&e);
-        sum += reduce16(&e) as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    for s in scores.iter_mut() {
-        *s *= inv;
-    }
+    softmax_row_ggml(scores);
 }
 
 #[cfg(test)]

@@ -232,14 +232,16 @@ unsafe fn tile_32<B: Block, const VNNI: bool, const T: usize>(
     }
 }
 
-struct Q4K;
-struct Q5K;
+/// Q4_K (`FIVE` false) and Q5_K (`FIVE` true).
+struct Q45K<const FIVE: bool>;
+type Q4K = Q45K<false>;
+type Q5K = Q45K<true>;
 struct Q6K;
 
-impl Kernel for Q4K {
-    const BYTES: usize = 144;
-    /// llama.cpp's AVX2 `ggml_vec_dot_q4_K_q8_K`, with each weight chunk unpacked once for `T`
-    /// tokens.
+impl<const FIVE: bool> Kernel for Q45K<FIVE> {
+    const BYTES: usize = if FIVE { 176 } else { 144 };
+    /// llama.cpp's AVX2 `ggml_vec_dot_q4_K_q8_K` or `ggml_vec_dot_q5_K_q8_K`, with each weight
+    /// chunk unpacked once for `T` tokens.
     #[inline(always)]
     unsafe fn tile<const VNNI: bool, const T: usize>(
         w: *const u8,
@@ -249,33 +251,16 @@ impl Kernel for Q4K {
         token_stride: usize,
     ) {
         // SAFETY: forwarded from the caller.
-        unsafe { tile_q4_5_k::<false, 144, T>(w, acts, first, out, token_stride) }
+        unsafe { tile_q4_5_k::<FIVE, T>(w, acts, first, out, token_stride) }
     }
 }
 
-impl Kernel for Q5K {
-    const BYTES: usize = 176;
-    /// llama.cpp's AVX2 `ggml_vec_dot_q5_K_q8_K`: Q4_K's products with a fifth bit from `qh`, and
-    /// the minimums' term summed as one scalar (a fused multiply-add per block) instead of four
-    /// lanes.
-    #[inline(always)]
-    unsafe fn tile<const VNNI: bool, const T: usize>(
-        w: *const u8,
-        acts: &Acts<'_>,
-        first: usize,
-        out: *mut f32,
-        token_stride: usize,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe { tile_q4_5_k::<true, 176, T>(w, acts, first, out, token_stride) }
-    }
-}
-
-/// The tile kernel of Q4_K (`FIVE` false) and Q5_K (`FIVE` true), `BYTES` per block; each token
-/// reduced in the order llama.cpp uses for its batch size (vector dot product, or the tiled
-/// kernel from [`super::TILED_FROM`] tokens).
+/// The tile kernel of Q4_K (`FIVE` false) and Q5_K (`FIVE` true: a fifth bit per value from
+/// `qh`, and the minimums' term summed as one scalar instead of four lanes); each token reduced
+/// in the order llama.cpp uses for its batch size (vector dot product, or the tiled kernel from
+/// [`super::TILED_FROM`] tokens).
 #[inline(always)]
-unsafe fn tile_q4_5_k<const FIVE: bool, const BYTES: usize, const T: usize>(
+unsafe fn tile_q4_5_k<const FIVE: bool, const T: usize>(
     w: *const u8,
     acts: &Acts<'_>,
     first: usize,
@@ -291,12 +276,11 @@ unsafe fn tile_q4_5_k<const FIVE: bool, const BYTES: usize, const T: usize>(
         // Q4_K keeps the minimums' term in four lanes, Q5_K as one scalar (llama.cpp's kernels).
         let mut acc_m = [_mm_setzero_ps(); T];
         let mut summs = [0f32; T];
-        let tiled: [bool; T] =
-            std::array::from_fn(|t| acts.peer_batch.get(first + t).is_some_and(|&b| b >= super::TILED_FROM));
+        let tiled = tiled_tokens::<T>(acts, first);
         let mut tiled_acc = [0f32; T];
         for i in 0..nb {
-            let x = w.add(i * BYTES);
-            prefetch_ahead(x, BYTES);
+            let x = w.add(i * Q45K::<FIVE>::BYTES);
+            prefetch_ahead(x, Q45K::<FIVE>::BYTES);
             let wd = f16_at(x);
             let wmin = f16_at(x.add(2));
             let mut utmp = [0u32; 4];
@@ -388,8 +372,7 @@ impl Kernel for Q6K {
             let m3 = _mm256_set1_epi8(3);
             let m15 = _mm256_set1_epi8(15);
             let mut acc = [_mm256_setzero_ps(); T];
-            let tiled: [bool; T] =
-                std::array::from_fn(|t| acts.peer_batch.get(first + t).is_some_and(|&b| b >= super::TILED_FROM));
+            let tiled = tiled_tokens::<T>(acts, first);
             let mut tiled_acc = [0f32; T];
             for i in 0..nb {
                 let x = w.add(i * Self::BYTES);
@@ -460,6 +443,13 @@ unsafe fn hsum_epi32_128(v: __m128i) -> i32 {
     // SAFETY: an unaligned store of 16 bytes into a 16-byte array.
     unsafe { _mm_storeu_si128(lanes.as_mut_ptr() as *mut __m128i, v) };
     lanes.iter().fold(0i32, |a, &b| a.wrapping_add(b))
+}
+
+/// Which of tokens `first..first + T` llama.cpp computes with its tiled K-quant kernel (a batch of
+/// [`super::TILED_FROM`] or more).
+#[inline(always)]
+fn tiled_tokens<const T: usize>(acts: &Acts<'_>, first: usize) -> [bool; T] {
+    std::array::from_fn(|t| acts.peer_batch.get(first + t).is_some_and(|&b| b >= super::TILED_FROM))
 }
 
 /// One block's contribution to a product in llama.cpp's tiled K-quant kernel, which it uses for

@@ -70,25 +70,27 @@ impl DecoderModel {
             let scale = |w: f32| if e.weights_scale == 1.0 { w } else { w * e.weights_scale };
             choices.push(order.iter().map(|&i| (i, scale(probs[i] / total))).collect());
         }
+        // Each expert's (token, pick) pairs, in token order, gathered in one pass.
+        let mut chosen_by: Vec<Vec<(usize, usize)>> = vec![Vec::new(); e.count];
+        for (t, c) in choices.iter().enumerate() {
+            for (slot, &(expert, _)) in c.iter().enumerate() {
+                chosen_by[expert].push((t, slot));
+            }
+        }
         // Each expert over the tokens that chose it; results kept per (token, pick) for the sum.
         let mut picked = vec![0f32; n * e.used * d];
         let (n_ff, mut x, mut g, mut u, mut y) = (e.n_ff, Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for expert in 0..gate.count.min(up.count).min(down.count) {
-            let users: Vec<(usize, usize)> = choices
-                .iter()
-                .enumerate()
-                .filter_map(|(t, c)| c.iter().position(|&(i, _)| i == expert).map(|slot| (t, slot)))
-                .collect();
+        for (expert, users) in chosen_by.iter().enumerate() {
             if users.is_empty() {
                 continue;
             }
             let m = users.len();
             x.clear();
-            for &(t, _) in &users {
+            for &(t, _) in users {
                 x.extend_from_slice(&h[t * d..(t + 1) * d]);
             }
             let mut per_sequence: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
-            for &(t, _) in &users {
+            for &(t, _) in users {
                 if lb[t] > 1 {
                     *per_sequence.entry(owner[t]).or_default() += 1;
                 }

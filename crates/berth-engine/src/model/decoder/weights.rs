@@ -35,10 +35,10 @@ pub(super) enum GateUp {
     Fused(Weight),
 }
 
-/// Experts stored as one 3-D tensor (`count` matrices of `rows × cols`, one after another).
+/// Experts stored as one 3-D tensor: the first expert's matrix, the others following it at
+/// steps of its length (as many as the model's expert count, checked at load).
 pub(super) struct ExpertWeights {
     pub(super) matrix: Weight,
-    pub(super) count: usize,
 }
 
 /// A mixture-of-experts block: the router and every expert's gate, up and down matrices.
@@ -102,7 +102,7 @@ impl Tensors<'_> {
         }
         let matrix = Weight { ggml_type: t.ggml_type, rows, cols, offset, len: len / count };
         QMatrix::new(matrix.ggml_type, rows, cols, &self.mmap[offset..offset + matrix.len])?;
-        Ok(ExpertWeights { matrix, count })
+        Ok(ExpertWeights { matrix })
     }
 
     /// A vector of `n` values, dequantised.
