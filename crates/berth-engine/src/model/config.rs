@@ -262,9 +262,8 @@ impl DecoderConfig {
         let final_softcap = softcap("final_logit_softcapping", arch.final_softcap)?;
 
         // Sliding windows: the file's window (or the family's default) on the layers its pattern
-        // (an array of flags, or a period) marks.
-        // Only families whose llama.cpp graph slides read a window (a Mistral or Qwen2 file may name
-        // one that llama.cpp ignores, and so does berth).
+        // (an array of flags, or a period) marks. Only families whose llama.cpp graph slides read
+        // a window (a Mistral or Qwen2 file may name one that llama.cpp ignores, and so does berth).
         let window =
             if arch.swa_pattern > 0 { optional("attention.sliding_window")?.or(arch.default_window) } else { None };
         let swa_layers: Vec<bool> = match (window, gguf.get(&key("attention.sliding_window_pattern"))) {
@@ -316,6 +315,12 @@ impl DecoderConfig {
                 None => (int("feed_forward_length")? / used).max(1),
             };
             let weights_scale = float("expert_weights_scale").filter(|&s| s != 0.0).unwrap_or(1.0);
+            if !(weights_scale.is_finite() && weights_scale > 0.0) {
+                return Err(EngineError::BadModel(format!(
+                    "{} = {weights_scale} is out of range",
+                    key("expert_weights_scale")
+                )));
+            }
             Some(ExpertConfig { count, used, n_ff, weights_scale })
         } else {
             None
