@@ -47,6 +47,10 @@ pub enum EngineError {
     TimedOut(std::time::Duration),
     #[error("{waiting} requests are already waiting for this model (the limit); retry shortly")]
     QueueFull { waiting: usize },
+    /// A constrained answer cannot go on: the grammar reached a state it cannot leave (its work
+    /// limit per token, or no token of the vocabulary fits).
+    #[error("structured output: {0}")]
+    Grammar(String),
     #[error("the model was unloaded while the request was waiting or running")]
     Stopped,
 }

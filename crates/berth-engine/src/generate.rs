@@ -2,6 +2,7 @@
 //! time runs through the same scheduler that batches many (see [`crate::scheduler`]), so there is
 //! one generation loop.
 
+use crate::constraint::{Constraint, ConstraintSpec, Grammars};
 use crate::error::EngineError;
 use crate::model::{TextModel, blocks_for};
 pub use crate::request::{FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
@@ -9,6 +10,7 @@ use crate::scheduler::{Scheduler, SchedulerConfig, TokenSink};
 use crate::template::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 /// Tokens of a prompt processed per forward pass when one request runs alone, bounding the
 /// memory of one step.
@@ -17,8 +19,11 @@ const PREFILL_CHUNK: usize = 512;
 /// A model with its tokenizer and chat template: what the APIs and `berth run` hold.
 pub struct Engine {
     model: Box<dyn TextModel>,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
+    /// The grammar compiler, built at the first constrained request (its token trie takes a
+    /// moment and memory that a model never asked for structured output does not need).
+    grammars: OnceLock<Result<Grammars, String>>,
 }
 
 /// The chat template a GGUF file carries, if any (read from its metadata, nothing loaded).
@@ -77,7 +82,7 @@ impl Engine {
             Some(src) => Some(ChatTemplate::new(src, &token(tokenizer.bos), &token(tokenizer.eos))?),
             None => None,
         };
-        Ok(Engine { model, tokenizer, template })
+        Ok(Engine { model, tokenizer: Arc::new(tokenizer), template, grammars: OnceLock::new() })
     }
 
     pub fn model(&self) -> &dyn TextModel {
@@ -86,6 +91,15 @@ impl Engine {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// Compile a request's constraint against this model's vocabulary; an error names `param`.
+    pub fn constrain(&self, spec: &ConstraintSpec, param: &str) -> Result<Constraint, EngineError> {
+        let grammars = self.grammars.get_or_init(|| Grammars::new(self.tokenizer.clone()).map_err(|e| e.to_string()));
+        match grammars {
+            Ok(g) => g.compile(spec, param),
+            Err(e) => Err(EngineError::Grammar(e.clone())),
+        }
     }
 
     /// The chat template in use (the artifact's override, else the file's), if there is one.

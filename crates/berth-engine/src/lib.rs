@@ -7,6 +7,7 @@
 //! requests at once with continuous batching on top of it; requests reach it validated
 //! ([`request`]).
 
+pub mod constraint;
 pub mod error;
 pub mod kernels;
 pub mod model;

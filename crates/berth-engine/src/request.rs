@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use crate::constraint::{Constraint, ConstraintSpec};
 use crate::error::EngineError;
 use crate::sampling::{SamplingParams, TokenLogprob};
 
@@ -22,6 +23,8 @@ pub struct GenerationRequest {
     pub logprobs: Option<usize>,
     /// Keep going past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
+    /// A grammar the answer must follow, compiled for the model ([`crate::Engine::constrain`]).
+    pub constraint: Option<Constraint>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -107,6 +110,9 @@ pub struct RequestDraft {
     /// Report log-probabilities with this many alternatives.
     pub logprobs: Option<usize>,
     pub ignore_eos: bool,
+    /// A grammar for the answer, with the name of the field that carried it (compiled against
+    /// the model by [`crate::Engine::constrain`], not by [`validate`]).
+    pub constraint: Option<(&'static str, ConstraintSpec)>,
 }
 
 /// Most stop strings a request may give, and their longest length in bytes.
@@ -224,6 +230,7 @@ pub fn validate(
         stop_token_ids: Vec::new(),
         logprobs: draft.logprobs,
         ignore_eos: draft.ignore_eos,
+        constraint: None,
     };
     check(&req, limits)?;
     Ok(req)

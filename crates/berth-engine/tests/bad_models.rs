@@ -28,6 +28,7 @@ fn a_tiny_valid_model_loads_and_generates() {
         stop_token_ids: vec![],
         logprobs: Some(3),
         ignore_eos: true,
+        constraint: None,
     };
     let out = engine.generate(&req, &mut |_| true).unwrap();
     assert_eq!(out.tokens.len(), 8);
@@ -90,6 +91,7 @@ fn a_prompt_longer_than_the_context() {
         stop_token_ids: vec![],
         logprobs: None,
         ignore_eos: false,
+        constraint: None,
     };
     let err = engine.generate(&req, &mut |_| true).unwrap_err();
     assert!(matches!(err, EngineError::ContextOverflow { limit: 256, .. }), "{err}");

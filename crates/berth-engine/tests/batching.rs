@@ -36,6 +36,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         stop_token_ids: Vec::new(),
         logprobs: None,
         ignore_eos: false,
+        constraint: None,
     }
 }
 

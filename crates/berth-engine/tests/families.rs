@@ -122,6 +122,7 @@ fn every_family_loads_renders_and_generates_with_its_own_tokenizer_and_template(
             stop_token_ids: vec![],
             logprobs: Some(2),
             ignore_eos: true,
+            constraint: None,
         };
         let out = engine.generate(&req, &mut |_| true).unwrap_or_else(|e| panic!("{}: {e}", family.arch));
         assert_eq!(out.tokens.len(), 6, "{}", family.arch);

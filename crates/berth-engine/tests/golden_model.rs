@@ -85,6 +85,7 @@ fn greedy_request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         stop_token_ids: vec![],
         logprobs: None,
         ignore_eos: false,
+        constraint: None,
     }
 }
 

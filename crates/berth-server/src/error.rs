@@ -190,6 +190,8 @@ impl ApiError {
                 ..ApiError::unavailable(e.to_string())
             },
             E::Stopped => ApiError::unavailable(e.to_string()),
+            // The client's grammar led somewhere it cannot leave (its work limit per token).
+            E::Grammar(_) => ApiError::bad_request(e.to_string()).with_code("structured_output_failed"),
             _ => ApiError::internal(e.to_string()),
         }
     }

@@ -239,7 +239,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         })
         .collect();
     type Read = fn(&berth_engine::scheduler::SchedulerStats) -> f64;
-    let families: [(&str, &str, &str, Read); 9] = [
+    let families: [(&str, &str, &str, Read); 11] = [
         ("num_requests_running", "gauge", "Requests generating now.", |s| s.running.load(Ordering::Relaxed) as f64),
         ("num_requests_waiting", "gauge", "Requests waiting to be admitted (preempted ones included).", |s| {
             s.waiting.load(Ordering::Relaxed) as f64
@@ -261,6 +261,15 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             s.preemptions.load(Ordering::Relaxed) as f64
         }),
         ("engine_steps_total", "counter", "Batched forward passes.", |s| s.steps.load(Ordering::Relaxed) as f64),
+        ("engine_step_seconds_total", "counter", "Wall time of the engine's steps.", |s| {
+            s.step_nanos.load(Ordering::Relaxed) as f64 / 1e9
+        }),
+        (
+            "grammar_mask_seconds_total",
+            "counter",
+            "Time constrained requests spent computing grammar masks, summed over requests.",
+            |s| s.mask_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        ),
     ];
     let mut out = metrics::Families::default();
     for m in &loaded {

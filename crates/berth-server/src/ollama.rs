@@ -9,6 +9,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use berth_engine::constraint::ConstraintSpec;
 use berth_engine::template::Message;
 use berth_engine::{FinishReason, GenerationOutput, GenerationRequest};
 use futures_util::StreamExt;
@@ -149,15 +150,16 @@ async fn unload_if_asked(state: &AppState, model: &str, keep: &Option<Value>, ch
     Some(Json(v).into_response())
 }
 
-fn check_format(format: &Option<Value>) -> Result<(), ApiError> {
-    match format {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(s)) if s.is_empty() => Ok(()),
-        Some(_) => Err(ApiError::invalid(
-            "format",
-            "structured output (`format`) is not supported yet (constrained decoding is coming)",
-        )),
-    }
+/// Ollama's `format`: `"json"` for any JSON object, or a JSON schema.
+fn format(format: &Option<Value>) -> Result<Option<(&'static str, ConstraintSpec)>, ApiError> {
+    let spec = match format {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) if s.is_empty() => return Ok(None),
+        Some(Value::String(s)) if s == "json" => ConstraintSpec::JsonObject,
+        Some(Value::Object(_)) => ConstraintSpec::JsonSchema(format.clone().unwrap_or_default()),
+        Some(_) => return Err(ApiError::invalid("format", "format must be \"json\" or a JSON schema object")),
+    };
+    Ok(Some(("format", spec)))
 }
 
 fn created_at() -> String {
@@ -167,7 +169,7 @@ fn created_at() -> String {
 /// What an Ollama chat asks for, checked before any model is involved; `None` for no messages
 /// (Ollama's way to load a model).
 pub(crate) fn chat_parts(req: &ChatRequest) -> Result<Option<(PromptSource, RequestDraft)>, ApiError> {
-    check_format(&req.format)?;
+    let constraint = format(&req.format)?;
     if req.messages.iter().any(|m| m.images.as_ref().is_some_and(|i| !i.is_empty())) {
         return Err(ApiError::invalid("messages", "images are not supported by this model"));
     }
@@ -183,12 +185,12 @@ pub(crate) fn chat_parts(req: &ChatRequest) -> Result<Option<(PromptSource, Requ
         return Ok(None);
     }
     let messages: Vec<Message> = req.messages.iter().map(|m| Message::new(&m.role, &m.content)).collect();
-    Ok(Some((PromptSource::Chat(messages), req.options.draft())))
+    Ok(Some((PromptSource::Chat(messages), RequestDraft { constraint, ..req.options.draft() })))
 }
 
 /// The same for `/api/generate`; `None` for an empty prompt.
 pub(crate) fn generate_parts(req: &GenerateRequest) -> Result<Option<(PromptSource, RequestDraft)>, ApiError> {
-    check_format(&req.format)?;
+    let constraint = format(&req.format)?;
     if req.images.as_ref().is_some_and(|i| !i.is_empty()) {
         return Err(ApiError::invalid("images", "images are not supported by this model"));
     }
@@ -205,7 +207,7 @@ pub(crate) fn generate_parts(req: &GenerateRequest) -> Result<Option<(PromptSour
         messages.push(Message::new("user", &req.prompt));
         PromptSource::Chat(messages)
     };
-    Ok(Some((source, req.options.draft())))
+    Ok(Some((source, RequestDraft { constraint, ..req.options.draft() })))
 }
 
 pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {

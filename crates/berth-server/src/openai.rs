@@ -35,7 +35,7 @@ pub struct ChatRequest {
     #[serde(default)]
     logprobs: bool,
     top_logprobs: Option<i64>,
-    response_format: Option<ResponseFormat>,
+    response_format: Option<Value>,
     tools: Option<Value>,
     tool_choice: Option<Value>,
     #[serde(flatten)]
@@ -55,6 +55,7 @@ pub struct CompletionRequest {
     echo: bool,
     logprobs: Option<i64>,
     suffix: Option<String>,
+    response_format: Option<Value>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -67,12 +68,6 @@ fn one() -> u32 {
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
-}
-
-#[derive(Deserialize)]
-struct ResponseFormat {
-    #[serde(rename = "type")]
-    kind: String,
 }
 
 #[derive(Deserialize)]
@@ -179,14 +174,7 @@ pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraf
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
     check_n(req.n)?;
-    if let Some(f) = &req.response_format
-        && f.kind != "text"
-    {
-        return Err(ApiError::invalid(
-            "response_format",
-            format!("response_format `{}` is not supported yet (constrained decoding is coming); use `text`", f.kind),
-        ));
-    }
+    let constraint = crate::request::response_format(&req.response_format)?;
     check_tools(&req.tools, &req.tool_choice)?;
     let top = match (req.logprobs, req.top_logprobs) {
         (_, Some(t)) if !(0..=20).contains(&t) => {
@@ -198,7 +186,8 @@ pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraf
     };
     let messages: Vec<Message> =
         req.messages.iter().enumerate().map(|(i, m)| m.to_message(i)).collect::<Result<_, _>>()?;
-    Ok((PromptSource::Chat(messages), req.sampling.draft(top)?))
+    let draft = RequestDraft { constraint: constraint.map(|c| ("response_format", c)), ..req.sampling.draft(top)? };
+    Ok((PromptSource::Chat(messages), draft))
 }
 
 /// The same for a completion request: its prompts (1 to 16) and parameters.
@@ -221,7 +210,9 @@ pub(crate) fn completion_parts(req: &CompletionRequest) -> Result<(PromptSource,
     if req.stream && texts.len() > 1 {
         return Err(ApiError::invalid("prompt", "streaming takes a single prompt"));
     }
-    Ok((PromptSource::Texts(texts), req.sampling.draft(top)?))
+    let constraint = crate::request::response_format(&req.response_format)?;
+    let draft = RequestDraft { constraint: constraint.map(|c| ("response_format", c)), ..req.sampling.draft(top)? };
+    Ok((PromptSource::Texts(texts), draft))
 }
 
 pub async fn chat_completions(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {

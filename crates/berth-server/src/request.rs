@@ -9,6 +9,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 
 use berth_engine::GenerationRequest;
+use berth_engine::constraint::ConstraintSpec;
 use berth_engine::request::{Param, RequestDraft};
 use berth_engine::template::Message;
 use serde::Deserialize;
@@ -246,7 +247,42 @@ impl Sampling {
             logit_bias,
             logprobs,
             ignore_eos,
+            constraint: None,
         })
+    }
+}
+
+/// OpenAI's `response_format`: `text`, `json_object`, `json_schema` (`{"json_schema": {"name",
+/// "schema", "strict"}}`), and berth's extensions `regex` (`{"type": "regex", "regex": "…"}`) and
+/// `grammar` (`{"type": "grammar", "grammar": "<Lark>"}`).
+pub fn response_format(v: &Option<Value>) -> Result<Option<ConstraintSpec>, ApiError> {
+    const PARAM: &str = "response_format";
+    let bad = |m: &str| ApiError::invalid(PARAM, format!("response_format: {m}"));
+    let Some(v) = v.as_ref().filter(|v| !v.is_null()) else { return Ok(None) };
+    let Some(obj) = v.as_object() else { return Err(bad("must be an object with a `type`")) };
+    let text = |key: &str| match obj.get(key) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        _ => Err(bad(&format!("type `{key}` needs a non-empty string `{key}`"))),
+    };
+    match obj.get("type").and_then(Value::as_str) {
+        None => Err(bad("must have a `type`: text, json_object, json_schema, regex or grammar")),
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(ConstraintSpec::JsonObject)),
+        Some("json_schema") => {
+            let Some(inner) = obj.get("json_schema").and_then(Value::as_object) else {
+                return Err(bad("type `json_schema` needs a `json_schema` object with the `schema`"));
+            };
+            match inner.get("schema") {
+                // OpenAI's clients always send one; without it any JSON object will do.
+                None | Some(Value::Null) => Ok(Some(ConstraintSpec::JsonObject)),
+                Some(schema) => Ok(Some(ConstraintSpec::JsonSchema(schema.clone()))),
+            }
+        }
+        Some("regex") => Ok(Some(ConstraintSpec::Regex(text("regex")?))),
+        Some("grammar") => Ok(Some(ConstraintSpec::Lark(text("grammar")?))),
+        Some(other) => {
+            Err(bad(&format!("unknown type `{other}`; use text, json_object, json_schema, regex or grammar")))
+        }
     }
 }
 
@@ -275,10 +311,18 @@ impl LoadedModel {
                 }
             };
             let limits = model.limits();
-            prompts
+            let mut requests = prompts
                 .into_iter()
                 .map(|p| berth_engine::request::validate(&draft, p, &limits))
-                .collect::<Result<Vec<_>, berth_engine::EngineError>>()
+                .collect::<Result<Vec<_>, berth_engine::EngineError>>()?;
+            if let Some((param, spec)) = &draft.constraint {
+                // Compiled once; each prompt's answer gets its own copy of the grammar's state.
+                let constraint = model.engine.constrain(spec, param)?;
+                for r in &mut requests {
+                    r.constraint = Some(constraint.clone());
+                }
+            }
+            Ok(requests)
         })
         .await
         .map_err(|e| ApiError::internal(format!("preparing the request stopped: {e}")))?;

@@ -42,6 +42,14 @@ fn the_official_ollama_client_works() {
 }
 
 #[test]
+fn structured_output_follows_every_schema_through_real_clients() {
+    let server = Server::start();
+    let base = format!("http://127.0.0.1:{}", server.port);
+    run_python("structured_output.py", &[&format!("{base}/v1"), &base, "ai/smollm2:latest"], &server);
+    assert!(server.metric_f64("berth:grammar_mask_seconds_total") > 0.0, "mask time is counted");
+}
+
+#[test]
 fn langchain_chat_openai_works() {
     let server = Server::start();
     run_python("langchain_client.py", &[&format!("http://127.0.0.1:{}/v1", server.port), "ai/smollm2:latest"], &server);

@@ -35,6 +35,10 @@ use self::sequence::Sequence;
 use crate::error::EngineError;
 use crate::generate::Engine;
 use crate::model::{BLOCK_TOKENS, KvPool, Logits, SeqStep, blocks_for};
+
+/// Most tokens a generating sequence puts through one step: its sampled token and those a grammar
+/// forced after it. More pending than that (a preempted sequence coming back) is a prompt chunk.
+const MAX_DECODE_TOKENS: usize = crate::constraint::MAX_FORCED_TOKENS + 1;
 use crate::request::{FinishReason, GenerationRequest};
 
 pub use runner::{Runner, RunnerConfig};
@@ -91,6 +95,11 @@ pub struct SchedulerStats {
     pub generated_tokens: AtomicU64,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
+    /// Wall time of steps (forward pass, sampling, streaming), in nanoseconds.
+    pub step_nanos: AtomicU64,
+    /// Time constrained sequences spent computing their grammars' masks, summed over sequences
+    /// (ns; they run in parallel with each other's sampling, so this bounds the wall time).
+    pub mask_nanos: AtomicU64,
 }
 
 impl SchedulerStats {
@@ -239,17 +248,21 @@ impl<'e, 's> Scheduler<'e, 's> {
         }
     }
 
-    /// One token for every generating sequence, preempting the newest when blocks run out.
+    /// The next tokens of every generating sequence (one, or more where a grammar forced some),
+    /// preempting the newest when blocks run out.
     fn plan_decodes(&mut self, plan: &mut Vec<(usize, usize)>, budget: &mut usize) {
         let mut i = 0;
         while i < self.running.len() {
-            if self.running[i].pending() != 1 {
+            let seq = &self.running[i];
+            // Still reading its prompt: planned as a chunk, within the budget, by `step`.
+            if seq.computed < seq.prompt_len || seq.pending() > MAX_DECODE_TOKENS {
                 i += 1;
                 continue;
             }
-            if self.reserve(i) {
-                plan.push((i, 1));
-                *budget = budget.saturating_sub(1);
+            let n = seq.pending();
+            if self.reserve(i, n) {
+                plan.push((i, n));
+                *budget = budget.saturating_sub(n);
                 i += 1;
                 continue;
             }
@@ -266,10 +279,10 @@ impl<'e, 's> Scheduler<'e, 's> {
         }
     }
 
-    /// Blocks for the sequence's next position; false if the pool has none.
-    fn reserve(&mut self, i: usize) -> bool {
+    /// Blocks for the sequence's next `n` positions; false if the pool has too few.
+    fn reserve(&mut self, i: usize, n: usize) -> bool {
         let seq = &mut self.running[i];
-        let needed = blocks_for(seq.computed + 1);
+        let needed = blocks_for(seq.computed + n);
         while seq.blocks.len() < needed {
             match self.pool.allocate() {
                 Some(b) => seq.blocks.push(b),
@@ -354,6 +367,13 @@ impl<'e, 's> Scheduler<'e, 's> {
         if plan.is_empty() {
             return 0;
         }
+        let started = Instant::now();
+        let total = self.run_planned(plan);
+        self.stats.step_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        total
+    }
+
+    fn run_planned(&mut self, plan: &[(usize, usize)]) -> usize {
         let steps: Vec<SeqStep<'_>> = plan
             .iter()
             .map(|&(i, n)| {
@@ -404,32 +424,40 @@ impl<'e, 's> Scheduler<'e, 's> {
                 sampled[i] = Some(rows);
             }
         }
-        // Sampling (a sort of the vocabulary, at some settings) for every sequence at once.
+        // Sampling (a grammar's mask, a sort of the vocabulary at some settings) for every
+        // sequence at once.
         let mut jobs: Vec<_> = self
             .running
             .iter_mut()
             .zip(sampled)
             .enumerate()
-            .filter_map(|(i, (seq, rows))| rows.map(|rows| (i, seq.sampler(), rows, None)))
+            .filter_map(|(i, (seq, rows))| rows.map(|rows| (i, seq.sampling(), rows, None)))
             .collect();
-        crate::team().for_each_mut(&mut jobs, |(_, (sampler, logprobs), rows, pick)| {
-            *pick = Some(sampler.sample(rows, *logprobs));
+        crate::team().for_each_mut(&mut jobs, |(_, sampling, rows, pick)| {
+            *pick = Some(sampling.pick(rows));
         });
+        let mask_nanos: u64 = jobs.iter().map(|(_, sampling, _, _)| sampling.mask_nanos).sum();
+        self.stats.mask_nanos.fetch_add(mask_nanos, Ordering::Relaxed);
         let picks: Vec<_> = jobs.into_iter().filter_map(|(i, _, _, pick)| pick.map(|p| (i, p))).collect();
         let mut finished = Vec::new();
-        for (i, (token, lp)) in picks {
+        for (i, pick) in picks {
             let seq = &mut self.running[i];
             let before = seq.tokens.len();
-            let end = seq.accept(token, lp, self.engine.tokenizer(), context);
+            let end = pick.and_then(|(token, lp)| seq.accept(token, lp, self.engine.tokenizer(), context));
             self.stats.generated_tokens.fetch_add((seq.tokens.len() - before) as u64, Ordering::Relaxed);
-            if let Some(end) = end {
-                finished.push((i, end));
+            match end {
+                Ok(None) => {}
+                Ok(Some(end)) => finished.push((i, Ok(end))),
+                Err(e) => finished.push((i, Err(e))),
             }
         }
-        for &(i, end) in finished.iter().rev() {
+        for (i, end) in finished.into_iter().rev() {
             let seq = self.running.remove(i);
             self.release_blocks_of(&seq);
-            seq.finish(end);
+            match end {
+                Ok(end) => seq.finish(end),
+                Err(e) => seq.fail(e),
+            }
         }
         total
     }

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use super::blocks::PrefixKey;
+use crate::constraint::{Constraint, MAX_FORCED_TOKENS};
 use crate::error::EngineError;
 use crate::request::{FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
 use crate::sampling::{Sampler, TokenLogprob};
@@ -23,6 +24,28 @@ pub trait TokenSink {
     }
 }
 
+/// A sequence's part in sampling, lent to a worker thread.
+pub(super) struct Sampling<'a> {
+    pub sampler: &'a mut Sampler,
+    pub logprobs: Option<usize>,
+    pub constraint: Option<&'a mut Constraint>,
+    /// Time spent computing the grammar's mask (ns), for the scheduler's figures.
+    pub mask_nanos: u64,
+}
+
+impl Sampling<'_> {
+    /// Pick the next token from the logits (masked first by the grammar, if any).
+    pub fn pick(&mut self, logits: &mut [f32]) -> Result<(u32, Option<TokenLogprob>), EngineError> {
+        if let Some(c) = self.constraint.as_mut() {
+            let started = Instant::now();
+            let mask = c.allowed()?;
+            self.mask_nanos += started.elapsed().as_nanos() as u64;
+            crate::constraint::apply_mask(logits, &mask);
+        }
+        Ok(self.sampler.sample(logits, self.logprobs))
+    }
+}
+
 pub(super) struct Sequence<'s> {
     /// The prompt, then every generated token.
     pub tokens: Vec<u32>,
@@ -35,6 +58,8 @@ pub(super) struct Sequence<'s> {
     pub keys: Vec<PrefixKey>,
     req: GenerationRequest,
     sampler: Sampler,
+    /// The grammar the answer follows, taken out of the request (it changes as tokens come).
+    constraint: Option<Constraint>,
     stops: StopMatcher,
     decoder: StreamDecoder,
     hit_stop_string: bool,
@@ -49,7 +74,8 @@ pub(super) struct Sequence<'s> {
 }
 
 impl<'s> Sequence<'s> {
-    pub fn new(req: GenerationRequest, sink: Box<dyn TokenSink + 's>, deadline: Option<Instant>) -> Self {
+    pub fn new(mut req: GenerationRequest, sink: Box<dyn TokenSink + 's>, deadline: Option<Instant>) -> Self {
+        let constraint = req.constraint.take();
         let sampler = Sampler::new(req.sampling.clone()).with_history(&req.prompt);
         let stops = StopMatcher::new(req.stop.clone());
         let out = GenerationOutput { prompt_tokens: req.prompt.len(), ..Default::default() };
@@ -61,6 +87,7 @@ impl<'s> Sequence<'s> {
             keys: Vec::new(),
             req,
             sampler,
+            constraint,
             stops,
             decoder: StreamDecoder::new(),
             hit_stop_string: false,
@@ -92,25 +119,62 @@ impl<'s> Sequence<'s> {
         self.out.cached_tokens = tokens;
     }
 
-    /// What sampling needs: the sampler and how many alternatives to report. (Sampling runs on
-    /// the engine's workers, one sequence each; the rest of `accept` stays on the scheduler thread.)
-    pub fn sampler(&mut self) -> (&mut Sampler, Option<usize>) {
-        (&mut self.sampler, self.req.logprobs)
+    /// What sampling needs: the sampler, how many alternatives to report, and the grammar that
+    /// masks the logits. (Sampling runs on the engine's workers, one sequence each; the rest of
+    /// `accept` stays on the scheduler thread.)
+    pub fn sampling(&mut self) -> Sampling<'_> {
+        Sampling {
+            sampler: &mut self.sampler,
+            logprobs: self.req.logprobs,
+            constraint: self.constraint.as_mut(),
+            mask_nanos: 0,
+        }
     }
 
-    /// Take the sampled next token, stream it, and say whether the sequence ends here.
+    /// Take the sampled next token and any the grammar forces after it, stream them, and say
+    /// whether the sequence ends here (an error: the grammar cannot go on).
     pub fn accept(
         &mut self,
         token: u32,
         lp: Option<TokenLogprob>,
         tokenizer: &Tokenizer,
         context: usize,
-    ) -> Option<FinishReason> {
+    ) -> Result<Option<FinishReason>, EngineError> {
         let now = Instant::now();
         if self.first_token.is_none() {
             self.first_token = Some(now);
             self.out.prefill_time = now.duration_since(self.admitted.unwrap_or(self.arrived));
         }
+        if let Some(end) = self.emit(token, lp, tokenizer, context) {
+            return Ok(Some(end));
+        }
+        let Some(constraint) = self.constraint.as_mut() else { return Ok(None) };
+        constraint.consume(token)?;
+        if constraint.is_finished() {
+            return Ok(Some(FinishReason::Stop));
+        }
+        // Tokens the grammar forces (a schema's keys, its punctuation) go in without sampling:
+        // they join the next forward pass together, as a prompt chunk does.
+        let room = (self.req.max_tokens - self.out.tokens.len()).min(context.saturating_sub(self.tokens.len()));
+        let forced = constraint.forced(room.min(MAX_FORCED_TOKENS));
+        let finished = constraint.is_finished();
+        for t in forced {
+            let lp = self.req.logprobs.map(|_| TokenLogprob { token: t, logprob: 0.0, top: vec![(t, 0.0)] });
+            if let Some(end) = self.emit(t, lp, tokenizer, context) {
+                return Ok(Some(end));
+            }
+        }
+        Ok(finished.then_some(FinishReason::Stop))
+    }
+
+    /// Stream one token of the answer; `Some` when the answer ends with it.
+    fn emit(
+        &mut self,
+        token: u32,
+        lp: Option<TokenLogprob>,
+        tokenizer: &Tokenizer,
+        context: usize,
+    ) -> Option<FinishReason> {
         let ends =
             !self.req.ignore_eos && tokenizer.is_end_of_generation(token) || self.req.stop_token_ids.contains(&token);
         if ends {

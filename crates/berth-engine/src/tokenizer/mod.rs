@@ -181,6 +181,11 @@ impl Tokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
+    /// The token's GGUF type ([`token_type`]); unknown ids read as UNUSED.
+    pub fn token_type(&self, id: u32) -> i32 {
+        self.types.get(id as usize).copied().unwrap_or(token_type::UNUSED)
+    }
+
     /// Whether a token ends generation.
     pub fn is_end_of_generation(&self, id: u32) -> bool {
         self.end_of_generation.contains(&id)

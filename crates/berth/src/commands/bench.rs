@@ -42,6 +42,10 @@ pub struct Args {
     /// With --url: seed of the arrival times.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// With --url: the `response_format` every request sends (JSON, e.g. a `json_schema`), to measure
+    /// structured output.
+    #[arg(long, value_name = "JSON")]
+    response_format: Option<String>,
     /// With --url: give up on a request after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
@@ -179,6 +183,13 @@ fn run_against_server(url: String, args: Args) -> anyhow::Result<()> {
     if let Some(rate) = args.rate {
         anyhow::ensure!(rate.is_finite() && rate > 0.0, "--rate must be a positive number of requests per second");
     }
+    let response_format = match &args.response_format {
+        None => None,
+        Some(text) => Some(
+            serde_json::from_str::<serde_json::Value>(text)
+                .context("--response-format must be JSON, e.g. '{\"type\": \"json_object\"}'")?,
+        ),
+    };
     let load = bench_serve::Load {
         url,
         model: args.model,
@@ -190,6 +201,7 @@ fn run_against_server(url: String, args: Args) -> anyhow::Result<()> {
         gen_tokens: args.gen_tokens,
         seed: args.seed,
         timeout: std::time::Duration::from_secs(args.timeout.max(1)),
+        response_format,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let report = runtime.block_on(bench_serve::run(load))?;

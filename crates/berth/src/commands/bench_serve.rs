@@ -25,6 +25,8 @@ pub struct Load {
     pub gen_tokens: usize,
     pub seed: u64,
     pub timeout: Duration,
+    /// Sent as each request's `response_format` (structured output).
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// One request's timings, as the client saw them.
@@ -143,7 +145,7 @@ impl Prompts {
 }
 
 async fn one_request(client: &reqwest::Client, endpoint: &str, load: &Load, prompt: String) -> anyhow::Result<Sample> {
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "model": load.model,
         "prompt": prompt,
         "max_tokens": load.gen_tokens,
@@ -152,6 +154,9 @@ async fn one_request(client: &reqwest::Client, endpoint: &str, load: &Load, prom
         "stream": true,
         "stream_options": { "include_usage": true },
     });
+    if let Some(format) = &load.response_format {
+        body["response_format"] = format.clone();
+    }
     let start = Instant::now();
     let mut response = client
         .post(endpoint)

@@ -143,6 +143,8 @@ pub fn run_python(script: &str, args: &[&str], server: &Server) {
         String::from_utf8_lossy(&out.stderr),
         server.log()
     );
+    // The scripts' summaries (counts, timings), shown with --nocapture.
+    eprint!("{}", String::from_utf8_lossy(&out.stdout));
 }
 
 /// Send a completion request on its own connection (closed by the server when the answer ends).
