@@ -55,11 +55,13 @@ impl TokenizerEnv for Vocabulary {
     }
 
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
-        // berth's tokenizer is the model's (it matches llama.cpp token for token); bytes that are
-        // not UTF-8 fall back to the longest-match split, which llguidance accepts too.
-        match std::str::from_utf8(s) {
-            Ok(text) => self.tokenizer.encode(text, false).unwrap_or_else(|_| self.trie.greedy_tokenize(s)),
-            Err(_) => self.trie.greedy_tokenize(s),
+        // berth's tokenizer is the model's (it matches llama.cpp token for token), where its
+        // tokens spell exactly these bytes; a SentencePiece vocabulary's added leading space, or
+        // bytes that are not UTF-8, fall back to the longest-match split.
+        let ids = std::str::from_utf8(s).ok().and_then(|text| self.tokenizer.encode(text, false).ok());
+        match ids {
+            Some(ids) if ids.iter().flat_map(|&t| self.trie.token(t)).copied().eq(s.iter().copied()) => ids,
+            _ => self.trie.greedy_tokenize(s),
         }
     }
 }
@@ -138,8 +140,17 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(invalid(format!("{param}: {e}")));
         }
-        Ok(Constraint { matcher })
+        Ok(Constraint { matcher, trigger: None })
     }
+}
+
+/// A JSON schema inside a Lark grammar (`%json {…}`), with the same options and number bounds as
+/// a schema on its own.
+pub fn lark_json(schema: &Value) -> String {
+    let mut schema = schema.clone();
+    // A multipleOf too fine is refused when the grammar compiles (llguidance reports it).
+    let _ = bound_numbers(&mut schema);
+    format!("%json {}", json_options(schema))
 }
 
 /// JSON as clients want it back: compact separators with a space (`{"a": 1, "b": 2}`), no
@@ -241,6 +252,18 @@ fn plain(e: &anyhow::Error) -> String {
 #[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
+    /// A lazy grammar's opening: the grammar applies to what follows it, and until the model
+    /// produces it the answer is free.
+    trigger: Option<Trigger>,
+}
+
+/// What switches a lazy grammar on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    /// The model produces this token (a format's own opening token, `<tool_call>` in Qwen 2.5).
+    Token(u32),
+    /// The answer's text comes to end with this (where the vocabulary has no such token).
+    Text(String),
 }
 
 impl std::fmt::Debug for Constraint {
@@ -250,6 +273,16 @@ impl std::fmt::Debug for Constraint {
 }
 
 impl Constraint {
+    /// The same grammar, applied only after the model produces its opening (a tool call's).
+    pub fn after(self, trigger: Trigger) -> Constraint {
+        Constraint { trigger: Some(trigger), ..self }
+    }
+
+    /// What switches a lazy grammar on (`None`: it applies from the start).
+    pub fn trigger(&self) -> Option<&Trigger> {
+        self.trigger.as_ref()
+    }
+
     /// The tokens the grammar allows next (end-of-generation among them where it may end).
     pub fn allowed(&mut self) -> Result<SimpleVob, EngineError> {
         let mask = self.matcher.compute_mask().map_err(|e| grammar_failed(&e))?;

@@ -9,6 +9,7 @@ pub use crate::request::{FinishReason, GenerationOutput, GenerationRequest, Toke
 use crate::scheduler::{Scheduler, SchedulerConfig, TokenSink};
 use crate::template::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
+use crate::tools::{ToolCall, ToolFormat, ToolPlan};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -113,22 +114,83 @@ impl Engine {
 
     /// Tokens of a chat: the template's markers as special tokens, the messages' text as text.
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
+        self.chat_prompt_with_tools(messages, None)
+    }
+
+    /// The same with tools: the template gets them as `tools` (the generic format, for a
+    /// template that knows none, describes them in the system message instead), and earlier calls
+    /// and results render as the template spells them.
+    pub fn chat_prompt_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&ToolPlan>,
+    ) -> Result<Vec<u32>, EngineError> {
         let Some(template) = &self.template else {
             // No template: the messages' text, one per line, as a plain completion prompt.
             let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
             return self.text_prompt(&text.join("\n"));
         };
-        // Roles and contents come from users: the special tokens' text in them is defused, so only
-        // the template's own markers become special tokens.
-        let messages: Vec<Message> = messages
+        // Everything in a message comes from users: the special tokens' text in it is defused, so
+        // only the template's own markers become special tokens.
+        let defuse = |s: &str| self.tokenizer.defuse_specials(s).into_owned();
+        let mut messages: Vec<Message> = messages
             .iter()
             .map(|m| Message {
-                role: self.tokenizer.defuse_specials(&m.role).into_owned(),
-                content: self.tokenizer.defuse_specials(&m.content).into_owned(),
+                role: defuse(&m.role),
+                content: defuse(&m.content),
+                tool_calls: m
+                    .tool_calls
+                    .iter()
+                    .map(|c| ToolCall { id: defuse(&c.id), name: defuse(&c.name), arguments: defuse(&c.arguments) })
+                    .collect(),
+                tool_call_id: m.tool_call_id.as_deref().map(defuse),
+                name: m.name.as_deref().map(defuse),
             })
             .collect();
-        let rendered = template.render(&messages, true)?;
+        let mut extra = serde_json::Map::new();
+        match tools {
+            Some(plan) if plan.format == ToolFormat::Generic => generic_tool_messages(&mut messages, plan),
+            Some(plan) => {
+                let tools = plan.template_tools().to_string();
+                let tools: serde_json::Value = serde_json::from_str(&defuse(&tools)).unwrap_or_default();
+                extra.insert("tools".into(), tools);
+            }
+            None => {}
+        }
+        let json: Vec<serde_json::Value> = messages.iter().map(Message::to_template_json).collect();
+        let generic = tools.is_some_and(|p| p.format == ToolFormat::Generic);
+        let rendered = match template.render_json(json, true, extra.clone()) {
+            // A template that knows only user and assistant turns gets the generic format's system
+            // and tool messages folded into user turns: Gemma's raises on other roles, Phi-3.5's
+            // leaves them out.
+            Ok(text)
+                if generic
+                    && messages
+                        .iter()
+                        .any(|m| m.role != "user" && m.role != "assistant" && !text.contains(&m.content)) =>
+            {
+                self.render_folded(template, messages, extra).unwrap_or(text)
+            }
+            Err(e) if generic => self.render_folded(template, messages, extra).map_err(|_| e)?,
+            other => other?,
+        };
         Ok(self.with_bos(self.tokenizer.encode_rendered(&rendered)?))
+    }
+
+    fn render_folded(
+        &self,
+        template: &ChatTemplate,
+        messages: Vec<Message>,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, EngineError> {
+        let json: Vec<serde_json::Value> =
+            fold_into_user_turns(messages).iter().map(Message::to_template_json).collect();
+        template.render_json(json, true, extra)
+    }
+
+    /// The tool format this model's template speaks.
+    pub fn tool_format(&self) -> ToolFormat {
+        self.template.as_ref().map_or(ToolFormat::Generic, |t| ToolFormat::of_template(t.source()))
     }
 
     /// Tokens of a raw completion prompt (special-token text stays text).
@@ -198,4 +260,64 @@ impl TokenSink for CallbackSink<'_> {
     fn finish(&mut self, result: Result<GenerationOutput, EngineError>) {
         *self.result = Some(result);
     }
+}
+
+/// The generic tool format on a template that knows no tools: the tools and the answer's shape
+/// go into the system message, earlier calls become the JSON the model was asked to write, and
+/// results become `tool` messages holding JSON (as llama.cpp's generic format does).
+fn generic_tool_messages(messages: &mut Vec<Message>, plan: &ToolPlan) {
+    let instructions = plan.generic_instructions();
+    match messages.first_mut() {
+        Some(first) if first.role == "system" => first.content = format!("{}\n\n{instructions}", first.content),
+        _ => messages.insert(0, Message::new("system", &instructions)),
+    }
+    for m in messages.iter_mut() {
+        if !m.tool_calls.is_empty() {
+            let calls: Vec<serde_json::Value> = m
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    let args = serde_json::from_str::<serde_json::Value>(&c.arguments)
+                        .unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone()));
+                    serde_json::json!({"name": c.name, "arguments": args, "id": c.id})
+                })
+                .collect();
+            m.content = serde_json::json!({"tool_calls": calls}).to_string();
+            m.tool_calls.clear();
+        } else if m.role == "tool" {
+            m.content =
+                serde_json::json!({"tool_response": {"tool": m.name, "id": m.tool_call_id, "content": m.content}})
+                    .to_string();
+        }
+    }
+}
+
+/// Only user and assistant turns, alternating: system text goes before the next user turn's,
+/// tool results become user turns, and turns of one role in a row are joined.
+fn fold_into_user_turns(messages: Vec<Message>) -> Vec<Message> {
+    let mut out: Vec<Message> = Vec::new();
+    let mut pending_system = String::new();
+    for m in messages {
+        let role = match m.role.as_str() {
+            "system" => {
+                pending_system.push_str(&m.content);
+                pending_system.push_str("\n\n");
+                continue;
+            }
+            "assistant" => "assistant",
+            _ => "user",
+        };
+        let mut content = m.content;
+        if role == "user" && !pending_system.is_empty() {
+            content = format!("{}{content}", std::mem::take(&mut pending_system));
+        }
+        match out.last_mut() {
+            Some(last) if last.role == role => last.content = format!("{}\n\n{content}", last.content),
+            _ => out.push(Message::new(role, &content)),
+        }
+    }
+    if !pending_system.is_empty() {
+        out.push(Message::new("user", pending_system.trim_end()));
+    }
+    out
 }

@@ -21,6 +21,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod stop;
 mod team;
+pub mod tools;
 
 use team::Team;
 

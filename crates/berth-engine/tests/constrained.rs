@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
-use berth_engine::constraint::ConstraintSpec;
+use berth_engine::constraint::{ConstraintSpec, Trigger};
 use berth_engine::sampling::SamplingParams;
 use berth_engine::scheduler::{Scheduler, SchedulerConfig, TokenSink};
 use berth_engine::template::Message;
@@ -188,4 +188,38 @@ fn what_berth_cannot_follow_is_refused_by_name() {
     assert!(m.contains("at most"), "{m}");
     // Unsatisfiable: no value fits.
     refuse(ConstraintSpec::JsonSchema(json!({"type": "integer", "minimum": 5, "maximum": 1})));
+}
+
+#[test]
+fn a_lazy_grammar_holds_from_its_opening_on() {
+    let engine = engine();
+    let open = engine.tokenizer().encode("{", false).expect("encode");
+    assert_eq!(open.len(), 1);
+    let spec = ConstraintSpec::Lark(r#"start: "\"name\": \"add\"}""#.into());
+    for trigger in [Trigger::Token(open[0]), Trigger::Text("{".into())] {
+        let req = GenerationRequest {
+            // The model is free until it writes `{` (the bias makes it do so at once); from there
+            // the grammar forces the rest.
+            sampling: SamplingParams {
+                temperature: 1.0,
+                seed: Some(1),
+                logit_bias: vec![(open[0], 100.0)],
+                ..SamplingParams::default()
+            },
+            constraint: Some(engine.constrain(&spec, "tools").expect("compiles").after(trigger.clone())),
+            ..request(&engine, "Call add.", None, 1.0, 1)
+        };
+        let out = engine.generate(&req, &mut |_| true).expect("generation");
+        assert_eq!(out.text, r#"{"name": "add"}"#, "{trigger:?}");
+        assert_eq!(out.finish, FinishReason::Stop);
+    }
+    // Without its opening the answer stays free: a bias against `{` keeps the grammar off.
+    let req = GenerationRequest {
+        sampling: SamplingParams { temperature: 0.0, logit_bias: vec![(open[0], -100.0)], ..SamplingParams::default() },
+        constraint: Some(engine.constrain(&spec, "tools").expect("compiles").after(Trigger::Token(open[0]))),
+        max_tokens: 20,
+        ..request(&engine, "Say hello.", None, 0.0, 1)
+    };
+    let free = GenerationRequest { constraint: None, ..req.clone() };
+    assert_eq!(engine.generate(&req, &mut |_| true).unwrap().text, engine.generate(&free, &mut |_| true).unwrap().text);
 }

@@ -187,3 +187,93 @@ fn sliding_windows_really_limit_attention() {
         "the global layers should see the first token"
     );
 }
+
+/// Each family's own template renders a tool-result round trip (an assistant's call, the tool's
+/// answer), and under `required` its random-weight model still makes a call that parses, in the
+/// format its template speaks: the grammar, not the weights, makes it valid.
+#[test]
+fn every_family_calls_tools_in_its_templates_format() {
+    use berth_engine::tools::{Tool, ToolCall, ToolChoice, ToolFormat, ToolGrammar, ToolPlan};
+    let dir = tempfile::tempdir().unwrap();
+    let tools = vec![
+        Tool {
+            name: "get_weather".into(),
+            description: Some("The weather in a city".into()),
+            parameters: serde_json::json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                                           "required": ["city"], "additionalProperties": false}),
+        },
+        Tool {
+            name: "add".into(),
+            description: None,
+            parameters: serde_json::json!({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "b": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["a", "b"],
+                                           "additionalProperties": false}),
+        },
+    ];
+    let mut assistant = Message::new("assistant", "");
+    assistant.tool_calls.push(ToolCall {
+        id: "call_1".into(),
+        name: "get_weather".into(),
+        arguments: r#"{"city": "Paris"}"#.into(),
+    });
+    let mut result = Message::new("tool", "18 degrees and sunny");
+    result.tool_call_id = Some("call_1".into());
+    result.name = Some("get_weather".into());
+    let conversation =
+        [Message::new("user", "Weather in Paris?"), assistant, result, Message::new("user", "And 2 + 3?")];
+    let mut formats = Vec::new();
+    for f in FAMILIES {
+        let engine = Engine::load(&write(*f, dir.path()), None).expect("load");
+        let format = engine.tool_format();
+        formats.push((f.arch, format));
+        for choice in [ToolChoice::Required, ToolChoice::Function("add".into())] {
+            let plan = ToolPlan { format, tools: tools.clone(), choice: choice.clone(), parallel: false };
+            let prompt = engine.chat_prompt_with_tools(&conversation, Some(&plan)).expect("render");
+            let rendered = engine.tokenizer().decode(&prompt);
+            assert!(rendered.contains("18 degrees and sunny"), "{}: the tool result is in the prompt", f.arch);
+            let spec = match plan.grammar(engine.tokenizer()) {
+                ToolGrammar::Whole(spec) => spec,
+                other => panic!("{}: {choice:?} must constrain the whole answer, got {other:?}", f.arch),
+            };
+            let req = GenerationRequest {
+                prompt,
+                max_tokens: 200,
+                sampling: SamplingParams { temperature: 1.0, seed: Some(3), ..SamplingParams::default() },
+                stop: Vec::new(),
+                stop_token_ids: Vec::new(),
+                logprobs: None,
+                ignore_eos: false,
+                constraint: Some(engine.constrain(&spec, "tools").expect("the tool grammar compiles")),
+            };
+            let out = engine.generate(&req, &mut |_| true).expect("generate");
+            let (_, calls) = plan.parse(&out.text, "t");
+            assert_eq!(calls.len(), 1, "{} ({format:?}, {choice:?}): {:?}", f.arch, out.text);
+            let args: serde_json::Value = serde_json::from_str(&calls[0].arguments).expect("arguments are JSON");
+            match &choice {
+                ToolChoice::Function(name) => assert_eq!(&calls[0].name, name),
+                _ => assert!(["get_weather", "add"].contains(&calls[0].name.as_str())),
+            }
+            if calls[0].name == "add" {
+                assert!(args["a"].as_i64().is_some_and(|a| (0..=99).contains(&a)), "{args}");
+            }
+        }
+    }
+    // Under `auto` a Qwen model's answer is free until it opens a call with `<tool_call>`; from
+    // there the grammar holds (tests/constrained.rs runs such a lazy grammar). This vocabulary
+    // spells `<tool_call>` in pieces (Qwen 2.5's has it as one token), so the opening is its text.
+    let qwen2 = *FAMILIES.iter().find(|f| f.arch == "qwen2").expect("qwen2");
+    let engine = Engine::load(&write(qwen2, dir.path()), None).expect("load");
+    let plan =
+        ToolPlan { format: engine.tool_format(), tools: tools.clone(), choice: ToolChoice::Auto, parallel: true };
+    let ToolGrammar::Lazy(lazy) = plan.grammar(engine.tokenizer()) else { panic!("auto is lazy in the Hermes format") };
+    assert_eq!(lazy.trigger, berth_engine::constraint::Trigger::Text("<tool_call>".into()));
+    engine.constrain(&lazy.spec, "tools").expect("the lazy grammar compiles");
+
+    // The formats come from the templates: Llama 3.2's JSON, Qwen's <tool_call>, and the generic
+    // format for templates that know no tools (Gemma 2's, Phi-3.5's).
+    let format_of = |arch| formats.iter().find(|(a, _)| *a == arch).map(|(_, f)| *f);
+    assert_eq!(format_of("llama"), Some(ToolFormat::Llama3));
+    assert_eq!(format_of("qwen2"), Some(ToolFormat::Hermes));
+    assert_eq!(format_of("qwen3"), Some(ToolFormat::Hermes));
+    assert_eq!(format_of("gemma2"), Some(ToolFormat::Generic));
+}

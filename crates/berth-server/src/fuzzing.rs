@@ -3,6 +3,7 @@
 //! template and tokenizer are stood in for by one token per byte of the messages' text.
 
 use berth_engine::request::validate;
+use berth_engine::tools::{ToolFormat, ToolPlan};
 use berth_engine::{GenerationRequest, RequestLimits};
 
 use crate::request::PromptSource;
@@ -20,7 +21,19 @@ pub enum Api {
 /// scheduler would get, or the error message a client would.
 pub fn validate_body(api: Api, body: &[u8], limits: &RequestLimits) -> Result<Vec<GenerationRequest>, String> {
     let parts = match api {
-        Api::OpenAiChat => parse(body).and_then(|r| crate::openai::chat_parts(&r).map(Some)),
+        Api::OpenAiChat => parse(body).and_then(|r| {
+            let (source, draft, tools) = crate::openai::chat_parts(&r)?;
+            // The answer parsers of every tool format, on the messages' text as if a model wrote it.
+            if let (Some(plan), PromptSource::Chat(messages)) = (tools, &source) {
+                for format in [ToolFormat::Generic, ToolFormat::Hermes, ToolFormat::Mistral, ToolFormat::Llama3] {
+                    let plan = ToolPlan { format, ..plan.clone() };
+                    for m in messages {
+                        plan.parse(&m.content, "fuzz");
+                    }
+                }
+            }
+            Ok(Some((source, draft)))
+        }),
         Api::OpenAiCompletion => parse(body).and_then(|r| crate::openai::completion_parts(&r).map(Some)),
         Api::OllamaChat => parse(body).and_then(|r| crate::ollama::chat_parts(&r)),
         Api::OllamaGenerate => parse(body).and_then(|r| crate::ollama::generate_parts(&r)),

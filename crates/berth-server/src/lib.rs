@@ -23,6 +23,7 @@ mod quota;
 mod request;
 mod request_log;
 mod run;
+mod tool_calls;
 mod vetting;
 
 pub use vetting::ModelVetting;

@@ -24,6 +24,7 @@ use crate::models::{KeepAlive, Loaded, LoadedModel};
 use crate::request::{JsonBody, PromptSource};
 use crate::run::Update;
 use berth_engine::request::{Param, RequestDraft};
+use berth_engine::tools::ToolPlan;
 use std::sync::atomic::Ordering;
 
 #[derive(Deserialize, Default)]
@@ -73,6 +74,8 @@ pub struct ChatRequest {
     #[serde(default)]
     options: Options,
     keep_alive: Option<Value>,
+    /// Functions the model may call (OpenAI's shape, as Ollama takes them).
+    tools: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -82,6 +85,23 @@ struct OllamaMessage {
     content: String,
     #[serde(default)]
     images: Option<Vec<String>>,
+    /// An assistant's calls, sent back with the conversation.
+    #[serde(default)]
+    tool_calls: Option<Vec<OllamaToolCall>>,
+    /// On a `tool` message: which tool answered.
+    tool_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct OllamaToolCall {
+    function: OllamaFunction,
+}
+
+#[derive(Deserialize)]
+struct OllamaFunction {
+    name: String,
+    #[serde(default)]
+    arguments: Value,
 }
 
 #[derive(Deserialize)]
@@ -184,7 +204,25 @@ pub(crate) fn chat_parts(req: &ChatRequest) -> Result<Option<(PromptSource, Requ
     if req.messages.is_empty() {
         return Ok(None);
     }
-    let messages: Vec<Message> = req.messages.iter().map(|m| Message::new(&m.role, &m.content)).collect();
+    let messages: Vec<Message> = req
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let mut message = Message::new(&m.role, &m.content);
+            for (j, c) in m.tool_calls.iter().flatten().enumerate() {
+                let arguments = match &c.function.arguments {
+                    Value::String(s) => s.clone(),
+                    Value::Null => "{}".into(),
+                    other => other.to_string(),
+                };
+                let id = format!("call_{i}_{j}");
+                message.tool_calls.push(berth_engine::tools::ToolCall { id, name: c.function.name.clone(), arguments });
+            }
+            message.name = m.tool_name.clone();
+            message
+        })
+        .collect();
     Ok(Some((PromptSource::Chat(messages), RequestDraft { constraint, ..req.options.draft() })))
 }
 
@@ -218,17 +256,22 @@ pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatReq
     }
     let prepared = async {
         let parts = chat_parts(&req)?;
+        let tools = crate::tool_calls::openai_tools(&req.tools, &None, &None)?;
         let model = state.models.get_keeping(&req.model, keep_alive(&req.keep_alive)?).await?;
         let Some((source, draft)) = parts else {
             // Ollama loads the model and answers with an empty message.
-            return Ok((model, None));
+            return Ok((model, None, None));
         };
-        let request = model.prepare(source, draft).await?.pop();
-        Ok::<_, ApiError>((model, request))
+        if draft.constraint.is_some() && tools.is_some() {
+            return Err(ApiError::invalid("format", "format and tools cannot constrain one answer together"));
+        }
+        let tools = tools.map(|t| ToolPlan { format: model.engine.tool_format(), ..t });
+        let request = model.prepare(source, draft, tools.clone()).await?.pop();
+        Ok::<_, ApiError>((model, request, tools))
     }
     .await;
     match prepared {
-        Ok((model, request)) => answer(model, request, req.stream.unwrap_or(true), true).await,
+        Ok((model, request, tools)) => answer(model, request, req.stream.unwrap_or(true), true, tools).await,
         Err(e) => e.into_response(),
     }
 }
@@ -243,12 +286,12 @@ pub async fn generate(State(state): State<AppState>, JsonBody(req): JsonBody<Gen
         let parts = generate_parts(&req)?;
         let model = state.models.get_keeping(&req.model, keep_alive(&req.keep_alive)?).await?;
         let Some((source, draft)) = parts else { return Ok((model, None)) };
-        let request = model.prepare(source, draft).await?.pop();
+        let request = model.prepare(source, draft, None).await?.pop();
         Ok::<_, ApiError>((model, request))
     }
     .await;
     match prepared {
-        Ok((model, request)) => answer(model, request, req.stream.unwrap_or(true), false).await,
+        Ok((model, request)) => answer(model, request, req.stream.unwrap_or(true), false, None).await,
         Err(e) => e.into_response(),
     }
 }
@@ -277,7 +320,24 @@ fn body(model: &LoadedModel, chat: bool, text: &str, done: Option<(&GenerationOu
     v
 }
 
-async fn answer(model: Arc<LoadedModel>, request: Option<GenerationRequest>, stream: bool, chat: bool) -> Response {
+/// Calls in Ollama's shape: arguments as an object.
+fn ollama_calls(calls: &[berth_engine::tools::ToolCall]) -> Value {
+    calls
+        .iter()
+        .map(|c| {
+            let args: Value = serde_json::from_str(&c.arguments).unwrap_or_else(|_| json!({}));
+            json!({"function": {"name": c.name, "arguments": args}})
+        })
+        .collect()
+}
+
+async fn answer(
+    model: Arc<LoadedModel>,
+    request: Option<GenerationRequest>,
+    stream: bool,
+    chat: bool,
+    tools: Option<ToolPlan>,
+) -> Response {
     let started = Instant::now();
     let Some(request) = request else {
         let mut v = body(&model, chat, "", None);
@@ -292,13 +352,24 @@ async fn answer(model: Arc<LoadedModel>, request: Option<GenerationRequest>, str
     if !stream {
         return match generation.finish().await {
             Ok(out) => {
-                Json(body(&model, chat, &out.text, Some((&out, started.elapsed().as_secs_f64())))).into_response()
+                let elapsed = started.elapsed().as_secs_f64();
+                let Some(tools) = &tools else {
+                    return Json(body(&model, chat, &out.text, Some((&out, elapsed)))).into_response();
+                };
+                let text = crate::tool_calls::answer_text(tools, model.engine.tokenizer(), &out.text, &out.tokens);
+                let (content, calls) = tools.parse(&text, "ollama");
+                let mut v = body(&model, chat, &content, Some((&out, elapsed)));
+                if !calls.is_empty() {
+                    v["message"]["tool_calls"] = ollama_calls(&calls);
+                }
+                Json(v).into_response()
             }
             Err(e) => e.into_response(),
         };
     }
     let (tx, rx) = mpsc::channel::<String>(64);
     let m = model.clone();
+    let mut tool_stream = tools.map(|t| crate::tool_calls::ToolStream::new(t, model.engine.tokenizer()));
     tokio::spawn(async move {
         let last = loop {
             let update = tokio::select! {
@@ -307,14 +378,30 @@ async fn answer(model: Arc<LoadedModel>, request: Option<GenerationRequest>, str
                 u = generation.next() => u,
             };
             match update {
-                Update::Token(ev) if ev.text.is_empty() => {}
                 Update::Token(ev) => {
-                    if tx.send(format!("{}\n", body(&m, chat, &ev.text, None))).await.is_err() {
+                    let text = match tool_stream.as_mut() {
+                        Some(ts) => ts.push(ev.token, &ev.text),
+                        None => ev.text,
+                    };
+                    if !text.is_empty() && tx.send(format!("{}\n", body(&m, chat, &text, None))).await.is_err() {
                         return;
                     }
                 }
                 Update::Done(Ok(out)) if out.finish == FinishReason::Cancelled => return,
-                Update::Done(Ok(out)) => break body(&m, chat, "", Some((&out, started.elapsed().as_secs_f64()))),
+                Update::Done(Ok(out)) => {
+                    // Ollama sends the calls in a message of their own before the last one.
+                    if let Some(ts) = tool_stream.take() {
+                        let (rest, calls) = ts.finish("ollama");
+                        let mut v = body(&m, chat, &rest, None);
+                        if !calls.is_empty() {
+                            v["message"]["tool_calls"] = ollama_calls(&calls);
+                        }
+                        if (!rest.is_empty() || !calls.is_empty()) && tx.send(format!("{v}\n")).await.is_err() {
+                            return;
+                        }
+                    }
+                    break body(&m, chat, "", Some((&out, started.elapsed().as_secs_f64())));
+                }
                 Update::Done(Err(e)) => break json!({"error": e.message}),
             }
         };

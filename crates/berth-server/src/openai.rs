@@ -22,6 +22,7 @@ use crate::models::{LoadedModel, now};
 use crate::request::{JsonBody, PromptSource, Sampling, request_id};
 use crate::run::Update;
 use berth_engine::request::RequestDraft;
+use berth_engine::tools::ToolPlan;
 
 #[derive(Deserialize)]
 pub struct ChatRequest {
@@ -38,6 +39,7 @@ pub struct ChatRequest {
     response_format: Option<Value>,
     tools: Option<Value>,
     tool_choice: Option<Value>,
+    parallel_tool_calls: Option<Value>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -82,6 +84,25 @@ pub struct ChatMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    #[serde(default)]
+    tool_calls: Option<Vec<MessageToolCall>>,
+    tool_call_id: Option<String>,
+    name: Option<String>,
+}
+
+/// A call in an assistant message the client sends back.
+#[derive(Deserialize)]
+struct MessageToolCall {
+    id: Option<String>,
+    function: MessageFunction,
+}
+
+#[derive(Deserialize)]
+struct MessageFunction {
+    name: String,
+    /// JSON text (OpenAI's shape); some clients send an object.
+    #[serde(default)]
+    arguments: Value,
 }
 
 #[derive(Deserialize)]
@@ -125,12 +146,26 @@ impl ChatMessage {
         if !berth_engine::template::ROLES.contains(&role) {
             return Err(ApiError::invalid(&format!("messages[{index}].role"), format!("unknown role `{}`", self.role)));
         }
-        Ok(Message::new(role, &content))
+        let mut message = Message::new(role, &content);
+        for (i, c) in self.tool_calls.iter().flatten().enumerate() {
+            let arguments = match &c.function.arguments {
+                Value::String(s) => s.clone(),
+                Value::Null => "{}".to_string(),
+                other => other.to_string(),
+            };
+            let id = c.id.clone().unwrap_or_else(|| format!("call_{index}_{i}"));
+            message.tool_calls.push(berth_engine::tools::ToolCall { id, name: c.function.name.clone(), arguments });
+        }
+        message.tool_call_id = self.tool_call_id.clone();
+        message.name = self.name.clone();
+        Ok(message)
     }
 }
 
 struct Plan {
     model: Arc<LoadedModel>,
+    /// The request's tools, with the model's format.
+    tools: Option<ToolPlan>,
     /// One validated request per prompt.
     requests: Vec<GenerationRequest>,
     echo_texts: Vec<String>,
@@ -138,25 +173,6 @@ struct Plan {
     stream: bool,
     include_usage: bool,
     top_logprobs: Option<usize>,
-}
-
-/// Tool calls are not produced yet: a request that must call a tool is refused rather than
-/// answered in text as if it had none. With `auto` (or `none`) the model may answer in text,
-/// which is what a client must handle anyway.
-fn check_tools(tools: &Option<Value>, choice: &Option<Value>) -> Result<(), ApiError> {
-    let has_tools = tools.as_ref().is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()));
-    let forced = match choice {
-        None | Some(Value::Null) => false,
-        Some(Value::String(c)) if c == "auto" || c == "none" => false,
-        Some(_) => true,
-    };
-    if forced && has_tools {
-        return Err(ApiError::invalid(
-            "tool_choice",
-            "this server cannot make tool calls yet; leave tool_choice out (or `auto`) to get a text answer",
-        ));
-    }
-    Ok(())
 }
 
 fn check_n(n: u32) -> Result<(), ApiError> {
@@ -169,13 +185,19 @@ fn check_n(n: u32) -> Result<(), ApiError> {
 /// What a chat request asks for, checked before any model is involved: the messages and the
 /// parameters as a draft (validated against the model in [`LoadedModel::prepare`]), and
 /// `top_logprobs`.
-pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraft), ApiError> {
+pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraft, Option<ToolPlan>), ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
     check_n(req.n)?;
     let constraint = crate::request::response_format(&req.response_format)?;
-    check_tools(&req.tools, &req.tool_choice)?;
+    let tools = crate::tool_calls::openai_tools(&req.tools, &req.tool_choice, &req.parallel_tool_calls)?;
+    if constraint.is_some() && tools.as_ref().is_some_and(|t| t.choice != berth_engine::tools::ToolChoice::None) {
+        return Err(ApiError::invalid(
+            "response_format",
+            "response_format and tools cannot constrain one answer together; send one of them (or tool_choice `none`)",
+        ));
+    }
     let top = match (req.logprobs, req.top_logprobs) {
         (_, Some(t)) if !(0..=20).contains(&t) => {
             return Err(ApiError::invalid("top_logprobs", format!("top_logprobs must be between 0 and 20, got {t}")));
@@ -187,7 +209,7 @@ pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraf
     let messages: Vec<Message> =
         req.messages.iter().enumerate().map(|(i, m)| m.to_message(i)).collect::<Result<_, _>>()?;
     let draft = RequestDraft { constraint: constraint.map(|c| ("response_format", c)), ..req.sampling.draft(top)? };
-    Ok((PromptSource::Chat(messages), draft))
+    Ok((PromptSource::Chat(messages), draft, tools))
 }
 
 /// The same for a completion request: its prompts (1 to 16) and parameters.
@@ -217,12 +239,14 @@ pub(crate) fn completion_parts(req: &CompletionRequest) -> Result<(PromptSource,
 
 pub async fn chat_completions(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {
     let plan = async {
-        let (source, draft) = chat_parts(&req)?;
+        let (source, draft, tools) = chat_parts(&req)?;
         let top_logprobs = draft.logprobs;
         let model = state.models.get(&req.model).await?;
-        let requests = model.prepare(source, draft).await?;
+        let tools = tools.map(|t| ToolPlan { format: model.engine.tool_format(), ..t });
+        let requests = model.prepare(source, draft, tools.clone()).await?;
         Ok::<_, ApiError>(Plan {
             model,
+            tools,
             requests,
             echo_texts: vec![String::new()],
             n: req.n,
@@ -248,9 +272,10 @@ pub async fn completions(State(state): State<AppState>, JsonBody(req): JsonBody<
             (PromptSource::Chat(_), _) => vec![String::new()],
         };
         let model = state.models.get(&req.model).await?;
-        let requests = model.prepare(source, draft).await?;
+        let requests = model.prepare(source, draft, None).await?;
         Ok::<_, ApiError>(Plan {
             model,
+            tools: None,
             requests,
             echo_texts,
             n: req.n,
@@ -365,12 +390,32 @@ async fn respond(plan: Plan, kind: Kind) -> Response {
             }
             completion_tokens += out.tokens.len();
             let choice = match kind {
-                Kind::Chat => json!({
-                    "index": index,
-                    "message": {"role": "assistant", "content": out.text, "refusal": null},
-                    "logprobs": plan.top_logprobs.map(|_| chat_logprobs(&plan.model, &out.logprobs)),
-                    "finish_reason": finish_reason(out.finish),
-                }),
+                Kind::Chat => {
+                    let mut message = json!({"role": "assistant", "content": out.text, "refusal": null});
+                    let mut finish = finish_reason(out.finish);
+                    if let Some(tools) = &plan.tools {
+                        let text = crate::tool_calls::answer_text(
+                            tools,
+                            plan.model.engine.tokenizer(),
+                            &out.text,
+                            &out.tokens,
+                        );
+                        let (content, calls) = tools.parse(&text, &format!("{}{index}", &id[id.len() - 8..]));
+                        if !calls.is_empty() {
+                            message["content"] = if content.is_empty() { Value::Null } else { json!(content) };
+                            message["tool_calls"] = crate::tool_calls::openai_calls(&calls);
+                            finish = "tool_calls";
+                        } else {
+                            message["content"] = json!(content);
+                        }
+                    }
+                    json!({
+                        "index": index,
+                        "message": message,
+                        "logprobs": plan.top_logprobs.map(|_| chat_logprobs(&plan.model, &out.logprobs)),
+                        "finish_reason": finish,
+                    })
+                }
                 Kind::Completion => {
                     let echo = &plan.echo_texts[p];
                     json!({
@@ -411,6 +456,7 @@ fn stream(plan: Plan, kind: Kind) -> Response {
     };
     let (tx, rx) = mpsc::channel::<Event>(64);
     let id = request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
+    let stream_id = id.clone();
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
     let created = now();
     let name = plan.model.name.clone();
@@ -425,6 +471,8 @@ fn stream(plan: Plan, kind: Kind) -> Response {
         let (mut prompt_tokens, mut completion_tokens, mut cached_tokens) = (0, 0, 0);
         let with_lp = plan.top_logprobs.is_some();
         for (index, mut generation) in generations.into_iter().enumerate() {
+            let mut tool_stream =
+                plan.tools.clone().map(|t| crate::tool_calls::ToolStream::new(t, plan.model.engine.tokenizer()));
             if kind == Kind::Chat {
                 let first = json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
                 if tx.send(chunk(first, None)).await.is_err() {
@@ -450,6 +498,10 @@ fn stream(plan: Plan, kind: Kind) -> Response {
                         let _ = tx.send(Event::default().data(e.body().to_string())).await;
                         return;
                     }
+                };
+                let ev = match tool_stream.as_mut() {
+                    Some(ts) => berth_engine::TokenEvent { text: ts.push(ev.token, &ev.text), ..ev },
+                    None => ev,
                 };
                 if ev.text.is_empty() && !with_lp {
                     continue;
@@ -481,12 +533,36 @@ fn stream(plan: Plan, kind: Kind) -> Response {
             if out.finish == FinishReason::Cancelled {
                 return;
             }
+            let mut finish = finish_reason(out.finish);
+            if let Some(ts) = tool_stream.take() {
+                let (rest, calls) = ts.finish(&format!("{}{index}", &stream_id[stream_id.len() - 8..]));
+                let mut deltas = Vec::new();
+                if !rest.is_empty() {
+                    deltas.push(json!({"content": rest}));
+                }
+                // OpenAI's chunks for a call: its id, type and name with empty arguments, then the
+                // arguments (a fragment each; berth sends them whole once the call has parsed).
+                for (i, c) in calls.iter().enumerate() {
+                    deltas.push(json!({"tool_calls": [{"index": i, "id": c.id, "type": "function",
+                                                        "function": {"name": c.name, "arguments": ""}}]}));
+                    deltas.push(json!({"tool_calls": [{"index": i, "function": {"arguments": c.arguments}}]}));
+                }
+                if !calls.is_empty() {
+                    finish = "tool_calls";
+                }
+                for delta in deltas {
+                    let choice = json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": null}]);
+                    if tx.send(chunk(choice, None)).await.is_err() {
+                        return;
+                    }
+                }
+            }
             let last = match kind {
                 Kind::Chat => {
-                    json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason(out.finish)}])
+                    json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": finish}])
                 }
                 Kind::Completion => {
-                    json!([{"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason(out.finish)}])
+                    json!([{"index": index, "text": "", "logprobs": null, "finish_reason": finish}])
                 }
             };
             if tx.send(chunk(last, None)).await.is_err() {

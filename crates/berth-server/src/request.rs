@@ -12,6 +12,7 @@ use berth_engine::GenerationRequest;
 use berth_engine::constraint::ConstraintSpec;
 use berth_engine::request::{Param, RequestDraft};
 use berth_engine::template::Message;
+use berth_engine::tools::{ToolGrammar, ToolPlan};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -301,11 +302,12 @@ impl LoadedModel {
         self: &Arc<Self>,
         source: PromptSource,
         draft: RequestDraft,
+        tools: Option<ToolPlan>,
     ) -> Result<Vec<GenerationRequest>, ApiError> {
         let model = self.clone();
         let prepared = tokio::task::spawn_blocking(move || {
             let prompts = match &source {
-                PromptSource::Chat(messages) => vec![model.engine.chat_prompt(messages)?],
+                PromptSource::Chat(messages) => vec![model.engine.chat_prompt_with_tools(messages, tools.as_ref())?],
                 PromptSource::Texts(texts) => {
                     texts.iter().map(|t| model.engine.text_prompt(t)).collect::<Result<Vec<_>, _>>()?
                 }
@@ -315,9 +317,18 @@ impl LoadedModel {
                 .into_iter()
                 .map(|p| berth_engine::request::validate(&draft, p, &limits))
                 .collect::<Result<Vec<_>, berth_engine::EngineError>>()?;
-            if let Some((param, spec)) = &draft.constraint {
-                // Compiled once; each prompt's answer gets its own copy of the grammar's state.
-                let constraint = model.engine.constrain(spec, param)?;
+            // A tool call's grammar (all of the answer, or from a call's opening token on).
+            let tool_grammar = match tools.as_ref().map(|t| t.grammar(model.engine.tokenizer())) {
+                Some(ToolGrammar::Whole(spec)) => Some(model.engine.constrain(&spec, "tools")?),
+                Some(ToolGrammar::Lazy(lazy)) => Some(model.engine.constrain(&lazy.spec, "tools")?.after(lazy.trigger)),
+                Some(ToolGrammar::Free) | None => None,
+            };
+            let constraint = match &draft.constraint {
+                Some((param, spec)) => Some(model.engine.constrain(spec, param)?),
+                None => tool_grammar,
+            };
+            // Compiled once; each prompt's answer gets its own copy of the grammar's state.
+            if let Some(constraint) = constraint {
                 for r in &mut requests {
                     r.constraint = Some(constraint.clone());
                 }

@@ -50,6 +50,13 @@ fn structured_output_follows_every_schema_through_real_clients() {
 }
 
 #[test]
+fn tool_calls_through_real_clients() {
+    let server = Server::start();
+    let base = format!("http://127.0.0.1:{}", server.port);
+    run_python("tool_calls.py", &[&format!("{base}/v1"), &base, "ai/smollm2:latest"], &server);
+}
+
+#[test]
 fn langchain_chat_openai_works() {
     let server = Server::start();
     run_python("langchain_client.py", &[&format!("http://127.0.0.1:{}/v1", server.port), "ai/smollm2:latest"], &server);

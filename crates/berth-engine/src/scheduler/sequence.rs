@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::blocks::PrefixKey;
-use crate::constraint::{Constraint, MAX_FORCED_TOKENS};
+use crate::constraint::{Constraint, MAX_FORCED_TOKENS, Trigger};
 use crate::error::EngineError;
 use crate::request::{FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
 use crate::sampling::{Sampler, TokenLogprob};
@@ -60,6 +60,8 @@ pub(super) struct Sequence<'s> {
     sampler: Sampler,
     /// The grammar the answer follows, taken out of the request (it changes as tokens come).
     constraint: Option<Constraint>,
+    /// Whether the grammar applies yet (a lazy one waits for its opening token).
+    constraint_active: bool,
     stops: StopMatcher,
     decoder: StreamDecoder,
     hit_stop_string: bool,
@@ -76,6 +78,7 @@ pub(super) struct Sequence<'s> {
 impl<'s> Sequence<'s> {
     pub fn new(mut req: GenerationRequest, sink: Box<dyn TokenSink + 's>, deadline: Option<Instant>) -> Self {
         let constraint = req.constraint.take();
+        let constraint_active = constraint.as_ref().is_some_and(|c| c.trigger().is_none());
         let sampler = Sampler::new(req.sampling.clone()).with_history(&req.prompt);
         let stops = StopMatcher::new(req.stop.clone());
         let out = GenerationOutput { prompt_tokens: req.prompt.len(), ..Default::default() };
@@ -88,6 +91,7 @@ impl<'s> Sequence<'s> {
             req,
             sampler,
             constraint,
+            constraint_active,
             stops,
             decoder: StreamDecoder::new(),
             hit_stop_string: false,
@@ -126,7 +130,7 @@ impl<'s> Sequence<'s> {
         Sampling {
             sampler: &mut self.sampler,
             logprobs: self.req.logprobs,
-            constraint: self.constraint.as_mut(),
+            constraint: self.constraint.as_mut().filter(|_| self.constraint_active),
             mask_nanos: 0,
         }
     }
@@ -149,7 +153,20 @@ impl<'s> Sequence<'s> {
             return Ok(Some(end));
         }
         let Some(constraint) = self.constraint.as_mut() else { return Ok(None) };
-        constraint.consume(token)?;
+        if !self.constraint_active {
+            // A lazy grammar starts after its opening, which the model chose freely.
+            let opened = match constraint.trigger() {
+                Some(Trigger::Token(t)) => *t == token,
+                Some(Trigger::Text(t)) => self.out.text.ends_with(t.as_str()),
+                None => true,
+            };
+            if !opened {
+                return Ok(None);
+            }
+            self.constraint_active = true;
+        } else {
+            constraint.consume(token)?;
+        }
         if constraint.is_finished() {
             return Ok(Some(FinishReason::Stop));
         }

@@ -28,11 +28,50 @@ pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// The calls an assistant message made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<crate::tools::ToolCall>,
+    /// Which call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The tool's name, on a `tool` message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.to_string(), content: content.to_string() }
+        Self {
+            role: role.to_string(),
+            content: content.to_string(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
+        }
+    }
+
+    /// The message as chat templates see it (Hugging Face's shape: a call's arguments as an
+    /// object, which templates print with `tojson`; text that is not JSON stays a string).
+    pub fn to_template_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({"role": self.role, "content": self.content});
+        if !self.tool_calls.is_empty() {
+            v["tool_calls"] = self
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    let args = serde_json::from_str::<serde_json::Value>(&c.arguments)
+                        .unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone()));
+                    serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": args}})
+                })
+                .collect();
+        }
+        if let Some(id) = &self.tool_call_id {
+            v["tool_call_id"] = serde_json::json!(id);
+        }
+        if let Some(name) = &self.name {
+            v["name"] = serde_json::json!(name);
+        }
+        v
     }
 }
 
@@ -70,8 +109,7 @@ impl ChatTemplate {
 
     /// Render messages; with `add_generation_prompt`, the opening of the assistant's turn follows.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, EngineError> {
-        let messages: Vec<serde_json::Value> =
-            messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
+        let messages: Vec<serde_json::Value> = messages.iter().map(Message::to_template_json).collect();
         self.render_json(messages, add_generation_prompt, serde_json::Map::new())
     }
 

@@ -1,0 +1,485 @@
+//! Tool calling: how a model's chat template expects tools and how its output spells a call.
+//!
+//! The format is read from the template, not from the model's name, as llama.cpp does:
+//! - [`ToolFormat::Hermes`]: `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>` (Qwen 2.5,
+//!   Qwen3, Hermes 2 Pro/3, SmolLM3, MiMo);
+//! - [`ToolFormat::Mistral`]: `[TOOL_CALLS][{"name": …, "arguments": {…}, "id": "…"}]` (Mistral
+//!   Nemo, Ministral, Devstral);
+//! - [`ToolFormat::Llama3`]: a bare JSON object `{"name": …, "parameters": {…}}`, or
+//!   `<|python_tag|>` before it (Llama 3.1–3.3);
+//! - [`ToolFormat::Generic`]: a template that knows no tools (SmolLM2's, for one). The tools are
+//!   described in the system message and the whole answer is JSON, `{"tool_calls": […]}` or
+//!   `{"response": "…"}`, always grammar-constrained, so every model can call tools.
+//!
+//! [`ToolPlan`] says, for one request, what the template is given, which grammar constrains the
+//! answer (all of it under `required` or a named function; under `auto`, only once the model
+//! opens a call: a lazy grammar whose trigger is the format's opening token), and
+//! [`ToolPlan::parse`] splits the answer into text and calls.
+
+use serde_json::{Map, Value, json};
+
+use crate::constraint::{ConstraintSpec, Trigger};
+use crate::tokenizer::Tokenizer;
+
+/// Most tools one request may declare.
+pub const MAX_TOOLS: usize = 128;
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tool {
+    pub name: String,
+    pub description: Option<String>,
+    /// The arguments' JSON schema (an object schema; `{}` when the tool declares none).
+    pub parameters: Value,
+}
+
+/// What the request lets the model do with its tools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    Auto,
+    None,
+    Required,
+    Function(String),
+}
+
+/// A call the model made.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text (what OpenAI's `function.arguments` carries).
+    pub arguments: String,
+}
+
+/// How a template's model spells tool calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    Generic,
+    Hermes,
+    Mistral,
+    Llama3,
+}
+
+impl ToolFormat {
+    /// The format a chat template's text shows (none of them: the generic one).
+    pub fn of_template(source: &str) -> ToolFormat {
+        if source.contains("<tool_call>") && !source.contains("<function=") {
+            ToolFormat::Hermes
+        } else if source.contains("[TOOL_CALLS]") {
+            ToolFormat::Mistral
+        } else if source.contains("<|python_tag|>")
+            || (source.contains("<|start_header_id|>") && source.contains("\"parameters\""))
+        {
+            ToolFormat::Llama3
+        } else {
+            ToolFormat::Generic
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ToolFormat::Generic => "generic",
+            ToolFormat::Hermes => "hermes",
+            ToolFormat::Mistral => "mistral",
+            ToolFormat::Llama3 => "llama3",
+        }
+    }
+}
+
+/// A grammar that applies only from a token on (the opening of a call under `auto`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LazyGrammar {
+    pub trigger: Trigger,
+    pub spec: ConstraintSpec,
+}
+
+/// One request's tools, as the template, the sampler and the answer's parser need them.
+#[derive(Debug, Clone)]
+pub struct ToolPlan {
+    pub format: ToolFormat,
+    pub tools: Vec<Tool>,
+    pub choice: ToolChoice,
+    pub parallel: bool,
+}
+
+/// How the answer is constrained.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolGrammar {
+    /// The model answers freely (`none`, or `auto` in a format without an opening token).
+    Free,
+    /// All of the answer.
+    Whole(ConstraintSpec),
+    /// From the opening token of a call on.
+    Lazy(LazyGrammar),
+}
+
+impl ToolPlan {
+    /// The tools as chat templates take them (`tools`: OpenAI's shape, as Hugging Face passes it).
+    pub fn template_tools(&self) -> Value {
+        Value::Array(
+            self.tools
+                .iter()
+                .map(|t| {
+                    let mut f = json!({"name": t.name, "parameters": t.parameters});
+                    if let Some(d) = &t.description {
+                        f["description"] = json!(d);
+                    }
+                    json!({"type": "function", "function": f})
+                })
+                .collect(),
+        )
+    }
+
+    /// The tools a call may name under this choice.
+    fn callable(&self) -> Vec<&Tool> {
+        match &self.choice {
+            ToolChoice::Function(name) => self.tools.iter().filter(|t| &t.name == name).collect(),
+            ToolChoice::None => Vec::new(),
+            _ => self.tools.iter().collect(),
+        }
+    }
+
+    /// The JSON schema of one call in this format's words (`arguments`, or Llama's `parameters`).
+    fn call_schema(&self, with_id: bool) -> Value {
+        let key = if self.format == ToolFormat::Llama3 { "parameters" } else { "arguments" };
+        let options: Vec<Value> = self
+            .callable()
+            .iter()
+            .map(|t| {
+                let mut properties = Map::new();
+                properties.insert("name".into(), json!({"const": t.name}));
+                properties.insert(key.into(), arguments_schema(&t.parameters));
+                let mut required = vec![json!("name"), json!(key)];
+                if with_id {
+                    properties.insert("id".into(), json!({"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}));
+                    required.push(json!("id"));
+                }
+                json!({"type": "object", "properties": properties, "required": required, "additionalProperties": false})
+            })
+            .collect();
+        if options.len() == 1 { options.into_iter().next().unwrap_or_default() } else { json!({"anyOf": options}) }
+    }
+
+    /// The generic format's whole answer: calls, or (unless a call is required) a reply.
+    fn generic_schema(&self) -> Value {
+        let call = self.call_schema(false);
+        let calls = if self.parallel {
+            json!({"type": "object", "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1}},
+                   "required": ["tool_calls"], "additionalProperties": false})
+        } else {
+            json!({"type": "object", "properties": {"tool_call": call}, "required": ["tool_call"],
+                   "additionalProperties": false})
+        };
+        match self.choice {
+            ToolChoice::Required | ToolChoice::Function(_) => calls,
+            _ => json!({"anyOf": [calls, {"type": "object", "properties": {"response": {"type": "string"}},
+                                          "required": ["response"], "additionalProperties": false}]}),
+        }
+    }
+
+    /// The grammar for this request's answer; `tokenizer` finds the format's opening token.
+    pub fn grammar(&self, tokenizer: &Tokenizer) -> ToolGrammar {
+        if self.choice == ToolChoice::None || self.callable().is_empty() {
+            return ToolGrammar::Free;
+        }
+        let forced = matches!(self.choice, ToolChoice::Required | ToolChoice::Function(_));
+        let json = crate::constraint::lark_json;
+        // More calls after the first, where parallel calls are allowed.
+        let more = |call_with_separator: String| {
+            if self.parallel { format!(" ({call_with_separator})*") } else { String::new() }
+        };
+        match self.format {
+            ToolFormat::Generic => ToolGrammar::Whole(ConstraintSpec::JsonSchema(self.generic_schema())),
+            ToolFormat::Hermes => {
+                let call = json(&self.call_schema(false));
+                let open = special(tokenizer, "<tool_call>");
+                let rest = format!(
+                    "\"\\n\" {call} \"\\n</tool_call>\"{}",
+                    more(format!("\"\\n\" {open} \"\\n\" {call} \"\\n</tool_call>\""))
+                );
+                if forced {
+                    ToolGrammar::Whole(ConstraintSpec::Lark(format!("start: {open} {rest}")))
+                } else {
+                    ToolGrammar::Lazy(LazyGrammar {
+                        trigger: opening(tokenizer, "<tool_call>"),
+                        spec: ConstraintSpec::Lark(format!("start: {rest}")),
+                    })
+                }
+            }
+            ToolFormat::Mistral => {
+                let items = self.call_schema(true);
+                let max = if self.parallel { json!({}) } else { json!({"maxItems": 1}) };
+                let mut array = json!({"type": "array", "items": items, "minItems": 1});
+                if let (Some(a), Some(m)) = (array.as_object_mut(), max.as_object()) {
+                    a.extend(m.clone());
+                }
+                let rest = json(&array);
+                let open = special(tokenizer, "[TOOL_CALLS]");
+                if forced {
+                    ToolGrammar::Whole(ConstraintSpec::Lark(format!("start: {open} {rest}")))
+                } else {
+                    ToolGrammar::Lazy(LazyGrammar {
+                        trigger: opening(tokenizer, "[TOOL_CALLS]"),
+                        spec: ConstraintSpec::Lark(format!("start: {rest}")),
+                    })
+                }
+            }
+            ToolFormat::Llama3 => {
+                // A call is a bare JSON object with no opening token: constrained only when a
+                // call is required; under `auto` the answer is parsed as it comes.
+                if forced {
+                    let call = json(&self.call_schema(false));
+                    ToolGrammar::Whole(ConstraintSpec::Lark(format!("start: {call}{}", more(format!("\"; \" {call}")))))
+                } else {
+                    ToolGrammar::Free
+                }
+            }
+        }
+    }
+
+    /// The system message the generic format adds: the tools and how to answer.
+    pub fn generic_instructions(&self) -> String {
+        let tools: Vec<Value> = self
+            .tools
+            .iter()
+            .map(|t| json!({"name": t.name, "description": t.description, "parameters": t.parameters}))
+            .collect();
+        let example = if self.parallel {
+            r#"{"tool_calls": [{"name": "tool_name", "arguments": {"arg1": "some_value"}}]}"#
+        } else {
+            r#"{"tool_call": {"name": "tool_name", "arguments": {"arg1": "some_value"}}}"#
+        };
+        format!(
+            "You can call any of the following tools to satisfy the user's requests: {}\n\nExample tool call syntax:\n\n{example}\n\nRespond in JSON format, either with `tool_call` (a request to call tools) or with `response` reply to the user's request",
+            serde_json::to_string_pretty(&tools).unwrap_or_default()
+        )
+    }
+
+    /// Split an answer into its text and its calls (ids made up where the format has none).
+    pub fn parse(&self, text: &str, id_seed: &str) -> (String, Vec<ToolCall>) {
+        let (content, raw) = match self.format {
+            ToolFormat::Generic => parse_generic(text),
+            ToolFormat::Hermes => parse_hermes(text),
+            ToolFormat::Mistral => parse_mistral(text),
+            ToolFormat::Llama3 => parse_llama3(text),
+        };
+        let calls = raw
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, args, id))| ToolCall {
+                id: id.unwrap_or_else(|| format!("call_{id_seed}_{i}")),
+                name,
+                arguments: serde_json::to_string(&args).unwrap_or_else(|_| "{}".into()),
+            })
+            .collect();
+        (content, calls)
+    }
+}
+
+/// A tool's parameters as the schema of its arguments (no parameters: an empty object).
+fn arguments_schema(parameters: &Value) -> Value {
+    match parameters {
+        Value::Object(m) if !m.is_empty() => parameters.clone(),
+        _ => json!({"type": "object", "properties": {}, "additionalProperties": false}),
+    }
+}
+
+/// A token in Lark: a special (control) token by its id, otherwise its text as a literal.
+fn special(tokenizer: &Tokenizer, text: &str) -> String {
+    match tokenizer_token(tokenizer, text) {
+        Some(id) if tokenizer.token_type(id) == crate::tokenizer::token_type::CONTROL => format!("<[{id}]>"),
+        _ => serde_json::to_string(text).unwrap_or_default(),
+    }
+}
+
+/// A call's opening as a lazy grammar waits for it: its token, or its text where the vocabulary
+/// spells it in pieces.
+fn opening(tokenizer: &Tokenizer, text: &str) -> Trigger {
+    match tokenizer_token(tokenizer, text) {
+        Some(id) => Trigger::Token(id),
+        None => Trigger::Text(text.to_string()),
+    }
+}
+
+/// The id of the token whose whole text is `text`, if the vocabulary has one.
+fn tokenizer_token(tokenizer: &Tokenizer, text: &str) -> Option<u32> {
+    match tokenizer.encode(text, true) {
+        Ok(ids) if ids.len() == 1 => Some(ids[0]),
+        _ => None,
+    }
+}
+
+type RawCall = (String, Value, Option<String>);
+
+/// A JSON value at the start of `text` and the rest after it.
+fn json_prefix(text: &str) -> Option<(Value, &str)> {
+    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+    let value = stream.next()?.ok()?;
+    let end = stream.byte_offset();
+    Some((value, &text[end..]))
+}
+
+/// `{"name": …, "arguments"|"parameters": …, "id"?: …}` as a call.
+fn call_of(v: &Value) -> Option<RawCall> {
+    let obj = v.as_object()?;
+    let name = obj.get("name")?.as_str()?.to_string();
+    let args = obj.get("arguments").or_else(|| obj.get("parameters")).cloned().unwrap_or_else(|| json!({}));
+    // Some models write the arguments as a JSON string.
+    let args = match args {
+        Value::String(s) => serde_json::from_str(&s).unwrap_or(Value::String(s)),
+        other => other,
+    };
+    let id = obj.get("id").and_then(Value::as_str).map(str::to_string);
+    Some((name, args, id))
+}
+
+fn parse_generic(text: &str) -> (String, Vec<RawCall>) {
+    let Some((v, _)) = json_prefix(text.trim_start()) else { return (text.to_string(), Vec::new()) };
+    if let Some(calls) = v.get("tool_calls").and_then(Value::as_array) {
+        return (String::new(), calls.iter().filter_map(call_of).collect());
+    }
+    if let Some(call) = v.get("tool_call").and_then(call_of) {
+        return (String::new(), vec![call]);
+    }
+    match v.get("response") {
+        Some(Value::String(s)) => (s.clone(), Vec::new()),
+        Some(other) => (other.to_string(), Vec::new()),
+        None => (text.to_string(), Vec::new()),
+    }
+}
+
+fn parse_hermes(text: &str) -> (String, Vec<RawCall>) {
+    let Some(start) = text.find("<tool_call>") else { return (text.to_string(), Vec::new()) };
+    let content = text[..start].trim_end().to_string();
+    let mut calls = Vec::new();
+    let mut rest = &text[start..];
+    while let Some(open) = rest.find("<tool_call>") {
+        let body = rest[open + "<tool_call>".len()..].trim_start();
+        let Some((v, after)) = json_prefix(body) else { return (text.to_string(), Vec::new()) };
+        match call_of(&v) {
+            Some(c) => calls.push(c),
+            None => return (text.to_string(), Vec::new()),
+        }
+        rest = after.trim_start().strip_prefix("</tool_call>").unwrap_or(after);
+    }
+    (content, calls)
+}
+
+fn parse_mistral(text: &str) -> (String, Vec<RawCall>) {
+    let Some(start) = text.find("[TOOL_CALLS]") else { return (text.to_string(), Vec::new()) };
+    let content = text[..start].trim_end().to_string();
+    let body = text[start + "[TOOL_CALLS]".len()..].trim_start();
+    match json_prefix(body) {
+        Some((Value::Array(items), _)) => (content, items.iter().filter_map(call_of).collect()),
+        Some((v @ Value::Object(_), _)) => (content, call_of(&v).into_iter().collect()),
+        _ => (text.to_string(), Vec::new()),
+    }
+}
+
+fn parse_llama3(text: &str) -> (String, Vec<RawCall>) {
+    let body = text.trim_start();
+    let body = body.strip_prefix("<|python_tag|>").unwrap_or(body);
+    let mut calls = Vec::new();
+    let mut rest = body;
+    while let Some((v, after)) = json_prefix(rest) {
+        let Some(call) = call_of(&v) else { break };
+        calls.push(call);
+        rest = after.trim_start().trim_start_matches(';').trim_start();
+        if rest.is_empty() {
+            return (String::new(), calls);
+        }
+    }
+    (text.to_string(), Vec::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(format: ToolFormat) -> ToolPlan {
+        ToolPlan { format, tools: Vec::new(), choice: ToolChoice::Auto, parallel: true }
+    }
+
+    fn call(name: &str, args: &str) -> (String, String) {
+        (name.to_string(), args.to_string())
+    }
+
+    fn calls(plan: &ToolPlan, text: &str) -> (String, Vec<(String, String)>) {
+        let (content, calls) = plan.parse(text, "x");
+        (content, calls.into_iter().map(|c| (c.name, c.arguments)).collect())
+    }
+
+    // Cases from llama.cpp's tests/test-chat.cpp (llama-cpp-python 0.3.36's vendor tree), the
+    // "MiMo-VL / Hermes 3 / Qwen 2.5", "Reka Edge" and "mistralai-Mistral-Nemo-Instruct-2407"
+    // blocks: the model output, and the message it must parse into.
+    #[test]
+    fn parses_llama_cpp_test_chat_cases() {
+        let hermes = plan(ToolFormat::Hermes);
+        assert_eq!(calls(&hermes, "Hello, world!\nWhat's up?"), ("Hello, world!\nWhat's up?".into(), vec![]));
+        assert_eq!(
+            calls(&hermes, "<tool_call>\n{\"name\": \"special_function\", \"arguments\": {\"arg1\": 1}}\n</tool_call>"),
+            (String::new(), vec![call("special_function", r#"{"arg1":1}"#)])
+        );
+        assert_eq!(
+            calls(
+                &hermes,
+                "Hello, world!\nWhat's up?\n<tool_call>\n{\"name\": \"special_function\", \"arguments\": {\"arg1\": 1}}\n</tool_call>"
+            ),
+            ("Hello, world!\nWhat's up?".into(), vec![call("special_function", r#"{"arg1":1}"#)])
+        );
+        assert_eq!(
+            calls(
+                &hermes,
+                "<tool_call>\n{\"name\": \"special_function\", \"arguments\": {\"arg1\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"special_function_with_opt\", \"arguments\": {\"arg1\": 1, \"arg2\": 2}}\n</tool_call>"
+            ),
+            (
+                String::new(),
+                vec![
+                    call("special_function", r#"{"arg1":1}"#),
+                    call("special_function_with_opt", r#"{"arg1":1,"arg2":2}"#)
+                ]
+            )
+        );
+        let mistral = plan(ToolFormat::Mistral);
+        assert_eq!(calls(&mistral, "Hello, world!\nWhat's up?"), ("Hello, world!\nWhat's up?".into(), vec![]));
+        let (content, parsed) = mistral.parse(
+            "[TOOL_CALLS][{\"name\": \"special_function\", \"arguments\": {\"arg1\": 1}, \"id\": \"123456789\"}]",
+            "x",
+        );
+        assert_eq!(content, "");
+        assert_eq!(
+            parsed,
+            vec![ToolCall {
+                id: "123456789".into(),
+                name: "special_function".into(),
+                arguments: r#"{"arg1":1}"#.into()
+            }]
+        );
+        // Generic: llama.cpp's generic format (common/chat.cpp).
+        let generic = plan(ToolFormat::Generic);
+        assert_eq!(
+            calls(&generic, r#"{"tool_calls": [{"name": "special_function", "arguments": {"arg1": 1}}]}"#),
+            (String::new(), vec![call("special_function", r#"{"arg1":1}"#)])
+        );
+        assert_eq!(calls(&generic, r#"{"response": "Hello, world!\nWhat's up?"}"#).0, "Hello, world!\nWhat's up?");
+        let llama = plan(ToolFormat::Llama3);
+        assert_eq!(
+            calls(&llama, r#"{"name": "special_function", "parameters": {"arg1": 1}}"#),
+            (String::new(), vec![call("special_function", r#"{"arg1":1}"#)])
+        );
+        assert_eq!(
+            calls(&llama, r#"<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": "y"}}"#)
+                .1,
+            vec![call("a", "{}"), call("b", r#"{"x":"y"}"#)]
+        );
+        assert_eq!(calls(&llama, "Hello, world!\nWhat's up?").0, "Hello, world!\nWhat's up?");
+    }
+
+    #[test]
+    fn the_format_comes_from_the_template() {
+        assert_eq!(ToolFormat::of_template("{{ '<tool_call>' }}"), ToolFormat::Hermes);
+        assert_eq!(ToolFormat::of_template("{{ '[TOOL_CALLS]' }}"), ToolFormat::Mistral);
+        assert_eq!(ToolFormat::of_template("{{ '<|python_tag|>' }}"), ToolFormat::Llama3);
+        assert_eq!(ToolFormat::of_template("{% for m in messages %}{{ m.content }}{% endfor %}"), ToolFormat::Generic);
+    }
+}
