@@ -259,10 +259,12 @@ pub async fn authorize(State((auth, needed)): State<(Arc<Auth>, Scope)>, request
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        // Anthropic's clients send the key as `x-api-key`.
+        .or_else(|| request.headers().get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim);
     let Some(secret) = secret else {
         return ApiError::unauthorized(
-            "this server needs an API key: send `Authorization: Bearer <key>` (`berth keys create` makes one)",
+            "this server needs an API key: send `Authorization: Bearer <key>` or `x-api-key: <key>` (`berth keys create` makes one)",
         )
         .into_response();
     };

@@ -153,9 +153,75 @@ impl ApiError {
     }
 }
 
+/// Which API's error shape a request's errors take, chosen by its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `{"error": {"message", "type", "param", "code"}}`
+    OpenAi,
+    /// `{"error": "<message>"}` (what Ollama's clients read).
+    Ollama,
+    /// `{"type": "error", "error": {"type", "message"}}`
+    Anthropic,
+}
+
+tokio::task_local! {
+    static SHAPE: Shape;
+}
+
+impl Shape {
+    pub fn of_path(path: &str) -> Shape {
+        if path.starts_with("/api/") {
+            Shape::Ollama
+        } else if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+            Shape::Anthropic
+        } else {
+            Shape::OpenAi
+        }
+    }
+
+    /// The shape of the request being handled (OpenAI's outside one).
+    pub fn current() -> Shape {
+        SHAPE.try_with(|s| *s).unwrap_or(Shape::OpenAi)
+    }
+}
+
+/// Every error of a request, whichever layer makes it (auth, limits, the handler), in the shape of
+/// the API it called.
+pub async fn with_shape(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let shape = Shape::of_path(request.uri().path());
+    SHAPE.scope(shape, next.run(request)).await
+}
+
+impl ApiError {
+    /// Anthropic's name for this kind of error.
+    pub fn anthropic_type(&self) -> &'static str {
+        match self.status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 => "overloaded_error",
+            400..=499 => "invalid_request_error",
+            _ => "api_error",
+        }
+    }
+
+    /// The body in `shape`.
+    pub fn body_in(&self, shape: Shape) -> serde_json::Value {
+        let openai = self.body();
+        let message = openai["error"]["message"].clone();
+        match shape {
+            Shape::OpenAi => openai,
+            Shape::Ollama => json!({"error": message}),
+            Shape::Anthropic => json!({"type": "error", "error": {"type": self.anthropic_type(), "message": message}}),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(self.body())).into_response();
+        let mut response = (self.status, Json(self.body_in(Shape::current()))).into_response();
         if let Some(seconds) = self.retry_after {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
         }

@@ -8,6 +8,7 @@
 //! ```
 
 pub mod accounts;
+mod anthropic;
 mod auth;
 mod embeddings;
 mod error;
@@ -174,6 +175,8 @@ fn routes() -> Vec<(&'static str, Access, MethodRouter<AppState>)> {
         ("/v1/models", Needs(Inference), get(openai::list_models)),
         ("/v1/models/{*id}", Needs(Inference), get(openai::get_model)),
         ("/v1/embeddings", Needs(Inference), post(embeddings::openai_embeddings)),
+        ("/v1/messages", Needs(Inference), post(anthropic::messages)),
+        ("/v1/messages/count_tokens", Needs(Inference), post(anthropic::count_tokens)),
         ("/api/embed", Needs(Inference), post(embeddings::ollama_embed)),
         ("/api/chat", Needs(Inference), post(ollama::chat)),
         ("/api/generate", Needs(Inference), post(ollama::generate)),
@@ -214,6 +217,7 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.draining.clone(), refuse_while_draining))
         .layer(axum::middleware::from_fn_with_state(origins, guard::check_origin))
         .layer(axum::middleware::from_fn_with_state(hosts, guard::check_host))
+        .layer(axum::middleware::from_fn(error::with_shape))
         .layer(axum::middleware::from_fn(request_log::with_request_id))
         .with_state(state)
 }

@@ -57,6 +57,14 @@ fn tool_calls_through_real_clients() {
 }
 
 #[test]
+fn the_official_anthropic_sdk_works() {
+    let server = Server::start();
+    // With keys, as coding agents send them: `x-api-key`.
+    let key = server.berth.ok(&["keys", "create", "--name", "agent"]).trim().to_string();
+    run_python("anthropic_client.py", &[&format!("http://127.0.0.1:{}", server.port), "ai/smollm2:latest", &key], &server);
+}
+
+#[test]
 fn langchain_chat_openai_works() {
     let server = Server::start();
     run_python("langchain_client.py", &[&format!("http://127.0.0.1:{}/v1", server.port), "ai/smollm2:latest"], &server);
@@ -100,10 +108,20 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         ("logit_bias off the vocabulary", chat(r#","logit_bias":{"999999":1}"#), 400, "logit_bias"),
         ("seed 0.5", chat(r#","seed":0.5"#), 400, "seed must be a whole number"),
         (
-            "tool_choice required",
-            chat(r#","tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required""#),
+            "tool_choice naming no tool",
+            chat(
+                r#","tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"g"}}"#,
+            ),
             400,
-            "tool calls",
+            "not among the request's tools",
+        ),
+        (
+            "unenforceable schema",
+            chat(
+                r#","response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"array","uniqueItems":true}}}"#,
+            ),
+            400,
+            "uniqueItems",
         ),
     ];
     for (name, body, status, needle) in cases {
@@ -155,8 +173,13 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     for (path, body, needle) in ollama_cases {
         let (status, text) = server.post(path, body);
         assert_eq!(status, 400, "{path} {body}: {text}");
-        assert!(text.contains(needle), "{path} {body}: {text}");
+        // Ollama's shape: the message as a string (its clients show `error` as it is).
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        assert!(v["error"].as_str().is_some_and(|m| m.contains(needle)), "{path} {body}: {text}");
     }
+    let (status, text) = server.post("/api/chat", r#"{"model":"nope","messages":[{"role":"user","content":"hi"}]}"#);
+    assert_eq!(status, 404, "{text}");
+    assert!(serde_json::from_str::<serde_json::Value>(&text).unwrap()["error"].is_string(), "{text}");
 
     // A 10 MB body is refused at the limit.
     let huge = format!(r#"{{"model":"smollm2","messages":[{{"role":"user","content":"{}"}}]}}"#, "a".repeat(10 << 20));
