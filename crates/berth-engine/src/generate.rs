@@ -17,6 +17,21 @@ use std::sync::{Arc, OnceLock};
 /// memory of one step.
 const PREFILL_CHUNK: usize = 512;
 
+/// What a chat request asks of the template beyond its messages.
+#[derive(Debug, Clone)]
+pub struct ChatOptions {
+    /// The request's tools, in the model's format.
+    pub tools: Option<ToolPlan>,
+    /// `enable_thinking` for templates that read it (Qwen3's `/think`, R1-Distill's opened thought).
+    pub enable_thinking: bool,
+}
+
+impl Default for ChatOptions {
+    fn default() -> Self {
+        ChatOptions { tools: None, enable_thinking: true }
+    }
+}
+
 /// A model with its tokenizer and chat template: what the APIs and `berth run` hold.
 pub struct Engine {
     model: Box<dyn TextModel>,
@@ -114,17 +129,14 @@ impl Engine {
 
     /// Tokens of a chat: the template's markers as special tokens, the messages' text as text.
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
-        self.chat_prompt_with_tools(messages, None)
+        self.chat_prompt_with(messages, &ChatOptions::default())
     }
 
     /// The same with tools: the template gets them as `tools` (the generic format, for a
     /// template that knows none, describes them in the system message instead), and earlier calls
     /// and results render as the template spells them.
-    pub fn chat_prompt_with_tools(
-        &self,
-        messages: &[Message],
-        tools: Option<&ToolPlan>,
-    ) -> Result<Vec<u32>, EngineError> {
+    pub fn chat_prompt_with(&self, messages: &[Message], options: &ChatOptions) -> Result<Vec<u32>, EngineError> {
+        let tools = options.tools.as_ref();
         let Some(template) = &self.template else {
             // No template: the messages' text, one per line, as a plain completion prompt.
             let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
@@ -148,6 +160,8 @@ impl Engine {
             })
             .collect();
         let mut extra = serde_json::Map::new();
+        // As llama.cpp does: templates that read it think unless asked not to.
+        extra.insert("enable_thinking".into(), options.enable_thinking.into());
         match tools {
             Some(plan) if plan.format == ToolFormat::Generic => generic_tool_messages(&mut messages, plan),
             Some(plan) => {
@@ -186,6 +200,11 @@ impl Engine {
         let json: Vec<serde_json::Value> =
             fold_into_user_turns(messages).iter().map(Message::to_template_json).collect();
         template.render_json(json, true, extra)
+    }
+
+    /// Whether this model thinks in `<think>` tags before it answers (read from its template).
+    pub fn reasons(&self) -> bool {
+        self.template.as_ref().is_some_and(|t| crate::reasoning::template_reasons(t.source()))
     }
 
     /// The tool format this model's template speaks.

@@ -16,6 +16,7 @@ pub mod tokenizer;
 
 pub use error::EngineError;
 pub mod generate;
+pub mod reasoning;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
@@ -25,7 +26,7 @@ pub mod tools;
 
 use team::Team;
 
-pub use generate::{Engine, chat_template_of, vet_artifact_template};
+pub use generate::{ChatOptions, Engine, chat_template_of, vet_artifact_template};
 pub use request::{FinishReason, GenerationOutput, GenerationRequest, RequestDraft, RequestLimits, TokenEvent};
 
 static TEAM: std::sync::OnceLock<std::sync::Arc<Team>> = std::sync::OnceLock::new();

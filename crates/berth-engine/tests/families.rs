@@ -228,7 +228,12 @@ fn every_family_calls_tools_in_its_templates_format() {
         formats.push((f.arch, format));
         for choice in [ToolChoice::Required, ToolChoice::Function("add".into())] {
             let plan = ToolPlan { format, tools: tools.clone(), choice: choice.clone(), parallel: false };
-            let prompt = engine.chat_prompt_with_tools(&conversation, Some(&plan)).expect("render");
+            let prompt = engine
+                .chat_prompt_with(
+                    &conversation,
+                    &berth_engine::ChatOptions { tools: Some(plan.clone()), ..Default::default() },
+                )
+                .expect("render");
             let rendered = engine.tokenizer().decode(&prompt);
             assert!(rendered.contains("18 degrees and sunny"), "{}: the tool result is in the prompt", f.arch);
             let spec = match plan.grammar(engine.tokenizer()) {

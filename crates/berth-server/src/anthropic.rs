@@ -9,6 +9,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
+use berth_engine::ChatOptions;
 use berth_engine::request::{Param, RequestDraft};
 use berth_engine::template::Message;
 use berth_engine::tools::{Tool, ToolCall, ToolChoice, ToolPlan};
@@ -24,7 +25,7 @@ use crate::error::ApiError;
 use crate::models::LoadedModel;
 use crate::request::{JsonBody, PromptSource, number, request_id};
 use crate::run::Update;
-use crate::tool_calls::{ToolStream, answer_text};
+use crate::tool_calls::AnswerStream;
 
 #[derive(Deserialize)]
 pub struct MessagesRequest {
@@ -41,6 +42,8 @@ pub struct MessagesRequest {
     stream: bool,
     tools: Option<Vec<InputTool>>,
     tool_choice: Option<Value>,
+    /// `{"type": "disabled"}`: a reasoning model answers without thinking first.
+    thinking: Option<Value>,
     /// `metadata.user_id`: accepted (berth's usage is per key).
     #[allow(dead_code)]
     metadata: Option<Value>,
@@ -219,7 +222,7 @@ fn tools_of(tools: &Option<Vec<InputTool>>, choice: &Option<Value>) -> Result<Op
 }
 
 /// The request as berth's parts, checked before any model is involved.
-fn parts(req: &MessagesRequest) -> Result<(PromptSource, RequestDraft, Option<ToolPlan>), ApiError> {
+fn parts(req: &MessagesRequest) -> Result<(PromptSource, RequestDraft, ChatOptions), ApiError> {
     let messages = messages_of(&req.system, &req.messages)?;
     let max_tokens = number("max_tokens", &req.max_tokens)?
         .ok_or_else(|| ApiError::invalid("max_tokens", "max_tokens is required"))?;
@@ -247,7 +250,12 @@ fn parts(req: &MessagesRequest) -> Result<(PromptSource, RequestDraft, Option<To
         stop: req.stop_sequences.clone(),
         ..RequestDraft::default()
     };
-    Ok((PromptSource::Chat(messages), draft, tools_of(&req.tools, &req.tool_choice)?))
+    let enable_thinking = req.thinking.as_ref().and_then(|t| t.get("type")).and_then(Value::as_str) != Some("disabled");
+    Ok((
+        PromptSource::Chat(messages),
+        draft,
+        ChatOptions { tools: tools_of(&req.tools, &req.tool_choice)?, enable_thinking },
+    ))
 }
 
 fn tool_use_block(c: &ToolCall) -> Value {
@@ -285,10 +293,10 @@ fn anthropic_ids(calls: &mut [ToolCall], message_id: &str) {
 
 pub async fn messages(State(state): State<AppState>, JsonBody(req): JsonBody<MessagesRequest>) -> Response {
     let prepared = async {
-        let (source, draft, tools) = parts(&req)?;
+        let (source, draft, chat) = parts(&req)?;
         let model = state.models.get(&req.model).await?;
-        let tools = tools.map(|t| ToolPlan { format: model.engine.tool_format(), ..t });
-        let request = model.prepare(source, draft, tools.clone()).await?.pop();
+        let tools = chat.tools.map(|t| ToolPlan { format: model.engine.tool_format(), ..t });
+        let request = model.prepare(source, draft, ChatOptions { tools: tools.clone(), ..chat }).await?.pop();
         let request = request.ok_or_else(|| ApiError::internal("no request was prepared"))?;
         Ok::<_, ApiError>((model, request, tools))
     }
@@ -297,26 +305,28 @@ pub async fn messages(State(state): State<AppState>, JsonBody(req): JsonBody<Mes
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
+    let answer = AnswerStream::new(&model, &request.prompt, tools);
     let generation = match crate::run::start(&model, request) {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
     let id = request_id("msg");
     if req.stream {
-        return stream(model, generation, tools, id, req.stop_sequences);
+        return stream(model, generation, answer, id, req.stop_sequences);
     }
     let out = match generation.finish().await {
         Ok(o) => o,
         Err(e) => return e.into_response(),
     };
-    let (content, mut calls) = match &tools {
-        Some(plan) => plan.parse(&answer_text(plan, model.engine.tokenizer(), &out.text, &out.tokens), "x"),
-        None => (out.text.clone(), Vec::new()),
-    };
+    let (piece, mut calls) = answer.whole(&out, model.engine.tokenizer(), "x");
     anthropic_ids(&mut calls, &id);
     let mut blocks = Vec::new();
-    if !content.is_empty() || calls.is_empty() {
-        blocks.push(json!({"type": "text", "text": content}));
+    if !piece.reasoning.is_empty() {
+        // berth signs nothing: the signature is empty, and berth ignores it when the block comes back.
+        blocks.push(json!({"type": "thinking", "thinking": piece.reasoning, "signature": ""}));
+    }
+    if !piece.content.is_empty() || calls.is_empty() {
+        blocks.push(json!({"type": "text", "text": piece.content}));
     }
     blocks.extend(calls.iter().map(tool_use_block));
     let (reason, sequence) = stop_reason(&model, &out, &req.stop_sequences, !calls.is_empty());
@@ -344,7 +354,7 @@ fn event(name: &str, data: Value) -> Event {
 fn stream(
     model: Arc<LoadedModel>,
     mut generation: crate::run::Generation,
-    tools: Option<ToolPlan>,
+    answer: AnswerStream,
     id: String,
     stops: Vec<String>,
 ) -> Response {
@@ -358,31 +368,8 @@ fn stream(
         {
             return;
         }
-        let mut tool_stream = tools.map(|t| ToolStream::new(t, model.engine.tokenizer()));
-        // Whether the text block is open, and how many blocks there are so far.
-        let mut text_open = false;
-        let mut blocks = 0usize;
-        let send_text = |text: String, text_open: &mut bool, blocks: &mut usize| {
-            let mut events = Vec::new();
-            if text.is_empty() {
-                return events;
-            }
-            if !*text_open {
-                events.push(event(
-                    "content_block_start",
-                    json!({"type": "content_block_start", "index": *blocks,
-                                                                 "content_block": {"type": "text", "text": ""}}),
-                ));
-                *text_open = true;
-                *blocks += 1;
-            }
-            events.push(event(
-                "content_block_delta",
-                json!({"type": "content_block_delta", "index": *blocks - 1,
-                                                             "delta": {"type": "text_delta", "text": text}}),
-            ));
-            events
-        };
+        let mut answer = Some(answer);
+        let mut blocks = Blocks::default();
         let out = loop {
             let update = tokio::select! {
                 // The client hung up: dropping the generation cancels it.
@@ -391,11 +378,11 @@ fn stream(
             };
             match update {
                 Update::Token(ev) => {
-                    let text = match tool_stream.as_mut() {
-                        Some(ts) => ts.push(ev.token, &ev.text),
-                        None => ev.text,
+                    let piece = match answer.as_mut() {
+                        Some(a) => a.push(ev.token, &ev.text),
+                        None => crate::tool_calls::AnswerPiece { reasoning: String::new(), content: ev.text },
                     };
-                    for e in send_text(text, &mut text_open, &mut blocks) {
+                    for e in blocks.piece(piece) {
                         if tx.send(e).await.is_err() {
                             return;
                         }
@@ -410,32 +397,21 @@ fn stream(
             }
         };
         let mut calls = Vec::new();
-        if let Some(ts) = tool_stream.take() {
-            let (rest, parsed) = ts.finish("x");
+        let mut events = Vec::new();
+        if let Some(a) = answer.take() {
+            let (rest, parsed) = a.finish("x");
             calls = parsed;
             anthropic_ids(&mut calls, &id);
-            for e in send_text(rest, &mut text_open, &mut blocks) {
-                if tx.send(e).await.is_err() {
-                    return;
-                }
-            }
+            events.extend(blocks.piece(rest));
         }
-        let mut events = Vec::new();
-        if text_open {
-            events.push(event("content_block_stop", json!({"type": "content_block_stop", "index": blocks - 1})));
-        } else if calls.is_empty() {
-            // An empty answer is still one (empty) text block.
-            events.push(event(
-                "content_block_start",
-                json!({"type": "content_block_start", "index": 0,
-                                                             "content_block": {"type": "text", "text": ""}}),
-            ));
-            events.push(event("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
-            blocks = 1;
+        if !blocks.had_text && calls.is_empty() {
+            // An answer with no text is still one (empty) text block.
+            events.extend(blocks.open(Block::Text));
         }
+        events.extend(blocks.close());
         for c in &calls {
-            let index = blocks;
-            blocks += 1;
+            let index = blocks.count;
+            blocks.count += 1;
             events.push(event(
                 "content_block_start",
                 json!({"type": "content_block_start", "index": index,
@@ -465,6 +441,72 @@ fn stream(
     Sse::new(ReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response()
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Block {
+    Thinking,
+    Text,
+}
+
+/// The streamed message's content blocks so far: which one is open, how many there are.
+#[derive(Default)]
+struct Blocks {
+    open: Option<Block>,
+    count: usize,
+    had_text: bool,
+}
+
+impl Blocks {
+    fn close(&mut self) -> Vec<Event> {
+        match self.open.take() {
+            Some(_) => {
+                vec![event("content_block_stop", json!({"type": "content_block_stop", "index": self.count - 1}))]
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn open(&mut self, kind: Block) -> Vec<Event> {
+        if self.open == Some(kind) {
+            return Vec::new();
+        }
+        let mut events = self.close();
+        let block = match kind {
+            Block::Thinking => json!({"type": "thinking", "thinking": "", "signature": ""}),
+            Block::Text => json!({"type": "text", "text": ""}),
+        };
+        events.push(event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": self.count, "content_block": block}),
+        ));
+        self.open = Some(kind);
+        self.count += 1;
+        self.had_text |= kind == Block::Text;
+        events
+    }
+
+    /// Thought into a thinking block, answer text into a text block.
+    fn piece(&mut self, piece: crate::tool_calls::AnswerPiece) -> Vec<Event> {
+        let mut events = Vec::new();
+        if !piece.reasoning.is_empty() {
+            events.extend(self.open(Block::Thinking));
+            events.push(event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": self.count - 1,
+                "delta": {"type": "thinking_delta", "thinking": piece.reasoning}}),
+            ));
+        }
+        if !piece.content.is_empty() {
+            events.extend(self.open(Block::Text));
+            events.push(event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": self.count - 1,
+                "delta": {"type": "text_delta", "text": piece.content}}),
+            ));
+        }
+        events
+    }
+}
+
 /// `POST /v1/messages/count_tokens`: the prompt's tokens as the model's template renders it.
 pub async fn count_tokens(State(state): State<AppState>, JsonBody(req): JsonBody<CountTokensRequest>) -> Response {
     let counted = async {
@@ -473,7 +515,8 @@ pub async fn count_tokens(State(state): State<AppState>, JsonBody(req): JsonBody
         let model = state.models.get(&req.model).await?;
         let tools = tools.map(|t| ToolPlan { format: model.engine.tool_format(), ..t });
         let m = model.clone();
-        let prompt = tokio::task::spawn_blocking(move || m.engine.chat_prompt_with_tools(&messages, tools.as_ref()))
+        let chat = ChatOptions { tools, ..ChatOptions::default() };
+        let prompt = tokio::task::spawn_blocking(move || m.engine.chat_prompt_with(&messages, &chat))
             .await
             .map_err(|e| ApiError::internal(format!("counting stopped: {e}")))?
             .map_err(|e| model.error(e))?;

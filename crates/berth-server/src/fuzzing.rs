@@ -22,7 +22,8 @@ pub enum Api {
 pub fn validate_body(api: Api, body: &[u8], limits: &RequestLimits) -> Result<Vec<GenerationRequest>, String> {
     let parts = match api {
         Api::OpenAiChat => parse(body).and_then(|r| {
-            let (source, draft, tools) = crate::openai::chat_parts(&r)?;
+            let (source, draft, chat) = crate::openai::chat_parts(&r)?;
+            let tools = chat.tools;
             // The answer parsers of every tool format, on the messages' text as if a model wrote it.
             if let (Some(plan), PromptSource::Chat(messages)) = (tools, &source) {
                 for format in [ToolFormat::Generic, ToolFormat::Hermes, ToolFormat::Mistral, ToolFormat::Llama3] {

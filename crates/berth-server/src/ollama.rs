@@ -23,6 +23,7 @@ use crate::error::ApiError;
 use crate::models::{KeepAlive, Loaded, LoadedModel};
 use crate::request::{JsonBody, PromptSource};
 use crate::run::Update;
+use berth_engine::ChatOptions;
 use berth_engine::request::{Param, RequestDraft};
 use berth_engine::tools::ToolPlan;
 use std::sync::atomic::Ordering;
@@ -76,6 +77,8 @@ pub struct ChatRequest {
     keep_alive: Option<Value>,
     /// Functions the model may call (OpenAI's shape, as Ollama takes them).
     tools: Option<Value>,
+    /// `false`: a reasoning model answers without thinking first.
+    think: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -119,6 +122,17 @@ pub struct GenerateRequest {
     keep_alive: Option<Value>,
     #[serde(default)]
     images: Option<Vec<String>>,
+    think: Option<Value>,
+}
+
+/// Ollama's `think`: a boolean (or an effort level, which means yes).
+fn think(v: &Option<Value>) -> Result<bool, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(true),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) if ["low", "medium", "high"].contains(&s.as_str()) => Ok(true),
+        Some(_) => Err(ApiError::invalid("think", "think must be true, false, or low / medium / high")),
+    }
 }
 
 /// The longest `keep_alive` a request may ask for (a negative value, for ever, is the other way).
@@ -266,7 +280,8 @@ pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatReq
             return Err(ApiError::invalid("format", "format and tools cannot constrain one answer together"));
         }
         let tools = tools.map(|t| ToolPlan { format: model.engine.tool_format(), ..t });
-        let request = model.prepare(source, draft, tools.clone()).await?.pop();
+        let chat = ChatOptions { tools: tools.clone(), enable_thinking: think(&req.think)? };
+        let request = model.prepare(source, draft, chat).await?.pop();
         Ok::<_, ApiError>((model, request, tools))
     }
     .await;
@@ -286,7 +301,8 @@ pub async fn generate(State(state): State<AppState>, JsonBody(req): JsonBody<Gen
         let parts = generate_parts(&req)?;
         let model = state.models.get_keeping(&req.model, keep_alive(&req.keep_alive)?).await?;
         let Some((source, draft)) = parts else { return Ok((model, None)) };
-        let request = model.prepare(source, draft, None).await?.pop();
+        let chat = ChatOptions { tools: None, enable_thinking: think(&req.think)? };
+        let request = model.prepare(source, draft, chat).await?.pop();
         Ok::<_, ApiError>((model, request))
     }
     .await;
@@ -331,6 +347,20 @@ fn ollama_calls(calls: &[berth_engine::tools::ToolCall]) -> Value {
         .collect()
 }
 
+/// A reasoning model's thought (`thinking`) and the calls (on the message), in Ollama's places.
+fn with_extras(v: &mut Value, chat: bool, reasoning: &str, calls: &[berth_engine::tools::ToolCall]) {
+    if !reasoning.is_empty() {
+        if chat {
+            v["message"]["thinking"] = json!(reasoning);
+        } else {
+            v["thinking"] = json!(reasoning);
+        }
+    }
+    if !calls.is_empty() && chat {
+        v["message"]["tool_calls"] = ollama_calls(calls);
+    }
+}
+
 async fn answer(
     model: Arc<LoadedModel>,
     request: Option<GenerationRequest>,
@@ -345,6 +375,8 @@ async fn answer(
         v["done_reason"] = json!("load");
         return Json(v).into_response();
     };
+    let answer = crate::tool_calls::AnswerStream::new(&model, &request.prompt, tools);
+    let mut answer = (!answer.is_plain()).then_some(answer);
     let mut generation = match crate::run::start(&model, request) {
         Ok(g) => g,
         Err(e) => return e.into_response(),
@@ -353,15 +385,12 @@ async fn answer(
         return match generation.finish().await {
             Ok(out) => {
                 let elapsed = started.elapsed().as_secs_f64();
-                let Some(tools) = &tools else {
+                let Some(answer) = answer else {
                     return Json(body(&model, chat, &out.text, Some((&out, elapsed)))).into_response();
                 };
-                let text = crate::tool_calls::answer_text(tools, model.engine.tokenizer(), &out.text, &out.tokens);
-                let (content, calls) = tools.parse(&text, "ollama");
-                let mut v = body(&model, chat, &content, Some((&out, elapsed)));
-                if !calls.is_empty() {
-                    v["message"]["tool_calls"] = ollama_calls(&calls);
-                }
+                let (piece, calls) = answer.whole(&out, model.engine.tokenizer(), "ollama");
+                let mut v = body(&model, chat, &piece.content, Some((&out, elapsed)));
+                with_extras(&mut v, chat, &piece.reasoning, &calls);
                 Json(v).into_response()
             }
             Err(e) => e.into_response(),
@@ -369,7 +398,6 @@ async fn answer(
     }
     let (tx, rx) = mpsc::channel::<String>(64);
     let m = model.clone();
-    let mut tool_stream = tools.map(|t| crate::tool_calls::ToolStream::new(t, model.engine.tokenizer()));
     tokio::spawn(async move {
         let last = loop {
             let update = tokio::select! {
@@ -379,24 +407,28 @@ async fn answer(
             };
             match update {
                 Update::Token(ev) => {
-                    let text = match tool_stream.as_mut() {
-                        Some(ts) => ts.push(ev.token, &ev.text),
-                        None => ev.text,
+                    let piece = match answer.as_mut() {
+                        Some(a) => a.push(ev.token, &ev.text),
+                        None => crate::tool_calls::AnswerPiece { reasoning: String::new(), content: ev.text },
                     };
-                    if !text.is_empty() && tx.send(format!("{}\n", body(&m, chat, &text, None))).await.is_err() {
+                    if piece.content.is_empty() && piece.reasoning.is_empty() {
+                        continue;
+                    }
+                    let mut v = body(&m, chat, &piece.content, None);
+                    with_extras(&mut v, chat, &piece.reasoning, &[]);
+                    if tx.send(format!("{v}\n")).await.is_err() {
                         return;
                     }
                 }
                 Update::Done(Ok(out)) if out.finish == FinishReason::Cancelled => return,
                 Update::Done(Ok(out)) => {
                     // Ollama sends the calls in a message of their own before the last one.
-                    if let Some(ts) = tool_stream.take() {
-                        let (rest, calls) = ts.finish("ollama");
-                        let mut v = body(&m, chat, &rest, None);
-                        if !calls.is_empty() {
-                            v["message"]["tool_calls"] = ollama_calls(&calls);
-                        }
-                        if (!rest.is_empty() || !calls.is_empty()) && tx.send(format!("{v}\n")).await.is_err() {
+                    if let Some(a) = answer.take() {
+                        let (rest, calls) = a.finish("ollama");
+                        let mut v = body(&m, chat, &rest.content, None);
+                        with_extras(&mut v, chat, &rest.reasoning, &calls);
+                        let something = !rest.content.is_empty() || !rest.reasoning.is_empty() || !calls.is_empty();
+                        if something && tx.send(format!("{v}\n")).await.is_err() {
                             return;
                         }
                     }

@@ -21,8 +21,11 @@ use crate::error::ApiError;
 use crate::models::{LoadedModel, now};
 use crate::request::{JsonBody, PromptSource, Sampling, request_id};
 use crate::run::Update;
+use berth_engine::ChatOptions;
 use berth_engine::request::RequestDraft;
 use berth_engine::tools::ToolPlan;
+
+use crate::tool_calls::AnswerStream;
 
 #[derive(Deserialize)]
 pub struct ChatRequest {
@@ -40,6 +43,9 @@ pub struct ChatRequest {
     tools: Option<Value>,
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<Value>,
+    /// Variables for the chat template (vLLM's and llama.cpp's extension); berth reads
+    /// `enable_thinking`.
+    chat_template_kwargs: Option<Value>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -185,7 +191,7 @@ fn check_n(n: u32) -> Result<(), ApiError> {
 /// What a chat request asks for, checked before any model is involved: the messages and the
 /// parameters as a draft (validated against the model in [`LoadedModel::prepare`]), and
 /// `top_logprobs`.
-pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraft, Option<ToolPlan>), ApiError> {
+pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraft, ChatOptions), ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
@@ -209,7 +215,17 @@ pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraf
     let messages: Vec<Message> =
         req.messages.iter().enumerate().map(|(i, m)| m.to_message(i)).collect::<Result<_, _>>()?;
     let draft = RequestDraft { constraint: constraint.map(|c| ("response_format", c)), ..req.sampling.draft(top)? };
-    Ok((PromptSource::Chat(messages), draft, tools))
+    let enable_thinking = match req.chat_template_kwargs.as_ref().and_then(|k| k.get("enable_thinking")) {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "chat_template_kwargs.enable_thinking",
+                "chat_template_kwargs.enable_thinking must be true or false",
+            ));
+        }
+    };
+    Ok((PromptSource::Chat(messages), draft, ChatOptions { tools, enable_thinking }))
 }
 
 /// The same for a completion request: its prompts (1 to 16) and parameters.
@@ -239,11 +255,12 @@ pub(crate) fn completion_parts(req: &CompletionRequest) -> Result<(PromptSource,
 
 pub async fn chat_completions(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {
     let plan = async {
-        let (source, draft, tools) = chat_parts(&req)?;
+        let (source, draft, chat) = chat_parts(&req)?;
         let top_logprobs = draft.logprobs;
         let model = state.models.get(&req.model).await?;
-        let tools = tools.map(|t| ToolPlan { format: model.engine.tool_format(), ..t });
-        let requests = model.prepare(source, draft, tools.clone()).await?;
+        let tools = chat.tools.map(|t| ToolPlan { format: model.engine.tool_format(), ..t });
+        let chat = ChatOptions { tools: tools.clone(), ..chat };
+        let requests = model.prepare(source, draft, chat).await?;
         Ok::<_, ApiError>(Plan {
             model,
             tools,
@@ -272,7 +289,7 @@ pub async fn completions(State(state): State<AppState>, JsonBody(req): JsonBody<
             (PromptSource::Chat(_), _) => vec![String::new()],
         };
         let model = state.models.get(&req.model).await?;
-        let requests = model.prepare(source, draft, None).await?;
+        let requests = model.prepare(source, draft, ChatOptions::default()).await?;
         Ok::<_, ApiError>(Plan {
             model,
             tools: None,
@@ -393,20 +410,20 @@ async fn respond(plan: Plan, kind: Kind) -> Response {
                 Kind::Chat => {
                     let mut message = json!({"role": "assistant", "content": out.text, "refusal": null});
                     let mut finish = finish_reason(out.finish);
-                    if let Some(tools) = &plan.tools {
-                        let text = crate::tool_calls::answer_text(
-                            tools,
-                            plan.model.engine.tokenizer(),
-                            &out.text,
-                            &out.tokens,
-                        );
-                        let (content, calls) = tools.parse(&text, &format!("{}{index}", &id[id.len() - 8..]));
+                    let answer = AnswerStream::new(&plan.model, &plan.requests[p].prompt, plan.tools.clone());
+                    if !answer.is_plain() {
+                        let seed = format!("{}{index}", &id[id.len() - 8..]);
+                        let (piece, calls) = answer.whole(&out, plan.model.engine.tokenizer(), &seed);
+                        message["content"] = json!(piece.content);
+                        if !piece.reasoning.is_empty() {
+                            message["reasoning_content"] = json!(piece.reasoning);
+                        }
                         if !calls.is_empty() {
-                            message["content"] = if content.is_empty() { Value::Null } else { json!(content) };
+                            if piece.content.is_empty() {
+                                message["content"] = Value::Null;
+                            }
                             message["tool_calls"] = crate::tool_calls::openai_calls(&calls);
                             finish = "tool_calls";
-                        } else {
-                            message["content"] = json!(content);
                         }
                     }
                     json!({
@@ -471,8 +488,9 @@ fn stream(plan: Plan, kind: Kind) -> Response {
         let (mut prompt_tokens, mut completion_tokens, mut cached_tokens) = (0, 0, 0);
         let with_lp = plan.top_logprobs.is_some();
         for (index, mut generation) in generations.into_iter().enumerate() {
-            let mut tool_stream =
-                plan.tools.clone().map(|t| crate::tool_calls::ToolStream::new(t, plan.model.engine.tokenizer()));
+            let mut answer = (kind == Kind::Chat)
+                .then(|| AnswerStream::new(&plan.model, &plan.requests[0].prompt, plan.tools.clone()))
+                .filter(|a| !a.is_plain());
             if kind == Kind::Chat {
                 let first = json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
                 if tx.send(chunk(first, None)).await.is_err() {
@@ -499,10 +517,19 @@ fn stream(plan: Plan, kind: Kind) -> Response {
                         return;
                     }
                 };
-                let ev = match tool_stream.as_mut() {
-                    Some(ts) => berth_engine::TokenEvent { text: ts.push(ev.token, &ev.text), ..ev },
-                    None => ev,
+                let (ev, reasoning) = match answer.as_mut() {
+                    Some(a) => {
+                        let piece = a.push(ev.token, &ev.text);
+                        (berth_engine::TokenEvent { text: piece.content, ..ev }, piece.reasoning)
+                    }
+                    None => (ev, String::new()),
                 };
+                if !reasoning.is_empty() {
+                    let choice = json!([{"index": index, "delta": {"reasoning_content": reasoning}, "logprobs": null, "finish_reason": null}]);
+                    if tx.send(chunk(choice, None)).await.is_err() {
+                        return;
+                    }
+                }
                 if ev.text.is_empty() && !with_lp {
                     continue;
                 }
@@ -534,11 +561,14 @@ fn stream(plan: Plan, kind: Kind) -> Response {
                 return;
             }
             let mut finish = finish_reason(out.finish);
-            if let Some(ts) = tool_stream.take() {
-                let (rest, calls) = ts.finish(&format!("{}{index}", &stream_id[stream_id.len() - 8..]));
+            if let Some(a) = answer.take() {
+                let (rest, calls) = a.finish(&format!("{}{index}", &stream_id[stream_id.len() - 8..]));
                 let mut deltas = Vec::new();
-                if !rest.is_empty() {
-                    deltas.push(json!({"content": rest}));
+                if !rest.reasoning.is_empty() {
+                    deltas.push(json!({"reasoning_content": rest.reasoning}));
+                }
+                if !rest.content.is_empty() {
+                    deltas.push(json!({"content": rest.content}));
                 }
                 // OpenAI's chunks for a call: its id, type and name with empty arguments, then the
                 // arguments (a fragment each; berth sends them whole once the call has parsed).

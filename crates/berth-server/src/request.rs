@@ -8,11 +8,12 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 
+use berth_engine::ChatOptions;
 use berth_engine::GenerationRequest;
 use berth_engine::constraint::ConstraintSpec;
 use berth_engine::request::{Param, RequestDraft};
 use berth_engine::template::Message;
-use berth_engine::tools::{ToolGrammar, ToolPlan};
+use berth_engine::tools::ToolGrammar;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -302,12 +303,12 @@ impl LoadedModel {
         self: &Arc<Self>,
         source: PromptSource,
         draft: RequestDraft,
-        tools: Option<ToolPlan>,
+        chat: ChatOptions,
     ) -> Result<Vec<GenerationRequest>, ApiError> {
         let model = self.clone();
         let prepared = tokio::task::spawn_blocking(move || {
             let prompts = match &source {
-                PromptSource::Chat(messages) => vec![model.engine.chat_prompt_with_tools(messages, tools.as_ref())?],
+                PromptSource::Chat(messages) => vec![model.engine.chat_prompt_with(messages, &chat)?],
                 PromptSource::Texts(texts) => {
                     texts.iter().map(|t| model.engine.text_prompt(t)).collect::<Result<Vec<_>, _>>()?
                 }
@@ -318,7 +319,7 @@ impl LoadedModel {
                 .map(|p| berth_engine::request::validate(&draft, p, &limits))
                 .collect::<Result<Vec<_>, berth_engine::EngineError>>()?;
             // A tool call's grammar (all of the answer, or from a call's opening token on).
-            let tool_grammar = match tools.as_ref().map(|t| t.grammar(model.engine.tokenizer())) {
+            let tool_grammar = match chat.tools.as_ref().map(|t| t.grammar(model.engine.tokenizer())) {
                 Some(ToolGrammar::Whole(spec)) => Some(model.engine.constrain(&spec, "tools")?),
                 Some(ToolGrammar::Lazy(lazy)) => Some(model.engine.constrain(&lazy.spec, "tools")?.after(lazy.trigger)),
                 Some(ToolGrammar::Free) | None => None,

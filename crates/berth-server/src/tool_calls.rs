@@ -263,3 +263,92 @@ mod tests {
         assert!(openai_tools(&None, &Some(json!("required")), &None).is_err());
     }
 }
+
+/// A chat answer as it streams, taken apart: a reasoning model's thought (between `<think>` and
+/// `</think>`), the text of the answer, and its tool calls.
+pub struct AnswerStream {
+    think: Option<berth_engine::reasoning::ThinkSplitter>,
+    tools: Option<ToolStream>,
+}
+
+/// What one piece of an answer adds.
+#[derive(Default)]
+pub struct AnswerPiece {
+    pub reasoning: String,
+    pub content: String,
+}
+
+impl AnswerStream {
+    /// `prompt`: the request's tokens (whether they opened a thought already).
+    pub fn new(model: &crate::models::LoadedModel, prompt: &[u32], tools: Option<ToolPlan>) -> AnswerStream {
+        let tokenizer = model.engine.tokenizer();
+        let think = model.engine.reasons().then(|| {
+            let tail = tokenizer.decode(&prompt[prompt.len().saturating_sub(16)..]);
+            berth_engine::reasoning::ThinkSplitter::new(berth_engine::reasoning::prompt_opens_thought(&tail))
+        });
+        AnswerStream { think, tools: tools.map(|t| ToolStream::new(t, tokenizer)) }
+    }
+
+    /// Whether this answer needs taking apart at all.
+    pub fn is_plain(&self) -> bool {
+        self.think.is_none() && self.tools.is_none()
+    }
+
+    pub fn push(&mut self, token: Option<u32>, text: &str) -> AnswerPiece {
+        let (reasoning, content) = match self.think.as_mut() {
+            Some(t) => {
+                let s = t.push(text);
+                (s.reasoning, s.content)
+            }
+            None => (String::new(), text.to_string()),
+        };
+        let content = match self.tools.as_mut() {
+            // The marker token rides with the text it came with; after a thought it is the answer's.
+            Some(ts) => ts.push(token, &content),
+            None => content,
+        };
+        AnswerPiece { reasoning, content }
+    }
+
+    pub fn finish(mut self, id_seed: &str) -> (AnswerPiece, Vec<ToolCall>) {
+        let mut piece = AnswerPiece::default();
+        if let Some(t) = self.think.take() {
+            let s = t.finish();
+            piece.reasoning = s.reasoning;
+            piece.content = match self.tools.as_mut() {
+                Some(ts) => ts.push(None, &s.content),
+                None => s.content,
+            };
+        }
+        match self.tools.take() {
+            Some(ts) => {
+                let (rest, calls) = ts.finish(id_seed);
+                piece.content.push_str(&rest);
+                (piece, calls)
+            }
+            None => (piece, Vec::new()),
+        }
+    }
+
+    /// A whole answer taken apart (what the stream would give, at once).
+    pub fn whole(
+        mut self,
+        out: &berth_engine::GenerationOutput,
+        tokenizer: &berth_engine::tokenizer::Tokenizer,
+        id_seed: &str,
+    ) -> (AnswerPiece, Vec<ToolCall>) {
+        let text = match &self.tools {
+            Some(ts) => answer_text(&ts.plan, tokenizer, &out.text, &out.tokens),
+            None => out.text.clone(),
+        };
+        // The marker is written out in the text already: no token to insert it for.
+        let first = self.push(None, &text);
+        let (rest, calls) = self.finish(id_seed);
+        let mut content = first.content + &rest.content;
+        if !calls.is_empty() {
+            // The text before a call, without the line break that led into it.
+            content.truncate(content.trim_end().len());
+        }
+        (AnswerPiece { reasoning: first.reasoning + &rest.reasoning, content }, calls)
+    }
+}

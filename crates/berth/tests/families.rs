@@ -57,3 +57,65 @@ fn every_family_packages_serves_and_answers_through_both_apis() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("System role not supported"), "{body}");
 }
+
+/// A reasoning model's thought comes apart from its answer: Qwen3's template thinks in `<think>`
+/// tags. (The random-weight model writes a thought only when made to: a regex makes its answer
+/// one, so the split is what is tested.) `enable_thinking: false` reaches the template, which then
+/// closes the thought in the prompt itself.
+#[test]
+fn a_reasoning_models_thought_comes_apart_from_its_answer() {
+    let berth = Berth::new();
+    let files = tempfile::tempdir().unwrap();
+    let qwen3 = *FAMILIES.iter().find(|f| f.arch == "qwen3").unwrap();
+    let path = files.path().join("qwen3.gguf");
+    write_family_model(qwen3, &models::llamacpp_testdata(), Storage::Q8_0, &path).unwrap();
+    berth.ok(&["package", "--gguf", &path.display().to_string(), "qwen3"]);
+    let server = Server::serve(berth, &["--model", "qwen3"]);
+    let shaped = r#""response_format":{"type":"regex","regex":"<think>\nfirst, think\n</think>\n\nthe answer"}"#;
+    let ask = |extra: &str| {
+        format!(
+            r#"{{"model":"qwen3","messages":[{{"role":"user","content":"Why?"}}],"max_tokens":60,"temperature":1{extra}}}"#
+        )
+    };
+    let (status, body) = server.post("/v1/chat/completions", &ask(&format!(",{shaped}")));
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], "first, think\n", "{body}");
+    assert_eq!(message["content"], "the answer", "{body}");
+
+    // Streamed: reasoning_content deltas, then content deltas, joined the same.
+    let (status, body) = server.post("/v1/chat/completions", &ask(&format!(",{shaped},\"stream\":true")));
+    assert_eq!(status, 200, "{body}");
+    let (mut reasoning, mut content) = (String::new(), String::new());
+    for line in body.lines().filter_map(|l| l.trim_end().strip_prefix("data: ")).filter(|l| *l != "[DONE]") {
+        let chunk: Value = serde_json::from_str(line).unwrap();
+        let delta = &chunk["choices"][0]["delta"];
+        reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or_default());
+        content.push_str(delta["content"].as_str().unwrap_or_default());
+    }
+    assert_eq!((reasoning.as_str(), content.as_str()), ("first, think\n", "the answer"), "{body}");
+
+    // enable_thinking: false is passed to the template: Qwen3's closes the thought in the prompt.
+    let tokens = |extra: &str| {
+        let (status, body) = server.post("/v1/chat/completions", &ask(extra).replace(r#""max_tokens":60"#, r#""max_tokens":1"#));
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    assert!(
+        tokens(r#","chat_template_kwargs":{"enable_thinking":false}"#) > tokens(""),
+        "the closed thought is in the prompt"
+    );
+    let (status, body) = server.post("/api/chat", r#"{"model":"qwen3","messages":[{"role":"user","content":"Why?"}],"stream":false,"think":false,"options":{"num_predict":1}}"#);
+    assert_eq!(status, 200, "{body}");
+    let thinking_off: Value = serde_json::from_str(&body).unwrap();
+    let (_, body) = server.post(
+        "/api/chat",
+        r#"{"model":"qwen3","messages":[{"role":"user","content":"Why?"}],"stream":false,"options":{"num_predict":1}}"#,
+    );
+    let thinking_on: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        thinking_off["prompt_eval_count"].as_u64() > thinking_on["prompt_eval_count"].as_u64(),
+        "{thinking_off} {thinking_on}"
+    );
+}

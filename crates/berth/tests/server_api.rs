@@ -61,7 +61,11 @@ fn the_official_anthropic_sdk_works() {
     let server = Server::start();
     // With keys, as coding agents send them: `x-api-key`.
     let key = server.berth.ok(&["keys", "create", "--name", "agent"]).trim().to_string();
-    run_python("anthropic_client.py", &[&format!("http://127.0.0.1:{}", server.port), "ai/smollm2:latest", &key], &server);
+    run_python(
+        "anthropic_client.py",
+        &[&format!("http://127.0.0.1:{}", server.port), "ai/smollm2:latest", &key],
+        &server,
+    );
 }
 
 #[test]
