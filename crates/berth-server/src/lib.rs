@@ -24,6 +24,7 @@ mod quota;
 mod request;
 mod request_log;
 mod run;
+mod tokenize;
 mod tool_calls;
 mod vetting;
 
@@ -176,6 +177,8 @@ fn routes() -> Vec<(&'static str, Access, MethodRouter<AppState>)> {
         ("/v1/models/{*id}", Needs(Inference), get(openai::get_model)),
         ("/v1/embeddings", Needs(Inference), post(embeddings::openai_embeddings)),
         ("/v1/messages", Needs(Inference), post(anthropic::messages)),
+        ("/tokenize", Needs(Inference), post(tokenize::tokenize)),
+        ("/detokenize", Needs(Inference), post(tokenize::detokenize)),
         ("/v1/messages/count_tokens", Needs(Inference), post(anthropic::count_tokens)),
         ("/api/embed", Needs(Inference), post(embeddings::ollama_embed)),
         ("/api/chat", Needs(Inference), post(ollama::chat)),

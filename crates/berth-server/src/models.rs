@@ -382,6 +382,24 @@ impl ModelManager {
         self.store()?.inspect(&reference).map_err(|_| ApiError::model_not_found(model, &self.available()))
     }
 
+    /// What a model in the store can do, from its type and chat template: `embeddings` for a BERT
+    /// model; `chat`, `completion`, `json` (structured output), `tools` (every template, through
+    /// the generic format where it has none) and `reasoning` where its template thinks in tags.
+    pub fn capabilities(&self, summary: &berth_store::ModelSummary) -> Vec<&'static str> {
+        if summary.format != "gguf" {
+            return vec!["embeddings"];
+        }
+        let mut caps = vec!["chat", "completion", "json", "tools"];
+        let template = Reference::parse(&summary.reference)
+            .ok()
+            .and_then(|r| self.store().ok()?.gguf_model(&r).ok())
+            .and_then(|m| m.chat_template.or_else(|| berth_engine::chat_template_of(&m.path).ok().flatten()));
+        if template.is_some_and(|t| berth_engine::reasoning::template_reasons(&t)) {
+            caps.push("reasoning");
+        }
+        caps
+    }
+
     /// Models in memory now.
     pub async fn loaded(&self) -> Vec<Loaded> {
         let map = self.loaded.lock().await;

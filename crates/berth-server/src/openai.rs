@@ -609,7 +609,14 @@ fn stream(plan: Plan, kind: Kind) -> Response {
 
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let models = state.models.list()?;
-    let data: Vec<Value> = models.iter().map(model_object).collect();
+    let data: Vec<Value> = models
+        .iter()
+        .map(|m| {
+            let mut v = model_object(m);
+            v["capabilities"] = json!(state.models.capabilities(m));
+            v
+        })
+        .collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
@@ -623,7 +630,11 @@ pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) ->
     let wanted = berth_store::Reference::parse(&id).map(|r| r.familiar()).unwrap_or(id.clone());
     let found = models.iter().find(|m| m.reference == wanted);
     match found {
-        Some(m) => Ok(Json(model_object(m))),
+        Some(m) => {
+            let mut v = model_object(m);
+            v["capabilities"] = json!(state.models.capabilities(m));
+            Ok(Json(v))
+        }
         None => Err(ApiError::model_not_found(&id, &models.iter().map(|m| m.reference.clone()).collect::<Vec<_>>())),
     }
 }

@@ -71,6 +71,12 @@ fn a_reasoning_models_thought_comes_apart_from_its_answer() {
     write_family_model(qwen3, &models::llamacpp_testdata(), Storage::Q8_0, &path).unwrap();
     berth.ok(&["package", "--gguf", &path.display().to_string(), "qwen3"]);
     let server = Server::serve(berth, &["--model", "qwen3"]);
+    let (_, listed) = berth_testkit::registry::http_request(server.port, "GET", "/v1/models/qwen3", &[], b"").unwrap();
+    assert!(
+        util::server::body_of(&listed).contains("\"reasoning\""),
+        "Qwen3's template thinks: {}",
+        util::server::body_of(&listed)
+    );
     let shaped = r#""response_format":{"type":"regex","regex":"<think>\nfirst, think\n</think>\n\nthe answer"}"#;
     let ask = |extra: &str| {
         format!(
@@ -98,7 +104,8 @@ fn a_reasoning_models_thought_comes_apart_from_its_answer() {
 
     // enable_thinking: false is passed to the template: Qwen3's closes the thought in the prompt.
     let tokens = |extra: &str| {
-        let (status, body) = server.post("/v1/chat/completions", &ask(extra).replace(r#""max_tokens":60"#, r#""max_tokens":1"#));
+        let (status, body) =
+            server.post("/v1/chat/completions", &ask(extra).replace(r#""max_tokens":60"#, r#""max_tokens":1"#));
         assert_eq!(status, 200, "{body}");
         serde_json::from_str::<Value>(&body).unwrap()["usage"]["prompt_tokens"].as_u64().unwrap()
     };

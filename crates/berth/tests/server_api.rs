@@ -69,6 +69,39 @@ fn the_official_anthropic_sdk_works() {
 }
 
 #[test]
+fn tokenize_and_detokenize_in_llama_cpps_shapes_and_models_list_capabilities() {
+    let server = Server::start();
+    // No `model`: the one loaded model answers.
+    let (status, body) = server.post("/tokenize", r#"{"content":"Hello world, <|im_end|>","with_pieces":true}"#);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let pieces: String =
+        v["tokens"].as_array().unwrap().iter().map(|t| t["piece"].as_str().unwrap().to_string()).collect();
+    assert_eq!(pieces, "Hello world, <|im_end|>", "{body}");
+    let ids: Vec<u64> = v["tokens"].as_array().unwrap().iter().map(|t| t["id"].as_u64().unwrap()).collect();
+    // parse_special reads the control token's text as the token: fewer ids.
+    let (_, special) =
+        server.post("/tokenize", r#"{"model":"smollm2","content":"Hello world, <|im_end|>","parse_special":true}"#);
+    let special: serde_json::Value = serde_json::from_str(&special).unwrap();
+    assert!(special["tokens"].as_array().unwrap().len() < ids.len(), "{special}");
+    let (status, body) = server.post("/detokenize", &serde_json::json!({"tokens": ids}).to_string());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["content"], "Hello world, <|im_end|>");
+    let (status, body) = server.post("/detokenize", r#"{"tokens":[99999999]}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("outside the vocabulary"), "{body}");
+
+    let (status, body) = http_request(server.port, "GET", "/v1/models", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body_of(&body)).unwrap();
+    let caps = |id: &str| {
+        v["data"].as_array().unwrap().iter().find(|m| m["id"] == id).map(|m| m["capabilities"].clone()).unwrap()
+    };
+    assert_eq!(caps("ai/smollm2:latest"), serde_json::json!(["chat", "completion", "json", "tools"]), "{v}");
+    assert_eq!(caps("ai/minilm:latest"), serde_json::json!(["embeddings"]), "{v}");
+}
+
+#[test]
 fn langchain_chat_openai_works() {
     let server = Server::start();
     run_python("langchain_client.py", &[&format!("http://127.0.0.1:{}/v1", server.port), "ai/smollm2:latest"], &server);
