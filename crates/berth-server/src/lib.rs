@@ -23,6 +23,7 @@ mod openai;
 mod quota;
 mod request;
 mod request_log;
+mod responses;
 mod run;
 mod tokenize;
 mod tool_calls;
@@ -156,6 +157,8 @@ pub struct AppState {
     /// Shutting down: new work gets 503.
     draining: Arc<AtomicBool>,
     auth: Arc<auth::Auth>,
+    /// Stored Responses API answers.
+    responses: Arc<responses::ResponseStore>,
 }
 
 /// Who may call a route: anyone (probes), or a key with a scope once the server has keys.
@@ -177,6 +180,8 @@ fn routes() -> Vec<(&'static str, Access, MethodRouter<AppState>)> {
         ("/v1/models/{*id}", Needs(Inference), get(openai::get_model)),
         ("/v1/embeddings", Needs(Inference), post(embeddings::openai_embeddings)),
         ("/v1/messages", Needs(Inference), post(anthropic::messages)),
+        ("/v1/responses", Needs(Inference), post(responses::create)),
+        ("/v1/responses/{id}", Needs(Inference), get(responses::retrieve).delete(responses::delete)),
         ("/tokenize", Needs(Inference), post(tokenize::tokenize)),
         ("/detokenize", Needs(Inference), post(tokenize::detokenize)),
         ("/v1/messages/count_tokens", Needs(Inference), post(anthropic::count_tokens)),
@@ -319,6 +324,9 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         ready: Arc::new(AtomicBool::new(false)),
         draining: Arc::new(AtomicBool::new(false)),
         auth: Arc::new(auth::Auth::new(accounts, config.token_quota_window, keys)),
+        responses: Arc::new(responses::ResponseStore::open(&config.home).map_err(|source| {
+            ServerError::Accounts(accounts::AccountsError::Database { path: config.home.join("berth.db"), source })
+        })?),
     };
     let app = router(state.clone(), &config);
     let local: SocketAddr = listener.local_addr().map_err(ServerError::Serve)?;

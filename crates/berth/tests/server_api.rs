@@ -102,6 +102,19 @@ fn tokenize_and_detokenize_in_llama_cpps_shapes_and_models_list_capabilities() {
 }
 
 #[test]
+fn the_responses_api_and_the_openai_agents_sdk_work() {
+    let server = Server::start();
+    // Two keys: stored responses are each key's own.
+    let one = server.berth.ok(&["keys", "create", "--name", "one"]).trim().to_string();
+    let two = server.berth.ok(&["keys", "create", "--name", "two"]).trim().to_string();
+    run_python(
+        "responses_client.py",
+        &[&format!("http://127.0.0.1:{}/v1", server.port), "ai/smollm2:latest", &one, &two],
+        &server,
+    );
+}
+
+#[test]
 fn langchain_chat_openai_works() {
     let server = Server::start();
     run_python("langchain_client.py", &[&format!("http://127.0.0.1:{}/v1", server.port), "ai/smollm2:latest"], &server);

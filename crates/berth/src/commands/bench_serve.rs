@@ -156,6 +156,11 @@ async fn one_request(client: &reqwest::Client, endpoint: &str, load: &Load, prom
     });
     if let Some(format) = &load.response_format {
         body["response_format"] = format.clone();
+        // llama-server's /v1/completions takes a schema as `json_schema` (it reads `response_format`
+        // on chat only); berth reads `response_format` and ignores the other.
+        if let Some(schema) = format.pointer("/json_schema/schema") {
+            body["json_schema"] = schema.clone();
+        }
     }
     let start = Instant::now();
     let mut response = client
