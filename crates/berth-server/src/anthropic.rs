@@ -368,7 +368,7 @@ fn stream(
         {
             return;
         }
-        let mut answer = Some(answer);
+        let mut answer = answer;
         let mut blocks = Blocks::default();
         let out = loop {
             let update = tokio::select! {
@@ -378,11 +378,7 @@ fn stream(
             };
             match update {
                 Update::Token(ev) => {
-                    let piece = match answer.as_mut() {
-                        Some(a) => a.push(ev.token, &ev.text),
-                        None => crate::tool_calls::AnswerPiece { reasoning: String::new(), content: ev.text },
-                    };
-                    for e in blocks.piece(piece) {
+                    for e in blocks.piece(answer.push(ev.token, &ev.text)) {
                         if tx.send(e).await.is_err() {
                             return;
                         }
@@ -396,14 +392,9 @@ fn stream(
                 }
             }
         };
-        let mut calls = Vec::new();
-        let mut events = Vec::new();
-        if let Some(a) = answer.take() {
-            let (rest, parsed) = a.finish("x");
-            calls = parsed;
-            anthropic_ids(&mut calls, &id);
-            events.extend(blocks.piece(rest));
-        }
+        let (rest, mut calls) = answer.finish("x");
+        anthropic_ids(&mut calls, &id);
+        let mut events = blocks.piece(rest);
         if !blocks.had_text && calls.is_empty() {
             // An answer with no text is still one (empty) text block.
             events.extend(blocks.open(Block::Text));

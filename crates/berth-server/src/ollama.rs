@@ -375,8 +375,7 @@ async fn answer(
         v["done_reason"] = json!("load");
         return Json(v).into_response();
     };
-    let answer = crate::tool_calls::AnswerStream::new(&model, &request.prompt, tools);
-    let mut answer = (!answer.is_plain()).then_some(answer);
+    let mut answer = crate::tool_calls::AnswerStream::new(&model, &request.prompt, tools);
     let mut generation = match crate::run::start(&model, request) {
         Ok(g) => g,
         Err(e) => return e.into_response(),
@@ -385,9 +384,6 @@ async fn answer(
         return match generation.finish().await {
             Ok(out) => {
                 let elapsed = started.elapsed().as_secs_f64();
-                let Some(answer) = answer else {
-                    return Json(body(&model, chat, &out.text, Some((&out, elapsed)))).into_response();
-                };
                 let (piece, calls) = answer.whole(&out, model.engine.tokenizer(), "ollama");
                 let mut v = body(&model, chat, &piece.content, Some((&out, elapsed)));
                 with_extras(&mut v, chat, &piece.reasoning, &calls);
@@ -407,10 +403,7 @@ async fn answer(
             };
             match update {
                 Update::Token(ev) => {
-                    let piece = match answer.as_mut() {
-                        Some(a) => a.push(ev.token, &ev.text),
-                        None => crate::tool_calls::AnswerPiece { reasoning: String::new(), content: ev.text },
-                    };
+                    let piece = answer.push(ev.token, &ev.text);
                     if piece.content.is_empty() && piece.reasoning.is_empty() {
                         continue;
                     }
@@ -423,14 +416,12 @@ async fn answer(
                 Update::Done(Ok(out)) if out.finish == FinishReason::Cancelled => return,
                 Update::Done(Ok(out)) => {
                     // Ollama sends the calls in a message of their own before the last one.
-                    if let Some(a) = answer.take() {
-                        let (rest, calls) = a.finish("ollama");
-                        let mut v = body(&m, chat, &rest.content, None);
-                        with_extras(&mut v, chat, &rest.reasoning, &calls);
-                        let something = !rest.content.is_empty() || !rest.reasoning.is_empty() || !calls.is_empty();
-                        if something && tx.send(format!("{v}\n")).await.is_err() {
-                            return;
-                        }
+                    let (rest, calls) = answer.finish("ollama");
+                    let mut v = body(&m, chat, &rest.content, None);
+                    with_extras(&mut v, chat, &rest.reasoning, &calls);
+                    let something = !rest.content.is_empty() || !rest.reasoning.is_empty() || !calls.is_empty();
+                    if something && tx.send(format!("{v}\n")).await.is_err() {
+                        return;
                     }
                     break body(&m, chat, "", Some((&out, started.elapsed().as_secs_f64())));
                 }

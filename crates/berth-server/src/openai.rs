@@ -561,7 +561,7 @@ fn stream(plan: Plan, kind: Kind) -> Response {
                 return;
             }
             let mut finish = finish_reason(out.finish);
-            if let Some(a) = answer.take() {
+            if let Some(mut a) = answer.take() {
                 let (rest, calls) = a.finish(&format!("{}{index}", &stream_id[stream_id.len() - 8..]));
                 let mut deltas = Vec::new();
                 if !rest.reasoning.is_empty() {

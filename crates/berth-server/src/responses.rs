@@ -469,7 +469,7 @@ fn stream(state: AppState, mut generation: crate::run::Generation, answer: Answe
                 return;
             }
         }
-        let mut answer = Some(answer);
+        let mut answer = answer;
         let message_id = shell.message_id();
         // The message item opens with its first text; its index among the output items.
         let mut text_index: Option<usize> = None;
@@ -482,10 +482,7 @@ fn stream(state: AppState, mut generation: crate::run::Generation, answer: Answe
                 u = generation.next() => u,
             };
             let piece = match update {
-                Update::Token(t) => match answer.as_mut() {
-                    Some(a) => a.push(t.token, &t.text),
-                    None => AnswerPiece { reasoning: String::new(), content: t.text },
-                },
+                Update::Token(t) => answer.push(t.token, &t.text),
                 Update::Done(Ok(out)) if out.finish == FinishReason::Cancelled => return,
                 Update::Done(Ok(out)) => break out,
                 Update::Done(Err(e)) => {
@@ -500,10 +497,7 @@ fn stream(state: AppState, mut generation: crate::run::Generation, answer: Answe
                 }
             }
         };
-        let (rest, calls) = match answer.take() {
-            Some(a) => a.finish(&shell.id[shell.id.len() - 8..]),
-            None => (AnswerPiece::default(), Vec::new()),
-        };
+        let (rest, calls) = answer.finish(&shell.id[shell.id.len() - 8..]);
         reasoning.push_str(&rest.reasoning);
         // An answer with no text and no calls is still a message (an empty one).
         let empty = text_index.is_none() && calls.is_empty();

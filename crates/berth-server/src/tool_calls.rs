@@ -289,7 +289,7 @@ impl AnswerStream {
         AnswerStream { think, tools: tools.map(|t| ToolStream::new(t, tokenizer)) }
     }
 
-    /// Whether this answer needs taking apart at all.
+    /// Whether this answer needs taking apart at all (a plain one passes through as it is).
     pub fn is_plain(&self) -> bool {
         self.think.is_none() && self.tools.is_none()
     }
@@ -310,7 +310,8 @@ impl AnswerStream {
         AnswerPiece { reasoning, content }
     }
 
-    pub fn finish(mut self, id_seed: &str) -> (AnswerPiece, Vec<ToolCall>) {
+    /// The end: what is still held, and the calls (the stream is spent after this).
+    pub fn finish(&mut self, id_seed: &str) -> (AnswerPiece, Vec<ToolCall>) {
         let mut piece = AnswerPiece::default();
         if let Some(t) = self.think.take() {
             let s = t.finish();
