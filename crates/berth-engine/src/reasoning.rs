@@ -84,13 +84,17 @@ impl ThinkSplitter {
                     }
                     match self.held.find(CLOSE) {
                         Some(at) => {
-                            out.reasoning.push_str(&self.held[..at]);
+                            // As llama.cpp gives it: without the line break before `</think>`.
+                            out.reasoning.push_str(self.held[..at].trim_end());
                             self.held = self.held[at + CLOSE.len()..].to_string();
                             self.state = State::Answer;
                             self.answer_fresh = true;
                         }
                         None => {
-                            let give = self.held.len() - partial_tail(&self.held, CLOSE);
+                            // Hold a possible `</think>`, and trailing whitespace that may end up
+                            // right before it.
+                            let before = &self.held[..self.held.len() - partial_tail(&self.held, CLOSE)];
+                            let give = before.trim_end().len();
                             out.reasoning.push_str(&self.held[..give]);
                             self.held.drain(..give);
                             return out;
@@ -119,7 +123,7 @@ impl ThinkSplitter {
     pub fn finish(mut self) -> Split {
         let held = std::mem::take(&mut self.held);
         match self.state {
-            State::Thinking => Split { reasoning: held, content: String::new() },
+            State::Thinking => Split { reasoning: held.trim_end().to_string(), content: String::new() },
             State::Answer if self.answer_fresh => {
                 Split { reasoning: String::new(), content: held.trim_start().to_string() }
             }
@@ -150,13 +154,20 @@ fn partial_tail(text: &str, tag: &str) -> usize {
 mod tests {
     use super::*;
 
-    // Outputs from llama.cpp's tests/test-chat.cpp (Qwen3.5, DeepSeek R1 Distill blocks).
+    // Outputs from llama.cpp's tests/test-chat.cpp (Qwen3.5, DeepSeek R1 Distill, Granite blocks)
+    // and the messages they parse into there.
     #[test]
     fn splits_thinking_from_the_answer() {
-        let s = ThinkSplitter::split(true, "I'm\nthinking\n</think>\n\nHello, world!\nWhat's up?");
-        assert_eq!(s, Split { reasoning: "I'm\nthinking\n".into(), content: "Hello, world!\nWhat's up?".into() });
-        let s = ThinkSplitter::split(false, "<think>\nI'm\nthinking\n</think>\n\nHello, world!\nWhat's up?");
-        assert_eq!(s, Split { reasoning: "I'm\nthinking\n".into(), content: "Hello, world!\nWhat's up?".into() });
+        let thoughts = || Split { reasoning: "I'm\nthinking".into(), content: "Hello, world!\nWhat's up?".into() };
+        assert_eq!(ThinkSplitter::split(true, "I'm\nthinking\n</think>\n\nHello, world!\nWhat's up?"), thoughts());
+        assert_eq!(
+            ThinkSplitter::split(false, "<think>\nI'm\nthinking\n</think>\n\nHello, world!\nWhat's up?"),
+            thoughts()
+        );
+        assert_eq!(ThinkSplitter::split(true, "I'm\nthinking</think>Hello, world!\nWhat's up?"), thoughts());
+        assert_eq!(ThinkSplitter::split(false, "<think>I'm\nthinking</think>Hello, world!\nWhat's up?"), thoughts());
+        let s = ThinkSplitter::split(true, "</think>Hello, world!\nWhat's up?");
+        assert_eq!(s, Split { reasoning: String::new(), content: "Hello, world!\nWhat's up?".into() });
         let s = ThinkSplitter::split(false, "Hello, world!\nWhat's up?");
         assert_eq!(s, Split { reasoning: String::new(), content: "Hello, world!\nWhat's up?".into() });
         // Cut off while thinking: all of it is thought.
@@ -179,7 +190,7 @@ mod tests {
             all.content.push_str(&end.content);
             assert_eq!(
                 all,
-                Split { reasoning: "I'm\nthinking\n".into(), content: "Hello, world!".into() },
+                Split { reasoning: "I'm\nthinking".into(), content: "Hello, world!".into() },
                 "cut at {cut}"
             );
         }

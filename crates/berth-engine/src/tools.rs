@@ -7,6 +7,10 @@
 //!   Nemo, Ministral, Devstral);
 //! - [`ToolFormat::Llama3`]: a bare JSON object `{"name": …, "parameters": {…}}`, or
 //!   `<|python_tag|>` before it (Llama 3.1–3.3);
+//! - [`ToolFormat::CallList`]: `<|tool_call|>[{"name": …, "arguments": {…}}]` (Granite 3.x);
+//! - [`ToolFormat::DeepSeekR1`] (DeepSeek-R1 and its distills):
+//!   `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`, the arguments in a json
+//!   fence, `<｜tool▁call▁end｜>…<｜tool▁calls▁end｜>`;
 //! - [`ToolFormat::Generic`]: a template that knows no tools (SmolLM2's, for one). The tools are
 //!   described in the system message and the whole answer is JSON, `{"tool_calls": […]}` or
 //!   `{"response": "…"}`, always grammar-constrained, so every model can call tools.
@@ -58,7 +62,15 @@ pub enum ToolFormat {
     Hermes,
     Mistral,
     Llama3,
+    CallList,
+    DeepSeekR1,
 }
+
+const DEEPSEEK_CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
+const DEEPSEEK_CALLS_END: &str = "<｜tool▁calls▁end｜>";
+const DEEPSEEK_CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
+const DEEPSEEK_CALL_END: &str = "<｜tool▁call▁end｜>";
+const DEEPSEEK_SEP: &str = "<｜tool▁sep｜>";
 
 impl ToolFormat {
     /// The format a chat template's text shows (none of them: the generic one).
@@ -67,6 +79,10 @@ impl ToolFormat {
             ToolFormat::Hermes
         } else if source.contains("[TOOL_CALLS]") {
             ToolFormat::Mistral
+        } else if source.contains(DEEPSEEK_CALL_BEGIN) {
+            ToolFormat::DeepSeekR1
+        } else if source.contains("<|tool_call|>") {
+            ToolFormat::CallList
         } else if source.contains("<|python_tag|>")
             || (source.contains("<|start_header_id|>") && source.contains("\"parameters\""))
         {
@@ -82,6 +98,19 @@ impl ToolFormat {
             ToolFormat::Hermes => "hermes",
             ToolFormat::Mistral => "mistral",
             ToolFormat::Llama3 => "llama3",
+            ToolFormat::CallList => "call-list",
+            ToolFormat::DeepSeekR1 => "deepseek-r1",
+        }
+    }
+
+    /// The text that opens a call, in formats that have one.
+    pub fn opening(self) -> Option<&'static str> {
+        match self {
+            ToolFormat::Hermes => Some("<tool_call>"),
+            ToolFormat::Mistral => Some("[TOOL_CALLS]"),
+            ToolFormat::CallList => Some("<|tool_call|>"),
+            ToolFormat::DeepSeekR1 => Some(DEEPSEEK_CALLS_BEGIN),
+            ToolFormat::Generic | ToolFormat::Llama3 => None,
         }
     }
 }
@@ -160,6 +189,15 @@ impl ToolPlan {
         if options.len() == 1 { options.into_iter().next().unwrap_or_default() } else { json!({"anyOf": options}) }
     }
 
+    /// One or more calls as a JSON list (one at most without parallel calls).
+    fn call_array(&self, with_id: bool) -> Value {
+        let mut array = json!({"type": "array", "items": self.call_schema(with_id), "minItems": 1});
+        if !self.parallel {
+            array["maxItems"] = json!(1);
+        }
+        array
+    }
+
     /// The generic format's whole answer: calls, or (unless a call is required) a reply.
     fn generic_schema(&self) -> Value {
         let call = self.call_schema(false);
@@ -197,32 +235,29 @@ impl ToolPlan {
                     "\"\\n\" {call} \"\\n</tool_call>\"{}",
                     more(format!("\"\\n\" {open} \"\\n\" {call} \"\\n</tool_call>\""))
                 );
-                if forced {
-                    ToolGrammar::Whole(ConstraintSpec::Lark(format!("start: {open} {rest}")))
-                } else {
-                    ToolGrammar::Lazy(LazyGrammar {
-                        trigger: opening(tokenizer, "<tool_call>"),
-                        spec: ConstraintSpec::Lark(format!("start: {rest}")),
-                    })
-                }
+                self.opened(tokenizer, forced, "<tool_call>", &rest)
             }
-            ToolFormat::Mistral => {
-                let items = self.call_schema(true);
-                let max = if self.parallel { json!({}) } else { json!({"maxItems": 1}) };
-                let mut array = json!({"type": "array", "items": items, "minItems": 1});
-                if let (Some(a), Some(m)) = (array.as_object_mut(), max.as_object()) {
-                    a.extend(m.clone());
-                }
-                let rest = json(&array);
-                let open = special(tokenizer, "[TOOL_CALLS]");
-                if forced {
-                    ToolGrammar::Whole(ConstraintSpec::Lark(format!("start: {open} {rest}")))
-                } else {
-                    ToolGrammar::Lazy(LazyGrammar {
-                        trigger: opening(tokenizer, "[TOOL_CALLS]"),
-                        spec: ConstraintSpec::Lark(format!("start: {rest}")),
+            ToolFormat::Mistral => self.opened(tokenizer, forced, "[TOOL_CALLS]", &json(&self.call_array(true))),
+            ToolFormat::CallList => self.opened(tokenizer, forced, "<|tool_call|>", &json(&self.call_array(false))),
+            ToolFormat::DeepSeekR1 => {
+                let literal = |text: String| serde_json::to_string(&text).unwrap_or_default();
+                let call = self
+                    .callable()
+                    .iter()
+                    .map(|t| {
+                        format!(
+                            "({} \"function\" {} {} {} \"```\" {})",
+                            special(tokenizer, DEEPSEEK_CALL_BEGIN),
+                            special(tokenizer, DEEPSEEK_SEP),
+                            literal(format!("{}\n```json\n", t.name)),
+                            json(&arguments_schema(&t.parameters)),
+                            special(tokenizer, DEEPSEEK_CALL_END)
+                        )
                     })
-                }
+                    .collect::<Vec<_>>()
+                    .join(" | ");
+                let rest = format!("({call}){} {}", more(call.clone()), special(tokenizer, DEEPSEEK_CALLS_END));
+                self.opened(tokenizer, forced, DEEPSEEK_CALLS_BEGIN, &rest)
             }
             ToolFormat::Llama3 => {
                 // A call is a bare JSON object with no opening token: constrained only when a
@@ -234,6 +269,19 @@ impl ToolPlan {
                     ToolGrammar::Free
                 }
             }
+        }
+    }
+
+    /// A format whose calls open with `opening`: all of the answer is the call when one is forced;
+    /// otherwise the grammar waits for the opening (a lazy grammar).
+    fn opened(&self, tokenizer: &Tokenizer, forced: bool, opening_text: &str, rest: &str) -> ToolGrammar {
+        if forced {
+            ToolGrammar::Whole(ConstraintSpec::Lark(format!("start: {} {rest}", special(tokenizer, opening_text))))
+        } else {
+            ToolGrammar::Lazy(LazyGrammar {
+                trigger: opening(tokenizer, opening_text),
+                spec: ConstraintSpec::Lark(format!("start: {rest}")),
+            })
         }
     }
 
@@ -262,6 +310,8 @@ impl ToolPlan {
             ToolFormat::Hermes => parse_hermes(text),
             ToolFormat::Mistral => parse_mistral(text),
             ToolFormat::Llama3 => parse_llama3(text),
+            ToolFormat::CallList => parse_call_list(text),
+            ToolFormat::DeepSeekR1 => parse_deepseek(text),
         };
         let calls = raw
             .into_iter()
@@ -355,12 +405,13 @@ fn parse_hermes(text: &str) -> (String, Vec<RawCall>) {
     let mut rest = &text[start..];
     while let Some(open) = rest.find("<tool_call>") {
         let body = rest[open + "<tool_call>".len()..].trim_start();
-        let Some((v, after)) = json_prefix(body) else { return (text.to_string(), Vec::new()) };
-        match call_of(&v) {
-            Some(c) => calls.push(c),
-            None => return (text.to_string(), Vec::new()),
-        }
+        // A call cut off (the answer ran out of tokens) ends the list: the whole ones stand.
+        let Some((c, after)) = json_prefix(body).and_then(|(v, after)| Some((call_of(&v)?, after))) else { break };
+        calls.push(c);
         rest = after.trim_start().strip_prefix("</tool_call>").unwrap_or(after);
+    }
+    if calls.is_empty() {
+        return (text.to_string(), Vec::new());
     }
     (content, calls)
 }
@@ -374,6 +425,39 @@ fn parse_mistral(text: &str) -> (String, Vec<RawCall>) {
         Some((v @ Value::Object(_), _)) => (content, call_of(&v).into_iter().collect()),
         _ => (text.to_string(), Vec::new()),
     }
+}
+
+fn parse_call_list(text: &str) -> (String, Vec<RawCall>) {
+    let Some(start) = text.find("<|tool_call|>") else { return (text.to_string(), Vec::new()) };
+    let content = text[..start].trim_end().to_string();
+    match json_prefix(text[start + "<|tool_call|>".len()..].trim_start()) {
+        Some((Value::Array(items), _)) => (content, items.iter().filter_map(call_of).collect()),
+        Some((v @ Value::Object(_), _)) => (content, call_of(&v).into_iter().collect()),
+        _ => (text.to_string(), Vec::new()),
+    }
+}
+
+fn parse_deepseek(text: &str) -> (String, Vec<RawCall>) {
+    let Some(start) = text.find(DEEPSEEK_CALLS_BEGIN) else { return (text.to_string(), Vec::new()) };
+    let content = text[..start].trim_end().to_string();
+    let mut calls = Vec::new();
+    for piece in text[start..].split(DEEPSEEK_CALL_BEGIN).skip(1) {
+        let parsed =
+            piece.split_once(DEEPSEEK_SEP).and_then(|(_, after)| after.split_once('\n')).and_then(|(name, body)| {
+                let body = body.trim_start();
+                let body = body.strip_prefix("```json").unwrap_or(body).trim_start();
+                json_prefix(body).map(|(args, _)| (name.trim().to_string(), args, None))
+            });
+        match parsed {
+            Some(call) => calls.push(call),
+            // A call cut off (the answer ran out of tokens): the whole ones before it stand.
+            None => break,
+        }
+    }
+    if calls.is_empty() {
+        return (text.to_string(), Vec::new());
+    }
+    (content, calls)
 }
 
 fn parse_llama3(text: &str) -> (String, Vec<RawCall>) {
@@ -473,6 +557,22 @@ mod tests {
             vec![call("a", "{}"), call("b", r#"{"x":"y"}"#)]
         );
         assert_eq!(calls(&llama, "Hello, world!\nWhat's up?").0, "Hello, world!\nWhat's up?");
+        // "llama-cpp-deepseek-r1" and "DeepSeek R1 Distill Qwen 32B" blocks (after the thought).
+        let r1 = plan(ToolFormat::DeepSeekR1);
+        assert_eq!(
+            calls(
+                &r1,
+                "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>special_function\n```json\n{\"arg1\": 1}```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+            ),
+            (String::new(), vec![call("special_function", r#"{"arg1":1}"#)])
+        );
+        assert_eq!(calls(&r1, "Hello, world!\nWhat's up?").0, "Hello, world!\nWhat's up?");
+        // Granite 3.x's list after <|tool_call|>.
+        let list = plan(ToolFormat::CallList);
+        assert_eq!(
+            calls(&list, r#"<|tool_call|>[{"name": "special_function", "arguments": {"arg1": 1}}]"#),
+            (String::new(), vec![call("special_function", r#"{"arg1":1}"#)])
+        );
     }
 
     #[test]
@@ -480,6 +580,8 @@ mod tests {
         assert_eq!(ToolFormat::of_template("{{ '<tool_call>' }}"), ToolFormat::Hermes);
         assert_eq!(ToolFormat::of_template("{{ '[TOOL_CALLS]' }}"), ToolFormat::Mistral);
         assert_eq!(ToolFormat::of_template("{{ '<|python_tag|>' }}"), ToolFormat::Llama3);
+        assert_eq!(ToolFormat::of_template("{{ '<|tool_call|>' }}"), ToolFormat::CallList);
+        assert_eq!(ToolFormat::of_template("{{ '<｜tool▁call▁begin｜>' }}"), ToolFormat::DeepSeekR1);
         assert_eq!(ToolFormat::of_template("{% for m in messages %}{{ m.content }}{% endfor %}"), ToolFormat::Generic);
     }
 }

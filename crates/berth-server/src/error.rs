@@ -158,7 +158,7 @@ impl ApiError {
 pub enum Shape {
     /// `{"error": {"message", "type", "param", "code"}}`
     OpenAi,
-    /// `{"error": "<message>"}` (what Ollama's clients read).
+    /// `{"error": "<message>", "code"?}` (Ollama's clients read `error` as a string).
     Ollama,
     /// `{"type": "error", "error": {"type", "message"}}`
     Anthropic,
@@ -213,7 +213,11 @@ impl ApiError {
         let message = openai["error"]["message"].clone();
         match shape {
             Shape::OpenAi => openai,
-            Shape::Ollama => json!({"error": message}),
+            // Ollama's clients read `error` as the message; berth's code rides beside it.
+            Shape::Ollama => match self.code {
+                Some(code) => json!({"error": message, "code": code}),
+                None => json!({"error": message}),
+            },
             Shape::Anthropic => json!({"type": "error", "error": {"type": self.anthropic_type(), "message": message}}),
         }
     }

@@ -139,11 +139,7 @@ pub fn answer_text(
 
 /// The opening of a call in formats that have one, as text.
 fn marker(format: ToolFormat) -> Option<&'static str> {
-    match format {
-        ToolFormat::Hermes => Some("<tool_call>"),
-        ToolFormat::Mistral => Some("[TOOL_CALLS]"),
-        ToolFormat::Generic | ToolFormat::Llama3 => None,
-    }
+    format.opening()
 }
 
 /// The opening as a control token (printed as nothing), if it is one in this vocabulary.

@@ -87,7 +87,7 @@ fn a_reasoning_models_thought_comes_apart_from_its_answer() {
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     let message = &v["choices"][0]["message"];
-    assert_eq!(message["reasoning_content"], "first, think\n", "{body}");
+    assert_eq!(message["reasoning_content"], "first, think", "{body}");
     assert_eq!(message["content"], "the answer", "{body}");
 
     // Streamed: reasoning_content deltas, then content deltas, joined the same.
@@ -100,7 +100,7 @@ fn a_reasoning_models_thought_comes_apart_from_its_answer() {
         reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or_default());
         content.push_str(delta["content"].as_str().unwrap_or_default());
     }
-    assert_eq!((reasoning.as_str(), content.as_str()), ("first, think\n", "the answer"), "{body}");
+    assert_eq!((reasoning.as_str(), content.as_str()), ("first, think", "the answer"), "{body}");
 
     // enable_thinking: false is passed to the template: Qwen3's closes the thought in the prompt.
     let tokens = |extra: &str| {
