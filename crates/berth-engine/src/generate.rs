@@ -37,6 +37,10 @@ pub struct Engine {
     model: Box<dyn TextModel>,
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
+    /// How the template spells tool calls, and whether its model reasons in `<think>` tags: read
+    /// from the template once, at load.
+    tool_format: ToolFormat,
+    reasons: bool,
     /// The grammar compiler, built at the first constrained request (its token trie takes a
     /// moment and memory that a model never asked for structured output does not need).
     grammars: OnceLock<Result<Grammars, String>>,
@@ -98,7 +102,9 @@ impl Engine {
             Some(src) => Some(ChatTemplate::new(src, &token(tokenizer.bos), &token(tokenizer.eos))?),
             None => None,
         };
-        Ok(Engine { model, tokenizer: Arc::new(tokenizer), template, grammars: OnceLock::new() })
+        let tool_format = template.as_ref().map_or(ToolFormat::Generic, |t| ToolFormat::of_template(t.source()));
+        let reasons = template.as_ref().is_some_and(|t| crate::reasoning::template_reasons(t.source()));
+        Ok(Engine { model, tokenizer: Arc::new(tokenizer), template, tool_format, reasons, grammars: OnceLock::new() })
     }
 
     pub fn model(&self) -> &dyn TextModel {
@@ -136,7 +142,8 @@ impl Engine {
     /// template that knows none, describes them in the system message instead), and earlier calls
     /// and results render as the template spells them.
     pub fn chat_prompt_with(&self, messages: &[Message], options: &ChatOptions) -> Result<Vec<u32>, EngineError> {
-        let tools = options.tools.as_ref();
+        let tools = options.tools.clone().map(|t| self.tool_plan(t));
+        let tools = tools.as_ref();
         let Some(template) = &self.template else {
             // No template: the messages' text, one per line, as a plain completion prompt.
             let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
@@ -204,12 +211,18 @@ impl Engine {
 
     /// Whether this model thinks in `<think>` tags before it answers (read from its template).
     pub fn reasons(&self) -> bool {
-        self.template.as_ref().is_some_and(|t| crate::reasoning::template_reasons(t.source()))
+        self.reasons
+    }
+
+    /// A request's tools in the format this model's template speaks (requests are read before the
+    /// model is known; the format is the model's).
+    pub fn tool_plan(&self, plan: ToolPlan) -> ToolPlan {
+        ToolPlan { format: self.tool_format, ..plan }
     }
 
     /// The tool format this model's template speaks.
     pub fn tool_format(&self) -> ToolFormat {
-        self.template.as_ref().map_or(ToolFormat::Generic, |t| ToolFormat::of_template(t.source()))
+        self.tool_format
     }
 
     /// Tokens of a raw completion prompt (special-token text stays text).
@@ -217,7 +230,8 @@ impl Engine {
         Ok(self.with_bos(self.tokenizer.encode(text, false)?))
     }
 
-    fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
+    /// The ids with the BOS token in front, where the model's tokenizer adds one to a prompt.
+    pub fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
         if let (true, Some(bos)) = (self.tokenizer.add_bos, self.tokenizer.bos)
             && ids.first() != Some(&bos)
         {
@@ -295,11 +309,7 @@ fn generic_tool_messages(messages: &mut Vec<Message>, plan: &ToolPlan) {
             let calls: Vec<serde_json::Value> = m
                 .tool_calls
                 .iter()
-                .map(|c| {
-                    let args = serde_json::from_str::<serde_json::Value>(&c.arguments)
-                        .unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone()));
-                    serde_json::json!({"name": c.name, "arguments": args, "id": c.id})
-                })
+                .map(|c| serde_json::json!({"name": c.name, "arguments": c.arguments_value(), "id": c.id}))
                 .collect();
             m.content = serde_json::json!({"tool_calls": calls}).to_string();
             m.tool_calls.clear();

@@ -4,6 +4,8 @@
 //! from its template; a template that opens the thought itself (R1-Distill's generation prompt ends
 //! with `<think>\n`) starts the answer inside it.
 
+use crate::stop::held_prefix_len;
+
 const OPEN: &str = "<think>";
 const CLOSE: &str = "</think>";
 
@@ -93,7 +95,7 @@ impl ThinkSplitter {
                         None => {
                             // Hold a possible `</think>`, and trailing whitespace that may end up
                             // right before it.
-                            let before = &self.held[..self.held.len() - partial_tail(&self.held, CLOSE)];
+                            let before = &self.held[..self.held.len() - held_prefix_len(&self.held, CLOSE)];
                             let give = before.trim_end().len();
                             out.reasoning.push_str(&self.held[..give]);
                             self.held.drain(..give);
@@ -140,14 +142,6 @@ impl ThinkSplitter {
         out.content.push_str(&rest.content);
         out
     }
-}
-
-/// How many bytes at the end of `text` could begin `tag`.
-fn partial_tail(text: &str, tag: &str) -> usize {
-    (1..tag.len().min(text.len() + 1))
-        .rev()
-        .find(|&k| text.is_char_boundary(text.len() - k) && tag.starts_with(&text[text.len() - k..]))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

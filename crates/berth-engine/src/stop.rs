@@ -32,14 +32,7 @@ impl StopMatcher {
             return StopCheck::Stopped(out);
         }
         // Hold back the longest tail that is a proper prefix of some stop string.
-        let mut keep = 0;
-        for s in &self.stops {
-            for (i, _) in s.char_indices().skip(1) {
-                if i > keep && self.held.ends_with(&s[..i]) {
-                    keep = i;
-                }
-            }
-        }
+        let keep = self.stops.iter().map(|s| held_prefix_len(&self.held, s)).max().unwrap_or(0);
         let cut = self.held.len() - keep;
         let out = self.held[..cut].to_string();
         self.held.drain(..cut);
@@ -50,6 +43,13 @@ impl StopMatcher {
     pub fn finish(&mut self) -> String {
         std::mem::take(&mut self.held)
     }
+}
+
+/// The length of the longest end of `text` that is a proper beginning of `marker`: what a stream must
+/// hold back until the next text says whether `marker` follows (stop strings, `</think>`, a tool
+/// call's opening).
+pub fn held_prefix_len(text: &str, marker: &str) -> usize {
+    marker.char_indices().skip(1).map(|(i, _)| i).filter(|&i| text.ends_with(&marker[..i])).max().unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -55,6 +55,14 @@ pub struct ToolCall {
     pub arguments: String,
 }
 
+impl ToolCall {
+    /// The arguments as templates print them: the JSON value (templates use `tojson` on it), or the
+    /// text as it is where it is not JSON.
+    pub fn arguments_value(&self) -> Value {
+        serde_json::from_str(&self.arguments).unwrap_or_else(|_| Value::String(self.arguments.clone()))
+    }
+}
+
 /// How a template's model spells tool calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ToolFormat {
@@ -336,10 +344,15 @@ fn arguments_schema(parameters: &Value) -> Value {
 
 /// A token in Lark: a special (control) token by its id, otherwise its text as a literal.
 fn special(tokenizer: &Tokenizer, text: &str) -> String {
-    match tokenizer_token(tokenizer, text) {
-        Some(id) if tokenizer.token_type(id) == crate::tokenizer::token_type::CONTROL => format!("<[{id}]>"),
-        _ => serde_json::to_string(text).unwrap_or_default(),
+    match control_token(tokenizer, text) {
+        Some(id) => format!("<[{id}]>"),
+        None => serde_json::to_string(text).unwrap_or_default(),
     }
+}
+
+/// The control token whose text is `text` (it prints as nothing), if the vocabulary has one.
+pub fn control_token(tokenizer: &Tokenizer, text: &str) -> Option<u32> {
+    tokenizer_token(tokenizer, text).filter(|&id| tokenizer.token_type(id) == crate::tokenizer::token_type::CONTROL)
 }
 
 /// A call's opening as a lazy grammar waits for it: its token, or its text where the vocabulary

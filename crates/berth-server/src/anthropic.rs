@@ -295,8 +295,8 @@ pub async fn messages(State(state): State<AppState>, JsonBody(req): JsonBody<Mes
     let prepared = async {
         let (source, draft, chat) = parts(&req)?;
         let model = state.models.get(&req.model).await?;
-        let tools = chat.tools.map(|t| ToolPlan { format: model.engine.tool_format(), ..t });
-        let request = model.prepare(source, draft, ChatOptions { tools: tools.clone(), ..chat }).await?.pop();
+        let tools = chat.tools.clone();
+        let request = model.prepare(source, draft, chat).await?.pop();
         let request = request.ok_or_else(|| ApiError::internal("no request was prepared"))?;
         Ok::<_, ApiError>((model, request, tools))
     }
@@ -504,7 +504,6 @@ pub async fn count_tokens(State(state): State<AppState>, JsonBody(req): JsonBody
         let messages = messages_of(&req.system, &req.messages)?;
         let tools = tools_of(&req.tools, &None)?;
         let model = state.models.get(&req.model).await?;
-        let tools = tools.map(|t| ToolPlan { format: model.engine.tool_format(), ..t });
         let m = model.clone();
         let chat = ChatOptions { tools, ..ChatOptions::default() };
         let prompt = tokio::task::spawn_blocking(move || m.engine.chat_prompt_with(&messages, &chat))

@@ -279,7 +279,6 @@ pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatReq
         if draft.constraint.is_some() && tools.is_some() {
             return Err(ApiError::invalid("format", "format and tools cannot constrain one answer together"));
         }
-        let tools = tools.map(|t| ToolPlan { format: model.engine.tool_format(), ..t });
         let chat = ChatOptions { tools: tools.clone(), enable_thinking: think(&req.think)? };
         let request = model.prepare(source, draft, chat).await?.pop();
         Ok::<_, ApiError>((model, request, tools))

@@ -258,8 +258,7 @@ pub async fn chat_completions(State(state): State<AppState>, JsonBody(req): Json
         let (source, draft, chat) = chat_parts(&req)?;
         let top_logprobs = draft.logprobs;
         let model = state.models.get(&req.model).await?;
-        let tools = chat.tools.map(|t| ToolPlan { format: model.engine.tool_format(), ..t });
-        let chat = ChatOptions { tools: tools.clone(), ..chat };
+        let tools = chat.tools.clone();
         let requests = model.prepare(source, draft, chat).await?;
         Ok::<_, ApiError>(Plan {
             model,
@@ -408,23 +407,22 @@ async fn respond(plan: Plan, kind: Kind) -> Response {
             completion_tokens += out.tokens.len();
             let choice = match kind {
                 Kind::Chat => {
-                    let mut message = json!({"role": "assistant", "content": out.text, "refusal": null});
+                    let mut message = json!({"role": "assistant", "content": null, "refusal": null});
                     let mut finish = finish_reason(out.finish);
+                    // The answer taken apart: thought, text and calls (a plain one is its text).
                     let answer = AnswerStream::new(&plan.model, &plan.requests[p].prompt, plan.tools.clone());
-                    if !answer.is_plain() {
-                        let seed = format!("{}{index}", &id[id.len() - 8..]);
-                        let (piece, calls) = answer.whole(&out, plan.model.engine.tokenizer(), &seed);
-                        message["content"] = json!(piece.content);
-                        if !piece.reasoning.is_empty() {
-                            message["reasoning_content"] = json!(piece.reasoning);
+                    let seed = format!("{}{index}", &id[id.len() - 8..]);
+                    let (piece, calls) = answer.whole(&out, plan.model.engine.tokenizer(), &seed);
+                    message["content"] = json!(piece.content);
+                    if !piece.reasoning.is_empty() {
+                        message["reasoning_content"] = json!(piece.reasoning);
+                    }
+                    if !calls.is_empty() {
+                        if piece.content.is_empty() {
+                            message["content"] = Value::Null;
                         }
-                        if !calls.is_empty() {
-                            if piece.content.is_empty() {
-                                message["content"] = Value::Null;
-                            }
-                            message["tool_calls"] = crate::tool_calls::openai_calls(&calls);
-                            finish = "tool_calls";
-                        }
+                        message["tool_calls"] = crate::tool_calls::openai_calls(&calls);
+                        finish = "tool_calls";
                     }
                     json!({
                         "index": index,
@@ -488,9 +486,9 @@ fn stream(plan: Plan, kind: Kind) -> Response {
         let (mut prompt_tokens, mut completion_tokens, mut cached_tokens) = (0, 0, 0);
         let with_lp = plan.top_logprobs.is_some();
         for (index, mut generation) in generations.into_iter().enumerate() {
+            // A chat answer is taken apart as it streams (completions are text as it comes).
             let mut answer = (kind == Kind::Chat)
-                .then(|| AnswerStream::new(&plan.model, &plan.requests[0].prompt, plan.tools.clone()))
-                .filter(|a| !a.is_plain());
+                .then(|| AnswerStream::new(&plan.model, &plan.requests[0].prompt, plan.tools.clone()));
             if kind == Kind::Chat {
                 let first = json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
                 if tx.send(chunk(first, None)).await.is_err() {

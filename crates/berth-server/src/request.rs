@@ -318,15 +318,16 @@ impl LoadedModel {
                 .into_iter()
                 .map(|p| berth_engine::request::validate(&draft, p, &limits))
                 .collect::<Result<Vec<_>, berth_engine::EngineError>>()?;
-            // A tool call's grammar (all of the answer, or from a call's opening token on).
-            let tool_grammar = match chat.tools.as_ref().map(|t| t.grammar(model.engine.tokenizer())) {
-                Some(ToolGrammar::Whole(spec)) => Some(model.engine.constrain(&spec, "tools")?),
-                Some(ToolGrammar::Lazy(lazy)) => Some(model.engine.constrain(&lazy.spec, "tools")?.after(lazy.trigger)),
-                Some(ToolGrammar::Free) | None => None,
-            };
-            let constraint = match &draft.constraint {
-                Some((param, spec)) => Some(model.engine.constrain(spec, param)?),
-                None => tool_grammar,
+            // The request's grammar, or a tool call's (all of the answer, or from a call's opening
+            // token on).
+            let tools = chat.tools.map(|t| model.engine.tool_plan(t));
+            let constraint = match (&draft.constraint, tools.map(|t| t.grammar(model.engine.tokenizer()))) {
+                (Some((param, spec)), _) => Some(model.engine.constrain(spec, param)?),
+                (None, Some(ToolGrammar::Whole(spec))) => Some(model.engine.constrain(&spec, "tools")?),
+                (None, Some(ToolGrammar::Lazy(lazy))) => {
+                    Some(model.engine.constrain(&lazy.spec, "tools")?.after(lazy.trigger))
+                }
+                (None, Some(ToolGrammar::Free) | None) => None,
             };
             // Compiled once; each prompt's answer gets its own copy of the grammar's state.
             if let Some(constraint) = constraint {

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use berth_engine::ChatOptions;
 use berth_engine::constraint::ConstraintSpec;
 use berth_engine::template::Message;
-use berth_engine::tools::{ToolCall, ToolPlan};
+use berth_engine::tools::ToolCall;
 use berth_engine::{FinishReason, GenerationOutput};
 use futures_util::StreamExt;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -297,7 +297,6 @@ pub async fn create(State(state): State<AppState>, JsonBody(req): JsonBody<Respo
             })?
         };
         let model = state.models.get(&req.model).await?;
-        let tools = tools.map(|t| ToolPlan { format: model.engine.tool_format(), ..t });
         let chat = ChatOptions { tools: tools.clone(), ..ChatOptions::default() };
         let request = model
             .prepare(PromptSource::Chat(conversation.clone()), draft, chat)

@@ -70,12 +70,8 @@ pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<Tok
         let model = model_of(&state, &req.model).await?;
         let tokenizer = model.engine.tokenizer();
         let mut ids = tokenizer.encode(&req.content, req.parse_special).map_err(|e| model.error(e))?;
-        if req.add_special
-            && tokenizer.add_bos
-            && let Some(bos) = tokenizer.bos
-            && ids.first() != Some(&bos)
-        {
-            ids.insert(0, bos);
+        if req.add_special {
+            ids = model.engine.with_bos(ids);
         }
         let tokens: Vec<Value> = if req.with_pieces {
             ids.iter()

@@ -12,7 +12,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// OpenAI's `tools` (functions only), `tool_choice` and `parallel_tool_calls`; `None` when the
-/// request has no tools. The format is the model's, filled in once the model is known.
+/// request has no tools. The format is the model's: the engine sets it (`Engine::tool_plan`).
 pub fn openai_tools(
     tools: &Option<Value>,
     choice: &Option<Value>,
@@ -137,18 +137,10 @@ pub fn answer_text(
     }
 }
 
-/// The opening of a call in formats that have one, as text.
-fn marker(format: ToolFormat) -> Option<&'static str> {
-    format.opening()
-}
-
-/// The opening as a control token (printed as nothing), if it is one in this vocabulary.
+/// A call's opening as a control token (printed as nothing), if it is one in this vocabulary.
 fn marker_token(plan: &ToolPlan, tokenizer: &berth_engine::tokenizer::Tokenizer) -> Option<(u32, &'static str)> {
-    let m = marker(plan.format)?;
-    match tokenizer.encode(m, true) {
-        Ok(ids) if ids.len() == 1 && tokenizer.token_bytes(ids[0]).is_empty() => Some((ids[0], m)),
-        _ => None,
-    }
+    let m = plan.format.opening()?;
+    berth_engine::tools::control_token(tokenizer, m).map(|id| (id, m))
 }
 
 /// An answer with tools as it streams: text before a call goes out at once; from where a call may
@@ -176,7 +168,7 @@ impl ToolStream {
             self.buffer.push_str(m);
         }
         self.buffer.push_str(text);
-        let Some(m) = marker(self.plan.format) else { return String::new() };
+        let Some(m) = self.plan.format.opening() else { return String::new() };
         if self.calling {
             return String::new();
         }
@@ -187,10 +179,7 @@ impl ToolStream {
                 at
             }
             // Hold back a tail that may be the start of the marker.
-            None => (1..m.len().min(unsent.len() + 1))
-                .rev()
-                .find(|&k| unsent.is_char_boundary(unsent.len() - k) && m.starts_with(&unsent[unsent.len() - k..]))
-                .map_or(unsent.len(), |k| unsent.len() - k),
+            None => unsent.len() - berth_engine::stop::held_prefix_len(unsent, m),
         };
         let out = unsent[..safe].to_string();
         self.sent += safe;
@@ -202,10 +191,10 @@ impl ToolStream {
         let (content, calls) = self.plan.parse(&self.buffer, id_seed);
         if !calls.is_empty() {
             // Text before the call went out already (formats with a marker); the rest is calls.
-            let sent_all = marker(self.plan.format).is_some();
+            let sent_all = self.plan.format.opening().is_some();
             return (if sent_all { String::new() } else { content }, calls);
         }
-        match marker(self.plan.format) {
+        match self.plan.format.opening() {
             Some(_) => (self.buffer[self.sent..].to_string(), calls),
             None => (content, calls),
         }
@@ -282,12 +271,7 @@ impl AnswerStream {
             let tail = tokenizer.decode(&prompt[prompt.len().saturating_sub(16)..]);
             berth_engine::reasoning::ThinkSplitter::new(berth_engine::reasoning::prompt_opens_thought(&tail))
         });
-        AnswerStream { think, tools: tools.map(|t| ToolStream::new(t, tokenizer)) }
-    }
-
-    /// Whether this answer needs taking apart at all (a plain one passes through as it is).
-    pub fn is_plain(&self) -> bool {
-        self.think.is_none() && self.tools.is_none()
+        AnswerStream { think, tools: tools.map(|t| ToolStream::new(model.engine.tool_plan(t), tokenizer)) }
     }
 
     pub fn push(&mut self, token: Option<u32>, text: &str) -> AnswerPiece {

@@ -88,21 +88,8 @@ mod tests {
     #[test]
     fn rope_at_position_zero_is_identity_and_preserves_norm() {
         let mut v = vec![1.0f32, 2.0, 3.0, 4.0];
-        for style in [RopeStyle::Normal, RopeStyle::Neox] {
-            let r = Rope {
-                style,
-                head_dim: 4,
-                rope_dim: 4,
-                base: 10000.0,
-                freq_scale: 1.0,
-                attn_factor: 1.0,
-                factors: None,
-            };
-            rope(&mut v, &r, 0);
-            assert_eq!(v, [1.0, 2.0, 3.0, 4.0]);
-        }
-        let r = Rope {
-            style: RopeStyle::Normal,
+        let rope_of = |style| Rope {
+            style,
             head_dim: 4,
             rope_dim: 4,
             base: 10000.0,
@@ -110,6 +97,11 @@ mod tests {
             attn_factor: 1.0,
             factors: None,
         };
+        for style in [RopeStyle::Normal, RopeStyle::Neox] {
+            rope(&mut v, &rope_of(style), 0);
+            assert_eq!(v, [1.0, 2.0, 3.0, 4.0]);
+        }
+        let r = rope_of(RopeStyle::Normal);
         rope(&mut v, &r, 17);
         let n: f32 = v.iter().map(|x| x * x).sum();
         assert!((n - 30.0).abs() < 1e-4);

@@ -35,13 +35,13 @@ use self::sequence::Sequence;
 use crate::error::EngineError;
 use crate::generate::Engine;
 use crate::model::{BLOCK_TOKENS, KvPool, Logits, SeqStep, blocks_for};
+use crate::request::{FinishReason, GenerationRequest};
+
+pub use runner::{Runner, RunnerConfig};
 
 /// Most tokens a generating sequence puts through one step: its sampled token and those a grammar
 /// forced after it. More pending than that (a preempted sequence coming back) is a prompt chunk.
 const MAX_DECODE_TOKENS: usize = crate::constraint::MAX_FORCED_TOKENS + 1;
-use crate::request::{FinishReason, GenerationRequest};
-
-pub use runner::{Runner, RunnerConfig};
 pub use sequence::TokenSink;
 
 /// Limits of one model's scheduler.
@@ -445,10 +445,8 @@ impl<'e, 's> Scheduler<'e, 's> {
             let before = seq.tokens.len();
             let end = pick.and_then(|(token, lp)| seq.accept(token, lp, self.engine.tokenizer(), context));
             self.stats.generated_tokens.fetch_add((seq.tokens.len() - before) as u64, Ordering::Relaxed);
-            match end {
-                Ok(None) => {}
-                Ok(Some(end)) => finished.push((i, Ok(end))),
-                Err(e) => finished.push((i, Err(e))),
+            if let Some(end) = end.transpose() {
+                finished.push((i, end));
             }
         }
         for (i, end) in finished.into_iter().rev() {

@@ -59,9 +59,7 @@ impl Message {
                 .tool_calls
                 .iter()
                 .map(|c| {
-                    let args = serde_json::from_str::<serde_json::Value>(&c.arguments)
-                        .unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone()));
-                    serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": args}})
+                    serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_value()}})
                 })
                 .collect();
         }
