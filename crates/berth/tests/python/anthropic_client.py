@@ -54,7 +54,7 @@ uses = [b for b in r.content if b.type == "tool_use"]
 assert r.stop_reason == "tool_use" and uses and uses[0].name == "get_weather" and uses[0].id.startswith("toolu_"), r
 jsonschema.validate(uses[0].input, WEATHER)
 named = client.messages.create(model=model, max_tokens=200, extra_body={"temperature": 1}, messages=weather, tools=tools,
-                               tool_choice={"type": "tool", "name": "get_weather"})
+                               tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True})
 assert [b.name for b in named.content if b.type == "tool_use"] == ["get_weather"], named
 follow = weather + [{"role": "assistant", "content": [b.model_dump() for b in r.content]},
                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id,
