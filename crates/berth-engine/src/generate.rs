@@ -265,6 +265,7 @@ impl Engine {
             max_running: 1,
             kv_blocks: self.kv_blocks_for((req.prompt.len() + req.max_tokens + 1).min(ctx)),
             prefix_cache: false,
+            target: Some(Default::default()),
         };
         let mut result = None;
         {

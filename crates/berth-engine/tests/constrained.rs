@@ -129,7 +129,13 @@ fn forced_tokens_skip_sampling_and_neighbours_are_unchanged() {
 
     let mut scheduler = Scheduler::new(
         &engine,
-        SchedulerConfig { max_batch_tokens: 256, max_running: 4, kv_blocks: 256, prefix_cache: true },
+        SchedulerConfig {
+            max_batch_tokens: 256,
+            max_running: 4,
+            kv_blocks: 256,
+            prefix_cache: true,
+            target: Some(Default::default()),
+        },
     )
     .expect("scheduler");
     let (a, b) = (Rc::new(RefCell::new(None)), Rc::new(RefCell::new(None)));

@@ -28,6 +28,8 @@ enum Input {
 
 #[derive(Deserialize)]
 pub struct OpenAiRequest {
+    /// Optional where one embedding model is loaded (as llama.cpp's server and vLLM accept).
+    #[serde(default)]
     model: String,
     input: Input,
     #[serde(default)]
@@ -40,6 +42,16 @@ pub struct OllamaRequest {
     model: String,
     input: Option<Input>,
     prompt: Option<String>,
+    /// Cut inputs longer than the model takes (Ollama's default) or refuse them (`false`).
+    truncate: Option<bool>,
+}
+
+/// Ollama's legacy `/api/embeddings`: one `prompt`, one `embedding` (still what both official
+/// clients' `embeddings()` call).
+#[derive(Deserialize)]
+pub struct OllamaLegacyRequest {
+    model: String,
+    prompt: String,
 }
 
 enum Item {
@@ -60,12 +72,25 @@ fn items(input: Input) -> Result<Vec<Item>, ApiError> {
     Ok(items)
 }
 
+/// What to do with a text longer than the model takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TooLong {
+    /// Cut it to fit (Ollama's `truncate: true`, its default).
+    Truncate,
+    /// Refuse the request, naming the input (OpenAI's rule, and llama.cpp's).
+    Refuse,
+}
+
 /// Embed every item on a blocking thread; returns the vectors and the tokens they took. The request
 /// is recorded in usage as it ends.
-async fn embed_all(model: Arc<EmbeddingModel>, items: Vec<Item>) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+async fn embed_all(
+    model: Arc<EmbeddingModel>,
+    items: Vec<Item>,
+    too_long: TooLong,
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
     let started = Instant::now();
     let name = model.name.clone();
-    let result = embed_on_worker(model, items).await;
+    let result = embed_on_worker(model, items, too_long).await;
     let (outcome, tokens) = match &result {
         Ok((_, tokens)) => (Outcome::Completed, *tokens as u64),
         Err(_) => (Outcome::Failed, 0),
@@ -84,27 +109,45 @@ async fn embed_all(model: Arc<EmbeddingModel>, items: Vec<Item>) -> Result<(Vec<
     result
 }
 
-async fn embed_on_worker(model: Arc<EmbeddingModel>, items: Vec<Item>) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+async fn embed_on_worker(
+    model: Arc<EmbeddingModel>,
+    items: Vec<Item>,
+    too_long: TooLong,
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let several = items.len() > 1;
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::with_capacity(items.len());
         let mut tokens = 0;
-        for item in &items {
-            let (v, n) = match item {
-                Item::Text(t) => model.embedder.embed(t)?,
-                Item::Ids(ids) => (model.embedder.embed_ids(ids)?, ids.len()),
+        for (i, item) in items.iter().enumerate() {
+            let embedded = match (item, too_long) {
+                (Item::Text(t), TooLong::Truncate) => model.embedder.embed(t),
+                (Item::Text(t), TooLong::Refuse) => model.embedder.embed_whole(t),
+                (Item::Ids(ids), _) => model.embedder.embed_ids(ids).map(|v| (v, ids.len())),
             };
+            let (v, n) = embedded.map_err(|e| (i, e))?;
             tokens += n;
             out.push(v);
         }
-        Ok::<_, berth_engine::EngineError>((out, tokens))
+        Ok::<_, (usize, berth_engine::EngineError)>((out, tokens))
     })
     .await
     .map_err(|e| ApiError::internal(format!("embedding stopped: {e}")))?
-    .map_err(|e| match e {
-        berth_engine::EngineError::ContextOverflow { .. } | berth_engine::EngineError::BadModel(_) => {
-            ApiError::invalid("input", e.to_string())
+    .map_err(|(i, e)| {
+        let which = if several { format!("input {i}") } else { "the input".to_string() };
+        match e {
+            berth_engine::EngineError::ContextOverflow { needed, limit } => {
+                let hint = match too_long {
+                    TooLong::Refuse => "; shorten it",
+                    TooLong::Truncate => "",
+                };
+                ApiError::invalid(
+                    "input",
+                    format!("{which} is {needed} tokens long; this model embeds at most {limit}{hint}"),
+                )
+            }
+            berth_engine::EngineError::BadModel(m) => ApiError::invalid("input", format!("{which}: {m}")),
+            other => ApiError::internal(other.to_string()),
         }
-        other => ApiError::internal(other.to_string()),
     })
 }
 
@@ -135,7 +178,7 @@ pub async fn openai_embeddings(
             format!("this model's embeddings have {} dimensions and cannot be shortened", model.embedder.dimensions()),
         ));
     }
-    let (vectors, tokens) = embed_all(model.clone(), items(req.input)?).await?;
+    let (vectors, tokens) = embed_all(model.clone(), items(req.input)?, TooLong::Refuse).await?;
     let data: Vec<Value> = vectors
         .iter()
         .enumerate()
@@ -163,7 +206,8 @@ pub async fn ollama_embed(
         (None, None) => return Err(ApiError::invalid("input", "input is required")),
     };
     let model = state.models.get_embedder(&req.model).await?;
-    let (vectors, tokens) = embed_all(model.clone(), items(input)?).await?;
+    let too_long = if req.truncate.unwrap_or(true) { TooLong::Truncate } else { TooLong::Refuse };
+    let (vectors, tokens) = embed_all(model.clone(), items(input)?, too_long).await?;
     Ok(Json(json!({
         "model": model.name,
         "embeddings": vectors,
@@ -171,6 +215,16 @@ pub async fn ollama_embed(
         "load_duration": 0,
         "prompt_eval_count": tokens,
     })))
+}
+
+pub async fn ollama_embeddings(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<OllamaLegacyRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let model = state.models.get_embedder(&req.model).await?;
+    // The legacy endpoint always cut long prompts.
+    let (mut vectors, _) = embed_all(model, vec![Item::Text(req.prompt)], TooLong::Truncate).await?;
+    Ok(Json(json!({"embedding": vectors.pop().unwrap_or_default()})))
 }
 
 #[cfg(test)]

@@ -127,6 +127,10 @@ pub async fn check_origin(State(guard): State<OriginGuard>, request: Request, ne
     }
     let preflight =
         request.method() == Method::OPTIONS && request.headers().contains_key(ACCESS_CONTROL_REQUEST_METHOD);
+    // The headers the page's client wants to send (the SDKs add their own, `x-stainless-*`,
+    // `anthropic-version`): the origin is allowed, so they are too, within a sane length.
+    let asked_headers =
+        request.headers().get(axum::http::header::ACCESS_CONTROL_REQUEST_HEADERS).filter(|v| v.len() <= 2048).cloned();
     let mut response =
         if preflight { axum::http::StatusCode::NO_CONTENT.into_response() } else { next.run(request).await };
     let headers = response.headers_mut();
@@ -139,7 +143,9 @@ pub async fn check_origin(State(guard): State<OriginGuard>, request: Request, ne
         headers.insert(ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, DELETE, OPTIONS"));
         headers.insert(
             ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("authorization, content-type, x-request-id, traceparent"),
+            asked_headers.unwrap_or(HeaderValue::from_static(
+                "authorization, content-type, x-request-id, traceparent, x-api-key, anthropic-version",
+            )),
         );
         headers.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
     }

@@ -91,6 +91,8 @@ pub struct BatchingConfig {
     /// Limit on a request's whole life, waiting included.
     pub request_timeout: Option<std::time::Duration>,
     pub prefix_cache: bool,
+    /// What a step with generating streams aims for (their time between tokens).
+    pub step_target: Option<berth_engine::scheduler::pacing::StepTarget>,
     /// Models with limits of their own (threads, concurrency, context).
     pub per_model: LimitsByModel,
 }
@@ -104,6 +106,7 @@ impl Default for BatchingConfig {
             kv_cache_bytes: 2 << 30,
             request_timeout: Some(std::time::Duration::from_secs(600)),
             prefix_cache: true,
+            step_target: Some(Default::default()),
             per_model: LimitsByModel::default(),
         }
     }
@@ -179,6 +182,12 @@ fn routes() -> Vec<(&'static str, Access, MethodRouter<AppState>)> {
         ("/v1/models", Needs(Inference), get(openai::list_models)),
         ("/v1/models/{*id}", Needs(Inference), get(openai::get_model)),
         ("/v1/embeddings", Needs(Inference), post(embeddings::openai_embeddings)),
+        // The paths without `/v1` that clients written for llama.cpp's server call.
+        ("/chat/completions", Needs(Inference), post(openai::chat_completions)),
+        ("/completions", Needs(Inference), post(openai::completions)),
+        ("/models", Needs(Inference), get(openai::list_models)),
+        ("/models/{*id}", Needs(Inference), get(openai::get_model)),
+        ("/embeddings", Needs(Inference), post(embeddings::openai_embeddings)),
         ("/v1/messages", Needs(Inference), post(anthropic::messages)),
         ("/v1/responses", Needs(Inference), post(responses::create)),
         ("/v1/responses/{id}", Needs(Inference), get(responses::retrieve).delete(responses::delete)),
@@ -186,6 +195,7 @@ fn routes() -> Vec<(&'static str, Access, MethodRouter<AppState>)> {
         ("/detokenize", Needs(Inference), post(tokenize::detokenize)),
         ("/v1/messages/count_tokens", Needs(Inference), post(anthropic::count_tokens)),
         ("/api/embed", Needs(Inference), post(embeddings::ollama_embed)),
+        ("/api/embeddings", Needs(Inference), post(embeddings::ollama_embeddings)),
         ("/api/chat", Needs(Inference), post(ollama::chat)),
         ("/api/generate", Needs(Inference), post(ollama::generate)),
         ("/api/tags", Needs(Inference), get(ollama::tags)),
@@ -252,7 +262,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         })
         .collect();
     type Read = fn(&berth_engine::scheduler::SchedulerStats) -> f64;
-    let families: [(&str, &str, &str, Read); 11] = [
+    let families: [(&str, &str, &str, Read); 13] = [
         ("num_requests_running", "gauge", "Requests generating now.", |s| s.running.load(Ordering::Relaxed) as f64),
         ("num_requests_waiting", "gauge", "Requests waiting to be admitted (preempted ones included).", |s| {
             s.waiting.load(Ordering::Relaxed) as f64
@@ -282,6 +292,18 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             "counter",
             "Time constrained requests spent computing grammar masks, summed over requests.",
             |s| s.mask_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        ),
+        (
+            "paced_steps_total",
+            "counter",
+            "Steps whose prompt work was cut short to keep the running streams within the ITL target.",
+            |s| s.paced_steps.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "pace_holds_total",
+            "counter",
+            "Steps in which a request was kept waiting although it might have fit: one more stream would have slowed every stream without raising throughput.",
+            |s| s.pace_holds.load(Ordering::Relaxed) as f64,
         ),
     ];
     let mut out = metrics::Families::default();

@@ -413,7 +413,8 @@ impl ModelManager {
 
     /// The same, setting how long the model stays loaded after this request (Ollama's `keep_alive`).
     pub async fn get_keeping(&self, model: &str, keep_alive: Option<KeepAlive>) -> Result<Arc<LoadedModel>, ApiError> {
-        match self.load(model, keep_alive).await? {
+        let model = self.or_only_loaded(model, false).await?;
+        match self.load(&model, keep_alive).await? {
             Loaded::Chat(m) => Ok(m),
             Loaded::Embed(m) => Err(ApiError::invalid(
                 "model",
@@ -424,7 +425,8 @@ impl ModelManager {
 
     /// An embedding model, loading it first if needed.
     pub async fn get_embedder(&self, model: &str) -> Result<Arc<EmbeddingModel>, ApiError> {
-        match self.load(model, None).await? {
+        let model = self.or_only_loaded(model, true).await?;
+        match self.load(&model, None).await? {
             Loaded::Embed(m) => Ok(m),
             Loaded::Chat(m) => Err(ApiError::invalid(
                 "model",
@@ -432,6 +434,44 @@ impl ModelManager {
                     "`{}` generates text; embeddings need an embedding model (a BERT safetensors artifact)",
                     m.name
                 ),
+            )),
+        }
+    }
+
+    /// The model a request names, or where it names none (OpenAI's `model` omitted, as llama.cpp's
+    /// server and vLLM accept), the one model of the kind it needs that is loaded.
+    async fn or_only_loaded(&self, model: &str, embedding: bool) -> Result<String, ApiError> {
+        if !model.trim().is_empty() {
+            return Ok(model.to_string());
+        }
+        let mut names: Vec<String> = self
+            .loaded()
+            .await
+            .into_iter()
+            .filter_map(|l| match l {
+                Loaded::Chat(m) if !embedding => Some(m.name.clone()),
+                Loaded::Embed(m) if embedding => Some(m.name.clone()),
+                _ => None,
+            })
+            .filter(|name| crate::auth::caller().is_none_or(|c| c.check_model(name).is_ok()))
+            .collect();
+        names.sort();
+        match names.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => {
+                let available = self.available();
+                Err(ApiError::invalid(
+                    "model",
+                    if available.is_empty() {
+                        "model is required, and no model is loaded to default to".to_string()
+                    } else {
+                        format!("model is required when no model is loaded; one of: {}", available.join(", "))
+                    },
+                ))
+            }
+            several => Err(ApiError::invalid(
+                "model",
+                format!("model is required when several models are loaded; one of: {}", several.join(", ")),
             )),
         }
     }
@@ -635,6 +675,7 @@ fn runner_config(engine: &Engine, batching: &BatchingConfig, limits: &ModelLimit
             max_running,
             kv_blocks: by_memory.min(by_use).max(1),
             prefix_cache: batching.prefix_cache,
+            target: batching.step_target,
         },
         max_queue: batching.max_queue,
         request_timeout: batching.request_timeout,

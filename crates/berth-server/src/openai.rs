@@ -22,13 +22,15 @@ use crate::models::{LoadedModel, now};
 use crate::request::{JsonBody, PromptSource, Sampling, request_id};
 use crate::run::Update;
 use berth_engine::ChatOptions;
-use berth_engine::request::RequestDraft;
+use berth_engine::request::{Param, RequestDraft};
 use berth_engine::tools::ToolPlan;
 
 use crate::tool_calls::AnswerStream;
 
 #[derive(Deserialize)]
 pub struct ChatRequest {
+    /// Optional where one model is loaded (as llama.cpp's server and vLLM accept).
+    #[serde(default)]
     model: String,
     messages: Vec<ChatMessage>,
     #[serde(default)]
@@ -40,6 +42,8 @@ pub struct ChatRequest {
     logprobs: bool,
     top_logprobs: Option<i64>,
     response_format: Option<Value>,
+    #[serde(flatten)]
+    peer_constraints: crate::request::PeerConstraints,
     tools: Option<Value>,
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<Value>,
@@ -52,6 +56,7 @@ pub struct ChatRequest {
 
 #[derive(Deserialize)]
 pub struct CompletionRequest {
+    #[serde(default)]
     model: String,
     prompt: PromptField,
     #[serde(default)]
@@ -64,6 +69,8 @@ pub struct CompletionRequest {
     logprobs: Option<i64>,
     suffix: Option<String>,
     response_format: Option<Value>,
+    #[serde(flatten)]
+    peer_constraints: crate::request::PeerConstraints,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -196,12 +203,14 @@ pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraf
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
     check_n(req.n)?;
-    let constraint = crate::request::response_format(&req.response_format)?;
+    let constraint = crate::request::constraint(&req.response_format, &req.peer_constraints)?;
     let tools = crate::tool_calls::openai_tools(&req.tools, &req.tool_choice, &req.parallel_tool_calls)?;
-    if constraint.is_some() && tools.as_ref().is_some_and(|t| t.choice != berth_engine::tools::ToolChoice::None) {
+    if let Some((param, _)) = &constraint
+        && tools.as_ref().is_some_and(|t| t.choice != berth_engine::tools::ToolChoice::None)
+    {
         return Err(ApiError::invalid(
-            "response_format",
-            "response_format and tools cannot constrain one answer together; send one of them (or tool_choice `none`)",
+            param,
+            format!("{param} and tools cannot constrain one answer together; send one of them (or tool_choice `none`)"),
         ));
     }
     let top = match (req.logprobs, req.top_logprobs) {
@@ -214,7 +223,7 @@ pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraf
     };
     let messages: Vec<Message> =
         req.messages.iter().enumerate().map(|(i, m)| m.to_message(i)).collect::<Result<_, _>>()?;
-    let draft = RequestDraft { constraint: constraint.map(|c| ("response_format", c)), ..req.sampling.draft(top)? };
+    let draft = RequestDraft { constraint, ..req.sampling.draft(top)? };
     let enable_thinking = match req.chat_template_kwargs.as_ref().and_then(|k| k.get("enable_thinking")) {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => *b,
@@ -229,6 +238,9 @@ pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraf
 }
 
 /// The same for a completion request: its prompts (1 to 16) and parameters.
+/// `max_tokens` of a text completion that gives none, as OpenAI's API documents it.
+const COMPLETION_MAX_TOKENS: usize = 16;
+
 pub(crate) fn completion_parts(req: &CompletionRequest) -> Result<(PromptSource, RequestDraft), ApiError> {
     check_n(req.n)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -248,8 +260,10 @@ pub(crate) fn completion_parts(req: &CompletionRequest) -> Result<(PromptSource,
     if req.stream && texts.len() > 1 {
         return Err(ApiError::invalid("prompt", "streaming takes a single prompt"));
     }
-    let constraint = crate::request::response_format(&req.response_format)?;
-    let draft = RequestDraft { constraint: constraint.map(|c| ("response_format", c)), ..req.sampling.draft(top)? };
+    let constraint = crate::request::constraint(&req.response_format, &req.peer_constraints)?;
+    let mut draft = RequestDraft { constraint, ..req.sampling.draft(top)? };
+    // OpenAI's default for text completions (chat has none: it runs until the model stops).
+    draft.max_tokens.get_or_insert(Param::new("max_tokens", COMPLETION_MAX_TOKENS as f64));
     Ok((PromptSource::Texts(texts), draft))
 }
 

@@ -288,6 +288,98 @@ pub fn response_format(v: &Option<Value>) -> Result<Option<ConstraintSpec>, ApiE
     }
 }
 
+/// Peers' ways of asking for constrained output besides OpenAI's `response_format`: llama.cpp's
+/// server's `json_schema` and `grammar`, vLLM's `guided_json`, `guided_regex`, `guided_choice` and
+/// `guided_grammar`. Each maps onto berth's constrained decoding or is refused; none is ignored,
+/// since ignoring one would return unconstrained text to a client that parses it.
+#[derive(Deserialize, Default)]
+pub struct PeerConstraints {
+    json_schema: Option<Value>,
+    grammar: Option<Value>,
+    guided_json: Option<Value>,
+    guided_regex: Option<Value>,
+    guided_choice: Option<Value>,
+    guided_grammar: Option<Value>,
+}
+
+/// The constraint a request asks for, with the parameter that asked (for errors): OpenAI's
+/// `response_format` or one of [`PeerConstraints`], at most one of them.
+pub fn constraint(
+    format: &Option<Value>,
+    peer: &PeerConstraints,
+) -> Result<Option<(&'static str, ConstraintSpec)>, ApiError> {
+    let given = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    let mut asked: Vec<(&'static str, ConstraintSpec)> = Vec::new();
+    if let Some(spec) = response_format(format)? {
+        asked.push(("response_format", spec));
+    }
+    if given(&peer.json_schema) {
+        asked.push(("json_schema", schema_of("json_schema", &peer.json_schema)?));
+    }
+    if given(&peer.guided_json) {
+        asked.push(("guided_json", schema_of("guided_json", &peer.guided_json)?));
+    }
+    if given(&peer.guided_regex) {
+        match &peer.guided_regex {
+            Some(Value::String(r)) if !r.is_empty() => asked.push(("guided_regex", ConstraintSpec::Regex(r.clone()))),
+            _ => return Err(ApiError::invalid("guided_regex", "guided_regex must be a non-empty string")),
+        }
+    }
+    if given(&peer.guided_choice) {
+        let bad = || ApiError::invalid("guided_choice", "guided_choice must be a list of 1 to 1024 strings");
+        let Some(Value::Array(items)) = &peer.guided_choice else { return Err(bad()) };
+        if items.is_empty() || items.len() > 1024 {
+            return Err(bad());
+        }
+        let choices =
+            items.iter().map(|c| c.as_str().map(regex_escape).ok_or_else(bad)).collect::<Result<Vec<_>, _>>()?;
+        asked.push(("guided_choice", ConstraintSpec::Regex(format!("({})", choices.join("|")))));
+    }
+    for (param, v) in [("grammar", &peer.grammar), ("guided_grammar", &peer.guided_grammar)] {
+        if given(v) {
+            return Err(ApiError::invalid(
+                param,
+                format!(
+                    "{param} (a GBNF/EBNF grammar) is not supported; send response_format \
+                     {{\"type\": \"grammar\", \"grammar\": \"...\"}} with a Lark grammar, or a JSON schema or regex"
+                ),
+            ));
+        }
+    }
+    if asked.len() > 1 {
+        let names: Vec<&str> = asked.iter().map(|(p, _)| *p).collect();
+        return Err(ApiError::invalid(
+            asked[1].0,
+            format!("send one way of constraining the answer, not {}", names.join(" and ")),
+        ));
+    }
+    Ok(asked.pop())
+}
+
+/// A JSON schema given as an object or as the JSON text of one (vLLM accepts both).
+fn schema_of(param: &'static str, v: &Option<Value>) -> Result<ConstraintSpec, ApiError> {
+    let schema = match v {
+        Some(Value::String(text)) => serde_json::from_str(text)
+            .map_err(|e| ApiError::invalid(param, format!("{param} is not valid JSON: {e}")))?,
+        Some(v @ (Value::Object(_) | Value::Bool(_))) => v.clone(),
+        _ => return Err(ApiError::invalid(param, format!("{param} must be a JSON schema (an object)"))),
+    };
+    Ok(ConstraintSpec::JsonSchema(schema))
+}
+
+/// A literal string as a regular expression that matches only it.
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        // The characters special outside a class in the Rust regex syntax llguidance reads.
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// What a request's prompt is made of, before the model's template and tokenizer see it.
 pub enum PromptSource {
     Chat(Vec<Message>),

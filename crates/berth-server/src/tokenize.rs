@@ -34,40 +34,9 @@ pub struct DetokenizeRequest {
     tokens: Vec<u32>,
 }
 
-/// The named model, or the one loaded model when there is exactly one.
-async fn model_of(
-    state: &AppState,
-    name: &Option<String>,
-) -> Result<std::sync::Arc<crate::models::LoadedModel>, ApiError> {
-    if let Some(name) = name {
-        return state.models.get(name).await;
-    }
-    let chat: Vec<_> = state
-        .models
-        .loaded()
-        .await
-        .into_iter()
-        .filter_map(|m| match m {
-            crate::models::Loaded::Chat(m) => Some(m),
-            crate::models::Loaded::Embed(_) => None,
-        })
-        .collect();
-    match chat.as_slice() {
-        [one] => Ok(one.clone()),
-        _ => Err(ApiError::invalid(
-            "model",
-            format!(
-                "name the model: {} models are loaded; available: {}",
-                chat.len(),
-                state.models.available().join(", ")
-            ),
-        )),
-    }
-}
-
 pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<TokenizeRequest>) -> Response {
     let done = async {
-        let model = model_of(&state, &req.model).await?;
+        let model = state.models.get(req.model.as_deref().unwrap_or_default()).await?;
         let tokenizer = model.engine.tokenizer();
         let mut ids = tokenizer.encode(&req.content, req.parse_special).map_err(|e| model.error(e))?;
         if req.add_special {
@@ -104,7 +73,7 @@ pub async fn detokenize(State(state): State<AppState>, JsonBody(req): JsonBody<D
         if req.tokens.len() > MAX_IDS {
             return Err(ApiError::invalid("tokens", format!("tokens takes at most {MAX_IDS} ids")));
         }
-        let model = model_of(&state, &req.model).await?;
+        let model = state.models.get(req.model.as_deref().unwrap_or_default()).await?;
         let vocab = model.engine.tokenizer().vocab_size();
         if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(ApiError::invalid("tokens", format!("token {bad} is outside the vocabulary of {vocab}")));

@@ -120,6 +120,84 @@ fn langchain_chat_openai_works() {
     run_python("langchain_client.py", &[&format!("http://127.0.0.1:{}/v1", server.port), "ai/smollm2:latest"], &server);
 }
 
+/// What clients written for llama.cpp's server, vLLM and Ollama expect of the OpenAI surface: no
+/// `model` when one is loaded, paths without `/v1`, OpenAI's 16-token default for text completions,
+/// and each API's rule for an embedding input longer than the model takes.
+#[test]
+fn peers_conventions_model_omitted_paths_without_v1_default_lengths_and_long_embeddings() {
+    let server = Server::start();
+    let json = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap();
+    // No model, no /v1, no max_tokens: the loaded model writes OpenAI's default 16 tokens.
+    let (status, body) = server.post("/completions", r#"{"prompt":"Once upon a time","ignore_eos":true}"#);
+    assert_eq!(status, 200, "{body}");
+    let v = json(&body);
+    assert_eq!(v["usage"]["completion_tokens"], 16, "{body}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{body}");
+    assert_eq!(v["model"], "ai/smollm2:latest", "{body}");
+    // Chat has no such default; the alias answers as /v1 does.
+    let (status, body) =
+        server.post("/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["object"], "chat.completion", "{body}");
+    let (status, body) = http_request(server.port, "GET", "/models", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    assert!(body_of(&body).contains("ai/smollm2:latest"), "{}", body_of(&body));
+
+    // Peers' constraint fields: vLLM's guided_choice (special characters taken literally) and
+    // guided_json, llama.cpp's json_schema; GBNF is refused rather than ignored, as is asking twice.
+    let (status, body) = server.post(
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"Is it raining?"}],"guided_choice":["yes","no (maybe.)"],"temperature":1}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer = json(&body)["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(answer == "yes" || answer == "no (maybe.)", "{answer}");
+    for field in ["guided_json", "json_schema"] {
+        let request = serde_json::json!({"prompt": "A number:", "max_tokens": 20, field:
+            {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}});
+        let (status, body) = server.post("/v1/completions", &request.to_string());
+        assert_eq!(status, 200, "{body}");
+        let text = json(&body)["choices"][0]["text"].as_str().unwrap().to_string();
+        if json(&body)["choices"][0]["finish_reason"] == "stop" {
+            assert!(json(&text)["n"].is_i64(), "{field}: {text}");
+        }
+    }
+    let (status, body) = server.post("/v1/completions", r#"{"prompt":"x","grammar":"root ::= \"a\""}"#);
+    assert_eq!((status, json(&body)["error"]["param"].as_str()), (400, Some("grammar")), "{body}");
+    let (status, body) = server
+        .post("/v1/completions", r#"{"prompt":"x","guided_regex":"a+","response_format":{"type":"json_object"}}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("one way of constraining"), "{body}");
+
+    // Embeddings: no embedding model loaded yet, so one must be named.
+    let (status, body) = server.post("/embeddings", r#"{"input":"hi"}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("model is required") && body.contains("minilm"), "{body}");
+    let long = "word ".repeat(2000);
+    // OpenAI's rule: too long is an error that says how long, never a silent cut.
+    let (status, body) =
+        server.post("/v1/embeddings", &serde_json::json!({"model": "minilm", "input": long}).to_string());
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("2002 tokens") && body.contains("at most 256"), "{body}");
+    assert_eq!(json(&body)["error"]["param"], "input", "{body}");
+    // Now loaded, it is the default for embeddings (and the chat model still for chat).
+    let (status, body) = server.post("/embeddings", r#"{"input":["a","b"]}"#);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["model"], "ai/minilm:latest", "{body}");
+    // Ollama's rule: cut by default, refused with truncate: false (in Ollama's error shape).
+    let (status, body) = server.post("/api/embed", &serde_json::json!({"model": "minilm", "input": long}).to_string());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["prompt_eval_count"], 256, "{body}");
+    let (status, body) = server
+        .post("/api/embed", &serde_json::json!({"model": "minilm", "input": long, "truncate": false}).to_string());
+    assert_eq!(status, 400, "{body}");
+    assert!(json(&body)["error"].as_str().unwrap().contains("2002 tokens"), "{body}");
+    // Ollama's legacy endpoint, still what its clients' embeddings() call.
+    let (status, body) = server.post("/api/embeddings", r#"{"model":"minilm","prompt":"hello"}"#);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["embedding"].as_array().unwrap().len(), 384, "{body}");
+}
+
 #[test]
 fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     let server = Server::start();

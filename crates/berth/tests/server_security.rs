@@ -164,7 +164,7 @@ fn web_pages_of_other_origins_cannot_drive_the_server() {
         &[
             ("Origin", "http://localhost:3000"),
             ("Access-Control-Request-Method", "POST"),
-            ("Access-Control-Request-Headers", "content-type"),
+            ("Access-Control-Request-Headers", "content-type, x-stainless-os, anthropic-version"),
         ],
         b"",
     )
@@ -172,6 +172,8 @@ fn web_pages_of_other_origins_cannot_drive_the_server() {
     let raw = String::from_utf8_lossy(&raw).to_ascii_lowercase();
     assert_eq!(status, 204, "{raw}");
     assert!(raw.contains("access-control-allow-origin: http://localhost:3000"), "{raw}");
+    // The SDKs' own headers are allowed for an allowed origin.
+    assert!(raw.contains("access-control-allow-headers: content-type, x-stainless-os, anthropic-version"), "{raw}");
     assert!(raw.contains("access-control-allow-methods") && raw.contains("content-type"), "{raw}");
     let (status, raw) = send(&[("Content-Type", "application/json"), ("Origin", "http://localhost:3000")]);
     assert_eq!(status, 200, "{raw}");

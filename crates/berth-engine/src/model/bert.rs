@@ -196,10 +196,22 @@ impl BertEmbedder {
         self.tokenizer.encode(text, self.max_tokens)
     }
 
-    /// The normalised sentence embedding of a text, and how many tokens it took.
+    /// The normalised sentence embedding of a text, and how many tokens it took; a text longer
+    /// than the model takes is cut to fit.
     pub fn embed(&self, text: &str) -> Result<(Vec<f32>, usize), EngineError> {
         let ids = self.tokenize(text);
         self.embed_ids(&ids).map(|e| (e, ids.len()))
+    }
+
+    /// The same, but a text longer than the model takes is an error
+    /// ([`EngineError::ContextOverflow`], with its whole length) instead of being cut.
+    pub fn embed_whole(&self, text: &str) -> Result<(Vec<f32>, usize), EngineError> {
+        // Tokenized in full to say how long it is (the body limit bounds the text).
+        let all = self.tokenizer.encode(text, usize::MAX);
+        if all.len() > self.max_tokens {
+            return Err(EngineError::ContextOverflow { needed: all.len(), limit: self.max_tokens });
+        }
+        self.embed_ids(&all).map(|e| (e, all.len()))
     }
 
     /// The embedding of given token ids (already with `[CLS]`/`[SEP]`).

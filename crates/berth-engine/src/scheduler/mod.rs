@@ -2,13 +2,14 @@
 //!
 //! Each step
 //! 1. drops sequences nobody waits for any more (client gone, time limit passed), freeing their blocks;
-//! 2. gives every running sequence that is generating its next token — decodes go first, so a long
-//!    prompt never stalls the streams already running;
-//! 3. fills the rest of the step's token budget (`max_batch_tokens`) with prompt chunks of running
-//!    sequences, oldest first (chunked prefill);
-//! 4. admits waiting sequences in arrival order (FIFO) while the running set, the token budget and
-//!    the free cache blocks allow; a sequence that does not fit holds the line, so a large request is
-//!    never overtaken for ever by small ones;
+//! 2. gives every running sequence that is generating its next token — decodes go first;
+//! 3. admits waiting sequences in arrival order (FIFO) while the running set, the free cache blocks
+//!    and the pace allow; a sequence that does not fit holds the line, so a large request is never
+//!    overtaken for ever by small ones;
+//! 4. fills the step with prompt chunks of running sequences, oldest first (chunked prefill), up to
+//!    the token budget (`max_batch_tokens`) and, when streams share the step, a time limit learned
+//!    from the steps already run ([`pacing`]), so a new prompt slows the running streams by a bounded
+//!    share instead of stalling them;
 //! 5. runs all of it as one batched forward pass, samples, streams, and retires finished sequences.
 //!
 //! The KV cache is a fixed pool of blocks ([`blocks::BlockPool`]): a sequence is admitted only with
@@ -22,6 +23,7 @@
 //! (see [`crate::model::SeqStep::prompt_len`]).
 
 pub mod blocks;
+pub mod pacing;
 mod runner;
 mod sequence;
 
@@ -31,6 +33,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use self::blocks::BlockPool;
+use self::pacing::{Pacer, StepShape, StepTarget};
 use self::sequence::Sequence;
 use crate::error::EngineError;
 use crate::generate::Engine;
@@ -44,11 +47,15 @@ pub use runner::{Runner, RunnerConfig};
 const MAX_DECODE_TOKENS: usize = crate::constraint::MAX_FORCED_TOKENS + 1;
 pub use sequence::TokenSink;
 
+/// Prompt tokens a step with generating sequences takes at least (when any prompt waits), so
+/// prompts move however tight the time target.
+const MIN_PROMPT_CHUNK: usize = BLOCK_TOKENS;
+
 /// Limits of one model's scheduler.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
-    /// Tokens one step may run (decodes plus prompt chunks): bounds a step's time, and with it how
-    /// long a prompt can hold up the streams already running.
+    /// Tokens one step may run (decodes plus prompt chunks): the size of a prompt-only step. A
+    /// step that also carries generating sequences is sized by time (`target`).
     pub max_batch_tokens: usize,
     /// Sequences running at once.
     pub max_running: usize,
@@ -56,6 +63,9 @@ pub struct SchedulerConfig {
     pub kv_blocks: usize,
     /// Reuse the cached blocks of a shared prompt prefix.
     pub prefix_cache: bool,
+    /// What steps that carry generating sequences aim for (see [`pacing`]); `None` sizes every
+    /// step by `max_batch_tokens` alone and runs as many sequences as fit.
+    pub target: Option<StepTarget>,
 }
 
 impl SchedulerConfig {
@@ -72,6 +82,13 @@ impl SchedulerConfig {
         }
         if self.kv_blocks == 0 {
             return bad("the KV cache must hold at least one block".into());
+        }
+        if let Some(t) = &self.target
+            && (t.itl.is_zero() || !(0.0..=100.0).contains(&t.prompt_share) || !(0.0..1.0).contains(&t.min_batch_gain))
+        {
+            return bad(format!(
+                "the step target must have a positive time, a share of 0 to 100 and a gain below 1: {t:?}"
+            ));
         }
         Ok(())
     }
@@ -100,6 +117,11 @@ pub struct SchedulerStats {
     /// Time constrained sequences spent computing their grammars' masks, summed over sequences
     /// (ns; they run in parallel with each other's sampling, so this bounds the wall time).
     pub mask_nanos: AtomicU64,
+    /// Steps whose prompt work was cut short to keep the running streams' pace.
+    pub paced_steps: AtomicU64,
+    /// Steps in which a waiting sequence was held back although it might have fit: one more
+    /// stream would have slowed every stream without raising throughput.
+    pub pace_holds: AtomicU64,
 }
 
 impl SchedulerStats {
@@ -119,6 +141,8 @@ pub struct Scheduler<'e, 's> {
     waiting: VecDeque<Sequence<'s>>,
     /// In admission order: the last is the first to be preempted.
     running: Vec<Sequence<'s>>,
+    /// What steps cost on this machine, and what they aim for (when they aim for anything).
+    pacer: Option<Pacer>,
     stats: Arc<SchedulerStats>,
 }
 
@@ -131,9 +155,10 @@ impl<'e, 's> Scheduler<'e, 's> {
             engine,
             store: engine.model().new_kv_pool(config.kv_blocks),
             pool: BlockPool::new(config.kv_blocks, config.prefix_cache),
-            config,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            pacer: config.target.map(Pacer::new),
+            config,
             stats,
         })
     }
@@ -181,27 +206,77 @@ impl<'e, 's> Scheduler<'e, 's> {
         // (index in `running`, tokens this step)
         let mut plan: Vec<(usize, usize)> = Vec::new();
         self.plan_decodes(&mut plan, &mut budget);
+        let mut shape = StepShape::default();
+        for &(i, n) in &plan {
+            shape.add(self.running[i].computed, n, false);
+        }
         self.admit(budget);
+        // With streams in the step, prompt work may stretch it only to a time limit. Requests
+        // admitted and still on their prompts count for their fair share (those the pace keeps
+        // waiting do not: prompt work for them would only add streams past it).
+        let streams = plan.len();
+        let starting = self.running.len().saturating_sub(streams);
+        let limit = self.pacer.as_ref().and_then(|p| p.limit_ms(&shape, streams, starting));
         // Prompt chunks (and the first token of sequences admitted just now), oldest sequence
-        // first, within what is left of the budget.
+        // first, within what is left of the budget and the time.
         let mut planned = vec![false; self.running.len()];
         for &(i, _) in &plan {
             planned[i] = true;
         }
+        let mut prompt_tokens = 0;
+        let mut paced = false;
         for (i, seq) in self.running.iter().enumerate() {
             if budget == 0 {
                 break;
             }
-            if !planned[i] {
-                let n = seq.pending().min(budget);
-                plan.push((i, n));
-                budget -= n;
+            if planned[i] {
+                continue;
             }
+            let mut n = seq.pending().min(budget);
+            if let Some(limit) = limit {
+                let fits = self.prompt_tokens_within(&shape, seq.computed, n, limit);
+                let floor = MIN_PROMPT_CHUNK.saturating_sub(prompt_tokens).min(n);
+                paced |= fits < n;
+                n = fits.max(floor);
+            }
+            if n == 0 {
+                break;
+            }
+            shape.add(seq.computed, n, true);
+            plan.push((i, n));
+            budget -= n;
+            prompt_tokens += n;
+        }
+        if paced {
+            self.stats.paced_steps.fetch_add(1, Ordering::Relaxed);
         }
         plan.sort_unstable();
+        let started = Instant::now();
         let tokens = self.run(&plan);
+        if tokens > 0
+            && let Some(pacer) = &mut self.pacer
+        {
+            pacer.cost.observe(&shape, started.elapsed());
+        }
         self.publish();
         tokens
+    }
+
+    /// The most of `n` prompt tokens from position `start` that keep a step of `shape` within
+    /// `limit_ms`, as predicted.
+    fn prompt_tokens_within(&self, shape: &StepShape, start: usize, n: usize, limit_ms: f64) -> usize {
+        let with = |k: usize| {
+            let mut s = *shape;
+            s.add(start, k, true);
+            self.pacer.as_ref().map_or(0.0, |p| p.cost.predict(&s))
+        };
+        // Predictions grow with k: the largest k within the limit, by bisection.
+        let (mut lo, mut hi) = (0, n);
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if with(mid) <= limit_ms { lo = mid } else { hi = mid - 1 }
+        }
+        lo
     }
 
     /// Fail everything (the model is going away).
@@ -308,9 +383,17 @@ impl<'e, 's> Scheduler<'e, 's> {
         }
     }
 
-    /// Admit waiting sequences in order while they fit.
+    /// Admit waiting sequences in order while they fit, and while the running set's pace allows.
     fn admit(&mut self, budget: usize) {
         while budget > 0 && self.running.len() < self.config.max_running {
+            if self.waiting.is_empty() {
+                break;
+            }
+            let context = self.running.iter().map(|s| s.tokens.len()).sum::<usize>() / self.running.len().max(1);
+            if self.pacer.as_ref().is_some_and(|p| !p.may_grow(self.running.len(), context)) {
+                self.stats.pace_holds.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
             let Some(seq) = self.waiting.front_mut() else { break };
             let total_needed = blocks_for(seq.tokens.len());
             if total_needed > self.pool.total() {

@@ -25,10 +25,17 @@ pub struct Args {
     /// Requests each model generates for at once; more wait in its queue.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_running: u32,
-    /// Tokens each batched step may run: every running request's next token plus prompt chunks.
-    /// Smaller keeps streams smooth while long prompts arrive; larger fills prompts faster.
+    /// Tokens a batched step may run. Steps that carry running streams are sized by time instead
+    /// (--target-itl); this bounds prompt-only steps.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_batch_tokens: u32,
+    /// The time between a stream's tokens to stay under, in milliseconds, where the machine allows:
+    /// a new prompt's work joins the running streams' steps only up to it (and to at most doubling
+    /// what their decodes alone take), and more streams join the running set past it only while a
+    /// larger batch still raises throughput (others wait their turn). Step costs are measured as
+    /// the model runs. 0: no target; steps take --max-batch-tokens and every request that fits runs.
+    #[arg(long, value_name = "MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    target_itl: u64,
     /// Requests that may wait for each model; beyond this they get 429 with Retry-After.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_queue: u32,
@@ -167,6 +174,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             kv_cache_bytes: args.kv_cache,
             request_timeout: (args.request_timeout > 0).then(|| Duration::from_secs(args.request_timeout)),
             prefix_cache: !args.no_prefix_cache,
+            step_target: (args.target_itl > 0).then(|| berth_engine::scheduler::pacing::StepTarget {
+                itl: Duration::from_millis(args.target_itl),
+                ..Default::default()
+            }),
             per_model,
         },
         memory: MemoryConfig {

@@ -21,6 +21,9 @@ e = client.embed(model="ai/minilm:latest", input=["A man is eating food.", "A ma
 assert len(e.embeddings) == 2 and len(e.embeddings[0]) == 384, e
 cos = sum(a * b for a, b in zip(*e.embeddings))
 assert abs(cos - 0.755) < 0.01, cos
+# The legacy embeddings() both official clients still offer.
+legacy = client.embeddings(model="ai/minilm:latest", prompt="A man is eating food.")
+assert len(legacy.embedding) == 384 and abs(sum(a * b for a, b in zip(legacy.embedding, e.embeddings[0])) - 1) < 1e-4, legacy
 
 names = [m.model for m in client.list().models]
 assert model in names, names
@@ -32,7 +35,8 @@ try:
     client.chat(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     raise AssertionError("an unknown model must fail")
 except ollama.ResponseError as e:
-    assert e.status_code == 404, e
+    # Ollama's error shape: the client's .error is the message itself, not an object.
+    assert e.status_code == 404 and isinstance(e.error, str) and "no-such-model" in e.error, e.error
 # Pull from a registry and delete (the test passes the registry's reference as a third argument).
 if len(sys.argv) > 3:
     pulled = sys.argv[3]

@@ -60,6 +60,9 @@ r = client.completions.create(model=model, prompt="Once upon a time", max_tokens
 assert r.object == "text_completion" and r.choices[0].text, r
 r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=4, temperature=0, echo=True, logprobs=2)
 assert r.choices[0].text.startswith("Once upon a time") and len(r.choices[0].logprobs.tokens) == 4, r
+# Without max_tokens a text completion stops at OpenAI's default of 16.
+r = client.completions.create(model=model, prompt="Once upon a time", extra_body={"ignore_eos": True})
+assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length", r
 r = client.completions.create(model=model, prompt=["One", "Two"], max_tokens=3)
 assert len(r.choices) == 2, r
 streamed = "".join(c.choices[0].text for c in client.completions.create(model=model, prompt="Once upon a time",
