@@ -1,4 +1,5 @@
-//! Embeddings: OpenAI's `/v1/embeddings` (float or base64) and Ollama's `/api/embed`.
+//! Embeddings: OpenAI's `/v1/embeddings` (float or base64), Ollama's `/api/embed` and its legacy
+//! `/api/embeddings`.
 
 use std::sync::Arc;
 use std::time::Instant;

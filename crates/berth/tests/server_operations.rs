@@ -323,13 +323,16 @@ fn a_model_keeps_its_own_limits() {
         .collect();
     assert!(threads.iter().any(|t| t.trim() == "berth-model-1"), "{threads:?}");
 
-    // The context: a longer prompt is refused, and an answer without max_tokens stops at 64 tokens.
+    // The context: a longer prompt is refused, and a chat answer without max_tokens (chat has no
+    // default, unlike text completions) stops at 64 tokens.
     let long = "one two three four five six seven eight nine ten ".repeat(8);
     let (status, text) = server.post("/v1/completions", &format!(r#"{{"model":"smollm2","prompt":"{long}"}}"#));
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("context_length_exceeded") && text.contains("64 tokens"), "{text}");
-    let (status, text) =
-        server.post("/v1/completions", r#"{"model":"smollm2","prompt":"Count:","temperature":0,"ignore_eos":true}"#);
+    let (status, text) = server.post(
+        "/v1/chat/completions",
+        r#"{"model":"smollm2","messages":[{"role":"user","content":"Count:"}],"temperature":0,"ignore_eos":true}"#,
+    );
     assert_eq!(status, 200, "{text}");
     let usage = serde_json::from_str::<serde_json::Value>(&text).unwrap()["usage"].clone();
     assert_eq!(usage["total_tokens"], 64, "{text}");
