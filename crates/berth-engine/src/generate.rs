@@ -4,7 +4,7 @@
 
 use crate::constraint::{Constraint, ConstraintSpec, Grammars};
 use crate::error::EngineError;
-use crate::model::{TextModel, blocks_for};
+use crate::model::{KvType, TextModel, blocks_for};
 pub use crate::request::{FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
 use crate::scheduler::{Scheduler, SchedulerConfig, TokenSink};
 use crate::template::{ChatTemplate, Message};
@@ -265,6 +265,7 @@ impl Engine {
             max_running: 1,
             kv_blocks: self.kv_blocks_for((req.prompt.len() + req.max_tokens + 1).min(ctx)),
             prefix_cache: false,
+            kv_type: KvType::F16,
             target: Some(Default::default()),
         };
         let mut result = None;

@@ -67,7 +67,14 @@ impl TokenSink for Keep {
 }
 
 fn config(kv_blocks: usize, max_batch_tokens: usize, prefix_cache: bool) -> SchedulerConfig {
-    SchedulerConfig { max_batch_tokens, max_running: 16, kv_blocks, prefix_cache, target: Some(Default::default()) }
+    SchedulerConfig {
+        max_batch_tokens,
+        max_running: 16,
+        kv_blocks,
+        prefix_cache,
+        kv_type: Default::default(),
+        target: Some(Default::default()),
+    }
 }
 
 /// Run `requests` through one scheduler; request `i` is submitted before step `arrivals[i]`.

@@ -134,6 +134,7 @@ fn forced_tokens_skip_sampling_and_neighbours_are_unchanged() {
             max_running: 4,
             kv_blocks: 256,
             prefix_cache: true,
+            kv_type: Default::default(),
             target: Some(Default::default()),
         },
     )

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use berth_engine::model::{self, KvPool, Logits, SeqStep, TextModel, blocks_for};
+use berth_engine::model::{self, KvPool, KvType, Logits, SeqStep, TextModel, blocks_for};
 use berth_engine::sampling::SamplingParams;
 use berth_engine::template::Message;
 use berth_engine::{Engine, GenerationRequest};
@@ -35,7 +35,7 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 /// step, then `decode` single-token steps. Returns each sequence's logits of every step.
 fn run_together(model: &dyn TextModel, prompts: &[Vec<u32>], decode: usize) -> Vec<Vec<Vec<f32>>> {
     let per_seq = blocks_for(prompts.iter().map(Vec::len).max().unwrap() + decode + 1);
-    let mut pool: Box<dyn KvPool> = model.new_kv_pool(per_seq * prompts.len());
+    let mut pool: Box<dyn KvPool> = model.new_kv_pool(per_seq * prompts.len(), KvType::F16).expect("pool");
     let tables: Vec<Vec<u32>> =
         (0..prompts.len()).map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect()).collect();
     let mut out = vec![Vec::new(); prompts.len()];

@@ -58,7 +58,7 @@ fn compare(model_path: &std::path::Path, prompts: &[Vec<u32>], golden: &[Value])
         let logprob: Vec<f64> = want["logprob"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let greedy: Vec<u64> = want["greedy"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
         // Teacher forcing: the prompt as one step, every position's logits.
-        let mut cache = SequenceCache::new(model.as_ref());
+        let mut cache = SequenceCache::new(model.as_ref()).expect("cache");
         let logits = cache.forward(model.as_ref(), prompt, true).expect("forward");
         for (i, row_logits) in logits.chunks_exact(vocab).enumerate() {
             let (id, lp) = argmax(row_logits);
@@ -69,7 +69,7 @@ fn compare(model_path: &std::path::Path, prompts: &[Vec<u32>], golden: &[Value])
             }
         }
         // Greedy: the prompt, then one token at a time.
-        let mut cache = SequenceCache::new(model.as_ref());
+        let mut cache = SequenceCache::new(model.as_ref()).expect("cache");
         let mut logits = cache.forward(model.as_ref(), prompt, false).expect("forward");
         let mut ours = Vec::new();
         for _ in 0..GREEDY_TOKENS {

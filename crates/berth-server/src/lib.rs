@@ -91,6 +91,9 @@ pub struct BatchingConfig {
     /// Limit on a request's whole life, waiting included.
     pub request_timeout: Option<std::time::Duration>,
     pub prefix_cache: bool,
+    /// How each model's KV cache stores keys and values (a model whose heads q8_0 cannot split
+    /// keeps f16, with a warning in the log).
+    pub kv_type: berth_engine::model::KvType,
     /// What a step with generating streams aims for (their time between tokens).
     pub step_target: Option<berth_engine::scheduler::pacing::StepTarget>,
     /// Models with limits of their own (threads, concurrency, context).
@@ -106,6 +109,7 @@ impl Default for BatchingConfig {
             kv_cache_bytes: 2 << 30,
             request_timeout: Some(std::time::Duration::from_secs(600)),
             prefix_cache: true,
+            kv_type: Default::default(),
             step_target: Some(Default::default()),
             per_model: LimitsByModel::default(),
         }
@@ -262,12 +266,15 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         })
         .collect();
     type Read = fn(&berth_engine::scheduler::SchedulerStats) -> f64;
-    let families: [(&str, &str, &str, Read); 13] = [
+    let families: [(&str, &str, &str, Read); 14] = [
         ("num_requests_running", "gauge", "Requests generating now.", |s| s.running.load(Ordering::Relaxed) as f64),
         ("num_requests_waiting", "gauge", "Requests waiting to be admitted (preempted ones included).", |s| {
             s.waiting.load(Ordering::Relaxed) as f64
         }),
         ("kv_cache_usage_perc", "gauge", "Share of the KV cache blocks held by requests (0 to 1).", |s| s.kv_usage()),
+        ("kv_cache_capacity_tokens", "gauge", "Positions the KV cache holds, over all requests.", |s| {
+            (s.kv_blocks_total.load(Ordering::Relaxed) * berth_engine::model::BLOCK_TOKENS) as f64
+        }),
         ("prompt_tokens_total", "counter", "Prompt tokens run through the model.", |s| {
             s.prefill_tokens.load(Ordering::Relaxed) as f64
         }),

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use berth_engine::model::KvType;
 use berth_engine::model::bert::BertEmbedder;
 use berth_engine::scheduler::{Runner, RunnerConfig, SchedulerConfig};
 use berth_engine::{Engine, EngineError};
@@ -54,7 +55,8 @@ impl LoadedModel {
 
     /// Bytes of KV cache the model's scheduler may use.
     pub fn kv_cache_bytes(&self) -> u64 {
-        (self.runner.config().scheduler.kv_blocks * self.engine.model().kv_block_bytes()) as u64
+        let scheduler = &self.runner.config().scheduler;
+        (scheduler.kv_blocks * self.engine.model().kv_block_bytes(scheduler.kv_type)) as u64
     }
 
     /// What every request to this model must fit: the context the operator allows, the
@@ -665,7 +667,17 @@ fn damaged(name: &str, e: berth_store::StoreError) -> ApiError {
 /// gets the configured memory, but no more than every running sequence at full context could use.
 fn runner_config(engine: &Engine, batching: &BatchingConfig, limits: &ModelLimits, context: usize) -> RunnerConfig {
     let max_running = limits.max_running.unwrap_or(batching.max_running);
-    let block_bytes = engine.model().kv_block_bytes().max(1) as u64;
+    let kv_type = if engine.model().supports_kv_type(batching.kv_type) {
+        batching.kv_type
+    } else {
+        tracing::warn!(
+            kv_type = %batching.kv_type,
+            "this model's attention heads cannot be stored as {}; its KV cache stays f16",
+            batching.kv_type
+        );
+        KvType::F16
+    };
+    let block_bytes = engine.model().kv_block_bytes(kv_type).max(1) as u64;
     let by_memory = (batching.kv_cache_bytes / block_bytes) as usize;
     let by_use = engine.kv_blocks_for(max_running.saturating_mul(context));
     RunnerConfig {
@@ -675,6 +687,7 @@ fn runner_config(engine: &Engine, batching: &BatchingConfig, limits: &ModelLimit
             max_running,
             kv_blocks: by_memory.min(by_use).max(1),
             prefix_cache: batching.prefix_cache,
+            kv_type,
             target: batching.step_target,
         },
         max_queue: batching.max_queue,

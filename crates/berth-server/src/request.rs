@@ -467,4 +467,38 @@ mod tests {
     fn ids_are_unique() {
         assert_ne!(request_id("x"), request_id("x"));
     }
+
+    /// Peers' constraint fields, badly formed: each a 400 naming the field, never a panic or a
+    /// request run without the constraint the client asked for.
+    #[test]
+    fn malformed_peer_constraints_are_refused_by_name() {
+        let peer = |v: serde_json::Value| serde_json::from_value::<PeerConstraints>(v).expect("fields");
+        let refused = |v: serde_json::Value| {
+            let e = constraint(&None, &peer(v.clone())).expect_err(&v.to_string());
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{v}");
+            e.param.unwrap_or_default()
+        };
+        let many: Vec<String> = (0..1025).map(|i| i.to_string()).collect();
+        for (body, param) in [
+            (serde_json::json!({"guided_choice": "yes"}), "guided_choice"),
+            (serde_json::json!({"guided_choice": []}), "guided_choice"),
+            (serde_json::json!({"guided_choice": many}), "guided_choice"),
+            (serde_json::json!({"guided_choice": ["yes", 2]}), "guided_choice"),
+            (serde_json::json!({"guided_json": "{not json"}), "guided_json"),
+            (serde_json::json!({"guided_json": 7}), "guided_json"),
+            (serde_json::json!({"json_schema": [1]}), "json_schema"),
+            (serde_json::json!({"guided_regex": ""}), "guided_regex"),
+            (serde_json::json!({"guided_regex": {"a": 1}}), "guided_regex"),
+            (serde_json::json!({"guided_grammar": "root ::= x"}), "guided_grammar"),
+        ] {
+            assert_eq!(refused(body), param);
+        }
+        // 1,024 choices are allowed, and null means "not given", as OpenAI's own fields do.
+        let most: Vec<String> = (0..1024).map(|i| format!("c{i}")).collect();
+        assert!(constraint(&None, &peer(serde_json::json!({"guided_choice": most}))).expect("1024").is_some());
+        assert!(constraint(&None, &peer(serde_json::json!({"guided_json": null}))).expect("null").is_none());
+        // A schema as the JSON text of one (vLLM accepts both).
+        let text = peer(serde_json::json!({"guided_json": "{\"type\": \"integer\"}"}));
+        assert!(matches!(constraint(&None, &text), Ok(Some(("guided_json", ConstraintSpec::JsonSchema(_))))));
+    }
 }

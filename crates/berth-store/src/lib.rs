@@ -30,6 +30,7 @@ pub mod package;
 pub mod progress;
 pub mod reference;
 pub mod registry;
+mod stamp;
 mod store;
 
 pub use blobs::BlobWriter;

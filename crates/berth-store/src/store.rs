@@ -4,6 +4,7 @@
 //! blobs/sha256/<hex>        every blob (weights, configs, manifests), named by its verified digest
 //! incoming/<hex>.partial    downloads in progress, kept so an interrupted pull resumes
 //! tmp/                      files being written; never read
+//! verified/<hex>            stamps of blobs found right at load, so unchanged ones are not hashed again
 //! index.json                references (tags and pinned digests) → manifest digest
 //! index.lock, gc.lock       advisory locks between berth processes
 //! ```
@@ -26,6 +27,7 @@ use crate::digest::Digest;
 use crate::error::StoreError;
 use crate::manifest::{MAX_MANIFEST_BYTES, Manifest};
 use crate::reference::Reference;
+use crate::stamp::{FileStamp, Stamps};
 
 pub struct Store {
     root: PathBuf,
@@ -169,6 +171,29 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::verify_blob`], skipping the hash when this blob was found right before and its
+    /// file has not changed since (see [`crate::stamp`]). What loads a model calls.
+    pub fn verify_blob_once(&self, digest: &Digest, size: u64) -> Result<(), StoreError> {
+        let stamps = Stamps::new(&self.root);
+        let before = fs::metadata(self.blob_path(digest)).ok().and_then(|m| FileStamp::of(&m));
+        if before.as_ref().is_some_and(|b| stamps.holds(digest.hex(), b)) {
+            return Ok(());
+        }
+        if let Err(e) = self.verify_blob(digest, size) {
+            stamps.forget(digest.hex());
+            return Err(e);
+        }
+        // Recorded only when the file looked the same before and after the hash: a write while
+        // it was being read leaves no stamp.
+        let after = fs::metadata(self.blob_path(digest)).ok().and_then(|m| FileStamp::of(&m));
+        if let (Some(b), Some(a)) = (before, after)
+            && a == b
+        {
+            stamps.record(digest.hex(), &a);
+        }
+        Ok(())
+    }
+
     /// Check every blob of a model; the list says what state each is in.
     pub fn verify(&self, reference: &Reference) -> Result<Vec<BlobCheck>, StoreError> {
         let digest = self.resolve(reference)?;
@@ -182,6 +207,9 @@ impl Store {
                 Err(StoreError::DigestMismatch { .. }) => "damaged",
                 Err(e) => return Err(e),
             };
+            if state != "ok" {
+                Stamps::new(&self.root).forget(d.digest.hex());
+            }
             out.push(BlobCheck { digest: d.digest.clone(), size: d.size, state });
         }
         Ok(out)
@@ -433,6 +461,7 @@ impl Store {
         let mut report = GcReport::default();
         for (path, digest, len) in self.blob_files()? {
             if !live.contains(&digest) {
+                Stamps::new(&self.root).forget(digest.hex());
                 fs::remove_file(&path).map_err(StoreError::io(format!("removing {}", path.display())))?;
                 report.blobs_removed += 1;
                 report.bytes_freed += len;
@@ -481,7 +510,7 @@ impl Store {
             StoreError::Config(format!("{} has no GGUF layer; berth runs GGUF models", reference.familiar()))
         })?;
         // A damaged file would run and answer garbage: its bytes are checked before every load.
-        self.verify_blob(&weights.digest, weights.size)?;
+        self.verify_blob_once(&weights.digest, weights.size)?;
         let chat_template = match manifest.layers.iter().find(|l| l.media_type == crate::media::CHAT_TEMPLATE) {
             Some(l) => {
                 let bytes = self.read_small_blob(&l.digest)?;
@@ -497,7 +526,7 @@ impl Store {
 
     /// Check every layer of a manifest against its digest (before a model is loaded from them).
     pub fn verify_layers(&self, manifest: &Manifest) -> Result<(), StoreError> {
-        manifest.layers.iter().try_for_each(|l| self.verify_blob(&l.digest, l.size))
+        manifest.layers.iter().try_for_each(|l| self.verify_blob_once(&l.digest, l.size))
     }
 
     /// The files of a model, as (path inside the model folder, blob path), for engines to open.

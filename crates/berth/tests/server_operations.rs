@@ -580,3 +580,23 @@ fn a_model_removed_from_the_store_is_no_longer_served() {
     server.berth.ok(&["tag", "spare", "smollm2"]);
     assert_eq!(ask().0, 200);
 }
+
+/// `--kv-type q8_0`: the same KV memory holds 1.88× the positions (34 bytes per 32 values against
+/// 64), and the model answers from it.
+#[test]
+fn a_q8_0_kv_cache_holds_more_positions_in_the_same_memory() {
+    let capacity = |server: &Server| server.metric_f64("berth:kv_cache_capacity_tokens");
+    let question = r#"{"model":"smollm2","prompt":"The capital of France is","max_tokens":8,"temperature":0}"#;
+    let f16 = Server::start_with(&["--kv-cache", "24MiB"]);
+    assert_eq!(f16.post("/v1/completions", question).0, 200);
+    let q8 = Server::start_with(&["--kv-cache", "24MiB", "--kv-type", "q8_0"]);
+    let (status, answer) = q8.post("/v1/completions", question);
+    assert_eq!(status, 200, "{answer}");
+    let text = serde_json::from_str::<serde_json::Value>(&answer).unwrap()["choices"][0]["text"].clone();
+    assert!(text.as_str().is_some_and(|t| t.contains("Paris")), "{answer}");
+    let ratio = capacity(&q8) / capacity(&f16);
+    assert!((1.8..1.95).contains(&ratio), "q8_0 holds {ratio:.3}× the positions of f16");
+
+    let refused = f16.berth.fails(&["serve", "--kv-type", "q4_0"]);
+    assert!(refused.contains("f16 or q8_0"), "{refused}");
+}

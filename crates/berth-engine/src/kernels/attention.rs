@@ -9,6 +9,7 @@
 
 use std::ops::Range;
 
+use super::kv_type::KvType;
 use super::{f16, ops};
 
 /// How llama.cpp reduces a dot product in this step.
@@ -189,8 +190,10 @@ pub struct SeqKv<'a> {
     /// later ones in [`Order::Gemv`] (generated one at a time), so a token's result does not
     /// depend on which other tokens share its step.
     pub gemm_until: usize,
-    /// Its cache blocks for this layer, in position order: `block_tokens × kv_dim` f16 bits each,
-    /// covering at least positions `0..first + rows.len()`.
+    /// How its cache rows are stored.
+    pub kv_type: KvType,
+    /// Its cache blocks for this layer, in position order: `block_tokens` rows of `kv_dim` values
+    /// each (as `kv_type` stores them), covering at least positions `0..first + rows.len()`.
     pub k_blocks: Vec<&'a [u16]>,
     pub v_blocks: Vec<&'a [u16]>,
 }
@@ -299,11 +302,24 @@ impl Attention {
         let kv_dim = self.n_head_kv * hd;
         k.resize(len * hd, 0.0);
         v.resize(len * hd, 0.0);
+        let ty = seq.kv_type;
+        // Word offsets: a head's values are a whole number of q8_0 blocks, so it starts on one.
+        let (row, head_at, head_len) = (ty.row_words(kv_dim), ty.row_words(kvh * hd), ty.row_words(hd));
         for j in 0..len {
             let (block, slot) = (j / block_tokens, j % block_tokens);
-            let at = slot * kv_dim + kvh * hd;
-            widen(&seq.k_blocks[block][at..at + hd], &mut k[j * hd..(j + 1) * hd]);
-            widen(&seq.v_blocks[block][at..at + hd], &mut v[j * hd..(j + 1) * hd]);
+            let at = slot * row + head_at;
+            let (ks, vs) = (&seq.k_blocks[block][at..at + head_len], &seq.v_blocks[block][at..at + head_len]);
+            let (kd, vd) = (&mut k[j * hd..(j + 1) * hd], &mut v[j * hd..(j + 1) * hd]);
+            match ty {
+                KvType::F16 => {
+                    widen(ks, kd);
+                    widen(vs, vd);
+                }
+                KvType::Q8_0 => {
+                    ty.decode(ks, kd);
+                    ty.decode(vs, vd);
+                }
+            }
         }
     }
 
@@ -458,6 +474,7 @@ mod tests {
                 rows: 0..1,
                 first: pos,
                 gemm_until: if order == Order::Gemm { positions } else { 0 },
+                kv_type: KvType::F16,
                 k_blocks: k_blocks.iter().map(|b| b.as_slice()).collect(),
                 v_blocks: v_blocks.iter().map(|b| b.as_slice()).collect(),
             };

@@ -29,6 +29,7 @@ macro_rules! fma_dispatch {
 
 pub mod attention;
 pub mod f16;
+pub mod kv_type;
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod neon;
 pub mod ops;

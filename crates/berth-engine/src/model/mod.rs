@@ -23,7 +23,7 @@ use crate::error::EngineError;
 
 pub use config::{Activation, Architecture, DecoderConfig, ExpertConfig, LayerAttention};
 pub use decoder::DecoderModel;
-pub use kv::{BLOCK_TOKENS, KvStore, blocks_for};
+pub use kv::{BLOCK_TOKENS, KvStore, KvType, blocks_for};
 
 /// A text-generating model, as the scheduler, the engine and the benchmarks use it.
 pub trait TextModel: Send + Sync {
@@ -32,11 +32,13 @@ pub trait TextModel: Send + Sync {
     fn vocab_size(&self) -> usize;
     /// Positions the model was trained for.
     fn context_length(&self) -> usize;
+    /// Whether this model's cache can be stored as `kv_type` (q8_0 needs heads of a multiple of 32).
+    fn supports_kv_type(&self, kv_type: KvType) -> bool;
     /// Bytes one cache block of [`BLOCK_TOKENS`] positions takes, over all layers.
-    fn kv_block_bytes(&self) -> usize;
+    fn kv_block_bytes(&self, kv_type: KvType) -> usize;
     /// A pool of `blocks` cache blocks in the memory this model computes in (for the CPU, host
-    /// memory, zeroed lazily by the operating system).
-    fn new_kv_pool(&self, blocks: usize) -> Box<dyn KvPool>;
+    /// memory, zeroed lazily by the operating system), storing rows as `kv_type`.
+    fn new_kv_pool(&self, blocks: usize, kv_type: KvType) -> Result<Box<dyn KvPool>, EngineError>;
     /// Run one step: every sequence's new tokens, attending to what its blocks hold and storing
     /// their keys and values there. Returns, per sequence, the logits it asked for
     /// (`rows × vocab`). `pool` must be one this model made.
@@ -98,9 +100,15 @@ pub struct SequenceCache {
 
 impl SequenceCache {
     /// A cache for up to the model's whole context (its memory is used only as it fills).
-    pub fn new(model: &dyn TextModel) -> SequenceCache {
+    pub fn new(model: &dyn TextModel) -> Result<SequenceCache, EngineError> {
+        SequenceCache::with_kv_type(model, KvType::F16)
+    }
+
+    /// [`SequenceCache::new`] storing rows as `kv_type`.
+    pub fn with_kv_type(model: &dyn TextModel, kv_type: KvType) -> Result<SequenceCache, EngineError> {
         let blocks = blocks_for(model.context_length()).max(1);
-        SequenceCache { pool: model.new_kv_pool(blocks), blocks: (0..blocks as u32).collect(), len: 0, prompt_len: 0 }
+        let pool = model.new_kv_pool(blocks, kv_type)?;
+        Ok(SequenceCache { pool, blocks: (0..blocks as u32).collect(), len: 0, prompt_len: 0 })
     }
 
     /// Tokens cached so far (the next token's position).

@@ -37,7 +37,7 @@ use self::pacing::{Pacer, StepShape, StepTarget};
 use self::sequence::Sequence;
 use crate::error::EngineError;
 use crate::generate::Engine;
-use crate::model::{BLOCK_TOKENS, KvPool, Logits, SeqStep, blocks_for};
+use crate::model::{BLOCK_TOKENS, KvPool, KvType, Logits, SeqStep, blocks_for};
 use crate::request::{FinishReason, GenerationRequest};
 
 pub use runner::{Runner, RunnerConfig};
@@ -63,6 +63,8 @@ pub struct SchedulerConfig {
     pub kv_blocks: usize,
     /// Reuse the cached blocks of a shared prompt prefix.
     pub prefix_cache: bool,
+    /// How the cache stores keys and values.
+    pub kv_type: KvType,
     /// What steps that carry generating sequences aim for (see [`pacing`]); `None` sizes every
     /// step by `max_batch_tokens` alone and runs as many sequences as fit.
     pub target: Option<StepTarget>,
@@ -153,7 +155,7 @@ impl<'e, 's> Scheduler<'e, 's> {
         stats.kv_blocks_total.store(config.kv_blocks, Ordering::Relaxed);
         Ok(Self {
             engine,
-            store: engine.model().new_kv_pool(config.kv_blocks),
+            store: engine.model().new_kv_pool(config.kv_blocks, config.kv_type)?,
             pool: BlockPool::new(config.kv_blocks, config.prefix_cache),
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -216,7 +218,7 @@ impl<'e, 's> Scheduler<'e, 's> {
         // waiting do not: prompt work for them would only add streams past it).
         let streams = plan.len();
         let starting = self.running.len().saturating_sub(streams);
-        let limit = self.pacer.as_ref().and_then(|p| p.limit_ms(&shape, streams, starting));
+        let limit = self.pacer.as_ref().and_then(|p| Some((p, p.limit_ms(&shape, streams, starting)?)));
         // Prompt chunks (and the first token of sequences admitted just now), oldest sequence
         // first, within what is left of the budget and the time.
         let mut planned = vec![false; self.running.len()];
@@ -233,8 +235,8 @@ impl<'e, 's> Scheduler<'e, 's> {
                 continue;
             }
             let mut n = seq.pending().min(budget);
-            if let Some(limit) = limit {
-                let fits = self.prompt_tokens_within(&shape, seq.computed, n, limit);
+            if let Some((pacer, limit)) = limit {
+                let fits = pacer.prompt_tokens_within(&shape, seq.computed, n, limit);
                 let floor = MIN_PROMPT_CHUNK.saturating_sub(prompt_tokens).min(n);
                 paced |= fits < n;
                 n = fits.max(floor);
@@ -260,23 +262,6 @@ impl<'e, 's> Scheduler<'e, 's> {
         }
         self.publish();
         tokens
-    }
-
-    /// The most of `n` prompt tokens from position `start` that keep a step of `shape` within
-    /// `limit_ms`, as predicted.
-    fn prompt_tokens_within(&self, shape: &StepShape, start: usize, n: usize, limit_ms: f64) -> usize {
-        let with = |k: usize| {
-            let mut s = *shape;
-            s.add(start, k, true);
-            self.pacer.as_ref().map_or(0.0, |p| p.cost.predict(&s))
-        };
-        // Predictions grow with k: the largest k within the limit, by bisection.
-        let (mut lo, mut hi) = (0, n);
-        while lo < hi {
-            let mid = (lo + hi).div_ceil(2);
-            if with(mid) <= limit_ms { lo = mid } else { hi = mid - 1 }
-        }
-        lo
     }
 
     /// Fail everything (the model is going away).
@@ -385,11 +370,13 @@ impl<'e, 's> Scheduler<'e, 's> {
 
     /// Admit waiting sequences in order while they fit, and while the running set's pace allows.
     fn admit(&mut self, budget: usize) {
+        // Positions the running sequences hold, kept as they join (for their mean context).
+        let mut positions: usize = self.running.iter().map(|s| s.tokens.len()).sum();
         while budget > 0 && self.running.len() < self.config.max_running {
             if self.waiting.is_empty() {
                 break;
             }
-            let context = self.running.iter().map(|s| s.tokens.len()).sum::<usize>() / self.running.len().max(1);
+            let context = positions / self.running.len().max(1);
             if self.pacer.as_ref().is_some_and(|p| !p.may_grow(self.running.len(), context)) {
                 self.stats.pace_holds.fetch_add(1, Ordering::Relaxed);
                 break;
@@ -441,6 +428,7 @@ impl<'e, 's> Scheduler<'e, 's> {
             seq.blocks = found;
             seq.keys = keys;
             seq.computed = cached;
+            positions += seq.tokens.len();
             self.running.push(seq);
         }
     }

@@ -66,7 +66,7 @@ const WARMUP_STEPS: u32 = 4;
 /// best of the fits on each subset of the features whose coefficients all come out non-negative.
 #[derive(Debug, Clone, Default)]
 pub struct StepCost {
-    /// Weighted sums of x xᵀ, x y and y², over the steps seen.
+    /// Weighted sums of x xᵀ and x y over the steps seen.
     xx: [[f64; FEATURES]; FEATURES],
     xy: [f64; FEATURES],
     theta: [f64; FEATURES],
@@ -188,7 +188,7 @@ impl Default for StepTarget {
 
 impl StepTarget {
     /// The time (ms) a step may take whose decodes alone are predicted to take `decode_ms`, for
-    /// `streams` generating sequences while `starting` wait for their prompts (running or queued).
+    /// `streams` generating sequences while `starting` admitted ones are still on their prompts.
     ///
     /// Prompt work gets the larger of two allowances: what keeps the streams' pace (a share of
     /// their decode time, up to `itl`), and a fair share of the step: each request still on its
@@ -223,6 +223,24 @@ impl Pacer {
             return None;
         }
         Some(self.target.limit_ms(self.cost.predict(decodes), streams, starting))
+    }
+
+    /// The most of `n` prompt tokens from position `start` that keep a step of `shape` within
+    /// `limit_ms`, as predicted.
+    pub fn prompt_tokens_within(&self, shape: &StepShape, start: usize, n: usize, limit_ms: f64) -> usize {
+        let with = |k: usize| {
+            let mut s = *shape;
+            s.add(start, k, true);
+            self.cost.predict(&s)
+        };
+        // Predictions grow with k (the coefficients are non-negative): the largest k within the
+        // limit, by bisection.
+        let (mut lo, mut hi) = (0, n);
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if with(mid) <= limit_ms { lo = mid } else { hi = mid - 1 }
+        }
+        lo
     }
 
     /// Whether a running set of `n` sequences (attending to `context` positions on average) may

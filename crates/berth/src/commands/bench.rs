@@ -53,6 +53,9 @@ pub struct Args {
     /// under load; decode speed is then the sum over the sequences.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     batch: u32,
+    /// How the KV cache stores keys and values: f16 or q8_0 (llama-bench's -ctk/-ctv).
+    #[arg(long, default_value = "f16")]
+    kv_type: berth_engine::model::KvType,
     /// Measurements of each kind; the median is reported.
     #[arg(long, default_value_t = 3)]
     repetitions: usize,
@@ -112,7 +115,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let mut decode = Vec::new();
     for rep in 0..args.repetitions {
         let prompt = tokens(args.prompt_tokens, vocab, rep as u64);
-        let mut cache = SequenceCache::new(model);
+        let mut cache = SequenceCache::with_kv_type(model, args.kv_type)?;
         let t = Instant::now();
         for chunk in prompt.chunks(512) {
             cache.forward(model, chunk, false)?;
@@ -124,7 +127,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             (0..batch).map(|b| tokens(args.gen_tokens, vocab, 1000 + (rep * batch + b) as u64)).collect();
         // Each sequence with its own blocks in one shared store, as the scheduler lays them out.
         let per_seq = engine.kv_blocks_for(args.gen_tokens);
-        let mut pool = model.new_kv_pool(per_seq * batch);
+        let mut pool = model.new_kv_pool(per_seq * batch, args.kv_type)?;
         let tables: Vec<Vec<u32>> =
             (0..batch).map(|b| ((b * per_seq) as u32..((b + 1) * per_seq) as u32).collect()).collect();
         let t = Instant::now();

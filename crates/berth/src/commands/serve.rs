@@ -43,6 +43,10 @@ pub struct Args {
     /// requests at full context could use).
     #[arg(long, default_value = "2GiB", value_parser = parse_size)]
     kv_cache: u64,
+    /// How the KV cache stores keys and values: f16 (as llama.cpp by default) or q8_0 (1.88× the
+    /// positions in the same memory, at a small cost in agreement; ARCHITECTURE.md measures it).
+    #[arg(long, default_value = "f16")]
+    kv_type: berth_engine::model::KvType,
     /// Seconds a request may take from arrival to its last token (0: no limit).
     #[arg(long, default_value_t = 600)]
     request_timeout: u64,
@@ -174,6 +178,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             kv_cache_bytes: args.kv_cache,
             request_timeout: (args.request_timeout > 0).then(|| Duration::from_secs(args.request_timeout)),
             prefix_cache: !args.no_prefix_cache,
+            kv_type: args.kv_type,
             step_target: (args.target_itl > 0).then(|| berth_engine::scheduler::pacing::StepTarget {
                 itl: Duration::from_millis(args.target_itl),
                 ..Default::default()

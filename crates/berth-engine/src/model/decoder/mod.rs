@@ -14,12 +14,12 @@ use berth_formats::gguf::GgufFile;
 use memmap2::Mmap;
 
 use super::config::DecoderConfig;
-use super::kv::{BLOCK_TOKENS, KvStore, blocks_for};
+use super::kv::{BLOCK_TOKENS, KvStore, KvType, blocks_for};
 use super::{KvPool, Logits, SeqStep, TextModel};
 use crate::error::EngineError;
 use crate::kernels::attention::{Attention, SeqKv};
 use crate::kernels::ops::Rope;
-use crate::kernels::{QMatrix, f16, ops};
+use crate::kernels::{QMatrix, ops};
 use ffn::FfnScratch;
 use weights::{Ffn, Layer, Qkv, Weight};
 
@@ -144,13 +144,8 @@ impl DecoderModel {
             // Store the new keys and values in each sequence's blocks.
             for (i, (&s, &pos)) in owner.iter().zip(&positions).enumerate() {
                 let pos = pos as usize;
-                let (kd, vd) = store.slot_mut(li, steps[s].blocks[pos / BLOCK_TOKENS], pos % BLOCK_TOKENS);
-                for (dst, &f) in kd.iter_mut().zip(&k[i * kv_dim..(i + 1) * kv_dim]) {
-                    *dst = f16::from_f32(f);
-                }
-                for (dst, &f) in vd.iter_mut().zip(&v[i * kv_dim..(i + 1) * kv_dim]) {
-                    *dst = f16::from_f32(f);
-                }
+                let (kr, vr) = (&k[i * kv_dim..(i + 1) * kv_dim], &v[i * kv_dim..(i + 1) * kv_dim]);
+                store.write(li, steps[s].blocks[pos / BLOCK_TOKENS], pos % BLOCK_TOKENS, kr, vr);
             }
             let attention = Attention {
                 n_head: c.n_head,
@@ -173,6 +168,7 @@ impl DecoderModel {
                     // and a generated token as a vector product: berth picks the order by the
                     // token's place in its sequence, not by what shares the step.
                     gemm_until: if step.prompt_len > 1 { step.prompt_len } else { 0 },
+                    kv_type: store.kv_type(),
                     k_blocks,
                     v_blocks,
                 });
@@ -293,12 +289,22 @@ impl TextModel for DecoderModel {
         self.config.context_length
     }
 
-    fn kv_block_bytes(&self) -> usize {
-        KvStore::block_bytes(self.config.n_layers, self.config.kv_dim())
+    fn supports_kv_type(&self, kv_type: KvType) -> bool {
+        kv_type.fits_head(self.config.head_dim)
     }
 
-    fn new_kv_pool(&self, blocks: usize) -> Box<dyn KvPool> {
-        Box::new(KvStore::new(self.config.n_layers, self.config.kv_dim(), blocks))
+    fn kv_block_bytes(&self, kv_type: KvType) -> usize {
+        KvStore::block_bytes(self.config.n_layers, self.config.kv_dim(), kv_type)
+    }
+
+    fn new_kv_pool(&self, blocks: usize, kv_type: KvType) -> Result<Box<dyn KvPool>, EngineError> {
+        if !self.supports_kv_type(kv_type) {
+            return Err(EngineError::BadConfig(format!(
+                "a {kv_type} KV cache needs heads of a multiple of 32 values; this model's have {}",
+                self.config.head_dim
+            )));
+        }
+        Ok(Box::new(KvStore::new(self.config.n_layers, self.config.kv_dim(), blocks, kv_type)))
     }
 
     fn forward(&self, pool: &mut dyn KvPool, steps: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
