@@ -266,6 +266,7 @@ impl Engine {
             kv_blocks: self.kv_blocks_for((req.prompt.len() + req.max_tokens + 1).min(ctx)),
             prefix_cache: false,
             kv_type: KvType::F16,
+            speculation: true,
             target: Some(Default::default()),
         };
         let mut result = None;

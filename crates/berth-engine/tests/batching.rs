@@ -73,6 +73,7 @@ fn config(kv_blocks: usize, max_batch_tokens: usize, prefix_cache: bool) -> Sche
         kv_blocks,
         prefix_cache,
         kv_type: Default::default(),
+        speculation: true,
         target: Some(Default::default()),
     }
 }

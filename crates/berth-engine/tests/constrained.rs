@@ -135,6 +135,7 @@ fn forced_tokens_skip_sampling_and_neighbours_are_unchanged() {
             kv_blocks: 256,
             prefix_cache: true,
             kv_type: Default::default(),
+            speculation: true,
             target: Some(Default::default()),
         },
     )

@@ -94,6 +94,9 @@ pub struct BatchingConfig {
     /// How each model's KV cache stores keys and values (a model whose heads q8_0 cannot split
     /// keeps f16, with a warning in the log).
     pub kv_type: berth_engine::model::KvType,
+    /// Guess generating requests' next tokens from their own text (prompt lookup) and verify them
+    /// in the step, where it pays; answers are the same either way.
+    pub speculation: bool,
     /// What a step with generating streams aims for (their time between tokens).
     pub step_target: Option<berth_engine::scheduler::pacing::StepTarget>,
     /// Models with limits of their own (threads, concurrency, context).
@@ -110,6 +113,7 @@ impl Default for BatchingConfig {
             request_timeout: Some(std::time::Duration::from_secs(600)),
             prefix_cache: true,
             kv_type: Default::default(),
+            speculation: true,
             step_target: Some(Default::default()),
             per_model: LimitsByModel::default(),
         }
@@ -266,7 +270,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         })
         .collect();
     type Read = fn(&berth_engine::scheduler::SchedulerStats) -> f64;
-    let families: [(&str, &str, &str, Read); 14] = [
+    let families: [(&str, &str, &str, Read); 16] = [
         ("num_requests_running", "gauge", "Requests generating now.", |s| s.running.load(Ordering::Relaxed) as f64),
         ("num_requests_waiting", "gauge", "Requests waiting to be admitted (preempted ones included).", |s| {
             s.waiting.load(Ordering::Relaxed) as f64
@@ -306,6 +310,12 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             "Steps whose prompt work was cut short to keep the running streams within the ITL target.",
             |s| s.paced_steps.load(Ordering::Relaxed) as f64,
         ),
+        ("spec_decode_num_draft_tokens_total", "counter", "Tokens guessed ahead (prompt lookup) and verified.", |s| {
+            s.drafted_tokens.load(Ordering::Relaxed) as f64
+        }),
+        ("spec_decode_num_accepted_tokens_total", "counter", "Guessed tokens the model confirmed.", |s| {
+            s.accepted_tokens.load(Ordering::Relaxed) as f64
+        }),
         (
             "pace_holds_total",
             "counter",

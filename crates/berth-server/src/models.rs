@@ -688,6 +688,7 @@ fn runner_config(engine: &Engine, batching: &BatchingConfig, limits: &ModelLimit
             kv_blocks: by_memory.min(by_use).max(1),
             prefix_cache: batching.prefix_cache,
             kv_type,
+            speculation: batching.speculation,
             target: batching.step_target,
         },
         max_queue: batching.max_queue,

@@ -600,3 +600,31 @@ fn a_q8_0_kv_cache_holds_more_positions_in_the_same_memory() {
     let refused = f16.berth.fails(&["serve", "--kv-type", "q4_0"]);
     assert!(refused.contains("f16 or q8_0"), "{refused}");
 }
+
+/// Prompt-lookup speculation through the server: a lone stream copying its input guesses ahead
+/// (counted in the metrics), and the answer is the one `--no-speculation` gives.
+#[test]
+fn speculation_guesses_ahead_without_changing_the_answer() {
+    let passage = "The keeper climbed the stairs at dusk, lit the lamp, and wrote the weather in his logbook.";
+    let body = serde_json::json!({
+        "model": "smollm2",
+        "prompt": format!("Text: {passage}\nThe same text again: {passage}\nAnd once more: The keeper"),
+        "max_tokens": 32,
+        "temperature": 0,
+        "logprobs": 2,
+    })
+    .to_string();
+    let on = Server::start();
+    let (status, guessed) = on.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{guessed}");
+    let off = Server::start_with(&["--no-speculation"]);
+    let (status, plain) = off.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{plain}");
+    let choice = |b: &str| serde_json::from_str::<serde_json::Value>(b).unwrap()["choices"][0].clone();
+    assert_eq!(choice(&guessed)["text"], choice(&plain)["text"]);
+    assert_eq!(choice(&guessed)["logprobs"], choice(&plain)["logprobs"]);
+    let drafted = on.metric_f64("berth:spec_decode_num_draft_tokens_total");
+    let accepted = on.metric_f64("berth:spec_decode_num_accepted_tokens_total");
+    assert!(accepted > 0.0 && drafted >= accepted, "{accepted} of {drafted} guesses kept");
+    assert_eq!(off.metric_f64("berth:spec_decode_num_draft_tokens_total"), 0.0);
+}

@@ -26,6 +26,7 @@ pub mod blocks;
 pub mod pacing;
 mod runner;
 mod sequence;
+pub mod speculation;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -65,6 +66,9 @@ pub struct SchedulerConfig {
     pub prefix_cache: bool,
     /// How the cache stores keys and values.
     pub kv_type: KvType,
+    /// Guess generating sequences' next tokens from their own text and verify the guesses in the
+    /// step (see [`speculation`]); answers are the same either way.
+    pub speculation: bool,
     /// What steps that carry generating sequences aim for (see [`pacing`]); `None` sizes every
     /// step by `max_batch_tokens` alone and runs as many sequences as fit.
     pub target: Option<StepTarget>,
@@ -124,6 +128,9 @@ pub struct SchedulerStats {
     /// Steps in which a waiting sequence was held back although it might have fit: one more
     /// stream would have slowed every stream without raising throughput.
     pub pace_holds: AtomicU64,
+    /// Tokens guessed ahead and verified, and those of them kept ([`speculation`]).
+    pub drafted_tokens: AtomicU64,
+    pub accepted_tokens: AtomicU64,
 }
 
 impl SchedulerStats {
@@ -211,6 +218,9 @@ impl<'e, 's> Scheduler<'e, 's> {
         let mut shape = StepShape::default();
         for &(i, n) in &plan {
             shape.add(self.running[i].computed, n, false);
+        }
+        if self.config.speculation {
+            self.plan_drafts(&plan, &mut shape, &mut budget);
         }
         self.admit(budget);
         // With streams in the step, prompt work may stretch it only to a time limit. Requests
@@ -339,6 +349,51 @@ impl<'e, 's> Scheduler<'e, 's> {
         }
     }
 
+    /// Guess ahead for the generating sequences of this step where guessing pays (see
+    /// [`speculation`]): each guess is added to its sequence's tokens for this step, with cache
+    /// blocks taken only where free ones are left (a guess never preempts anyone).
+    fn plan_drafts(&mut self, plan: &[(usize, usize)], shape: &mut StepShape, budget: &mut usize) {
+        let streams = plan.len();
+        let context = self.engine.context_length();
+        for &(i, n) in plan {
+            // A step of decodes alone costs `step`; a drafted token adds `per_token` (both
+            // predicted). What the step yields is a token per stream, so a guess is worth
+            // its cost when its chance to survive beats `per_token` over the time per token.
+            let cost = match &self.pacer {
+                Some(p) if p.cost.is_calibrated() => {
+                    let step = p.cost.predict(shape).max(f64::EPSILON);
+                    let mut more = *shape;
+                    more.add(self.running[i].computed + n, 1, false);
+                    (p.cost.predict(&more) - step) * streams as f64 / step
+                }
+                // Not measured yet: guess for a lone stream only, at a cost typical of a CPU.
+                _ if streams == 1 => 0.5,
+                _ => continue,
+            };
+            let seq = &mut self.running[i];
+            if n != 1 || !seq.may_speculate() {
+                continue;
+            }
+            let most = seq.acceptance.draft_len(cost).min(seq.room_after_next(context)).min(*budget);
+            let mut draft = speculation::lookup_draft(&seq.tokens, most);
+            if draft.is_empty() {
+                seq.acceptance.quiet();
+                continue;
+            }
+            let needed = blocks_for(seq.computed + n + draft.len());
+            while seq.blocks.len() < needed {
+                match self.pool.allocate() {
+                    Some(b) => seq.blocks.push(b),
+                    None => break,
+                }
+            }
+            draft.truncate((seq.blocks.len() * BLOCK_TOKENS).saturating_sub(seq.computed + n));
+            shape.add(seq.computed + n, draft.len(), false);
+            *budget = budget.saturating_sub(draft.len());
+            seq.draft = draft;
+        }
+    }
+
     /// Blocks for the sequence's next `n` positions; false if the pool has too few.
     fn reserve(&mut self, i: usize, n: usize) -> bool {
         let seq = &mut self.running[i];
@@ -357,6 +412,7 @@ impl<'e, 's> Scheduler<'e, 's> {
         self.release_blocks_of(&seq);
         seq.blocks.clear();
         seq.keys.clear();
+        seq.draft.clear();
         seq.computed = 0;
         self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
         self.waiting.push_front(seq);
@@ -445,22 +501,34 @@ impl<'e, 's> Scheduler<'e, 's> {
     }
 
     fn run_planned(&mut self, plan: &[(usize, usize)]) -> usize {
-        let steps: Vec<SeqStep<'_>> = plan
+        // A sequence with guesses runs its pending token and the guesses, and wants every row's
+        // logits to check them.
+        let guessed: Vec<Option<Vec<u32>>> = plan
             .iter()
             .map(|&(i, n)| {
                 let seq = &self.running[i];
-                SeqStep {
-                    blocks: &seq.blocks,
-                    start: seq.computed,
-                    tokens: &seq.tokens[seq.computed..seq.computed + n],
-                    prompt_len: seq.prompt_len,
-                    logits: if seq.computed + n == seq.tokens.len() { Logits::Last } else { Logits::None },
-                }
+                (!seq.draft.is_empty())
+                    .then(|| [&seq.tokens[seq.computed..seq.computed + n], &seq.draft[..]].concat())
+            })
+            .collect();
+        let steps: Vec<SeqStep<'_>> = plan
+            .iter()
+            .zip(&guessed)
+            .map(|(&(i, n), guessed)| {
+                let seq = &self.running[i];
+                let (tokens, logits) = match guessed {
+                    Some(tokens) => (&tokens[..], Logits::All),
+                    None => (
+                        &seq.tokens[seq.computed..seq.computed + n],
+                        if seq.computed + n == seq.tokens.len() { Logits::Last } else { Logits::None },
+                    ),
+                };
+                SeqStep { blocks: &seq.blocks, start: seq.computed, tokens, prompt_len: seq.prompt_len, logits }
             })
             .collect();
         let result = self.engine.model().forward(self.store.as_mut(), &steps);
         drop(steps);
-        let total: usize = plan.iter().map(|&(_, n)| n).sum();
+        let total: usize = plan.iter().zip(&guessed).map(|(&(_, n), g)| g.as_ref().map_or(n, Vec::len)).sum();
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
             Ok(l) => l,
@@ -469,7 +537,8 @@ impl<'e, 's> Scheduler<'e, 's> {
                 // end with the reason rather than loop.
                 let message = e.to_string();
                 for &(i, _) in plan.iter().rev() {
-                    let seq = self.running.remove(i);
+                    let mut seq = self.running.remove(i);
+                    seq.draft.clear();
                     self.release_blocks_of(&seq);
                     seq.fail(EngineError::BadModel(message.clone()));
                 }
@@ -497,6 +566,15 @@ impl<'e, 's> Scheduler<'e, 's> {
         }
         // Sampling (a grammar's mask, a sort of the vocabulary at some settings) for every
         // sequence at once.
+        // Sequences with guesses check them one row at a time, below.
+        let mut verify = Vec::new();
+        for (i, rows) in sampled.iter_mut().enumerate() {
+            if !self.running[i].draft.is_empty()
+                && let Some(rows) = rows.take()
+            {
+                verify.push((i, rows));
+            }
+        }
         let mut jobs: Vec<_> = self
             .running
             .iter_mut()
@@ -511,6 +589,11 @@ impl<'e, 's> Scheduler<'e, 's> {
         self.stats.mask_nanos.fetch_add(mask_nanos, Ordering::Relaxed);
         let picks: Vec<_> = jobs.into_iter().filter_map(|(i, _, _, pick)| pick.map(|p| (i, p))).collect();
         let mut finished = Vec::new();
+        for (i, rows) in verify {
+            if let Some(end) = self.verify_draft(i, rows, context) {
+                finished.push((i, end));
+            }
+        }
         for (i, pick) in picks {
             let seq = &mut self.running[i];
             let before = seq.tokens.len();
@@ -520,6 +603,7 @@ impl<'e, 's> Scheduler<'e, 's> {
                 finished.push((i, end));
             }
         }
+        finished.sort_unstable_by_key(|&(i, _)| i);
         for (i, end) in finished.into_iter().rev() {
             let seq = self.running.remove(i);
             self.release_blocks_of(&seq);
@@ -529,6 +613,52 @@ impl<'e, 's> Scheduler<'e, 's> {
             }
         }
         total
+    }
+
+    /// Check a sequence's guesses against its rows of logits (its pending token's, then each
+    /// guess's): sample each row as decoding one token at a time would, and go on while the
+    /// sampled token is the guess. Every sampled token is kept (the first one that differs
+    /// included); the cache keeps the guesses that survived. Returns how the sequence ends, if
+    /// it does.
+    fn verify_draft(
+        &mut self,
+        i: usize,
+        mut rows: Vec<f32>,
+        context: usize,
+    ) -> Option<Result<FinishReason, EngineError>> {
+        let engine = self.engine;
+        let vocab = engine.model().vocab_size();
+        let seq = &mut self.running[i];
+        let draft = std::mem::take(&mut seq.draft);
+        let mut accepted = 0;
+        let mut end = None;
+        for (r, row) in rows.chunks_exact_mut(vocab).enumerate() {
+            let before = seq.tokens.len();
+            let picked = seq.sampling().pick(row);
+            let result = picked.and_then(|(token, lp)| seq.accept(token, lp, engine.tokenizer(), context));
+            self.stats.generated_tokens.fetch_add((seq.tokens.len() - before) as u64, Ordering::Relaxed);
+            match result {
+                Ok(None) => {}
+                Ok(Some(finish)) => {
+                    end = Some(Ok(finish));
+                    break;
+                }
+                Err(e) => {
+                    end = Some(Err(e));
+                    break;
+                }
+            }
+            if r < draft.len() && seq.tokens.last() == Some(&draft[r]) {
+                accepted += 1;
+            } else {
+                break;
+            }
+        }
+        seq.computed += accepted;
+        seq.acceptance.observe(draft.len(), accepted);
+        self.stats.drafted_tokens.fetch_add(draft.len() as u64, Ordering::Relaxed);
+        self.stats.accepted_tokens.fetch_add(accepted as u64, Ordering::Relaxed);
+        end
     }
 
     fn publish(&self) {

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use super::blocks::PrefixKey;
+use super::speculation::Acceptance;
 use crate::constraint::{Constraint, MAX_FORCED_TOKENS, Trigger};
 use crate::error::EngineError;
 use crate::request::{FinishReason, GenerationOutput, GenerationRequest, TokenEvent};
@@ -56,6 +57,10 @@ pub(super) struct Sequence<'s> {
     pub blocks: Vec<u32>,
     /// Prefix keys of the leading full prompt blocks, for chaining the next one.
     pub keys: Vec<PrefixKey>,
+    /// Tokens guessed to follow the pending one, verified in the coming step (empty: none).
+    pub draft: Vec<u32>,
+    /// How its guesses have fared.
+    pub acceptance: Acceptance,
     req: GenerationRequest,
     sampler: Sampler,
     /// The grammar the answer follows, taken out of the request (it changes as tokens come).
@@ -88,6 +93,8 @@ impl<'s> Sequence<'s> {
             computed: 0,
             blocks: Vec::new(),
             keys: Vec::new(),
+            draft: Vec::new(),
+            acceptance: Acceptance::default(),
             req,
             sampler,
             constraint,
@@ -112,6 +119,19 @@ impl<'s> Sequence<'s> {
 
     pub fn max_tokens(&self) -> usize {
         self.req.max_tokens
+    }
+
+    /// Whether guessed tokens can be verified by sampling: not under a grammar (its mask and
+    /// forced tokens follow each accepted token, which a guess would have to run ahead of).
+    pub fn may_speculate(&self) -> bool {
+        self.constraint.is_none()
+    }
+
+    /// Tokens it may still generate after the pending one, within its `max_tokens` and `context`.
+    pub fn room_after_next(&self, context: usize) -> usize {
+        let by_length = self.req.max_tokens.saturating_sub(self.out.tokens.len() + 1);
+        let by_context = context.saturating_sub(self.tokens.len() + 1);
+        by_length.min(by_context)
     }
 
     pub fn is_closed(&self) -> bool {

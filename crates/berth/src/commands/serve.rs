@@ -58,6 +58,10 @@ pub struct Args {
     /// Do not reuse the KV cache of prompt prefixes shared between requests.
     #[arg(long)]
     no_prefix_cache: bool,
+    /// Do not guess a request's next tokens from its own text (prompt-lookup speculative decoding;
+    /// on by default where it pays, and answers are the same either way).
+    #[arg(long)]
+    no_speculation: bool,
     /// Memory all loaded models may use together (weights, KV caches, working memory), e.g. 16GiB;
     /// idle models are unloaded to make room (default: three quarters of the machine's memory).
     #[arg(long, value_parser = parse_size)]
@@ -179,6 +183,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             request_timeout: (args.request_timeout > 0).then(|| Duration::from_secs(args.request_timeout)),
             prefix_cache: !args.no_prefix_cache,
             kv_type: args.kv_type,
+            speculation: !args.no_speculation,
             step_target: (args.target_itl > 0).then(|| berth_engine::scheduler::pacing::StepTarget {
                 itl: Duration::from_millis(args.target_itl),
                 ..Default::default()

@@ -199,7 +199,8 @@ impl DecoderModel {
             }
         }
         // Logits only for the rows asked for; llama.cpp's output product is a batch of as many
-        // rows as the sequence asks for.
+        // rows as the sequence asks for, and a generated token's is a batch of one (so drafted
+        // tokens verified together get the logits each would have had alone).
         let mut wanted = Vec::new();
         let mut wanted_batch = Vec::new();
         let mut first = 0;
@@ -208,7 +209,8 @@ impl DecoderModel {
             match step.logits {
                 Logits::All => {
                     wanted.extend(first..first + len);
-                    wanted_batch.extend(std::iter::repeat_n(u32::try_from(len).unwrap_or(u32::MAX), len));
+                    let together = u32::try_from(len).unwrap_or(u32::MAX);
+                    wanted_batch.extend((0..len).map(|i| if step.start + i < step.prompt_len { together } else { 1 }));
                 }
                 Logits::Last if len > 0 => {
                     wanted.push(first + len - 1);
