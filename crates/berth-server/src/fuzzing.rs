@@ -42,12 +42,21 @@ pub fn validate_body(api: Api, body: &[u8], limits: &RequestLimits) -> Result<Ve
     .map_err(|e| e.message)?;
     let Some((source, draft)) = parts else { return Ok(Vec::new()) };
     let stand_in = |text: &str| -> Vec<u32> { text.bytes().map(|b| b as u32 % limits.vocab.max(1) as u32).collect() };
+    let (earlier, source) = match source {
+        PromptSource::After(ids, then) => (ids, *then),
+        source => (Vec::new(), source),
+    };
+    if earlier.iter().any(|&t| t as usize >= limits.vocab) {
+        return Err("context holds token ids outside the vocabulary".into());
+    }
     let prompts: Vec<Vec<u32>> = match &source {
         PromptSource::Chat(messages) => {
             vec![stand_in(&messages.iter().map(|m| format!("{}:{}\n", m.role, m.content)).collect::<String>())]
         }
         PromptSource::Texts(texts) => texts.iter().map(|t| stand_in(t)).collect(),
+        PromptSource::After(..) => return Err("a context within a context".into()),
     };
+    let prompts = prompts.into_iter().map(|p| [&earlier[..], &p[..]].concat());
     prompts.into_iter().map(|p| validate(&draft, p, limits).map_err(|e| e.to_string())).collect()
 }
 

@@ -211,6 +211,8 @@ fn routes() -> Vec<(&'static str, Access, MethodRouter<AppState>)> {
         ("/api/ps", Needs(Inference), get(ollama::ps)),
         ("/api/version", Needs(Inference), get(ollama::version)),
         ("/api/pull", Needs(Admin), post(ollama::pull)),
+        ("/api/push", Needs(Admin), post(ollama::push)),
+        ("/api/copy", Needs(Admin), post(ollama::copy)),
         ("/api/delete", Needs(Admin), axum::routing::delete(ollama::delete)),
         ("/metrics", Needs(Metrics), get(metrics)),
         ("/health", Open, get(|| async { "ok" })),
@@ -520,7 +522,7 @@ mod tests {
         let open: Vec<&str> = table.iter().filter(|r| r.1 == Access::Open).map(|r| r.0).collect();
         assert_eq!(open, ["/health", "/ready", "/"]);
         for (path, access, _) in &table {
-            if path.starts_with("/api/pull") || path.starts_with("/api/delete") {
+            if ["/api/pull", "/api/push", "/api/copy", "/api/delete"].contains(path) {
                 assert_eq!(*access, Access::Needs(accounts::Scope::Admin), "{path}");
             }
         }

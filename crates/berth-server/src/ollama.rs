@@ -123,6 +123,9 @@ pub struct GenerateRequest {
     #[serde(default)]
     images: Option<Vec<String>>,
     think: Option<Value>,
+    /// The `context` of an earlier answer (its prompt and answer as token ids): this prompt continues it.
+    #[serde(default)]
+    context: Option<Vec<u32>>,
 }
 
 /// Ollama's `think`: a boolean (or an effort level, which means yes).
@@ -259,6 +262,10 @@ pub(crate) fn generate_parts(req: &GenerateRequest) -> Result<Option<(PromptSour
         messages.push(Message::new("user", &req.prompt));
         PromptSource::Chat(messages)
     };
+    let source = match &req.context {
+        Some(context) if !context.is_empty() => PromptSource::After(context.clone(), Box::new(source)),
+        _ => source,
+    };
     Ok(Some((source, RequestDraft { constraint, ..req.options.draft() })))
 }
 
@@ -285,7 +292,7 @@ pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatReq
     }
     .await;
     match prepared {
-        Ok((model, request, tools)) => answer(model, request, req.stream.unwrap_or(true), true, tools).await,
+        Ok((model, request, tools)) => answer(model, request, req.stream.unwrap_or(true), true, tools, None).await,
         Err(e) => e.into_response(),
     }
 }
@@ -306,7 +313,11 @@ pub async fn generate(State(state): State<AppState>, JsonBody(req): JsonBody<Gen
     }
     .await;
     match prepared {
-        Ok((model, request)) => answer(model, request, req.stream.unwrap_or(true), false, None).await,
+        Ok((model, request)) => {
+            // Ollama hands back the conversation as token ids (`context`) unless the prompt was raw.
+            let context = (!req.raw).then(|| request.as_ref().map(|r| r.prompt.clone())).flatten();
+            answer(model, request, req.stream.unwrap_or(true), false, None, context).await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -366,7 +377,14 @@ async fn answer(
     stream: bool,
     chat: bool,
     tools: Option<ToolPlan>,
+    context: Option<Vec<u32>>,
 ) -> Response {
+    // The prompt's ids and the answer's: what a later request sends back as its `context`.
+    let with_context = move |v: &mut Value, out: &GenerationOutput| {
+        if let Some(prompt) = &context {
+            v["context"] = json!(prompt.iter().chain(&out.tokens).collect::<Vec<_>>());
+        }
+    };
     let started = Instant::now();
     let Some(request) = request else {
         let mut v = body(&model, chat, "", None);
@@ -386,6 +404,7 @@ async fn answer(
                 let (piece, calls) = answer.whole(&out, model.engine.tokenizer(), "ollama");
                 let mut v = body(&model, chat, &piece.content, Some((&out, elapsed)));
                 with_extras(&mut v, chat, &piece.reasoning, &calls);
+                with_context(&mut v, &out);
                 Json(v).into_response()
             }
             Err(e) => e.into_response(),
@@ -422,7 +441,9 @@ async fn answer(
                     if something && tx.send(format!("{v}\n")).await.is_err() {
                         return;
                     }
-                    break body(&m, chat, "", Some((&out, started.elapsed().as_secs_f64())));
+                    let mut v = body(&m, chat, "", Some((&out, started.elapsed().as_secs_f64())));
+                    with_context(&mut v, &out);
+                    break v;
                 }
                 Update::Done(Err(e)) => break json!({"error": e.message}),
             }
@@ -543,6 +564,10 @@ pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
             "details": summary.map(details).unwrap_or(json!({})),
             "expires_at": expires_at,
             "size_vram": 0,
+            "context_length": match &m.loaded {
+                Some(Loaded::Chat(c)) => json!(c.context),
+                _ => Value::Null,
+            },
             "berth": {
                 "state": m.state,
                 "memory_bytes": m.memory,
@@ -580,10 +605,7 @@ pub async fn pull(State(state): State<AppState>, JsonBody(req): JsonBody<PullReq
         Ok(r) => r,
         Err(e) => return ApiError::invalid("model", e.to_string()).into_response(),
     };
-    let mut options = berth_store::registry::RegistryOptions::from_env();
-    if req.insecure {
-        options.insecure_registries.push(reference.registry().to_string());
-    }
+    let options = registry_options(&reference, req.insecure);
     let home = state.models.home().to_path_buf();
     let pulled = async move {
         let store = berth_store::Store::open(&home).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -595,13 +617,51 @@ pub async fn pull(State(state): State<AppState>, JsonBody(req): JsonBody<PullReq
             &crate::vetting::ModelVetting,
         )
         .await
-        .map_err(pull_error)
+        .map_err(registry_error)
     };
-    if req.stream.unwrap_or(true) {
+    registry_answer(req.stream.unwrap_or(true), "pulling manifest", pulled).await
+}
+
+/// `/api/push`: send a model of the store to its registry (the reference names the registry, as
+/// `berth push` does).
+pub async fn push(State(state): State<AppState>, JsonBody(req): JsonBody<PullRequest>) -> Response {
+    let reference = match berth_store::Reference::parse(&req.model) {
+        Ok(r) => r,
+        Err(e) => return ApiError::invalid("model", e.to_string()).into_response(),
+    };
+    let options = registry_options(&reference, req.insecure);
+    let home = state.models.home().to_path_buf();
+    let pushed = async move {
+        let store = berth_store::Store::open(&home).map_err(|e| ApiError::internal(e.to_string()))?;
+        berth_store::registry::push(&store, &reference, &options, Arc::new(berth_store::progress::NoProgress))
+            .await
+            .map_err(registry_error)
+    };
+    registry_answer(req.stream.unwrap_or(true), "retrieving manifest", pushed).await
+}
+
+/// The server's registry settings, with the reference's registry allowed over plain HTTP when the
+/// request says `insecure`.
+fn registry_options(reference: &berth_store::Reference, insecure: bool) -> berth_store::registry::RegistryOptions {
+    let mut options = berth_store::registry::RegistryOptions::from_env();
+    if insecure {
+        options.insecure_registries.push(reference.registry().to_string());
+    }
+    options
+}
+
+/// A pull's or push's answer as Ollama gives it: a stream of status lines ending in `success` (or
+/// `error`), or one object.
+async fn registry_answer(
+    stream: bool,
+    first: &'static str,
+    job: impl std::future::Future<Output = Result<berth_store::Digest, ApiError>> + Send + 'static,
+) -> Response {
+    if stream {
         let (tx, rx) = mpsc::channel::<String>(4);
         tokio::spawn(async move {
-            let _ = tx.send(format!("{}\n", json!({"status": "pulling manifest"}))).await;
-            let last = match pulled.await {
+            let _ = tx.send(format!("{}\n", json!({"status": first}))).await;
+            let last = match job.await {
                 Ok(digest) => json!({"status": "success", "digest": digest.to_string()}),
                 Err(e) => json!({"error": e.message}),
             };
@@ -610,20 +670,38 @@ pub async fn pull(State(state): State<AppState>, JsonBody(req): JsonBody<PullReq
         let stream = ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>);
         return ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response();
     }
-    match pulled.await {
+    match job.await {
         Ok(_) => Json(json!({"status": "success"})).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-/// A failed pull as the client sees it: what the registry or the artifact got wrong is the
+#[derive(Deserialize)]
+pub struct CopyRequest {
+    source: String,
+    destination: String,
+}
+
+/// `/api/copy`: another name for a model of the store (a tag, as `berth tag`).
+pub async fn copy(State(state): State<AppState>, JsonBody(req): JsonBody<CopyRequest>) -> Result<Json<Value>, ApiError> {
+    let parse = |param: &str, s: &str| berth_store::Reference::parse(s).map_err(|e| ApiError::invalid(param, e.to_string()));
+    let (source, destination) = (parse("source", &req.source)?, parse("destination", &req.destination)?);
+    let store = berth_store::Store::open(state.models.home()).map_err(|e| ApiError::internal(e.to_string()))?;
+    match store.tag(&source, &destination) {
+        Ok(_) => Ok(Json(json!({}))),
+        Err(berth_store::StoreError::NotFound(_)) => Err(ApiError::not_found(format!("model '{}' not found", req.source))),
+        Err(e) => Err(ApiError::internal(e.to_string())),
+    }
+}
+
+/// A failed pull or push as the client sees it: what the registry or the artifact got wrong is the
 /// client's to fix (404, 502, 400); the store's own trouble is an internal error (its paths stay in
 /// the log).
-fn pull_error(e: berth_store::StoreError) -> ApiError {
+fn registry_error(e: berth_store::StoreError) -> ApiError {
     use berth_store::StoreError as S;
     use berth_store::registry::RegistryError as R;
     match e {
-        S::Registry(R::NotFound { .. }) => ApiError::not_found(e.to_string()),
+        S::Registry(R::NotFound { .. }) | S::NotFound(_) => ApiError::not_found(e.to_string()),
         S::Registry(R::Unreachable { .. } | R::Interrupted { .. } | R::Protocol { .. }) => {
             ApiError { status: axum::http::StatusCode::BAD_GATEWAY, ..ApiError::unavailable(e.to_string()) }
         }

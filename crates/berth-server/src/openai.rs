@@ -299,7 +299,7 @@ pub async fn completions(State(state): State<AppState>, JsonBody(req): JsonBody<
         let echo_texts = match (&source, req.echo) {
             (PromptSource::Texts(texts), true) => texts.clone(),
             (PromptSource::Texts(texts), false) => vec![String::new(); texts.len()],
-            (PromptSource::Chat(_), _) => vec![String::new()],
+            (PromptSource::Chat(_) | PromptSource::After(..), _) => vec![String::new()],
         };
         let model = state.models.get(&req.model).await?;
         let requests = model.prepare(source, draft, ChatOptions::default()).await?;

@@ -385,6 +385,8 @@ pub enum PromptSource {
     Chat(Vec<Message>),
     /// Raw completion prompts, one generation each.
     Texts(Vec<String>),
+    /// Token ids of an earlier exchange (Ollama's `context`), then this prompt.
+    After(Vec<u32>, Box<PromptSource>),
 }
 
 impl LoadedModel {
@@ -398,13 +400,31 @@ impl LoadedModel {
         chat: ChatOptions,
     ) -> Result<Vec<GenerationRequest>, ApiError> {
         let model = self.clone();
+        let (earlier, source) = match source {
+            PromptSource::After(ids, then) => (ids, *then),
+            source => (Vec::new(), source),
+        };
+        let vocab = self.engine.model().vocab_size();
+        if earlier.iter().any(|&t| t as usize >= vocab) {
+            let message = format!("context holds token ids outside the vocabulary (0 to {})", vocab.saturating_sub(1));
+            return Err(ApiError::invalid("context", message));
+        }
         let prepared = tokio::task::spawn_blocking(move || {
-            let prompts = match &source {
+            let mut prompts = match &source {
                 PromptSource::Chat(messages) => vec![model.engine.chat_prompt_with(messages, &chat)?],
                 PromptSource::Texts(texts) => {
                     texts.iter().map(|t| model.engine.text_prompt(t)).collect::<Result<Vec<_>, _>>()?
                 }
+                PromptSource::After(..) => {
+                    let message = "a context cannot itself hold a context".to_string();
+                    return Err(berth_engine::EngineError::InvalidParameter { param: "context".into(), message });
+                }
             };
+            if !earlier.is_empty() {
+                for p in &mut prompts {
+                    p.splice(0..0, earlier.iter().copied());
+                }
+            }
             let limits = model.limits();
             let mut requests = prompts
                 .into_iter()

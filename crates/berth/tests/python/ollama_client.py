@@ -14,8 +14,17 @@ assert "".join(parts) == r.message.content, (parts, r.message.content)
 
 g = client.generate(model=model, prompt="Why is the sky blue?", options={"num_predict": 8, "temperature": 0})
 assert g.response and g.done and g.eval_count > 0, g
+# The conversation as token ids (`context`): prompt and answer, and a follow-up continues from it.
+assert g.context and len(g.context) == g.prompt_eval_count + g.eval_count, g
+follow = client.generate(model=model, prompt="Say it shorter.", context=g.context, options={"num_predict": 4, "temperature": 0})
+assert follow.prompt_eval_count > len(g.context) and follow.context[:len(g.context)] == g.context, follow
+try:
+    client.generate(model=model, prompt="hi", context=[10**9])
+    raise AssertionError("a context outside the vocabulary must fail")
+except ollama.ResponseError as e:
+    assert e.status_code == 400 and "context" in e.error, e.error
 g = client.generate(model=model, prompt="Once upon a time", raw=True, options={"num_predict": 4})
-assert g.response, g
+assert g.response and not g.context, g
 
 e = client.embed(model="ai/minilm:latest", input=["A man is eating food.", "A man is eating a piece of bread."])
 assert len(e.embeddings) == 2 and len(e.embeddings[0]) == 384, e
@@ -29,8 +38,10 @@ names = [m.model for m in client.list().models]
 assert model in names, names
 shown = client.show(model)
 assert shown.details.family == "llama" and "im_start" in (shown.template or ""), shown
-running = [m.model for m in client.ps().models]
+running = {m.model: m for m in client.ps().models}
 assert model in running, running
+# Ollama's names for a running model's figures.
+assert running[model].size > 0 and running[model].expires_at and running[model].details.family == "llama", running
 try:
     client.chat(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     raise AssertionError("an unknown model must fail")
@@ -49,4 +60,16 @@ if len(sys.argv) > 3:
         raise AssertionError("deleting a missing model must fail")
     except ollama.ResponseError as e:
         assert e.status_code == 404, e
+    # Copy (another name in the store) and push (to the registry under a new tag), then pull it back.
+    pushed = pulled.rsplit(":", 1)[0] + ":pushed"
+    client.copy(model, pushed)
+    assert pushed in [m.model for m in client.list().models]
+    assert client.push(pushed, insecure=True).status == "success"
+    client.delete(pushed)
+    assert client.pull(pushed, insecure=True).status == "success"
+    try:
+        client.copy("no-such-model", "other")
+        raise AssertionError("copying a missing model must fail")
+    except ollama.ResponseError as e:
+        assert e.status_code == 404 and "no-such-model" in e.error, e.error
 print("ollama client: all checks passed")
