@@ -19,6 +19,7 @@ mod listener;
 mod metrics;
 mod models;
 mod ollama;
+mod ollama_create;
 mod openai;
 mod quota;
 mod request;
@@ -213,6 +214,8 @@ fn routes() -> Vec<(&'static str, Access, MethodRouter<AppState>)> {
         ("/api/pull", Needs(Admin), post(ollama::pull)),
         ("/api/push", Needs(Admin), post(ollama::push)),
         ("/api/copy", Needs(Admin), post(ollama::copy)),
+        ("/api/create", Needs(Admin), post(ollama_create::create)),
+        ("/api/blobs/{digest}", Needs(Admin), post(ollama_create::put_blob).head(ollama_create::has_blob)),
         ("/api/delete", Needs(Admin), axum::routing::delete(ollama::delete)),
         ("/metrics", Needs(Metrics), get(metrics)),
         ("/health", Open, get(|| async { "ok" })),
@@ -522,7 +525,7 @@ mod tests {
         let open: Vec<&str> = table.iter().filter(|r| r.1 == Access::Open).map(|r| r.0).collect();
         assert_eq!(open, ["/health", "/ready", "/"]);
         for (path, access, _) in &table {
-            if ["/api/pull", "/api/push", "/api/copy", "/api/delete"].contains(path) {
+            if ["/api/pull", "/api/push", "/api/copy", "/api/create", "/api/blobs/{digest}", "/api/delete"].contains(path) {
                 assert_eq!(*access, Access::Needs(accounts::Scope::Admin), "{path}");
             }
         }

@@ -39,7 +39,9 @@ pub async fn body_limits(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    // Uploads of model files have their own limit, enforced as they stream (`ollama_create`).
+    let upload = request.uri().path().starts_with(crate::ollama_create::BLOBS_PATH);
+    if declared.is_some_and(|n| n > limit as u64) && !upload {
         return too_large().into_response();
     }
     request.extensions_mut().insert(BodyTimeout(timeout));

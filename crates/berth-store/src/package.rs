@@ -31,6 +31,9 @@ pub struct GgufPackage {
     pub gguf: PathBuf,
     pub licenses: Vec<PathBuf>,
     pub chat_template: Option<PathBuf>,
+    /// Licenses and a chat template given as text rather than files (an API's request).
+    pub license_texts: Vec<String>,
+    pub chat_template_text: Option<String>,
     pub context_size: Option<u64>,
 }
 
@@ -78,9 +81,14 @@ pub fn package_gguf(
         check_text_file(license)?;
         layers.push(copy_in(store, license, media::LICENSE, file_name(license), progress)?);
     }
+    for (i, text) in pkg.license_texts.iter().enumerate() {
+        layers.push(text_layer(store, text, media::LICENSE, format!("LICENSE-{i}"))?);
+    }
     if let Some(template) = &pkg.chat_template {
         check_text_file(template)?;
         layers.push(copy_in(store, template, media::CHAT_TEMPLATE, file_name(template), progress)?);
+    } else if let Some(text) = &pkg.chat_template_text {
+        layers.push(text_layer(store, text, media::CHAT_TEMPLATE, "template.jinja".into())?);
     }
     finish(store, reference, config, media::MODEL_CONFIG_V01, layers)
 }
@@ -197,6 +205,20 @@ fn created_now() -> String {
         .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
         .unwrap_or_else(chrono::Utc::now);
     at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// A text layer from memory, within the limit text files have.
+fn text_layer(store: &Store, text: &str, media_type: &str, title: String) -> Result<Descriptor, StoreError> {
+    if text.len() as u64 > MAX_TEXT_FILE {
+        return Err(StoreError::Config(format!(
+            "{title} is {} bytes; text layers are limited to {MAX_TEXT_FILE}",
+            text.len()
+        )));
+    }
+    let digest = store.put_bytes(text.as_bytes())?;
+    let mut annotations = BTreeMap::new();
+    annotations.insert(media::ANNOTATION_TITLE.to_string(), title);
+    Ok(Descriptor { media_type: media_type.to_string(), digest, size: text.len() as u64, annotations })
 }
 
 /// Copy a file into the store as a blob, hashing as it goes.

@@ -36,7 +36,12 @@ fn the_official_ollama_client_works() {
     assert_eq!(status, 200);
     run_python(
         "ollama_client.py",
-        &[&format!("http://127.0.0.1:{}", server.port), "ai/smollm2:latest", &remote],
+        &[
+            &format!("http://127.0.0.1:{}", server.port),
+            "ai/smollm2:latest",
+            &remote,
+            &models::smollm2_gguf().display().to_string(),
+        ],
         &server,
     );
 }

@@ -40,6 +40,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             licenses: args.licenses,
             chat_template: args.chat_template,
             context_size: args.context_size,
+            ..Default::default()
         };
         package::package_gguf(&store, &pkg, &reference, bar.as_ref())?
     } else if let Some(dir) = args.safetensors_dir {

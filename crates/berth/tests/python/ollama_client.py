@@ -72,4 +72,40 @@ if len(sys.argv) > 3:
         raise AssertionError("copying a missing model must fail")
     except ollama.ResponseError as e:
         assert e.status_code == 404 and "no-such-model" in e.error, e.error
+# Create from an uploaded GGUF (what `ollama create -f Modelfile` does) and from a model of the store.
+if len(sys.argv) > 4:
+    import urllib.error, urllib.request
+    template = ("{# made by create #}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    digest = client.create_blob(sys.argv[4])
+    assert client.create(model="made/by-create:v1", files={"model.gguf": digest}, template=template,
+                         license="MIT").status == "success"
+    assert "made by create" in client.show("made/by-create:v1").template
+    r = client.chat(model="made/by-create:v1", messages=[{"role": "user", "content": "Say hello."}],
+                    options={"num_predict": 4, "temperature": 0})
+    assert r.message.content, r
+    assert client.create(model="alias/of-smollm2:v1", from_=model).status == "success"
+    assert "alias/of-smollm2:v1" in [m.model for m in client.list().models]
+    for kwargs, field in [({"from_": model, "system": "You are terse."}, "system"),
+                          ({"files": {"model.gguf": "sha256:" + "0" * 64}}, "upload it first"),
+                          ({"from_": model, "quantize": "q4_K_M"}, "quantise"),
+                          ({"from_": "no-such-model"}, "no-such-model")]:
+        try:
+            client.create(model="refused:v1", **kwargs)
+            raise AssertionError(f"create with {kwargs} must fail")
+        except ollama.ResponseError as e:
+            assert e.status_code in (400, 404) and field in e.error, (kwargs, e.error)
+    # Bytes that do not match the digest they are uploaded under are refused and never stored.
+    wrong = urllib.request.Request(f"{host}/api/blobs/sha256:{'1' * 64}", data=b"not those bytes", method="POST")
+    try:
+        urllib.request.urlopen(wrong)
+        raise AssertionError("a blob with the wrong digest must fail")
+    except urllib.error.HTTPError as e:
+        assert e.code == 400 and "digest" in e.read().decode(), e
+    head = urllib.request.Request(f"{host}/api/blobs/sha256:{'1' * 64}", method="HEAD")
+    try:
+        urllib.request.urlopen(head)
+        raise AssertionError("the refused blob must not be there")
+    except urllib.error.HTTPError as e:
+        assert e.code == 404, e
 print("ollama client: all checks passed")
