@@ -356,9 +356,11 @@ impl<'e, 's> Scheduler<'e, 's> {
         let streams = plan.len();
         let context = self.engine.context_length();
         for &(i, n) in plan {
-            // A step of decodes alone costs `step`; a drafted token adds `per_token` (both
-            // predicted). What the step yields is a token per stream, so a guess is worth
-            // its cost when its chance to survive beats `per_token` over the time per token.
+            if n != 1 || !self.running[i].may_speculate() {
+                continue;
+            }
+            // What one more token adds to the step, over the step's time per stream (the step
+            // yields a token per stream): a guess pays when its chance to survive beats that.
             let cost = match &self.pacer {
                 Some(p) if p.cost.is_calibrated() => {
                     let step = p.cost.predict(shape).max(f64::EPSILON);
@@ -371,9 +373,6 @@ impl<'e, 's> Scheduler<'e, 's> {
                 _ => continue,
             };
             let seq = &mut self.running[i];
-            if n != 1 || !seq.may_speculate() {
-                continue;
-            }
             let most = seq.acceptance.draft_len(cost).min(seq.room_after_next(context)).min(*budget);
             let mut draft = speculation::lookup_draft(&seq.tokens, most);
             if draft.is_empty() {
@@ -537,8 +536,7 @@ impl<'e, 's> Scheduler<'e, 's> {
                 // end with the reason rather than loop.
                 let message = e.to_string();
                 for &(i, _) in plan.iter().rev() {
-                    let mut seq = self.running.remove(i);
-                    seq.draft.clear();
+                    let seq = self.running.remove(i);
                     self.release_blocks_of(&seq);
                     seq.fail(EngineError::BadModel(message.clone()));
                 }
@@ -564,9 +562,8 @@ impl<'e, 's> Scheduler<'e, 's> {
                 sampled[i] = Some(rows);
             }
         }
-        // Sampling (a grammar's mask, a sort of the vocabulary at some settings) for every
-        // sequence at once.
-        // Sequences with guesses check them one row at a time, below.
+        // Sequences with guesses check them one row at a time, below; the others sample (a
+        // grammar's mask, a sort of the vocabulary at some settings) all at once.
         let mut verify = Vec::new();
         for (i, rows) in sampled.iter_mut().enumerate() {
             if !self.running[i].draft.is_empty()
