@@ -109,6 +109,9 @@ impl Drop for Hold {
     }
 }
 
+/// How long a request without `model` waits for models still loading to become its default.
+const LOADING_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Working memory of a loaded model beyond weights and KV cache (activations of a step, logits,
 /// scratch): a generous allowance for the models berth runs on a CPU.
 const OVERHEAD: u64 = 64 << 20;
@@ -445,6 +448,13 @@ impl ModelManager {
     async fn or_only_loaded(&self, model: &str, embedding: bool) -> Result<String, ApiError> {
         if !model.trim().is_empty() {
             return Ok(model.to_string());
+        }
+        // A model still loading (the one `--model` names, right after start, while `/health`
+        // already answers) is the default as soon as it is in: wait for loads in progress rather
+        // than answer that nothing is loaded. A failed load leaves the map, so this ends.
+        let deadline = Instant::now() + LOADING_WAIT;
+        while self.loaded.lock().await.values().any(|e| e.cell.get().is_none()) && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         let mut names: Vec<String> = self
             .loaded()

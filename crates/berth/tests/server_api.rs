@@ -407,3 +407,30 @@ fn bench_url_measures_a_running_server() {
     let err = server.berth.fails(&["bench", "nosuch", "--url", &url, "--requests", "2", "--gen-tokens", "4"]);
     assert!(err.contains("no request completed") && err.contains("does not exist"), "{err}");
 }
+
+/// A client that waits for `/health` (llama.cpp's clients do) and then asks without `model` gets
+/// the model `--model` names, even while it is still loading: the request waits for the load.
+#[test]
+fn a_request_without_model_waits_for_the_model_loading_at_start() {
+    let berth = Berth::new();
+    berth.ok(&["package", "--gguf", &models::smollm2_gguf().display().to_string(), "smollm2"]);
+    let port = berth_testkit::free_port();
+    let mut child = berth
+        .command(&["serve", "--port", &port.to_string(), "--model", "smollm2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start berth serve");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !matches!(http_request(port, "GET", "/health", &[], b""), Ok((200, _))) {
+        assert!(std::time::Instant::now() < deadline, "berth serve did not come up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let body = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":2}"#;
+    let headers = [("Content-Type", "application/json")];
+    let (status, raw) = http_request(port, "POST", "/v1/chat/completions", &headers, body.as_bytes()).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200, "{}", body_of(&raw));
+    assert!(body_of(&raw).contains("ai/smollm2:latest"), "{}", body_of(&raw));
+}
