@@ -525,7 +525,9 @@ mod tests {
         let open: Vec<&str> = table.iter().filter(|r| r.1 == Access::Open).map(|r| r.0).collect();
         assert_eq!(open, ["/health", "/ready", "/"]);
         for (path, access, _) in &table {
-            if ["/api/pull", "/api/push", "/api/copy", "/api/create", "/api/blobs/{digest}", "/api/delete"].contains(path) {
+            if ["/api/pull", "/api/push", "/api/copy", "/api/create", "/api/blobs/{digest}", "/api/delete"]
+                .contains(path)
+            {
                 assert_eq!(*access, Access::Needs(accounts::Scope::Admin), "{path}");
             }
         }

@@ -683,13 +683,19 @@ pub struct CopyRequest {
 }
 
 /// `/api/copy`: another name for a model of the store (a tag, as `berth tag`).
-pub async fn copy(State(state): State<AppState>, JsonBody(req): JsonBody<CopyRequest>) -> Result<Json<Value>, ApiError> {
-    let parse = |param: &str, s: &str| berth_store::Reference::parse(s).map_err(|e| ApiError::invalid(param, e.to_string()));
+pub async fn copy(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<CopyRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let parse =
+        |param: &str, s: &str| berth_store::Reference::parse(s).map_err(|e| ApiError::invalid(param, e.to_string()));
     let (source, destination) = (parse("source", &req.source)?, parse("destination", &req.destination)?);
     let store = berth_store::Store::open(state.models.home()).map_err(|e| ApiError::internal(e.to_string()))?;
     match store.tag(&source, &destination) {
         Ok(_) => Ok(Json(json!({}))),
-        Err(berth_store::StoreError::NotFound(_)) => Err(ApiError::not_found(format!("model '{}' not found", req.source))),
+        Err(berth_store::StoreError::NotFound(_)) => {
+            Err(ApiError::not_found(format!("model '{}' not found", req.source)))
+        }
         Err(e) => Err(ApiError::internal(e.to_string())),
     }
 }

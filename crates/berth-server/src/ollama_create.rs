@@ -49,7 +49,11 @@ pub async fn has_blob(State(state): State<AppState>, Path(digest): Path<String>)
 /// `POST /api/blobs/{digest}`: the body becomes a blob of the store if its bytes have that digest
 /// (201), streamed to disk as it arrives and checked before anyone can see it. A blob no model
 /// references yet is garbage to `berth prune` until `/api/create` uses it.
-pub async fn put_blob(State(state): State<AppState>, Path(digest): Path<String>, body: Body) -> Result<StatusCode, ApiError> {
+pub async fn put_blob(
+    State(state): State<AppState>,
+    Path(digest): Path<String>,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
     let digest = digest_of(&digest)?;
     let store = store(&state)?;
     if store.blob_path(&digest).is_file() {
@@ -73,7 +77,12 @@ pub async fn put_blob(State(state): State<AppState>, Path(digest): Path<String>,
     let mut received = 0u64;
     let refused = loop {
         let chunk = match tokio::time::timeout(UPLOAD_IDLE, stream.next()).await {
-            Err(_) => break Some(ApiError { status: StatusCode::REQUEST_TIMEOUT, ..ApiError::bad_request("the upload stalled") }),
+            Err(_) => {
+                break Some(ApiError {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    ..ApiError::bad_request("the upload stalled")
+                });
+            }
             Ok(None) => break None,
             Ok(Some(Err(e))) => break Some(ApiError::bad_request(format!("the upload broke off: {e}"))),
             Ok(Some(Ok(chunk))) => chunk,
@@ -125,11 +134,15 @@ pub struct CreateRequest {
 
 /// `POST /api/create`: a model from an uploaded GGUF (`files`, with an optional `template` and
 /// `license`) or another name for a model of the store (`from`).
-pub async fn create(State(state): State<AppState>, crate::request::JsonBody(req): crate::request::JsonBody<CreateRequest>) -> Response {
+pub async fn create(
+    State(state): State<AppState>,
+    crate::request::JsonBody(req): crate::request::JsonBody<CreateRequest>,
+) -> Response {
     let stream = req.stream.unwrap_or(true);
     let made = async move {
         let plan = plan(&req)?;
-        let reference = berth_store::Reference::parse(&req.model).map_err(|e| ApiError::invalid("model", e.to_string()))?;
+        let reference =
+            berth_store::Reference::parse(&req.model).map_err(|e| ApiError::invalid("model", e.to_string()))?;
         let store = store(&state)?;
         tokio::task::spawn_blocking(move || make(&store, plan, &reference))
             .await
@@ -174,7 +187,9 @@ fn plan(req: &CreateRequest) -> Result<Plan, ApiError> {
         if given(value) {
             return Err(ApiError::invalid(
                 field,
-                format!("berth models carry weights, a chat template and licenses, not `{field}`: send it with each request"),
+                format!(
+                    "berth models carry weights, a chat template and licenses, not `{field}`: send it with each request"
+                ),
             ));
         }
     }
@@ -184,16 +199,17 @@ fn plan(req: &CreateRequest) -> Result<Plan, ApiError> {
     if given(&req.quantize) {
         return Err(ApiError::invalid("quantize", "berth does not quantise; package a quantised GGUF"));
     }
-    let licenses = match &req.license {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| v.as_str().map(str::to_string))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| ApiError::invalid("license", "license must be a string or a list of strings"))?,
-        Some(_) => return Err(ApiError::invalid("license", "license must be a string or a list of strings")),
-    };
+    let licenses =
+        match &req.license {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| ApiError::invalid("license", "license must be a string or a list of strings"))?,
+            Some(_) => return Err(ApiError::invalid("license", "license must be a string or a list of strings")),
+        };
     match (&req.from, req.files.is_empty()) {
         (Some(from), true) => {
             if req.template.is_some() || !licenses.is_empty() {
@@ -205,10 +221,17 @@ fn plan(req: &CreateRequest) -> Result<Plan, ApiError> {
             Ok(Plan::Copy(berth_store::Reference::parse(from).map_err(|e| ApiError::invalid("from", e.to_string()))?))
         }
         (None, false) => {
-            let ggufs: Vec<&String> =
-                req.files.iter().filter(|(name, _)| name.to_ascii_lowercase().ends_with(".gguf")).map(|(_, d)| d).collect();
+            let ggufs: Vec<&String> = req
+                .files
+                .iter()
+                .filter(|(name, _)| name.to_ascii_lowercase().ends_with(".gguf"))
+                .map(|(_, d)| d)
+                .collect();
             if ggufs.len() != 1 || req.files.len() != 1 {
-                return Err(ApiError::invalid("files", "files must name exactly one .gguf file (berth serves GGUF models)"));
+                return Err(ApiError::invalid(
+                    "files",
+                    "files must name exactly one .gguf file (berth serves GGUF models)",
+                ));
             }
             Ok(Plan::Package { weights: digest_of(ggufs[0])?, template: req.template.clone(), licenses })
         }
@@ -237,8 +260,12 @@ fn make(store: &berth_store::Store, plan: Plan, reference: &berth_store::Referen
             berth_engine::vet_artifact_template(Some(&path), template.as_deref().map(str::as_bytes)).map_err(|e| {
                 let message = match e {
                     // The paths are the store's own; they stay out of what the client sees.
-                    berth_engine::EngineError::Gguf { source, .. } => format!("the uploaded file is not a usable GGUF: {source}"),
-                    berth_engine::EngineError::Io { source, .. } => format!("the uploaded file cannot be read: {source}"),
+                    berth_engine::EngineError::Gguf { source, .. } => {
+                        format!("the uploaded file is not a usable GGUF: {source}")
+                    }
+                    berth_engine::EngineError::Io { source, .. } => {
+                        format!("the uploaded file cannot be read: {source}")
+                    }
                     other => format!("the chat template cannot be used ({other})"),
                 };
                 ApiError::invalid("files", message)

@@ -34,7 +34,7 @@ impl KvType {
     pub fn fits_head(self, head_dim: usize) -> bool {
         match self {
             KvType::F16 => true,
-            KvType::Q8_0 => head_dim % Q8_0_BLOCK == 0,
+            KvType::Q8_0 => head_dim.is_multiple_of(Q8_0_BLOCK),
         }
     }
 

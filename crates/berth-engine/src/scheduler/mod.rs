@@ -506,8 +506,7 @@ impl<'e, 's> Scheduler<'e, 's> {
             .iter()
             .map(|&(i, n)| {
                 let seq = &self.running[i];
-                (!seq.draft.is_empty())
-                    .then(|| [&seq.tokens[seq.computed..seq.computed + n], &seq.draft[..]].concat())
+                (!seq.draft.is_empty()).then(|| [&seq.tokens[seq.computed..seq.computed + n], &seq.draft[..]].concat())
             })
             .collect();
         let steps: Vec<SeqStep<'_>> = plan
