@@ -42,13 +42,7 @@ pub fn validate_body(api: Api, body: &[u8], limits: &RequestLimits) -> Result<Ve
     .map_err(|e| e.message)?;
     let Some((source, draft)) = parts else { return Ok(Vec::new()) };
     let stand_in = |text: &str| -> Vec<u32> { text.bytes().map(|b| b as u32 % limits.vocab.max(1) as u32).collect() };
-    let (earlier, source) = match source {
-        PromptSource::After(ids, then) => (ids, *then),
-        source => (Vec::new(), source),
-    };
-    if earlier.iter().any(|&t| t as usize >= limits.vocab) {
-        return Err("context holds token ids outside the vocabulary".into());
-    }
+    let (earlier, source) = source.split_context(limits.vocab).map_err(|e| e.message)?;
     let prompts: Vec<Vec<u32>> = match &source {
         PromptSource::Chat(messages) => {
             vec![stand_in(&messages.iter().map(|m| format!("{}:{}\n", m.role, m.content)).collect::<String>())]

@@ -601,11 +601,10 @@ pub struct PullRequest {
 
 /// `/api/pull`: fetch a model from its registry into the store.
 pub async fn pull(State(state): State<AppState>, JsonBody(req): JsonBody<PullRequest>) -> Response {
-    let reference = match berth_store::Reference::parse(&req.model) {
-        Ok(r) => r,
-        Err(e) => return ApiError::invalid("model", e.to_string()).into_response(),
+    let (reference, options) = match registry_target(&req) {
+        Ok(target) => target,
+        Err(e) => return e.into_response(),
     };
-    let options = registry_options(&reference, req.insecure);
     let home = state.models.home().to_path_buf();
     let pulled = async move {
         let store = berth_store::Store::open(&home).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -625,11 +624,10 @@ pub async fn pull(State(state): State<AppState>, JsonBody(req): JsonBody<PullReq
 /// `/api/push`: send a model of the store to its registry (the reference names the registry, as
 /// `berth push` does).
 pub async fn push(State(state): State<AppState>, JsonBody(req): JsonBody<PullRequest>) -> Response {
-    let reference = match berth_store::Reference::parse(&req.model) {
-        Ok(r) => r,
-        Err(e) => return ApiError::invalid("model", e.to_string()).into_response(),
+    let (reference, options) = match registry_target(&req) {
+        Ok(target) => target,
+        Err(e) => return e.into_response(),
     };
-    let options = registry_options(&reference, req.insecure);
     let home = state.models.home().to_path_buf();
     let pushed = async move {
         let store = berth_store::Store::open(&home).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -640,14 +638,17 @@ pub async fn push(State(state): State<AppState>, JsonBody(req): JsonBody<PullReq
     registry_answer(req.stream.unwrap_or(true), "retrieving manifest", pushed).await
 }
 
-/// The server's registry settings, with the reference's registry allowed over plain HTTP when the
-/// request says `insecure`.
-fn registry_options(reference: &berth_store::Reference, insecure: bool) -> berth_store::registry::RegistryOptions {
+/// A pull's or push's model reference, and the server's registry settings with that registry
+/// allowed over plain HTTP when the request says `insecure`.
+fn registry_target(
+    req: &PullRequest,
+) -> Result<(berth_store::Reference, berth_store::registry::RegistryOptions), ApiError> {
+    let reference = berth_store::Reference::parse(&req.model).map_err(|e| ApiError::invalid("model", e.to_string()))?;
     let mut options = berth_store::registry::RegistryOptions::from_env();
-    if insecure {
+    if req.insecure {
         options.insecure_registries.push(reference.registry().to_string());
     }
-    options
+    Ok((reference, options))
 }
 
 /// A pull's or push's answer as Ollama gives it: a stream of status lines ending in `success` (or

@@ -391,6 +391,22 @@ pub enum PromptSource {
     After(Vec<u32>, Box<PromptSource>),
 }
 
+impl PromptSource {
+    /// The ids of an earlier exchange that go before the prompt (checked against a vocabulary of
+    /// `vocab` tokens; empty without one) and the prompt itself, which holds no context of its own.
+    pub fn split_context(self, vocab: usize) -> Result<(Vec<u32>, PromptSource), ApiError> {
+        let PromptSource::After(ids, then) = self else { return Ok((Vec::new(), self)) };
+        if matches!(*then, PromptSource::After(..)) {
+            return Err(ApiError::invalid("context", "a context cannot itself hold a context"));
+        }
+        if ids.iter().any(|&t| t as usize >= vocab) {
+            let message = format!("context holds token ids outside the vocabulary (0 to {})", vocab.saturating_sub(1));
+            return Err(ApiError::invalid("context", message));
+        }
+        Ok((ids, *then))
+    }
+}
+
 impl LoadedModel {
     /// Template, tokenize and validate a request on a blocking thread (a 2 MB body takes real
     /// time, and templates render in a worker process): one [`GenerationRequest`] per prompt, each
@@ -402,30 +418,21 @@ impl LoadedModel {
         chat: ChatOptions,
     ) -> Result<Vec<GenerationRequest>, ApiError> {
         let model = self.clone();
-        let (earlier, source) = match source {
-            PromptSource::After(ids, then) => (ids, *then),
-            source => (Vec::new(), source),
-        };
-        let vocab = self.engine.model().vocab_size();
-        if earlier.iter().any(|&t| t as usize >= vocab) {
-            let message = format!("context holds token ids outside the vocabulary (0 to {})", vocab.saturating_sub(1));
-            return Err(ApiError::invalid("context", message));
-        }
+        let (earlier, source) = source.split_context(self.engine.model().vocab_size())?;
         let prepared = tokio::task::spawn_blocking(move || {
             let mut prompts = match &source {
                 PromptSource::Chat(messages) => vec![model.engine.chat_prompt_with(messages, &chat)?],
                 PromptSource::Texts(texts) => {
                     texts.iter().map(|t| model.engine.text_prompt(t)).collect::<Result<Vec<_>, _>>()?
                 }
+                // `split_context` took the context out and refuses one nested in it.
                 PromptSource::After(..) => {
                     let message = "a context cannot itself hold a context".to_string();
                     return Err(berth_engine::EngineError::InvalidParameter { param: "context".into(), message });
                 }
             };
-            if !earlier.is_empty() {
-                for p in &mut prompts {
-                    p.splice(0..0, earlier.iter().copied());
-                }
+            for p in &mut prompts {
+                p.splice(0..0, earlier.iter().copied());
             }
             let limits = model.limits();
             let mut requests = prompts
@@ -522,5 +529,22 @@ mod tests {
         // A schema as the JSON text of one (vLLM accepts both).
         let text = peer(serde_json::json!({"guided_json": "{\"type\": \"integer\"}"}));
         assert!(matches!(constraint(&None, &text), Ok(Some(("guided_json", ConstraintSpec::JsonSchema(_))))));
+    }
+
+    /// Ollama's `context` from a client: ids past the vocabulary and a context inside a context are
+    /// refused by name; a good one comes out in front of its prompt.
+    #[test]
+    fn a_context_is_checked_before_it_reaches_the_model() {
+        let texts = || PromptSource::Texts(vec!["hi".into()]);
+        let after = |ids: Vec<u32>, then| PromptSource::After(ids, Box::new(then));
+        let e = after(vec![1, 50_000], texts()).split_context(49_152).err().expect("outside the vocabulary");
+        assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some("context")));
+        let e = after(vec![1], after(vec![2], texts())).split_context(10).err().expect("nested");
+        assert_eq!(e.param.as_deref(), Some("context"));
+        let (ids, rest) = after(vec![3, 4], texts()).split_context(10).expect("good");
+        assert_eq!(ids, vec![3, 4]);
+        assert!(matches!(rest, PromptSource::Texts(t) if t == ["hi"]));
+        let (ids, _) = texts().split_context(10).expect("none");
+        assert!(ids.is_empty());
     }
 }
