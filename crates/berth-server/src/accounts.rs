@@ -141,6 +141,8 @@ impl Outcome {
 pub struct Record<'a> {
     pub key_id: &'a str,
     pub model: &'a str,
+    /// The version that answered (a manifest digest's first 12 hex digits; empty when none did).
+    pub model_version: &'a str,
     pub outcome: Outcome,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -156,6 +158,7 @@ impl<'a> Record<'a> {
         Record {
             key_id,
             model,
+            model_version: "",
             outcome: Outcome::Rejected,
             prompt_tokens: 0,
             completion_tokens: 0,
@@ -253,7 +256,8 @@ impl Accounts {
                 completion_tokens INTEGER NOT NULL,
                 duration_ms REAL NOT NULL,
                 ttft_ms REAL,
-                hit_length INTEGER NOT NULL DEFAULT 0
+                hit_length INTEGER NOT NULL DEFAULT 0,
+                model_version TEXT NOT NULL DEFAULT ''
             );
             CREATE TABLE IF NOT EXISTS rejections (
                 minute_ms INTEGER NOT NULL,
@@ -271,6 +275,7 @@ impl Accounts {
             ("api_keys", "tokens_per_day", "INTEGER"),
             ("api_keys", "models", "TEXT NOT NULL DEFAULT ''"),
             ("requests", "hit_length", "INTEGER NOT NULL DEFAULT 0"),
+            ("requests", "model_version", "TEXT NOT NULL DEFAULT ''"),
         ] {
             let columns: Vec<String> = db
                 .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
@@ -399,8 +404,8 @@ impl Accounts {
         let at_ms = chrono::Utc::now().timestamp_millis();
         self.db
             .execute(
-                "INSERT INTO requests (at_ms, key_id, model, outcome, prompt_tokens, completion_tokens, duration_ms, ttft_ms, hit_length)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO requests (at_ms, key_id, model, outcome, prompt_tokens, completion_tokens, duration_ms, ttft_ms, hit_length, model_version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     at_ms,
                     r.key_id,
@@ -411,6 +416,7 @@ impl Accounts {
                     ms(r.duration),
                     r.time_to_first_token.map(ms),
                     r.hit_length,
+                    r.model_version,
                 ],
             )
             .map_err(self.err())?;
@@ -552,6 +558,7 @@ mod tests {
         let record = |outcome, prompt, completion| Record {
             key_id: &key.id,
             model: "ai/smollm2:latest",
+            model_version: "0123456789ab",
             outcome,
             prompt_tokens: prompt,
             completion_tokens: completion,

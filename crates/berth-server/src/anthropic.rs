@@ -3,7 +3,6 @@
 //! written against it. Errors take Anthropic's shape (crate::error::Shape).
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
@@ -22,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::models::LoadedModel;
+use crate::models::{LoadedModel, Served};
 use crate::request::{JsonBody, PromptSource, number, request_id};
 use crate::run::Update;
 use crate::tool_calls::AnswerStream;
@@ -352,7 +351,7 @@ fn event(name: &str, data: Value) -> Event {
 /// its deltas (`text_delta`, or `input_json_delta` for a call's input) and `content_block_stop`,
 /// then `message_delta` (stop reason, output tokens) and `message_stop`.
 fn stream(
-    model: Arc<LoadedModel>,
+    model: Served,
     mut generation: crate::run::Generation,
     answer: AnswerStream,
     id: String,

@@ -99,6 +99,7 @@ async fn embed_all(
     let record = Record {
         key_id: NO_KEY,
         model: &name,
+        model_version: "",
         outcome,
         prompt_tokens: tokens,
         completion_tokens: 0,

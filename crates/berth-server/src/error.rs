@@ -122,6 +122,12 @@ impl ApiError {
     }
 
     /// A model does not fit the memory budget.
+    /// The request conflicts with what is in progress (a rollout under way, a version already
+    /// serving).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::CONFLICT, code: Some("conflict"), ..Self::bad_request(message) }
+    }
+
     pub fn insufficient_memory(message: impl Into<String>) -> Self {
         Self { code: Some("insufficient_memory"), ..Self::unavailable(message) }
     }

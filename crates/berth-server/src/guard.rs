@@ -138,13 +138,16 @@ pub async fn check_origin(State(guard): State<OriginGuard>, request: Request, ne
         headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, value);
     }
     headers.insert(VARY, HeaderValue::from_static("Origin"));
-    headers.insert(ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("x-request-id, retry-after"));
+    headers.insert(
+        ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("x-request-id, retry-after, x-berth-model-version"),
+    );
     if preflight {
         headers.insert(ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, DELETE, OPTIONS"));
         headers.insert(
             ACCESS_CONTROL_ALLOW_HEADERS,
             asked_headers.unwrap_or(HeaderValue::from_static(
-                "authorization, content-type, x-request-id, traceparent, x-api-key, anthropic-version",
+                "authorization, content-type, x-request-id, traceparent, x-api-key, anthropic-version, x-berth-session",
             )),
         );
         headers.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));

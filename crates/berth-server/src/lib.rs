@@ -10,6 +10,7 @@
 pub mod accounts;
 mod anthropic;
 mod auth;
+mod deployments;
 mod embeddings;
 mod error;
 pub mod fuzzing;
@@ -154,6 +155,8 @@ pub enum ServerError {
     Unprotected(String),
     #[error("{0}")]
     Accounts(accounts::AccountsError),
+    #[error("{0}")]
+    Deployments(String),
     #[error("cannot listen on {addr}: {source} (is another server using the port? choose one with --port)")]
     Bind { addr: String, source: std::io::Error },
     #[error("cannot load {model} at start: {message}")]
@@ -217,6 +220,18 @@ fn routes() -> Vec<(&'static str, Access, MethodRouter<AppState>)> {
         ("/api/create", Needs(Admin), post(ollama_create::create)),
         ("/api/blobs/{digest}", Needs(Admin), post(ollama_create::put_blob).head(ollama_create::has_blob)),
         ("/api/delete", Needs(Admin), axum::routing::delete(ollama::delete)),
+        ("/api/deployments", Needs(Admin), get(deployments::api::list)),
+        (
+            "/api/deployments/{name}",
+            Needs(Admin),
+            get(deployments::api::show).put(deployments::api::deploy).delete(deployments::api::undeploy),
+        ),
+        ("/api/deployments/{name}/rollout", Needs(Admin), post(deployments::api::rollout)),
+        ("/api/deployments/{name}/step", Needs(Admin), post(deployments::api::step)),
+        ("/api/deployments/{name}/promote", Needs(Admin), post(deployments::api::promote)),
+        ("/api/deployments/{name}/abort", Needs(Admin), post(deployments::api::abort)),
+        ("/api/deployments/{name}/rollback", Needs(Admin), post(deployments::api::rollback)),
+        ("/api/deployments/{name}/refresh", Needs(Admin), post(deployments::api::refresh)),
         ("/metrics", Needs(Metrics), get(metrics)),
         ("/health", Open, get(|| async { "ok" })),
         ("/ready", Open, get(ready)),
@@ -240,6 +255,7 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
     }
     router
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(axum::middleware::from_fn(deployments::served::tag_response))
         .layer(DefaultBodyLimit::max(config.body_limit))
         .layer(axum::middleware::from_fn_with_state(
             (config.body_limit, config.connections.body_timeout),
@@ -330,7 +346,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     ];
     let mut out = metrics::Families::default();
     for m in &loaded {
-        let labels = format!("model_name=\"{}\"", label_value(&m.name));
+        let labels = format!("model_name=\"{}\",model_version=\"{}\"", label_value(&m.name), label_value(&m.version));
         for (name, kind, help, read) in &families {
             out.sample(&format!("berth:{name}"), kind, help, &labels, read(m.runner.stats()));
         }
@@ -360,11 +376,10 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         .await
         .map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
     let state = AppState {
-        models: Arc::new(models::ModelManager::new(
-            config.home.clone(),
-            config.batching.clone(),
-            config.memory.clone(),
-        )),
+        models: Arc::new(
+            models::ModelManager::new(config.home.clone(), config.batching.clone(), config.memory.clone())
+                .map_err(|e| ServerError::Deployments(e.to_string()))?,
+        ),
         ready: Arc::new(AtomicBool::new(false)),
         draining: Arc::new(AtomicBool::new(false)),
         auth: Arc::new(auth::Auth::new(accounts, config.token_quota_window, keys)),
@@ -443,6 +458,17 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         })
     };
     let _stop_reaper = AbortOnDrop(reaper);
+    // Deployments: guards, automatic steps, followed tags, and rollouts a restart interrupted.
+    let tender = {
+        let models = state.models.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                models.tend_deployments().await;
+            }
+        })
+    };
+    let _stop_tender = AbortOnDrop(tender);
     let shutdown = async move { stop_serving.notified().await };
     let server = listener::serve(listener, app, &config.connections, shutdown);
     tokio::pin!(server);
@@ -527,6 +553,7 @@ mod tests {
         for (path, access, _) in &table {
             if ["/api/pull", "/api/push", "/api/copy", "/api/create", "/api/blobs/{digest}", "/api/delete"]
                 .contains(path)
+                || path.starts_with("/api/deployments")
             {
                 assert_eq!(*access, Access::Needs(accounts::Scope::Admin), "{path}");
             }

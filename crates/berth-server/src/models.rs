@@ -24,8 +24,12 @@ use crate::limits::ModelLimits;
 use crate::metrics::ServingMetrics;
 
 pub struct LoadedModel {
-    /// The name clients use (`ai/smollm2:latest`).
+    /// The name it was first loaded by (`ai/smollm2:latest`, or a deployment's): its name in
+    /// metrics and logs. Answers carry the name each request used (see [`Served`]).
     pub name: String,
+    /// Its manifest digest's first 12 hex digits (`model_version` in metrics, the
+    /// `x-berth-model-version` header).
+    pub version: String,
     pub engine: Arc<Engine>,
     /// The model's scheduler thread.
     pub runner: Runner,
@@ -73,6 +77,22 @@ impl LoadedModel {
         let api = ApiError::from_engine(e, &self.name, max_running);
         self.metrics.failure(api.metric_label());
         api
+    }
+}
+
+/// A loaded model as one request reached it: by a store reference or by a deployment's name,
+/// which its answer repeats.
+#[derive(Clone)]
+pub struct Served {
+    pub model: Arc<LoadedModel>,
+    /// The name the request used.
+    pub name: String,
+}
+
+impl std::ops::Deref for Served {
+    type Target = Arc<LoadedModel>;
+    fn deref(&self) -> &Arc<LoadedModel> {
+        &self.model
     }
 }
 
@@ -184,10 +204,12 @@ pub struct MemoryConfig {
     pub pinned: Vec<String>,
 }
 
+/// A loaded (or loading) model, keyed by its manifest digest: tags move freely, and two names of
+/// one manifest share one load.
 struct Entry {
     cell: Arc<OnceCell<Loaded>>,
-    /// The manifest the reference named when it was loaded.
-    digest: berth_store::Digest,
+    /// The reference it was first loaded by (`registry/repo:tag`), to unload it by that name.
+    name: String,
     /// Bytes reserved for it (an upper bound while it loads, its own figure after).
     reserved: u64,
     keep_alive: KeepAlive,
@@ -216,6 +238,7 @@ impl Entry {
 pub struct ModelStatus {
     pub loaded: Option<Loaded>,
     pub name: String,
+    pub digest: String,
     pub memory: u64,
     pub state: &'static str,
     pub pinned: bool,
@@ -227,9 +250,21 @@ pub struct ModelManager {
     home: PathBuf,
     batching: BatchingConfig,
     memory: MemoryConfig,
+    /// By manifest digest.
     loaded: Mutex<HashMap<String, Entry>>,
     /// Set at shutdown: generations still running end with an error.
     abort: tokio::sync::watch::Sender<bool>,
+    pub deployments: crate::deployments::Deployments,
+}
+
+/// What a request will be answered by: a manifest of the store, under the name the request used.
+pub(crate) struct Target {
+    pub reference: Reference,
+    pub digest: berth_store::Digest,
+    pub name: String,
+    pub settings: crate::deployments::spec::VersionSettings,
+    /// Where a deployment's version records how it answered.
+    pub window: Option<Arc<crate::deployments::window::Window>>,
 }
 
 pub fn now() -> u64 {
@@ -237,9 +272,14 @@ pub fn now() -> u64 {
 }
 
 impl ModelManager {
-    pub fn new(home: PathBuf, batching: BatchingConfig, memory: MemoryConfig) -> Self {
+    pub fn new(
+        home: PathBuf,
+        batching: BatchingConfig,
+        memory: MemoryConfig,
+    ) -> Result<Self, crate::deployments::db::DbError> {
         let (abort, _) = tokio::sync::watch::channel(false);
-        Self { home, batching, memory, loaded: Mutex::new(HashMap::new()), abort }
+        let deployments = crate::deployments::Deployments::open(&home)?;
+        Ok(Self { home, batching, memory, loaded: Mutex::new(HashMap::new()), abort, deployments })
     }
 
     /// End every generation still running (shutdown).
@@ -258,7 +298,7 @@ impl ModelManager {
             .sum()
     }
 
-    fn store(&self) -> Result<Store, ApiError> {
+    pub(crate) fn store(&self) -> Result<Store, ApiError> {
         Store::open(&self.home).map_err(|e| ApiError::internal(e.to_string()))
     }
 
@@ -268,7 +308,36 @@ impl ModelManager {
 
     /// Forget a loaded model (requests running on it finish; its memory goes with the last one).
     pub async fn unload(&self, reference: &Reference) {
-        self.loaded.lock().await.remove(&reference.to_string());
+        let digest = self.store().ok().and_then(|s| s.resolve(reference).ok()).map(|d| d.to_string());
+        let name = reference.to_string();
+        self.loaded.lock().await.retain(|key, e| Some(key) != digest.as_ref() && e.name != name);
+    }
+
+    /// A version that stopped serving its deployment unloads once the requests on it have finished
+    /// (unless it is pinned, or serves another deployment). Once no deployment may go back to it
+    /// either, the store reference berth made for it goes (its files with it, unless a tag still
+    /// names its manifest).
+    pub async fn release(&self, version: &crate::deployments::spec::Version) {
+        let digest = version.digest.as_str();
+        if !self.deployments.serving_digests().contains(digest)
+            && let Some(e) = self.loaded.lock().await.get_mut(digest).filter(|e| !e.pinned)
+        {
+            e.keep_alive = KeepAlive::For(Duration::ZERO);
+        }
+        if version.pinned_by_berth
+            && !self.deployments.needs(digest)
+            && let Ok(reference) = Reference::parse(&version.reference)
+            && let Ok(store) = self.store()
+        {
+            match store.remove_ref(&reference) {
+                Ok(_) => {
+                    tracing::info!(model = %version.source, version = %version.label(), "no deployment needs this version any more; its pin is removed")
+                }
+                Err(e) => {
+                    tracing::warn!(model = %version.source, "cannot remove the pin of a version no deployment needs: {e}")
+                }
+            }
+        }
     }
 
     /// Unload the models idle past their keep-alive. Called periodically.
@@ -301,10 +370,11 @@ impl ModelManager {
                     (Some(_), true, KeepAlive::For(d)) if d.is_zero() => "draining",
                     _ => "ready",
                 };
-                let name = loaded.as_ref().map(|l| l.name().to_string()).unwrap_or_else(|| key.clone());
+                let name = loaded.as_ref().map(|l| l.name().to_string()).unwrap_or_else(|| e.name.clone());
                 ModelStatus {
                     loaded,
                     name,
+                    digest: key.clone(),
                     memory: e.reserved,
                     state,
                     pinned: e.pinned,
@@ -326,8 +396,14 @@ impl ModelManager {
     /// why it cannot be done.
     fn make_room(&self, map: &mut HashMap<String, Entry>, needed: u64, name: &str) -> Result<(), ApiError> {
         let used = |map: &HashMap<String, Entry>| map.values().map(|e| e.reserved).sum::<u64>();
-        let mut idle: Vec<(Instant, String)> =
-            map.iter().filter(|(_, e)| !e.pinned).filter_map(|(k, e)| e.idle_since().map(|t| (t, k.clone()))).collect();
+        // A version serving a deployment is never evicted for another model: a rollout that
+        // cannot hold both versions is refused instead (see `can_hold`).
+        let serving = self.deployments.serving_digests();
+        let mut idle: Vec<(Instant, String)> = map
+            .iter()
+            .filter(|(k, e)| !e.pinned && !serving.contains(k.as_str()))
+            .filter_map(|(k, e)| e.idle_since().map(|t| (t, k.clone())))
+            .collect();
         idle.sort();
         let mut evict = idle.into_iter();
         while used(map) + needed > self.memory.budget {
@@ -341,8 +417,14 @@ impl ModelManager {
                     let holders: Vec<String> = map
                         .iter()
                         .map(|(k, e)| {
-                            let why = if e.pinned { "pinned" } else { "in use" };
-                            format!("{k} ({} MiB, {why})", mib(e.reserved))
+                            let why = if e.pinned {
+                                "pinned"
+                            } else if serving.contains(k.as_str()) {
+                                "serving a deployment"
+                            } else {
+                                "in use"
+                            };
+                            format!("{} ({} MiB, {why})", e.name, mib(e.reserved))
                         })
                         .collect();
                     return Err(ApiError::insufficient_memory(format!(
@@ -370,6 +452,12 @@ impl ModelManager {
     /// The models in the store the caller may use, with their details.
     pub fn list(&self) -> Result<Vec<berth_store::ModelSummary>, ApiError> {
         let mut models = self.store()?.list().map_err(|e| ApiError::internal(e.to_string()))?;
+        // A deployment is listed under its name, with its stable version's details.
+        for d in self.deployments.list() {
+            if let Some(stable) = models.iter().find(|m| m.digest.to_string() == d.stable.digest) {
+                models.push(berth_store::ModelSummary { reference: d.name.clone(), ..stable.clone() });
+            }
+        }
         if let Some(caller) = crate::auth::caller() {
             models.retain(|m| caller.check_model(&m.reference).is_ok());
         }
@@ -382,6 +470,12 @@ impl ModelManager {
     }
 
     pub fn details(&self, model: &str) -> Result<berth_store::ModelDetails, ApiError> {
+        // A deployment shows its stable version.
+        if let Some(d) = self.deployments.get(model) {
+            crate::auth::caller().map_or(Ok(()), |c| c.check_model(model))?;
+            let reference = Reference::parse(&d.stable.reference).map_err(|_| ApiError::model_not_found(model, &[]))?;
+            return self.store()?.inspect(&reference).map_err(|_| ApiError::model_not_found(model, &self.available()));
+        }
         let reference = Reference::parse(model).map_err(|_| ApiError::model_not_found(model, &self.available()))?;
         Self::check_caller_may_use(&reference)?;
         self.store()?.inspect(&reference).map_err(|_| ApiError::model_not_found(model, &self.available()))
@@ -412,16 +506,16 @@ impl ModelManager {
     }
 
     /// A text-generation model, loading it first if needed.
-    pub async fn get(&self, model: &str) -> Result<Arc<LoadedModel>, ApiError> {
+    pub async fn get(&self, model: &str) -> Result<Served, ApiError> {
         self.get_keeping(model, None).await
     }
 
     /// The same, setting how long the model stays loaded after this request (Ollama's `keep_alive`).
-    pub async fn get_keeping(&self, model: &str, keep_alive: Option<KeepAlive>) -> Result<Arc<LoadedModel>, ApiError> {
+    pub async fn get_keeping(&self, model: &str, keep_alive: Option<KeepAlive>) -> Result<Served, ApiError> {
         let model = self.or_only_loaded(model, false).await?;
         match self.load(&model, keep_alive).await? {
-            Loaded::Chat(m) => Ok(m),
-            Loaded::Embed(m) => Err(ApiError::invalid(
+            (Loaded::Chat(m), name) => Ok(Served { model: m, name }),
+            (Loaded::Embed(m), _) => Err(ApiError::invalid(
                 "model",
                 format!("`{}` is an embedding model; use /v1/embeddings or /api/embed", m.name),
             )),
@@ -432,8 +526,8 @@ impl ModelManager {
     pub async fn get_embedder(&self, model: &str) -> Result<Arc<EmbeddingModel>, ApiError> {
         let model = self.or_only_loaded(model, true).await?;
         match self.load(&model, None).await? {
-            Loaded::Embed(m) => Ok(m),
-            Loaded::Chat(m) => Err(ApiError::invalid(
+            (Loaded::Embed(m), _) => Ok(m),
+            (Loaded::Chat(m), _) => Err(ApiError::invalid(
                 "model",
                 format!(
                     "`{}` generates text; embeddings need an embedding model (a BERT safetensors artifact)",
@@ -493,30 +587,104 @@ impl ModelManager {
         self.load(model, Some(keep_alive)).await.map(|_| ())
     }
 
-    /// The loaded model, loading it first if needed.
-    async fn load(&self, model: &str, keep_alive: Option<KeepAlive>) -> Result<Loaded, ApiError> {
+    /// The loaded model a request names, loading it first if needed, with the name the request
+    /// used; the request's response will name the version that answered.
+    async fn load(&self, model: &str, keep_alive: Option<KeepAlive>) -> Result<(Loaded, String), ApiError> {
+        let target = self.target(model).await?;
+        let loaded = self.load_target(&target, keep_alive).await?;
+        let version = crate::deployments::spec::version_label(&target.digest.to_string());
+        crate::deployments::served::note(version, target.window.clone());
+        Ok((loaded, target.name))
+    }
+
+    /// What a name means now: a deployment's version (chosen for this caller), or the manifest a
+    /// store reference points to.
+    async fn target(&self, model: &str) -> Result<Target, ApiError> {
+        if let Some(route) = self.deployments.route(model, crate::deployments::served::identity().as_deref()) {
+            crate::auth::caller().map_or(Ok(()), |c| c.check_model(model))?;
+            return self.version_target(model, &route.version, Some(route.window));
+        }
         let reference = Reference::parse(model).map_err(|_| ApiError::model_not_found(model, &self.available()))?;
         Self::check_caller_may_use(&reference)?;
         let key = reference.to_string();
         // The store decides what a name means on every request: a model removed from it (`berth
         // rm`, /api/delete) is unloaded and no longer answered; a tag moved to another manifest
-        // loads that one (requests running on the old one finish on it).
-        let digest = match self.store()?.resolve(&reference) {
-            Ok(d) => d,
+        // loads that one (requests running on the old one finish on it, and it unloads when idle
+        // past its keep-alive, or sooner when memory is needed).
+        match self.store()?.resolve(&reference) {
+            Ok(digest) => {
+                Ok(Target { name: reference.familiar(), reference, digest, settings: Default::default(), window: None })
+            }
             Err(berth_store::StoreError::NotFound(_)) => {
-                if self.loaded.lock().await.remove(&key).is_some() {
+                let mut map = self.loaded.lock().await;
+                let before = map.len();
+                map.retain(|_, e| e.name != key);
+                if map.len() < before {
                     tracing::info!(model = %reference.familiar(), "unloaded: removed from the store");
                 }
-                return Err(ApiError::model_not_found(model, &self.available()));
+                Err(ApiError::model_not_found(model, &self.available()))
             }
-            Err(e) => return Err(ApiError::internal(format!("cannot read the store: {e}"))),
-        };
+            Err(e) => Err(ApiError::internal(format!("cannot read the store: {e}"))),
+        }
+    }
+
+    /// A deployment's version as what answers: its pinned reference, under the deployment's name.
+    pub(crate) fn version_target(
+        &self,
+        deployment: &str,
+        version: &crate::deployments::spec::Version,
+        window: Option<Arc<crate::deployments::window::Window>>,
+    ) -> Result<Target, ApiError> {
+        let bad = |what: &str| ApiError::internal(format!("deployment {deployment} holds a bad {what}"));
+        Ok(Target {
+            reference: Reference::parse(&version.reference).map_err(|_| bad("reference"))?,
+            digest: berth_store::Digest::parse(&version.digest).map_err(|_| bad("digest"))?,
+            name: deployment.to_string(),
+            settings: version.settings.clone(),
+            window,
+        })
+    }
+
+    /// Bytes a model would reserve when loaded: weights, a whole KV cache, working memory.
+    fn reservation(&self, digest: &berth_store::Digest) -> Result<u64, ApiError> {
+        let manifest =
+            self.store()?.manifest(digest).map_err(|e| ApiError::internal(format!("cannot read the store: {e}")))?;
+        Ok(manifest.total_size() + self.batching.kv_cache_bytes + OVERHEAD)
+    }
+
+    /// Refuse, up front, a model that would fit only by evicting what serves now: models pinned,
+    /// serving a deployment, or busy stay; idle ones could make room.
+    pub(crate) async fn can_hold(&self, target: &Target) -> Result<(), ApiError> {
+        let key = target.digest.to_string();
+        let needed = self.reservation(&target.digest)?;
+        let map = self.loaded.lock().await;
+        if map.contains_key(&key) {
+            return Ok(());
+        }
+        let serving = self.deployments.serving_digests();
+        let held: u64 = map
+            .iter()
+            .filter(|(k, e)| e.pinned || serving.contains(k.as_str()) || e.idle_since().is_none())
+            .map(|(_, e)| e.reserved)
+            .sum();
+        if held + needed > self.memory.budget {
+            let mib = |b: u64| b >> 20;
+            return Err(ApiError::insufficient_memory(format!(
+                "{} needs about {} MiB beside the {} MiB that serving models hold, and the memory budget (--memory-budget) is {} MiB; the stable version keeps serving. Raise --memory-budget, lower --kv-cache, or unload other models",
+                target.reference.familiar(),
+                mib(needed),
+                mib(held),
+                mib(self.memory.budget)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Load what a target names (once per manifest digest).
+    pub(crate) async fn load_target(&self, target: &Target, keep_alive: Option<KeepAlive>) -> Result<Loaded, ApiError> {
+        let key = target.digest.to_string();
         let cell = {
             let mut map = self.loaded.lock().await;
-            if map.get(&key).is_some_and(|e| e.digest != digest) {
-                tracing::info!(model = %reference.familiar(), digest = %digest, "unloaded: the name now points to another manifest");
-                map.remove(&key);
-            }
             match map.get_mut(&key) {
                 Some(e) => {
                     e.last_used = Instant::now();
@@ -526,28 +694,30 @@ impl ModelManager {
                     e.cell.clone()
                 }
                 None => {
-                    // Reserve an upper bound now (weights, a whole KV cache, working memory), so
-                    // that concurrent loads of other models count it too.
-                    let size = self
-                        .store()?
-                        .load(&reference)
-                        .map(|(_, manifest, _)| manifest.total_size())
-                        .map_err(|_| ApiError::model_not_found(model, &self.available()))?;
-                    let reserved = size + self.batching.kv_cache_bytes + OVERHEAD;
-                    self.make_room(&mut map, reserved, &key)?;
-                    let pinned = self
-                        .memory
-                        .pinned
-                        .iter()
-                        .any(|p| Reference::parse(p).map(|r| r.to_string() == key).unwrap_or(false));
+                    // Reserve an upper bound now, so that concurrent loads of other models count it too.
+                    let reserved = self.reservation(&target.digest)?;
+                    self.make_room(&mut map, reserved, &target.reference.familiar())?;
+                    let store = self.store()?;
+                    let pinned = target.settings.pinned
+                        || self.memory.pinned.iter().any(|p| {
+                            Reference::parse(p)
+                                .ok()
+                                .and_then(|r| store.resolve(&r).ok())
+                                .is_some_and(|d| d == target.digest)
+                        });
+                    let keep_alive = keep_alive
+                        .or(target.settings.keep_alive_seconds.map(|s| {
+                            if s < 0 { KeepAlive::Forever } else { KeepAlive::For(Duration::from_secs(s as u64)) }
+                        }))
+                        .unwrap_or(self.memory.keep_alive);
                     let cell = Arc::new(OnceCell::new());
                     map.insert(
                         key.clone(),
                         Entry {
                             cell: cell.clone(),
-                            digest: digest.clone(),
+                            name: target.reference.to_string(),
                             reserved,
-                            keep_alive: keep_alive.unwrap_or(self.memory.keep_alive),
+                            keep_alive,
                             pinned,
                             last_used: Instant::now(),
                         },
@@ -556,7 +726,7 @@ impl ModelManager {
                 }
             }
         };
-        let result = self.load_into(&cell, reference, model, self.abort.subscribe()).await;
+        let result = self.load_into(&cell, target, self.abort.subscribe()).await;
         let mut map = self.loaded.lock().await;
         match &result {
             // A failed load gives its reservation back, so that the next request tries again.
@@ -581,13 +751,17 @@ impl ModelManager {
     async fn load_into(
         &self,
         cell: &OnceCell<Loaded>,
-        reference: Reference,
-        model: &str,
+        target: &Target,
         abort: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Loaded, ApiError> {
         // Only a first request loads; the others find the model in the cell and do none of this.
         let manager = self;
-        let name = reference.familiar();
+        let (reference, model, version) = (
+            target.reference.clone(),
+            target.name.as_str(),
+            crate::deployments::spec::version_label(&target.digest.to_string()),
+        );
+        let name = target.name.clone();
         let span = tracing::info_span!("load_model", model = %name);
         cell.get_or_try_init(|| {
             async move {
@@ -623,15 +797,24 @@ impl ModelManager {
                         berth_store::StoreError::Config(m) => ApiError::invalid("model", m),
                         other => damaged(&checked, other),
                     })?;
-                    Engine::load(&found.path, found.chat_template.as_deref())
-                        .map_err(|e| ApiError::internal(format!("cannot load {checked}: {e}")))
+                    let engine = Engine::load(&found.path, found.chat_template.as_deref())
+                        .map_err(|e| ApiError::internal(format!("cannot load {checked}: {e}")))?;
+                    Ok::<_, ApiError>((engine, found.context_size))
                 })
                 .await
                 .map_err(|e| ApiError::internal(format!("loading stopped: {e}")))??;
+                let (engine, packaged_context) = engine;
                 let engine = Arc::new(engine);
                 let batching = &manager.batching;
                 let limits = batching.per_model.of(&reference);
-                let context = limits.context.unwrap_or(usize::MAX).min(engine.context_length());
+                // The least of: the operator's limit (the server's per-model one, else the
+                // deployment version's), the context the package declares, the model's own.
+                let context = limits
+                    .context
+                    .or(target.settings.context)
+                    .unwrap_or(usize::MAX)
+                    .min(packaged_context.map_or(usize::MAX, |c| usize::try_from(c).unwrap_or(usize::MAX)).max(1))
+                    .min(engine.context_length());
                 let config = runner_config(&engine, batching, &limits, context);
                 let runner = Runner::start(engine.clone(), config)
                     .map_err(|e| ApiError::internal(format!("cannot start {name}: {e}")))?;
@@ -640,6 +823,7 @@ impl ModelManager {
                 let metrics = ServingMetrics::new(seconds);
                 Ok(Loaded::Chat(Arc::new(LoadedModel {
                     name,
+                    version,
                     engine,
                     runner,
                     size,

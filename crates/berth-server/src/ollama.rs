@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::models::{KeepAlive, Loaded, LoadedModel};
+use crate::models::{KeepAlive, Loaded, Served};
 use crate::request::{JsonBody, PromptSource};
 use crate::run::Update;
 use berth_engine::ChatOptions;
@@ -322,7 +322,7 @@ pub async fn generate(State(state): State<AppState>, JsonBody(req): JsonBody<Gen
     }
 }
 
-fn body(model: &LoadedModel, chat: bool, text: &str, done: Option<(&GenerationOutput, f64)>) -> Value {
+fn body(model: &Served, chat: bool, text: &str, done: Option<(&GenerationOutput, f64)>) -> Value {
     let mut v = json!({"model": model.name, "created_at": created_at()});
     if chat {
         v["message"] = json!({"role": "assistant", "content": text});
@@ -372,7 +372,7 @@ fn with_extras(v: &mut Value, chat: bool, reasoning: &str, calls: &[berth_engine
 }
 
 async fn answer(
-    model: Arc<LoadedModel>,
+    model: Served,
     request: Option<GenerationRequest>,
     stream: bool,
     chat: bool,
@@ -532,7 +532,7 @@ pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
         if caller.as_ref().is_some_and(|c| c.check_model(&m.name).is_err()) {
             continue;
         }
-        let summary = listed.iter().find(|s| s.reference == m.name);
+        let summary = listed.iter().find(|s| s.reference == m.name || s.digest.to_string() == m.digest);
         let (running, waiting, limits) = match &m.loaded {
             Some(Loaded::Chat(c)) => {
                 let stats = c.runner.stats();
@@ -560,7 +560,7 @@ pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
             "name": m.name,
             "model": m.name,
             "size": m.memory,
-            "digest": summary.map(|s| s.digest.hex().to_string()).unwrap_or_default(),
+            "digest": m.digest.strip_prefix("sha256:").unwrap_or(&m.digest),
             "details": summary.map(details).unwrap_or(json!({})),
             "expires_at": expires_at,
             "size_vram": 0,
@@ -569,6 +569,7 @@ pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
                 _ => Value::Null,
             },
             "berth": {
+                "version": crate::deployments::spec::version_label(&m.digest),
                 "state": m.state,
                 "memory_bytes": m.memory,
                 "running": running,
@@ -583,7 +584,19 @@ pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
             },
         }));
     }
-    Ok(Json(json!({"models": models, "memory_budget_bytes": state.models.budget()})))
+    // Deployments and the share of requests each of their versions gets.
+    let deployments: Vec<Value> = state
+        .models
+        .deployments
+        .list()
+        .iter()
+        .filter(|d| caller.as_ref().is_none_or(|c| c.check_model(&d.name).is_ok()))
+        .map(|d| {
+            let view = crate::deployments::api::view(&state, d);
+            json!({"name": d.name, "traffic": view["traffic"], "rollout": view["rollout"]["state"]})
+        })
+        .collect();
+    Ok(Json(json!({"models": models, "deployments": deployments, "memory_budget_bytes": state.models.budget()})))
 }
 
 pub async fn version() -> Json<Value> {

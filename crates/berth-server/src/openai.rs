@@ -1,7 +1,6 @@
 //! OpenAI-compatible endpoints: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -18,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::models::{LoadedModel, now};
+use crate::models::{LoadedModel, Served, now};
 use crate::request::{JsonBody, PromptSource, Sampling, request_id};
 use crate::run::Update;
 use berth_engine::ChatOptions;
@@ -176,7 +175,7 @@ impl ChatMessage {
 }
 
 struct Plan {
-    model: Arc<LoadedModel>,
+    model: Served,
     /// The request's tools, with the model's format.
     tools: Option<ToolPlan>,
     /// One validated request per prompt.
@@ -271,6 +270,7 @@ pub async fn chat_completions(State(state): State<AppState>, JsonBody(req): Json
     let plan = async {
         let (source, draft, chat) = chat_parts(&req)?;
         let top_logprobs = draft.logprobs;
+        crate::deployments::served::set_user(req.sampling.user.as_ref());
         let model = state.models.get(&req.model).await?;
         let tools = chat.tools.clone();
         let requests = model.prepare(source, draft, chat).await?;
@@ -301,6 +301,7 @@ pub async fn completions(State(state): State<AppState>, JsonBody(req): JsonBody<
             (PromptSource::Texts(texts), false) => vec![String::new(); texts.len()],
             (PromptSource::Chat(_) | PromptSource::After(..), _) => vec![String::new()],
         };
+        crate::deployments::served::set_user(req.sampling.user.as_ref());
         let model = state.models.get(&req.model).await?;
         let requests = model.prepare(source, draft, ChatOptions::default()).await?;
         Ok::<_, ApiError>(Plan {

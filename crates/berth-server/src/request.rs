@@ -162,7 +162,7 @@ pub struct Sampling {
     /// Keep generating past the end-of-sequence token up to the token limit (the extension vLLM and
     /// llama-server accept; benchmarks use it for fixed output lengths).
     pub ignore_eos: Option<Value>,
-    #[allow(dead_code)]
+    /// The end user, as OpenAI's clients name it: keeps them on one version during a canary.
     pub user: Option<Value>,
 }
 

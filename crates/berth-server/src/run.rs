@@ -18,8 +18,9 @@ use tokio::sync::mpsc;
 
 use crate::accounts::{NO_KEY, Outcome, Record};
 use crate::auth::Caller;
+use crate::deployments::window::ServedRequest;
 use crate::error::ApiError;
-use crate::models::{Hold, LoadedModel};
+use crate::models::{Hold, Served};
 
 /// What a running generation reports.
 pub enum Update {
@@ -51,7 +52,7 @@ impl TokenSink for ChannelSink {
 /// A queued or running generation. Dropping it cancels the request.
 pub struct Generation {
     rx: mpsc::UnboundedReceiver<Message>,
-    model: Arc<LoadedModel>,
+    model: Served,
     done: bool,
     started: Instant,
     last_token: Option<Instant>,
@@ -72,6 +73,10 @@ struct RequestUsage {
     /// Who to charge (the key, or none on a server without keys).
     caller: Option<Caller>,
     model: String,
+    /// The version that answers (a manifest digest's first 12 hex digits).
+    version: String,
+    /// Where a deployment's version counts how the request ended.
+    served: Option<Arc<ServedRequest>>,
     request_id: String,
     started: Instant,
     /// The request's span, kept open until the answer ends, and given its figures then.
@@ -128,9 +133,18 @@ impl RequestUsage {
     }
 
     fn record(&self, t: &Tally) {
+        if let Some(served) = &self.served {
+            if t.outcome == Outcome::Failed {
+                served.fail();
+            }
+            if let Some(first) = t.first_token {
+                served.first_token(first);
+            }
+        }
         let record = Record {
             key_id: NO_KEY,
             model: &self.model,
+            model_version: &self.version,
             outcome: t.outcome,
             prompt_tokens: t.prompt_tokens as u64,
             completion_tokens: t.completion_tokens as u64,
@@ -244,17 +258,14 @@ fn reserve_quota(caller: Option<&Caller>, reqs: &mut [(GenerationRequest, bool)]
 }
 
 /// Queue `req` on `model`'s scheduler; refused at once (429) when its queue is full.
-pub fn start(model: &Arc<LoadedModel>, req: GenerationRequest) -> Result<Generation, ApiError> {
+pub fn start(model: &Served, req: GenerationRequest) -> Result<Generation, ApiError> {
     let mut started = start_all(model, vec![(req, true)])?;
     started.pop().ok_or_else(|| ApiError::internal("no generation was started"))
 }
 
 /// Queue the generations of one API request together (so they share steps), each with whether
 /// its prompt counts in the request's usage. If one is refused, none runs.
-pub fn start_all(
-    model: &Arc<LoadedModel>,
-    mut reqs: Vec<(GenerationRequest, bool)>,
-) -> Result<Vec<Generation>, ApiError> {
+pub fn start_all(model: &Served, mut reqs: Vec<(GenerationRequest, bool)>) -> Result<Vec<Generation>, ApiError> {
     let caller = crate::auth::caller();
     let reserved = match reserve_quota(caller.as_ref(), &mut reqs) {
         Ok(r) => r,
@@ -262,7 +273,7 @@ pub fn start_all(
             // Refused before it ran: counted like every other refusal, in metrics and in usage.
             model.metrics.failure(e.metric_label());
             if let Some(c) = &caller {
-                c.record(&Record::rejected(c.key_id(), &model.name), 0);
+                c.record(&Record { model_version: &model.version, ..Record::rejected(c.key_id(), &model.name) }, 0);
             }
             return Err(e);
         }
@@ -271,6 +282,8 @@ pub fn start_all(
         reserved,
         caller,
         model: model.name.clone(),
+        version: model.version.clone(),
+        served: crate::deployments::served::current(),
         request_id: crate::request_log::current().unwrap_or_default(),
         started: Instant::now(),
         span: tracing::Span::current(),

@@ -363,6 +363,21 @@ impl Store {
         Ok(digest)
     }
 
+    /// Whether this exact reference is in the index (a `name@digest` is not found through a tag).
+    pub fn has_ref(&self, reference: &Reference) -> Result<bool, StoreError> {
+        Ok(self.read_index()?.refs.contains_key(&reference.to_string()))
+    }
+
+    /// Remove exactly this reference (no other tag of its name), then collect blobs nothing
+    /// references any more. Whether it was there.
+    pub fn remove_ref(&self, reference: &Reference) -> Result<bool, StoreError> {
+        let removed = self.update_index(|index| Ok(index.refs.remove(&reference.to_string()).is_some()))?;
+        if removed {
+            self.gc()?;
+        }
+        Ok(removed)
+    }
+
     /// Every reference in the store, sorted.
     pub fn list(&self) -> Result<Vec<ModelSummary>, StoreError> {
         let index = self.read_index()?;

@@ -63,6 +63,17 @@ enum Command {
     Ps(commands::loaded::PsArgs),
     /// Unload a model from a running server.
     Unload(commands::loaded::UnloadArgs),
+    /// Serve a model under a name clients call, pinned to its manifest (a running server's).
+    Deploy(commands::deploy::DeployArgs),
+    /// Move a deployment to a new version gradually: `rollout NAME --to MODEL`, then
+    /// `rollout step|promote|abort|status|refresh NAME`.
+    Rollout(commands::deploy::RolloutArgs),
+    /// Go back to a deployment's previous version (or abort its rollout).
+    Rollback(commands::deploy::NameArgs),
+    /// List a running server's deployments and their traffic.
+    Deployments(commands::deploy::ListArgs),
+    /// Remove a deployment (its models stay in the store).
+    Undeploy(commands::deploy::NameArgs),
     /// Manage API keys (once one exists, the server asks every request for one).
     #[command(subcommand, alias = "key")]
     Keys(commands::keys::KeyCommand),
@@ -106,6 +117,11 @@ fn main() -> ExitCode {
         Command::Serve(a) => commands::serve::run(&ctx, a),
         Command::Ps(a) => commands::loaded::ps(a),
         Command::Unload(a) => commands::loaded::unload(a),
+        Command::Deploy(a) => commands::deploy::deploy(a),
+        Command::Rollout(a) => commands::deploy::rollout(a),
+        Command::Rollback(a) => commands::deploy::rollback(a),
+        Command::Deployments(a) => commands::deploy::list(a),
+        Command::Undeploy(a) => commands::deploy::undeploy(a),
         Command::Keys(c) => commands::keys::key(&ctx, c),
         Command::Usage(a) => commands::keys::usage(&ctx, a),
         Command::TemplateWorker => {

@@ -276,7 +276,10 @@ fn requests_carry_their_id_into_json_logs() {
 #[test]
 fn a_model_keeps_its_own_limits() {
     let server = Server::start_with(&["--limit", "smollm2=threads:2,max-running:1,context:64"]);
-    server.berth.ok(&["package", "--gguf", &models::smollm2_gguf().display().to_string(), "smollm2-copy"]);
+    // Another manifest of the same weights (its package declares a shorter context), so it loads on
+    // its own; a second tag of the first manifest would share the first's load.
+    let gguf = models::smollm2_gguf().display().to_string();
+    server.berth.ok(&["package", "--gguf", &gguf, "--context-size", "4096", "smollm2-copy"]);
     let greedy = r#""prompt":"The capital of France is","max_tokens":12,"temperature":0"#;
     let (status, limited) = server.post("/v1/completions", &format!(r#"{{"model":"smollm2",{greedy}}}"#));
     assert_eq!(status, 200, "{limited}");
@@ -313,7 +316,13 @@ fn a_model_keeps_its_own_limits() {
     assert_eq!((own["max_running"].as_u64(), own["context"].as_u64()), (Some(1), Some(64)), "{ps}");
     let other = limits("ai/smollm2-copy:latest");
     assert_eq!((other["own_threads"].as_bool(), other["max_running"].as_u64()), (Some(false), Some(64)), "{ps}");
-    assert_eq!(other["context"].as_u64(), Some(8192), "{ps}");
+    assert_eq!(other["context"].as_u64(), Some(4096), "the context its package declares: {ps}");
+    // Loaded models are keyed by manifest: another tag of one loads nothing more.
+    server.berth.ok(&["tag", "smollm2-copy", "smollm2-alias"]);
+    let (status, aliased) = server.post("/v1/completions", &format!(r#"{{"model":"smollm2-alias",{greedy}}}"#));
+    assert_eq!(status, 200, "{aliased}");
+    assert_eq!(text(&aliased), text(&limited));
+    assert_eq!(server.log().lines().filter(|l| l.contains("model loaded")).count(), 2, "{}", server.log());
     let table = server.berth.ok(&["ps", "--url", &url]);
     assert!(table.contains("2 own") && table.contains("0/1"), "{table}");
     // The model's own worker thread is there, by name.
@@ -343,8 +352,8 @@ fn a_model_keeps_its_own_limits() {
     let clients: Vec<_> = (0..3).map(|_| std::thread::spawn(move || stream_completion(port, body))).collect();
     let (mut most_running, mut most_waiting) = (0, 0);
     while !clients.iter().all(|c| c.is_finished()) {
-        let running = server.metric(r#"berth:num_requests_running{model_name="ai/smollm2:latest"}"#);
-        let waiting = server.metric(r#"berth:num_requests_waiting{model_name="ai/smollm2:latest"}"#);
+        let running = server.metric(r#"berth:num_requests_running{model_name="ai/smollm2:latest""#);
+        let waiting = server.metric(r#"berth:num_requests_waiting{model_name="ai/smollm2:latest""#);
         (most_running, most_waiting) = (most_running.max(running), most_waiting.max(waiting));
         std::thread::sleep(Duration::from_millis(20));
     }

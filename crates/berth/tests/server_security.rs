@@ -354,8 +354,10 @@ fn internal_errors_do_not_leak_paths() {
         .map(|e| e.path())
         .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == gguf_size))
         .expect("the GGUF blob");
-    // A second name loads the model again (the first is loaded already), after its file is gone.
-    server.berth.ok(&["tag", "smollm2", "other"]);
+    // Another manifest of the same weights loads them again (the first is loaded already; a second
+    // tag of it would share that load), after their file is gone.
+    let gguf = models::smollm2_gguf().display().to_string();
+    server.berth.ok(&["package", "--gguf", &gguf, "--context-size", "4096", "other"]);
     std::fs::remove_file(&victim).unwrap();
     let (status, body) = server.post("/api/generate", r#"{"model":"other","prompt":"hi","stream":false}"#);
     assert_eq!(status, 503, "{body}");

@@ -31,10 +31,21 @@ pub struct UnloadArgs {
 }
 
 fn call(method: reqwest::Method, url: &str, key: Option<&str>, body: Option<Value>) -> anyhow::Result<Value> {
+    call_within(method, url, key, body, std::time::Duration::from_secs(30))
+}
+
+/// Call the server's API and return its JSON, or fail with the server's own message.
+pub(crate) fn call_within(
+    method: reqwest::Method,
+    url: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Value> {
     berth_store::registry::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
+        let client = reqwest::Client::builder().timeout(timeout).build()?;
         let mut request = client.request(method, url);
         if let Some(k) = key {
             request = request.bearer_auth(k);
@@ -70,8 +81,8 @@ pub fn ps(args: PsArgs) -> anyhow::Result<()> {
     }
     let models = v["models"].as_array().cloned().unwrap_or_default();
     println!(
-        "{:<32} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12}",
-        "NAME", "STATE", "MEMORY", "RUNNING", "WAITING", "CONTEXT", "THREADS", "IDLE", "KEEP ALIVE"
+        "{:<32} {:<12} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12}",
+        "NAME", "VERSION", "STATE", "MEMORY", "RUNNING", "WAITING", "CONTEXT", "THREADS", "IDLE", "KEEP ALIVE"
     );
     for m in &models {
         let b = &m["berth"];
@@ -94,8 +105,9 @@ pub fn ps(args: PsArgs) -> anyhow::Result<()> {
             (None, _) => "-".to_string(),
         };
         println!(
-            "{:<32} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12}",
+            "{:<32} {:<12} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12}",
             m["name"].as_str().unwrap_or("?"),
+            b["version"].as_str().unwrap_or("-"),
             b["state"].as_str().unwrap_or("?"),
             mib(b["memory_bytes"].as_f64().or(m["size"].as_f64()).unwrap_or(0.0)),
             running,
@@ -105,6 +117,15 @@ pub fn ps(args: PsArgs) -> anyhow::Result<()> {
             idle,
             keep
         );
+    }
+    for d in v["deployments"].as_array().into_iter().flatten() {
+        let traffic: Vec<String> = d["traffic"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| format!("{} {}%", t["version"].as_str().unwrap_or("?"), t["weight"]))
+            .collect();
+        println!("deployment {}: {}", d["name"].as_str().unwrap_or("?"), traffic.join(", "));
     }
     if let Some(budget) = v["memory_budget_bytes"].as_f64() {
         let used: f64 = models.iter().filter_map(|m| m["berth"]["memory_bytes"].as_f64()).sum();

@@ -1,5 +1,6 @@
 pub mod bench;
 mod bench_serve;
+pub mod deploy;
 pub mod keys;
 pub mod loaded;
 pub mod manage;

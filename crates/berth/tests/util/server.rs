@@ -74,13 +74,14 @@ impl Server {
     }
 
     /// A metric's value; a series the server does not expose fails the test (so that a renamed
-    /// metric cannot pass for a zero).
+    /// metric cannot pass for a zero). `name` may end inside the labels
+    /// (`berth:x{model_name="m"`): the first series with those labels first.
     pub fn metric_f64(&self, name: &str) -> f64 {
         let (_, raw) = http_request(self.port, "GET", "/metrics", &[], b"").expect("metrics");
         let text = body_of(&raw);
         let value = text
             .lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{', ',']))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok());
         value.unwrap_or_else(|| panic!("the server exposes no series {name}; /metrics:\n{text}"))
