@@ -396,6 +396,11 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             for model in &config.models {
                 state
                     .models
+                    .pull_if_missing(model)
+                    .await
+                    .map_err(|e| ServerError::Preload { model: model.clone(), message: e.message })?;
+                state
+                    .models
                     .preload(model, config.preload_keep_alive)
                     .await
                     .map_err(|e| ServerError::Preload { model: model.clone(), message: e.message })?;

@@ -582,6 +582,23 @@ impl ModelManager {
         }
     }
 
+    /// A model named with its registry (`registry.example/ns/model:tag`, `localhost:5000/m`) that
+    /// the store lacks is pulled (verified as every pull), so that a container can start from an
+    /// empty volume. A short name (`ai/smollm2`) is never fetched behind the operator's back.
+    pub async fn pull_if_missing(&self, model: &str) -> Result<(), ApiError> {
+        let names_registry = model
+            .split_once('/')
+            .is_some_and(|(host, _)| host.contains('.') || host.contains(':') || host == "localhost");
+        let Ok(reference) = Reference::parse(model) else { return Ok(()) };
+        if !names_registry || self.store()?.resolve(&reference).is_ok() {
+            return Ok(());
+        }
+        tracing::info!(model = %reference.familiar(), "not in the store: pulling it");
+        let digest = self.pull(model).await?;
+        tracing::info!(model = %reference.familiar(), digest = %digest, "pulled");
+        Ok(())
+    }
+
     /// Load a model of either kind (at server start).
     pub async fn preload(&self, model: &str, keep_alive: KeepAlive) -> Result<(), ApiError> {
         self.load(model, Some(keep_alive)).await.map(|_| ())

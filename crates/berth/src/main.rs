@@ -63,6 +63,8 @@ enum Command {
     Ps(commands::loaded::PsArgs),
     /// Unload a model from a running server.
     Unload(commands::loaded::UnloadArgs),
+    /// Ask a running server whether it is up (exit status 0 when it answers /health).
+    Health(commands::loaded::HealthArgs),
     /// Serve a model under a name clients call, pinned to its manifest (a running server's).
     Deploy(commands::deploy::DeployArgs),
     /// Move a deployment to a new version gradually: `rollout NAME --to MODEL`, then
@@ -117,6 +119,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => commands::serve::run(&ctx, a),
         Command::Ps(a) => commands::loaded::ps(a),
         Command::Unload(a) => commands::loaded::unload(a),
+        Command::Health(a) => commands::loaded::health(a),
         Command::Deploy(a) => commands::deploy::deploy(a),
         Command::Rollout(a) => commands::deploy::rollout(a),
         Command::Rollback(a) => commands::deploy::rollback(a),

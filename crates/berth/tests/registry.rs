@@ -275,3 +275,27 @@ fn a_missing_model_names_what_to_do() {
     let err = b.fails(&["push", "ai/not-local"]);
     assert!(err.contains("not in the local store") && err.contains("berth list"), "{err}");
 }
+
+#[test]
+fn serve_pulls_a_model_named_with_its_registry_when_the_store_lacks_it() {
+    let registry = Registry::start();
+    let reference = format!("{}/team/smollm2:prod", registry.host());
+    let publisher = Berth::new();
+    publisher.ok(&["package", "--gguf", &smollm2_path(), &reference]);
+    publisher.ok(&["push", &reference]);
+
+    // An empty home, as a container's fresh volume: the model is pulled, verified, then served.
+    let server = util::server::Server::serve(Berth::new(), &["--model", &reference]);
+    assert!(server.log().contains("not in the store: pulling it"), "{}", server.log());
+    let body = format!(r#"{{"model":"{reference}","messages":[{{"role":"user","content":"Hi"}}],"max_tokens":2}}"#);
+    let (status, answer) = server.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{answer}");
+    let listed = server.berth.ok(&["ls"]);
+    assert!(listed.contains("team/smollm2:prod"), "{listed}");
+
+    // A short name is never fetched behind the operator's back: it is refused as missing.
+    let out = Berth::new().run(&["serve", "--port", &berth_testkit::free_port().to_string(), "--model", "nothere"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothere") && !err.contains("pulling"), "{err}");
+}

@@ -450,7 +450,8 @@ impl ModelManager {
         Ok(d)
     }
 
-    async fn pull(&self, model: &str) -> Result<berth_store::Digest, ApiError> {
+    /// Pull a model from its registry through the store's verified pull.
+    pub(crate) async fn pull(&self, model: &str) -> Result<berth_store::Digest, ApiError> {
         let reference = Reference::parse(model).map_err(|e| ApiError::invalid("model", e.to_string()))?;
         let store = self.store()?;
         berth_store::registry::pull(

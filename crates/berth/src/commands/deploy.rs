@@ -269,21 +269,26 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
     }
     println!("{:<20} {:<40} {:<10} {:<30}", "NAME", "TRAFFIC", "ROLLOUT", "SOURCE");
     for d in v["deployments"].as_array().into_iter().flatten() {
-        let traffic: Vec<String> = d["traffic"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|t| format!("{} {}%", t["version"].as_str().unwrap_or("?"), t["weight"]))
-            .collect();
         println!(
             "{:<20} {:<40} {:<10} {:<30}",
             d["name"].as_str().unwrap_or("?"),
-            traffic.join(", "),
+            traffic(d),
             d["rollout"]["state"].as_str().unwrap_or("-"),
             d["stable"]["source"].as_str().unwrap_or("?"),
         );
     }
     Ok(())
+}
+
+/// A deployment's split as `version weight%, …` (the server's `traffic`).
+pub(crate) fn traffic(d: &Value) -> String {
+    let parts: Vec<String> = d["traffic"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| format!("{} {}%", t["version"].as_str().unwrap_or("?"), t["weight"]))
+        .collect();
+    parts.join(", ")
 }
 
 fn print_deployment(d: &Value) {

@@ -119,18 +119,28 @@ pub fn ps(args: PsArgs) -> anyhow::Result<()> {
         );
     }
     for d in v["deployments"].as_array().into_iter().flatten() {
-        let traffic: Vec<String> = d["traffic"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|t| format!("{} {}%", t["version"].as_str().unwrap_or("?"), t["weight"]))
-            .collect();
-        println!("deployment {}: {}", d["name"].as_str().unwrap_or("?"), traffic.join(", "));
+        println!("deployment {}: {}", d["name"].as_str().unwrap_or("?"), super::deploy::traffic(d));
     }
     if let Some(budget) = v["memory_budget_bytes"].as_f64() {
         let used: f64 = models.iter().filter_map(|m| m["berth"]["memory_bytes"].as_f64()).sum();
         println!("memory: {} of the {} budget", mib(used), mib(budget));
     }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct HealthArgs {
+    /// The server's base URL.
+    #[arg(long, env = "BERTH_URL", default_value = "http://127.0.0.1:12480")]
+    url: String,
+}
+
+/// Whether a server answers its `/health` probe (open to all, so no key): a container's health
+/// check, where the image has no shell or curl.
+pub fn health(args: HealthArgs) -> anyhow::Result<()> {
+    let url = format!("{}/health", args.url.trim_end_matches('/'));
+    call_within(reqwest::Method::GET, &url, None, None, std::time::Duration::from_secs(3))?;
+    println!("ok");
     Ok(())
 }
 
