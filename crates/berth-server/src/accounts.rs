@@ -223,17 +223,23 @@ fn digest(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
 }
 
+/// A connection to berth's database shared by the server and the CLI: WAL, so that the server
+/// writes while `berth usage` and `berth keys` read and write, and a wait of up to 5 s for a lock.
+pub(crate) fn open_shared(path: &Path) -> rusqlite::Result<Connection> {
+    let db = Connection::open(path)?;
+    db.pragma_update(None, "journal_mode", "WAL")?;
+    db.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(db)
+}
+
 impl Accounts {
     /// Open (and create if needed) the database in berth's home.
     pub fn open(home: &Path) -> Result<Accounts, AccountsError> {
         let path = home.join("berth.db");
         let err = |source| AccountsError::Database { path: path.clone(), source };
         std::fs::create_dir_all(home).map_err(|e| err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        let db = Connection::open(&path).map_err(err)?;
-        // WAL: the server writes usage while `berth usage` and `berth key` read and write.
-        db.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        let db = open_shared(&path).map_err(err)?;
         db.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
-        db.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS api_keys (
                 id TEXT PRIMARY KEY,

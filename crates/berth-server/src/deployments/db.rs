@@ -25,9 +25,7 @@ impl DeploymentDb {
     pub fn open(home: &Path) -> Result<DeploymentDb, DbError> {
         let path = home.join("berth.db");
         let err = |source| DbError::Sqlite { path: path.clone(), source };
-        let db = Connection::open(&path).map_err(err)?;
-        db.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        db.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        let db = crate::accounts::open_shared(&path).map_err(err)?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS deployments (
                 name TEXT PRIMARY KEY,

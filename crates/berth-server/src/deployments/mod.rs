@@ -67,10 +67,6 @@ fn saving_failed(e: DbError) -> ApiError {
 
 impl Deployments {
     pub fn open(home: &Path) -> Result<Deployments, DbError> {
-        std::fs::create_dir_all(home).map_err(|e| DbError::Sqlite {
-            path: home.join("berth.db"),
-            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-        })?;
         let db = DeploymentDb::open(home)?;
         let live = db.all()?.into_iter().map(|d| (d.name.clone(), Live::new(d))).collect();
         Ok(Deployments { db: Mutex::new(db), live: Mutex::new(live) })

@@ -154,33 +154,19 @@ impl SettingsFlags {
 }
 
 impl PolicyFlags {
+    /// The policy as the API takes it (a field left out, `null`, keeps the deployment's own).
     fn body(&self) -> anyhow::Result<Value> {
-        let mut p = Map::new();
-        let mut put = |k: &str, v: Value| {
-            p.insert(k.to_string(), v);
-        };
-        if let Some(v) = self.canary {
-            put("canary", json!(v));
-        }
-        if let Some(v) = self.step {
-            put("step", json!(v));
-        }
-        if let Some(v) = &self.interval {
-            put("interval_seconds", json!(positive_seconds("--interval", v)?));
-        }
-        if let Some(v) = self.max_error_rate {
-            put("max_error_rate", json!(v));
-        }
-        if let Some(v) = self.max_ttft_ratio {
-            put("max_ttft_ratio", json!(v));
-        }
-        if let Some(v) = &self.guard_window {
-            put("window_seconds", json!(positive_seconds("--guard-window", v)?));
-        }
-        if let Some(v) = self.min_requests {
-            put("min_requests", json!(v));
-        }
-        Ok(Value::Object(p))
+        let interval = self.interval.as_deref().map(|v| positive_seconds("--interval", v)).transpose()?;
+        let window = self.guard_window.as_deref().map(|v| positive_seconds("--guard-window", v)).transpose()?;
+        Ok(json!({
+            "canary": self.canary,
+            "step": self.step,
+            "interval_seconds": interval,
+            "max_error_rate": self.max_error_rate,
+            "max_ttft_ratio": self.max_ttft_ratio,
+            "window_seconds": window,
+            "min_requests": self.min_requests,
+        }))
     }
 }
 
