@@ -160,7 +160,16 @@ fn models_share_a_memory_budget_and_unload_when_idle() {
     let budget = ["--kv-cache", "16MiB", "--memory-budget", "240MiB"];
     let server = Server::start_with(&budget);
     let url = format!("http://127.0.0.1:{}", server.port);
-    server.berth.ok(&["package", "--gguf", &models::smollm2_gguf().display().to_string(), "smollm2-copy"]);
+    // Another manifest (loaded models are keyed by manifest: a package of the same file made in the
+    // same second would be the same one and share the first's load).
+    server.berth.ok(&[
+        "package",
+        "--gguf",
+        &models::smollm2_gguf().display().to_string(),
+        "--context-size",
+        "4096",
+        "smollm2-copy",
+    ]);
     let names = |server: &Server| -> Vec<String> {
         let ps = server.berth.json(&["ps", "--url", &format!("http://127.0.0.1:{}", server.port), "--json"]);
         ps["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect()
@@ -196,7 +205,16 @@ fn models_share_a_memory_budget_and_unload_when_idle() {
 
     // A pinned model stays: the other one is refused with the reason.
     let pinned = Server::start_with(&[&budget[..], &["--pin", "smollm2", "--keep-alive", "1s"]].concat());
-    pinned.berth.ok(&["package", "--gguf", &models::smollm2_gguf().display().to_string(), "smollm2-copy"]);
+    // Another manifest (loaded models are keyed by manifest: a package of the same file made in the
+    // same second would be the same one and share the first's load).
+    pinned.berth.ok(&[
+        "package",
+        "--gguf",
+        &models::smollm2_gguf().display().to_string(),
+        "--context-size",
+        "4096",
+        "smollm2-copy",
+    ]);
     let (status, text) = ask(&pinned, "smollm2-copy", "");
     assert_eq!(status, 503, "{text}");
     assert!(
