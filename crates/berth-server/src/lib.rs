@@ -14,6 +14,7 @@ mod deployments;
 mod embeddings;
 mod error;
 pub mod fuzzing;
+pub mod gateway;
 mod guard;
 mod limits;
 mod listener;
@@ -163,6 +164,14 @@ pub enum ServerError {
     Preload { model: String, message: String },
     #[error("the server stopped: {0}")]
     Serve(std::io::Error),
+    #[error(
+        "refusing to listen on {0}: the gateway would let anyone who can reach it use the replicas behind it. Listen on 127.0.0.1 (the default), or pass --allow-insecure-public if the replicas have keys or something in front guards the port"
+    )]
+    UnprotectedGateway(String),
+    #[error("cannot use the replica {url:?}: {reason}")]
+    Upstream { url: String, reason: String },
+    #[error("no replicas: name them with --upstream URL (repeatable) or --upstreams-from dns:NAME:PORT")]
+    NoUpstreams,
 }
 
 #[derive(Clone)]
@@ -233,6 +242,7 @@ fn routes() -> Vec<(&'static str, Access, MethodRouter<AppState>)> {
         ("/api/deployments/{name}/rollback", Needs(Admin), post(deployments::api::rollback)),
         ("/api/deployments/{name}/refresh", Needs(Admin), post(deployments::api::refresh)),
         ("/metrics", Needs(Metrics), get(metrics)),
+        ("/load", Needs(Metrics), get(load)),
         ("/health", Open, get(|| async { "ok" })),
         ("/ready", Open, get(ready)),
         ("/", Open, get(|| async { "berth is running" })),
@@ -359,8 +369,33 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out.finish())
 }
 
+/// Readiness and load in one small answer, for a gateway that polls every replica about ten times
+/// a second (`/metrics` says more, at many times the cost): requests waiting and running and the
+/// fullest KV cache, over the loaded models, and those models' names.
+async fn load(State(state): State<AppState>) -> axum::Json<serde_json::Value> {
+    let (mut waiting, mut running, mut kv_usage) = (0u64, 0u64, 0f64);
+    let mut names = Vec::new();
+    for model in state.models.loaded().await {
+        if let models::Loaded::Chat(m) = &model {
+            let stats = m.runner.stats();
+            waiting += stats.waiting.load(Ordering::Relaxed) as u64;
+            running += stats.running.load(Ordering::Relaxed) as u64;
+            kv_usage = kv_usage.max(stats.kv_usage());
+        }
+        names.push(model.name().to_string());
+    }
+    axum::Json(serde_json::json!({
+        "ready": state.ready.load(Ordering::SeqCst),
+        "draining": state.draining.load(Ordering::SeqCst),
+        "waiting": waiting,
+        "running": running,
+        "kv_cache_usage": kv_usage,
+        "models": names,
+    }))
+}
+
 /// A label value in the exposition format: backslash, quote and newline escaped.
-fn label_value(v: &str) -> String {
+pub(crate) fn label_value(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
@@ -411,18 +446,22 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             Ok::<(), ServerError>(())
         }
     };
-    // SIGTERM or SIGINT: not ready at once and new work refused (503), while the requests in flight
-    // finish for at most the drain timeout; those still running then end with a final error event;
-    // then the listener closes. A second signal skips the waiting.
-    let stop_serving = Arc::new(tokio::sync::Notify::new());
+    // SIGTERM or SIGINT: not ready at once and the listener closes (a new connection is refused,
+    // so a client or gateway retries it on another replica with nothing lost; a request arriving
+    // on a connection kept alive from before gets a 503), while the requests in flight finish for
+    // at most the drain timeout; those still running then end with a final error event. A second
+    // signal skips the waiting. In Kubernetes a preStop sleep keeps the pod serving until the
+    // endpoints no longer name it.
+    let stop_accepting = Arc::new(tokio::sync::Notify::new());
     let drain = {
-        let (state, stop_serving, timeout) = (state.clone(), stop_serving.clone(), config.drain_timeout);
+        let (state, stop_accepting, timeout) = (state.clone(), stop_accepting.clone(), config.drain_timeout);
         async move {
             stop_signal().await;
             state.ready.store(false, Ordering::SeqCst);
             state.draining.store(true, Ordering::SeqCst);
+            stop_accepting.notify_one();
             tracing::info!(
-                "stopping: finishing the requests in flight (at most {} s; a second signal stops at once)",
+                "stopping: no new connections; finishing the requests in flight (at most {} s; a second signal stops at once)",
                 timeout.as_secs()
             );
             let finished = async {
@@ -445,7 +484,6 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
                 }
             };
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), ended).await;
-            stop_serving.notify_one();
         }
     };
     let drain_task = AbortOnDrop(tokio::spawn(drain));
@@ -474,7 +512,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         })
     };
     let _stop_tender = AbortOnDrop(tender);
-    let shutdown = async move { stop_serving.notified().await };
+    let shutdown = async move { stop_accepting.notified().await };
     let server = listener::serve(listener, app, &config.connections, shutdown);
     tokio::pin!(server);
     tokio::select! {
@@ -499,7 +537,8 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// While the server drains, new work is refused (probes and metrics still answer).
+/// While the server drains, a request on a connection kept alive from before is refused (probes
+/// and metrics still answer).
 async fn refuse_while_draining(
     State(draining): State<Arc<AtomicBool>>,
     request: axum::extract::Request,
@@ -515,7 +554,7 @@ async fn refuse_while_draining(
     next.run(request).await
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -524,7 +563,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// SIGTERM (what orchestrators send) or SIGINT (Ctrl-C).
-async fn stop_signal() {
+pub(crate) async fn stop_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

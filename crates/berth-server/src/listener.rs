@@ -33,8 +33,9 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// Serve `app` on `listener` until `shutdown` completes; then stop accepting, let each connection
-/// finish the request it is answering, and return when all are closed.
+/// Serve `app` on `listener` until `shutdown` completes; then close the listener (a new connection
+/// is refused, which any client or proxy may safely retry elsewhere), let each connection finish
+/// the request it is answering, close the idle ones, and return when all are closed.
 pub async fn serve(listener: TcpListener, app: Router, limits: &ConnectionLimits, shutdown: impl Future<Output = ()>) {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -76,6 +77,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: &ConnectionLimits
             }
         });
     }
+    drop(listener);
     let _ = stop.send(true);
     while connections.join_next().await.is_some() {}
 }

@@ -48,7 +48,7 @@ pub async fn body_limits(
     next.run(request).await
 }
 
-fn too_large() -> ApiError {
+pub(crate) fn too_large() -> ApiError {
     ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         code: Some("request_too_large"),

@@ -174,11 +174,17 @@ impl Store {
     /// [`Store::verify_blob`], skipping the hash when this blob was found right before and its
     /// file has not changed since (see [`crate::stamp`]). What loads a model calls.
     pub fn verify_blob_once(&self, digest: &Digest, size: u64) -> Result<(), StoreError> {
-        let stamps = Stamps::new(&self.root);
         let before = fs::metadata(self.blob_path(digest)).ok().and_then(|m| FileStamp::of(&m));
-        if before.as_ref().is_some_and(|b| stamps.holds(digest.hex(), b)) {
+        if before.as_ref().is_some_and(|b| Stamps::new(&self.root).holds(digest.hex(), b)) {
             return Ok(());
         }
+        self.verify_blob_and_stamp(digest, size, before)
+    }
+
+    /// Hash a blob; found right, stamp it (so loads need not hash it again); found wrong, forget
+    /// its stamp. `before` is how the file looked before the hash.
+    fn verify_blob_and_stamp(&self, digest: &Digest, size: u64, before: Option<FileStamp>) -> Result<(), StoreError> {
+        let stamps = Stamps::new(&self.root);
         if let Err(e) = self.verify_blob(digest, size) {
             stamps.forget(digest.hex());
             return Err(e);
@@ -200,16 +206,16 @@ impl Store {
         let manifest = self.manifest(&digest)?;
         let mut out = Vec::new();
         for d in manifest.unique_blobs() {
-            let state = match self.verify_blob(&d.digest, d.size) {
+            // Always hashed; what is found right is stamped, so a store verified before it is
+            // shared read-only loads without hashing again.
+            let before = fs::metadata(self.blob_path(&d.digest)).ok().and_then(|m| FileStamp::of(&m));
+            let state = match self.verify_blob_and_stamp(&d.digest, d.size, before) {
                 Ok(()) => "ok",
                 Err(StoreError::MissingBlob(_)) => "missing",
                 Err(StoreError::SizeMismatch { .. }) => "wrong size",
                 Err(StoreError::DigestMismatch { .. }) => "damaged",
                 Err(e) => return Err(e),
             };
-            if state != "ok" {
-                Stamps::new(&self.root).forget(d.digest.hex());
-            }
             out.push(BlobCheck { digest: d.digest.clone(), size: d.size, state });
         }
         Ok(out)

@@ -59,6 +59,9 @@ enum Command {
     Bench(commands::bench::Args),
     /// Serve the OpenAI- and Ollama-compatible APIs.
     Serve(commands::serve::Args),
+    /// Put one address in front of several `berth serve` replicas: each request goes to a replica
+    /// chosen by prompt prefix and load, and is retried elsewhere when one fails before answering.
+    Gateway(commands::gateway::Args),
     /// Show the models a running server holds in memory.
     Ps(commands::loaded::PsArgs),
     /// Unload a model from a running server.
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::run::run(&ctx, a),
         Command::Bench(a) => commands::bench::run(&ctx, a),
         Command::Serve(a) => commands::serve::run(&ctx, a),
+        Command::Gateway(a) => commands::gateway::run(a),
         Command::Ps(a) => commands::loaded::ps(a),
         Command::Unload(a) => commands::loaded::unload(a),
         Command::Health(a) => commands::loaded::health(a),

@@ -96,8 +96,9 @@ fn a_real_prometheus_scrapes_the_metrics() {
     let _ = prometheus.wait();
 }
 
-/// SIGTERM: `/ready` turns 503 and new work is refused at once, the answer being streamed runs to
-/// its end, and the process exits cleanly.
+/// SIGTERM: the listener closes at once (a new connection is refused, which a client or gateway
+/// retries elsewhere with nothing lost), the answers being streamed run to their end, and the
+/// process exits cleanly.
 #[test]
 fn sigterm_drains_the_requests_in_flight() {
     // A drain timeout no loaded test machine reaches: every stream must end on its own.
@@ -113,14 +114,15 @@ fn sigterm_drains_the_requests_in_flight() {
     assert_eq!(unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) }, 0);
     let signalled = Instant::now();
     let deadline = signalled + Duration::from_secs(30);
-    while http_request(port, "GET", "/ready", &[], b"").map(|r| r.0).unwrap_or(0) != 503 {
-        assert!(Instant::now() < deadline, "/ready did not turn 503 after SIGTERM");
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            Err(e) => panic!("connecting after SIGTERM: {e}"),
+            Ok(_) => assert!(Instant::now() < deadline, "the listener was still open 30 s after SIGTERM"),
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
-    eprintln!("SIGTERM: /ready answered 503 after {:?}", signalled.elapsed());
-    let (status, text) = server.post("/v1/completions", r#"{"model":"smollm2","prompt":"Hi","max_tokens":2}"#);
-    assert_eq!(status, 503, "{text}");
-    assert!(text.contains("shutting down"), "{text}");
+    eprintln!("SIGTERM: new connections refused after {:?}", signalled.elapsed());
     for (s, seen) in &mut streams {
         read_rest(s, seen);
         let text = String::from_utf8_lossy(seen);

@@ -112,7 +112,12 @@ fn a_damaged_blob_is_refused_at_load_reported_by_verify_and_repaired_by_pull() {
     let said = format!("{}{}", String::from_utf8_lossy(&pulled.stdout), String::from_utf8_lossy(&pulled.stderr));
     assert!(said.contains("damaged"), "pull reports the damaged blob it fetched again: {said}");
     assert_eq!(sha256_file(&blob), weights, "pull repaired the blob");
+    // verify stamps what it finds right: a store verified before it is shared read-only loads
+    // without hashing again.
+    let stamp = b.home().join("models/verified").join(&weights);
+    let _ = std::fs::remove_file(&stamp);
     b.ok(&["verify", &reference]);
+    assert!(stamp.is_file(), "verify stamps the blobs it found right");
     b.ok(&["run", &reference, "--max-tokens", "2", "Hi"]);
 }
 

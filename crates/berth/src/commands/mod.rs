@@ -1,6 +1,7 @@
 pub mod bench;
 mod bench_serve;
 pub mod deploy;
+pub mod gateway;
 pub mod keys;
 pub mod loaded;
 pub mod manage;

@@ -34,7 +34,11 @@ impl Server {
 
     /// `berth serve` on a home the caller prepared, with these options.
     pub fn serve(berth: Berth, options: &[&str]) -> Server {
-        let port = berth_testkit::free_port();
+        Self::serve_on(berth, berth_testkit::free_port(), options)
+    }
+
+    /// `berth serve` on a home the caller prepared, on this port.
+    pub fn serve_on(berth: Berth, port: u16, options: &[&str]) -> Server {
         let log = berth.home().join("server.log");
         let file = std::fs::File::create(&log).unwrap();
         let child = berth

@@ -1,0 +1,297 @@
+//! One request through the gateway: read its body (within the limits), plan the replicas to try,
+//! send it to the first, and relay the answer back unchanged — status, headers and body, SSE and
+//! NDJSON frame by frame as they come, so back-pressure holds end to end. A client that hangs up
+//! drops the relay, which closes the connection to the replica, which cancels the generation and
+//! frees its sequence.
+//!
+//! A request that fails before the replica answered (connection refused or reset, the replica
+//! killed mid-generation of a non-streamed answer, or before a stream's first event: a stream's
+//! head is held back until that event comes) or that a replica declines (503: draining or
+//! starting; 404 for a model it does not have) is sent to the next replica in the plan: nothing
+//! has reached the client yet. Once the first byte went to the client it never is: a stream the
+//! replica cuts ends with an error event in the API's own format instead.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::Gateway;
+use super::affinity;
+use super::pool::{Outcome, Upstream};
+use crate::error::{ApiError, Shape};
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Replicas tried for one request, at most.
+const MAX_ATTEMPTS: usize = 3;
+
+pub fn client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    // A replica that does not accept within this is treated as down for this request.
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector)
+}
+
+/// Headers that belong to one connection, not to the request or answer (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the `Connection` header names are hop-by-hop too.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|n| n.trim().to_ascii_lowercase()))
+        .collect();
+    for name in HOP_BY_HOP.iter().copied().chain(named.iter().map(String::as_str)) {
+        headers.remove(name);
+    }
+}
+
+/// Every request that is not the gateway's own.
+pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let started = Instant::now();
+    let (mut parts, body) = request.into_parts();
+    let path = parts.uri.path().to_string();
+    let shape = Shape::of_path(&path);
+    let timeout = parts.extensions.get::<crate::request::BodyTimeout>().map_or(Duration::from_secs(60), |t| t.0);
+    let body = match tokio::time::timeout(timeout, axum::body::to_bytes(body, gateway.config.body_limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => return crate::request::too_large().into_response(),
+        Err(_) => return ApiError::bad_request("the request body did not arrive in time").into_response(),
+    };
+    let facts = affinity::facts(&path, &body);
+    let plan = gateway.plan(&facts);
+    if plan.is_empty() {
+        gateway.metrics.unserved.fetch_add(1, Ordering::Relaxed);
+        return ApiError::unavailable("no replica behind this gateway is ready; retry shortly").into_response();
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+    let attempts = plan.len().min(MAX_ATTEMPTS);
+    for (attempt, (upstream, reason)) in plan.into_iter().take(attempts).enumerate() {
+        let last = attempt + 1 == attempts;
+        gateway.metrics.decided(reason);
+        let in_flight = InFlight::start(&gateway, &upstream);
+        let mut builder = axum::http::Request::builder().method(parts.method.clone()).uri(format!(
+            "{}{}",
+            upstream.base,
+            parts.uri.path_and_query().map_or("/", |p| p.as_str())
+        ));
+        if let Some(headers) = builder.headers_mut() {
+            headers.extend(parts.headers.clone());
+        }
+        let Ok(outgoing) = builder.body(Full::new(body.clone())) else {
+            return ApiError::bad_request("the request cannot be forwarded").into_response();
+        };
+        let (head, mut incoming) = match gateway.client.request(outgoing).await {
+            Ok(answer) => answer.into_parts(),
+            Err(e) => {
+                failed_before_answer(&upstream, is_refused(&e), &e);
+                continue;
+            }
+        };
+        let events = Events::of(&head.headers, shape, &path);
+        // A stream's head is held back until its first event: a replica that dies before that (the
+        // request still queued there) has sent the client nothing, so the next replica gets it.
+        let mut first = None;
+        if events.is_some() && head.status.is_success() {
+            match incoming.frame().await {
+                Some(Ok(frame)) => first = frame.into_data().ok(),
+                Some(Err(e)) => {
+                    failed_before_answer(&upstream, false, &e);
+                    continue;
+                }
+                None => {}
+            }
+        }
+        let now = Instant::now();
+        upstream.request_ended(Outcome::Answered, now);
+        upstream.head_latency.observe(now.duration_since(started).as_secs_f64());
+        let declined = head.status == StatusCode::SERVICE_UNAVAILABLE
+            || (head.status == StatusCode::NOT_FOUND && parts.method == axum::http::Method::POST);
+        if declined && !last {
+            tracing::debug!(upstream = %upstream.base, status = %head.status, "declined; trying the next replica");
+            continue;
+        }
+        upstream.answered.fetch_add(1, Ordering::Relaxed);
+        return relay(head, incoming, first, events, in_flight);
+    }
+    gateway.metrics.unserved.fetch_add(1, Ordering::Relaxed);
+    ApiError::unavailable("no replica behind this gateway could take the request; retry shortly").into_response()
+}
+
+/// A request that failed at `upstream` before anything reached the client: counted, and the
+/// replica ejected when that was one failure too many.
+fn failed_before_answer(upstream: &Upstream, refused: bool, error: &dyn std::fmt::Display) {
+    upstream.failures.fetch_add(1, Ordering::Relaxed);
+    if upstream.request_ended(if refused { Outcome::Refused } else { Outcome::Failed }, Instant::now()) {
+        tracing::warn!(upstream = %upstream.base, "replica ejected: a request to it failed ({error})");
+    }
+    tracing::info!(upstream = %upstream.base, "a request failed there before an answer ({error}); trying the next replica");
+}
+
+/// Whether the connection was refused (nothing listens there), as opposed to failing later.
+pub(super) fn is_refused(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// A request the gateway has at a replica: counted in its load until the answer is relayed.
+struct InFlight {
+    upstream: Arc<Upstream>,
+    gateway: Arc<Gateway>,
+}
+
+impl InFlight {
+    fn start(gateway: &Arc<Gateway>, upstream: &Arc<Upstream>) -> InFlight {
+        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+        upstream.requests.fetch_add(1, Ordering::Relaxed);
+        gateway.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight { upstream: upstream.clone(), gateway: gateway.clone() }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.gateway.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The replica's answer, relayed as it arrives (`first`: its first piece, already read).
+fn relay(
+    mut head: axum::http::response::Parts,
+    incoming: hyper::body::Incoming,
+    first: Option<Bytes>,
+    events: Option<Events>,
+    in_flight: InFlight,
+) -> Response {
+    strip_hop_by_hop(&mut head.headers);
+    let frames = futures_util::stream::unfold(Some((incoming, in_flight)), move |state| async move {
+        let (mut body, in_flight) = state?;
+        match body.frame().await {
+            None => None,
+            Some(Ok(frame)) => {
+                let data = frame.into_data().unwrap_or_default();
+                Some((Ok::<Bytes, std::io::Error>(data), Some((body, in_flight))))
+            }
+            Some(Err(e)) => {
+                let upstream = &in_flight.upstream;
+                upstream.cut.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(upstream = %upstream.base, "the replica cut an answer short: {e}");
+                match events {
+                    // A stream ends with an error event the client's library understands.
+                    Some(kind) => Some((Ok(kind.error_event()), None)),
+                    // A plain body cut short stays cut: the client sees an incomplete answer.
+                    None => Some((Err(std::io::Error::other(e)), None)),
+                }
+            }
+        }
+    });
+    let first = futures_util::stream::iter(first.map(Ok::<Bytes, std::io::Error>));
+    let mut response = Response::from_parts(head, Body::from_stream(first.chain(frames)));
+    if events.is_some() {
+        // The error event is appended to the replica's bytes: a length would no longer hold.
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+        response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+    }
+    response
+}
+
+/// How a streamed answer's events are written, to end one with an error.
+#[derive(Debug, Clone, Copy)]
+enum Events {
+    Sse(Shape),
+    Responses,
+    NdJson,
+}
+
+const CUT: &str = "the replica serving this answer stopped before it finished; send the request again";
+
+impl Events {
+    /// How an answer with these headers streams, if it does.
+    fn of(headers: &HeaderMap, shape: Shape, path: &str) -> Option<Events> {
+        let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if content_type.starts_with("text/event-stream") {
+            Some(if path == "/v1/responses" { Events::Responses } else { Events::Sse(shape) })
+        } else if content_type.starts_with("application/x-ndjson") {
+            Some(Events::NdJson)
+        } else {
+            None
+        }
+    }
+
+    fn error_event(self) -> Bytes {
+        let error = ApiError::unavailable(CUT);
+        let text = match self {
+            Events::Sse(Shape::Anthropic) => format!("event: error\ndata: {}\n\n", error.body_in(Shape::Anthropic)),
+            Events::Sse(_) => format!("data: {}\n\n", error.body_in(Shape::OpenAi)),
+            Events::Responses => format!(
+                "event: error\ndata: {}\n\n",
+                serde_json::json!({"type": "error", "code": "upstream_failed", "message": CUT, "param": null})
+            ),
+            Events::NdJson => format!("{}\n", error.body_in(Shape::Ollama)),
+        };
+        Bytes::from(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("authorization", HeaderValue::from_static("Bearer k"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("authorization"));
+    }
+
+    #[test]
+    fn error_events_are_each_apis_own() {
+        let openai = String::from_utf8(Events::Sse(Shape::OpenAi).error_event().to_vec()).unwrap();
+        assert!(openai.starts_with("data: {\"error\":{") && openai.ends_with("\n\n"), "{openai}");
+        let anthropic = String::from_utf8(Events::Sse(Shape::Anthropic).error_event().to_vec()).unwrap();
+        assert!(
+            anthropic.starts_with("event: error\ndata: {") && anthropic.contains("overloaded_error"),
+            "{anthropic}"
+        );
+        let ollama = String::from_utf8(Events::NdJson.error_event().to_vec()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(ollama.trim()).unwrap();
+        assert!(v["error"].as_str().unwrap().contains("stopped"), "{ollama}");
+        let responses = String::from_utf8(Events::Responses.error_event().to_vec()).unwrap();
+        assert!(responses.contains("\"type\":\"error\""), "{responses}");
+    }
+}

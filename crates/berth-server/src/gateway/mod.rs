@@ -1,0 +1,420 @@
+//! Gateway mode (`berth gateway`): one address in front of several `berth serve` replicas. Each
+//! request goes to a replica chosen by its prompt's start (prefix affinity, bounded by load), the
+//! replicas' loaded models and their load ([`route`]); the answer comes back unchanged
+//! ([`forward`]). The gateway polls every replica's `/load` ([`pool`]), ejects one that fails
+//! and admits it again once it answers ready, and retries a request elsewhere when it failed before
+//! its first byte. Replicas come from `--upstream` URLs and, for Compose services and Kubernetes
+//! headless Services, from a DNS name resolved every few seconds.
+
+pub mod affinity;
+mod forward;
+pub mod pool;
+pub mod route;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use http_body_util::{BodyExt, Full};
+
+use crate::ServerError;
+use crate::listener::ConnectionLimits;
+use crate::metrics::Families;
+use pool::{Load, Upstream};
+use route::{Candidate, Policy, Reason};
+
+/// How a gateway runs.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub host: String,
+    pub port: u16,
+    /// Replicas by URL (`http://host:port`).
+    pub upstreams: Vec<String>,
+    /// A DNS name and port whose addresses are replicas (looked up every [`DISCOVERY_INTERVAL`]).
+    pub discover: Option<(String, u16)>,
+    /// The key the gateway polls replicas' `/load` with, when they have keys (a `metrics` scope is
+    /// enough). Clients' own `Authorization` goes with their requests unchanged.
+    pub upstream_key: Option<String>,
+    pub policy: Policy,
+    pub poll_interval: Duration,
+    pub body_limit: usize,
+    pub connections: ConnectionLimits,
+    pub drain_timeout: Duration,
+    /// Listen on a non-loopback address (the replicas' keys, if any, still apply to every request).
+    pub allow_insecure_public: bool,
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            host: "127.0.0.1".into(),
+            port: 12400,
+            upstreams: Vec::new(),
+            discover: None,
+            upstream_key: None,
+            policy: Policy::Balanced,
+            poll_interval: Duration::from_millis(100),
+            body_limit: 2 << 20,
+            connections: ConnectionLimits::default(),
+            drain_timeout: Duration::from_secs(30),
+            allow_insecure_public: false,
+            allowed_hosts: Vec::new(),
+        }
+    }
+}
+
+/// How often a DNS name of replicas is looked up again.
+pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The gateway's state, shared by its requests and its poller.
+pub struct Gateway {
+    config: GatewayConfig,
+    client: forward::HttpClient,
+    upstreams: RwLock<Vec<Arc<Upstream>>>,
+    /// Turns ties and round-robin.
+    turn: AtomicUsize,
+    in_flight: AtomicUsize,
+    draining: AtomicBool,
+    metrics: GatewayMetrics,
+}
+
+#[derive(Default)]
+struct GatewayMetrics {
+    /// Routing decisions by reason, in [`REASONS`] order.
+    decisions: [AtomicU64; 5],
+    /// Requests no replica took.
+    unserved: AtomicU64,
+}
+
+const REASONS: [Reason; 5] =
+    [Reason::Affinity, Reason::AffinitySpill, Reason::LeastLoaded, Reason::RoundRobin, Reason::Retry];
+
+impl GatewayMetrics {
+    fn decided(&self, reason: Reason) {
+        if let Some(i) = REASONS.iter().position(|&r| r == reason) {
+            self.decisions[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A replica URL as the gateway uses it: `http://host:port`, nothing after.
+pub fn upstream_base(url: &str) -> Result<String, ServerError> {
+    let bad = |reason: &str| ServerError::Upstream { url: url.to_string(), reason: reason.to_string() };
+    let uri: axum::http::Uri = url.trim_end_matches('/').parse().map_err(|_| bad("not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(_) => return Err(bad("replicas are reached over http:// (on a private network)")),
+        None => return Err(bad("write it as http://host:port")),
+    }
+    let authority = uri.authority().ok_or_else(|| bad("it names no host"))?;
+    if (uri.path() != "/" && !uri.path().is_empty()) || uri.query().is_some() {
+        return Err(bad("a replica URL has no path"));
+    }
+    if authority.as_str().contains('@') {
+        return Err(bad("a replica URL has no user or password (give a key with --upstream-key-env)"));
+    }
+    Ok(format!("http://{authority}"))
+}
+
+impl Gateway {
+    pub fn new(config: GatewayConfig) -> Result<Arc<Gateway>, ServerError> {
+        let mut upstreams = Vec::new();
+        for url in &config.upstreams {
+            let base = upstream_base(url)?;
+            if !upstreams.iter().any(|u: &Arc<Upstream>| u.base == base) {
+                upstreams.push(Arc::new(Upstream::new(base)));
+            }
+        }
+        if upstreams.is_empty() && config.discover.is_none() {
+            return Err(ServerError::NoUpstreams);
+        }
+        Ok(Arc::new(Gateway {
+            config,
+            client: forward::client(),
+            upstreams: RwLock::new(upstreams),
+            turn: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            metrics: GatewayMetrics::default(),
+        }))
+    }
+
+    fn upstreams(&self) -> Vec<Arc<Upstream>> {
+        self.upstreams.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The replicas to try for a request, in order, each with why.
+    fn plan(&self, facts: &affinity::RequestFacts) -> Vec<(Arc<Upstream>, Reason)> {
+        let routable: Vec<Arc<Upstream>> = self.upstreams().into_iter().filter(|u| u.routable()).collect();
+        let candidates: Vec<Candidate> = routable
+            .iter()
+            .map(|u| Candidate {
+                id: u.id,
+                load: u.load(),
+                has_model: facts.model.as_deref().is_some_and(|m| u.has_model(m)),
+            })
+            .collect();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        route::plan(&candidates, facts.prefix, self.config.policy, turn)
+            .into_iter()
+            .map(|(i, reason)| (routable[i].clone(), reason))
+            .collect()
+    }
+
+    /// Ask every replica for its load once.
+    async fn poll(self: &Arc<Self>) {
+        let polls = self.upstreams().into_iter().map(|upstream| {
+            let gateway = self.clone();
+            async move {
+                let result = tokio::time::timeout(Duration::from_secs(1), gateway.load_of(&upstream)).await;
+                let now = Instant::now();
+                match result {
+                    Ok(Ok(load)) => {
+                        if upstream.polled(load, now) {
+                            tracing::info!(upstream = %upstream.base, "replica ready: taking requests");
+                        }
+                    }
+                    Ok(Err(refused)) => {
+                        if upstream.poll_failed(refused, now) {
+                            tracing::warn!(upstream = %upstream.base, "replica ejected: it does not answer");
+                        }
+                    }
+                    Err(_) => {
+                        if upstream.poll_failed(false, now) {
+                            tracing::warn!(upstream = %upstream.base, "replica ejected: its load did not come within 1 s");
+                        }
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(polls).await;
+    }
+
+    /// A replica's `/load`; the error says whether the connection was refused.
+    async fn load_of(&self, upstream: &Upstream) -> Result<Load, bool> {
+        let mut request = axum::http::Request::get(format!("{}/load", upstream.base));
+        if let Some(key) = &self.config.upstream_key {
+            request = request.header(axum::http::header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let request = request.body(Full::new(axum::body::Bytes::new())).map_err(|_| false)?;
+        let answer = self.client.request(request).await.map_err(|e| forward::is_refused(&e))?;
+        if !answer.status().is_success() {
+            if answer.status() == StatusCode::UNAUTHORIZED {
+                tracing::warn!(upstream = %upstream.base, "the replica wants a key for /load: give one with --upstream-key-env");
+            }
+            return Err(false);
+        }
+        let limited = http_body_util::Limited::new(answer.into_body(), 64 << 10);
+        let bytes = limited.collect().await.map_err(|_| false)?.to_bytes();
+        serde_json::from_slice(&bytes).map_err(|_| false)
+    }
+
+    /// Look the DNS name up again: new addresses join, vanished ones leave.
+    async fn discover(&self, name: &str, port: u16) {
+        let addresses = match tokio::net::lookup_host((name, port)).await {
+            Ok(a) => a.collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::warn!("cannot look up the replicas' name {name}: {e}");
+                return;
+            }
+        };
+        let bases: Vec<String> = addresses
+            .iter()
+            .map(|a| match a {
+                std::net::SocketAddr::V4(v4) => format!("http://{v4}"),
+                std::net::SocketAddr::V6(v6) => format!("http://[{}]:{}", v6.ip(), v6.port()),
+            })
+            .collect();
+        let mut upstreams = self.upstreams.write().unwrap_or_else(|e| e.into_inner());
+        let fixed: Vec<String> = self.config.upstreams.iter().filter_map(|u| upstream_base(u).ok()).collect();
+        upstreams.retain(|u| {
+            let keep = bases.contains(&u.base) || fixed.contains(&u.base);
+            if !keep {
+                tracing::info!(upstream = %u.base, "replica left {name}");
+            }
+            keep
+        });
+        for base in bases {
+            if !upstreams.iter().any(|u| u.base == base) {
+                tracing::info!(upstream = %base, "replica found under {name}");
+                upstreams.push(Arc::new(Upstream::new(base)));
+            }
+        }
+    }
+}
+
+/// The gateway's routes: its own probes, metrics and replica list; everything else is forwarded.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    let hosts = crate::guard::HostGuard::new(&gateway.config.host, &gateway.config.allowed_hosts);
+    let limits = (gateway.config.body_limit, gateway.config.connections.body_timeout);
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/gateway/upstreams", get(upstreams))
+        .fallback(forward::forward)
+        .layer(axum::middleware::from_fn_with_state(limits, crate::request::body_limits))
+        .layer(axum::middleware::from_fn_with_state(hosts, crate::guard::check_host))
+        .layer(axum::middleware::from_fn(crate::error::with_shape))
+        .layer(axum::middleware::from_fn(crate::request_log::with_request_id))
+        .with_state(gateway)
+}
+
+/// Ready while a replica is.
+async fn ready(State(gateway): State<Arc<Gateway>>) -> impl IntoResponse {
+    let any = gateway.upstreams().iter().any(|u| u.routable());
+    if any && !gateway.draining.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no replica is ready")
+    }
+}
+
+/// Each replica as the gateway sees it.
+async fn upstreams(State(gateway): State<Arc<Gateway>>) -> axum::Json<serde_json::Value> {
+    let list: Vec<serde_json::Value> = gateway
+        .upstreams()
+        .iter()
+        .map(|u| {
+            let load = u.last_load();
+            let health = match u.health() {
+                pool::Health::Unknown => "unknown",
+                pool::Health::Up if u.routable() => "up",
+                pool::Health::Up => "not ready",
+                pool::Health::Ejected { .. } => "ejected",
+            };
+            serde_json::json!({
+                "url": u.base, "health": health, "in_flight": u.in_flight.load(Ordering::Relaxed),
+                "requests": u.requests.load(Ordering::Relaxed), "answered": u.answered.load(Ordering::Relaxed),
+                "failures": u.failures.load(Ordering::Relaxed), "cut": u.cut.load(Ordering::Relaxed),
+                "ejections": u.ejections.load(Ordering::Relaxed),
+                "waiting": load.waiting, "running": load.running, "kv_cache_usage": load.kv_cache_usage,
+                "models": load.models,
+            })
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "upstreams": list }))
+}
+
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> impl IntoResponse {
+    let mut out = Families::default();
+    for u in gateway.upstreams() {
+        let labels = format!("upstream=\"{}\"", crate::label_value(&u.base));
+        let counters: [(&str, &str, &AtomicU64); 5] = [
+            ("requests_total", "Requests sent to the replica (retries included).", &u.requests),
+            ("answered_total", "Answers relayed from the replica.", &u.answered),
+            ("failures_total", "Requests that failed at the replica before an answer.", &u.failures),
+            ("cut_total", "Answers the replica cut short after their first byte.", &u.cut),
+            ("ejections_total", "Times the replica was ejected (its circuit opened).", &u.ejections),
+        ];
+        for (name, help, value) in counters {
+            let name = format!("berth:gateway_upstream_{name}");
+            out.sample(&name, "counter", help, &labels, value.load(Ordering::Relaxed));
+        }
+        let gauges = [
+            ("berth:gateway_upstream_up", "Whether the replica takes requests (1) or not (0).", u.routable() as u64),
+            (
+                "berth:gateway_upstream_in_flight",
+                "Requests the gateway has at the replica.",
+                u.in_flight.load(Ordering::Relaxed) as u64,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            out.sample(name, "gauge", help, &labels, value);
+        }
+        let name = "berth:gateway_upstream_head_latency_seconds";
+        let text = out.entry(name, "histogram", "From a request's arrival to the replica's answer head.");
+        u.head_latency.write(text, name, &labels);
+    }
+    for (reason, count) in REASONS.iter().zip(&gateway.metrics.decisions) {
+        out.sample(
+            "berth:gateway_routing_decisions_total",
+            "counter",
+            "Replicas chosen, by why.",
+            &format!("reason=\"{}\"", reason.label()),
+            count.load(Ordering::Relaxed),
+        );
+    }
+    out.sample(
+        "berth:gateway_unserved_total",
+        "counter",
+        "Requests no replica could take (503).",
+        "",
+        gateway.metrics.unserved.load(Ordering::Relaxed),
+    );
+    out.sample(
+        "berth:gateway_in_flight",
+        "gauge",
+        "Requests being answered.",
+        "",
+        gateway.in_flight.load(Ordering::Relaxed),
+    );
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out.finish())
+}
+
+/// Bind and forward until SIGTERM or Ctrl-C; then close the listener and let the answers in flight
+/// finish for at most the drain timeout.
+pub async fn serve(config: GatewayConfig) -> Result<(), ServerError> {
+    if !crate::guard::is_loopback(&config.host) && !config.allow_insecure_public {
+        return Err(ServerError::UnprotectedGateway(config.host.clone()));
+    }
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
+    let gateway = Gateway::new(config)?;
+    tracing::info!(
+        "berth gateway listening on http://{addr} in front of {} replica(s){}",
+        gateway.upstreams().len(),
+        gateway.config.discover.as_ref().map(|(n, p)| format!(" and those under {n}:{p}")).unwrap_or_default()
+    );
+    let poller = {
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            let mut discovered: Option<Instant> = None;
+            loop {
+                if let Some((name, port)) = &gateway.config.discover
+                    && discovered.is_none_or(|t| t.elapsed() >= DISCOVERY_INTERVAL)
+                {
+                    gateway.discover(name, *port).await;
+                    discovered = Some(Instant::now());
+                }
+                gateway.poll().await;
+                tokio::time::sleep(gateway.config.poll_interval).await;
+            }
+        })
+    };
+    let _stop_poller = crate::AbortOnDrop(poller);
+    let app = router(gateway.clone());
+    let shutdown = {
+        let gateway = gateway.clone();
+        async move {
+            crate::stop_signal().await;
+            gateway.draining.store(true, Ordering::SeqCst);
+            tracing::info!("stopping: no new connections; relaying the answers in flight");
+        }
+    };
+    let server = crate::listener::serve(listener, app, &gateway.config.connections, shutdown);
+    let timeout = gateway.config.drain_timeout;
+    tokio::pin!(server);
+    tokio::select! {
+        _ = &mut server => {}
+        _ = async {
+            while !gateway.draining.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => tracing::warn!("answers still in flight after the drain timeout; ending them"),
+                _ = crate::stop_signal() => tracing::warn!("second signal; ending the answers in flight now"),
+            }
+        } => {}
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

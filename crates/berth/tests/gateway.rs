@@ -1,0 +1,376 @@
+//! `berth gateway` in front of real `berth serve` replicas: answers relayed unchanged in every API,
+//! a replica killed with SIGKILL under 32 streaming clients (requests that had not started are
+//! retried elsewhere, streams it cut end with an error event, and its restart is noticed), client
+//! hang-ups reaching the replica, and clean errors when no replica can serve.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use berth_testkit::registry::http_request;
+use util::Berth;
+use util::server::{Server, body_of};
+
+/// A `berth gateway` process in front of `upstreams`.
+struct Gateway {
+    child: Child,
+    port: u16,
+    log: std::path::PathBuf,
+    _home: Berth,
+}
+
+impl Gateway {
+    fn start(upstreams: &[u16], options: &[&str]) -> Gateway {
+        let home = Berth::new();
+        let port = berth_testkit::free_port();
+        let log = home.home().join("gateway.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let mut args = vec!["gateway".to_string(), "--port".into(), port.to_string()];
+        for p in upstreams {
+            args.extend(["--upstream".into(), format!("http://127.0.0.1:{p}")]);
+        }
+        args.extend(options.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = home
+            .command(&args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("start berth gateway");
+        let gateway = Gateway { child, port, log, _home: home };
+        gateway.wait_until("every replica up", |g| {
+            let list = g.upstreams();
+            list.len() == upstreams.len() && list.iter().all(|u| u["health"] == "up")
+        });
+        gateway
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn upstreams(&self) -> Vec<serde_json::Value> {
+        match http_request(self.port, "GET", "/gateway/upstreams", &[], b"") {
+            Ok((200, raw)) => serde_json::from_str::<serde_json::Value>(&body_of(&raw))
+                .map(|v| v["upstreams"].as_array().cloned().unwrap_or_default())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn upstream(&self, port: u16) -> serde_json::Value {
+        let url = format!("http://127.0.0.1:{port}");
+        self.upstreams().into_iter().find(|u| u["url"] == url.as_str()).unwrap_or_default()
+    }
+
+    fn wait_until(&self, what: &str, done: impl Fn(&Gateway) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done(self) {
+            assert!(
+                Instant::now() < deadline,
+                "gateway: not {what} within 60 s: {:?}\nlog:\n{}",
+                self.upstreams(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn post(&self, path: &str, body: &str) -> (u16, String) {
+        let (status, raw) =
+            http_request(self.port, "POST", path, &[("Content-Type", "application/json")], body.as_bytes())
+                .expect("request through the gateway");
+        (status, String::from_utf8_lossy(&raw).to_string())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn replicas(n: usize) -> Vec<Server> {
+    (0..n).map(|_| Server::start_with(&["--kv-cache", "64MiB", "--threads", "1"])).collect()
+}
+
+/// Restart a killed replica's `berth serve` on its port, with its home.
+fn restart(server: &mut Server) {
+    let berth = std::mem::replace(&mut server.berth, Berth::new());
+    let port = server.port;
+    let restarted = Server::serve_on(berth, port, &["--model", "smollm2", "--kv-cache", "64MiB", "--threads", "1"]);
+    let old = std::mem::replace(server, restarted);
+    drop(old);
+}
+
+#[test]
+fn answers_come_through_unchanged_in_every_api() {
+    let servers = replicas(2);
+    let gateway = Gateway::start(&[servers[0].port, servers[1].port], &[]);
+
+    // OpenAI, non-streamed and streamed; the stream ends as berth's own streams do.
+    let (status, raw) = gateway.post(
+        "/v1/chat/completions",
+        r#"{"model":"smollm2","max_tokens":4,"temperature":0,"messages":[{"role":"user","content":"Hi"}]}"#,
+    );
+    assert_eq!(status, 200, "{raw}");
+    let answer: serde_json::Value = serde_json::from_str(&body_of(raw.as_bytes())).unwrap();
+    assert_eq!(answer["object"], "chat.completion");
+    let direct = servers[0].post(
+        "/v1/chat/completions",
+        r#"{"model":"smollm2","max_tokens":4,"temperature":0,"messages":[{"role":"user","content":"Hi"}]}"#,
+    );
+    let direct: serde_json::Value = serde_json::from_str(&direct.1).unwrap();
+    assert_eq!(answer["choices"], direct["choices"], "the same answer as the replica's own");
+    let (status, raw) = gateway.post(
+        "/v1/chat/completions",
+        r#"{"model":"smollm2","max_tokens":4,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#,
+    );
+    assert_eq!(status, 200);
+    assert!(raw.to_ascii_lowercase().contains("content-type: text/event-stream"), "{raw}");
+    assert!(raw.contains("data: [DONE]"), "{raw}");
+
+    // Ollama's NDJSON stream, and Anthropic's events.
+    let (status, raw) = gateway.post(
+        "/api/chat",
+        r#"{"model":"smollm2","options":{"num_predict":3},"messages":[{"role":"user","content":"Hi"}]}"#,
+    );
+    assert_eq!(status, 200, "{raw}");
+    assert!(raw.contains(r#""done":true"#), "{raw}");
+    let (status, raw) = gateway.post(
+        "/v1/messages",
+        r#"{"model":"smollm2","max_tokens":3,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#,
+    );
+    assert_eq!(status, 200, "{raw}");
+    assert!(raw.contains("event: message_stop"), "{raw}");
+
+    // The replica's own errors pass through in the API's shape; an unknown model is asked of
+    // every replica before its 404 is returned.
+    let (status, raw) = gateway.post("/api/chat", r#"{"model":"nope","messages":[{"role":"user","content":"Hi"}]}"#);
+    assert_eq!(status, 404, "{raw}");
+    assert!(body_of(raw.as_bytes()).starts_with(r#"{"error":""#), "Ollama's shape: {raw}");
+    let (status, raw) = gateway.post("/v1/completions", r#"{"model":"smollm2","prompt":"x","max_tokens":-3}"#);
+    assert_eq!(status, 400, "{raw}");
+
+    // The gateway's own: probes, metrics, replica list.
+    assert_eq!(http_request(gateway.port, "GET", "/ready", &[], b"").unwrap().0, 200);
+    let (_, raw) = http_request(gateway.port, "GET", "/metrics", &[], b"").unwrap();
+    let metrics = body_of(&raw);
+    assert!(metrics.contains("berth:gateway_upstream_answered_total{upstream=\"http://127.0.0.1:"), "{metrics}");
+    assert!(metrics.contains("berth:gateway_routing_decisions_total{reason=\"prefix_affinity\"}"), "{metrics}");
+    let answered: u64 = gateway.upstreams().iter().map(|u| u["answered"].as_u64().unwrap()).sum();
+    assert!(answered >= 5, "{:?}", gateway.upstreams());
+    // A body over the gateway's limit is refused at the gateway.
+    let big = format!(r#"{{"model":"smollm2","prompt":"{}"}}"#, "a".repeat(3 << 20));
+    assert_eq!(gateway.post("/v1/completions", &big).0, 413);
+}
+
+#[test]
+fn requests_with_the_same_prompt_start_go_to_the_same_replica() {
+    let servers = replicas(3);
+    let gateway = Gateway::start(&servers.iter().map(|s| s.port).collect::<Vec<_>>(), &[]);
+    let system = "You are a harbour master who answers questions about ships and tides. ".repeat(20);
+    for question in ["What is a keel?", "What is a mast?", "What is a tide?", "What is a berth?"] {
+        let body = serde_json::json!({"model": "smollm2", "max_tokens": 1, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": question}]});
+        assert_eq!(gateway.post("/v1/chat/completions", &body.to_string()).0, 200);
+    }
+    let served: Vec<u64> = gateway.upstreams().iter().map(|u| u["answered"].as_u64().unwrap()).collect();
+    assert_eq!(served.iter().filter(|&&n| n > 0).count(), 1, "one replica took all four: {served:?}");
+    // It is the one whose prefix cache now holds the system prompt.
+    let hits: Vec<u64> = servers.iter().map(|s| s.metric("berth:prefix_cache_hits_total")).collect();
+    assert_eq!(hits.iter().filter(|&&h| h > 0).count(), 1, "{hits:?}");
+}
+
+#[test]
+fn a_replica_killed_under_32_streaming_clients_costs_only_its_own_streams() {
+    let mut servers = replicas(3);
+    let ports: Vec<u16> = servers.iter().map(|s| s.port).collect();
+    let gateway = Gateway::start(&ports, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, cut) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    // 32 streaming clients, and 4 whose answers are not streamed (their answer head comes last, so
+    // any of theirs the killed replica was working on is retried elsewhere).
+    let clients: Vec<_> = (0..36)
+        .map(|i| {
+            let (stop, ok, cut, failures) = (stop.clone(), ok.clone(), cut.clone(), failures.clone());
+            let port = gateway.port;
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let body = format!(
+                        r#"{{"model":"smollm2","max_tokens":12,"stream":{},"messages":[{{"role":"user","content":"Client {i}, question {n}: tell me about the sea."}}]}}"#,
+                        i < 32
+                    );
+                    match stream_chat(port, &body) {
+                        Streamed::Complete => ok.fetch_add(1, Ordering::Relaxed),
+                        Streamed::ErrorEvent => cut.fetch_add(1, Ordering::Relaxed),
+                        Streamed::Failed(why) => {
+                            failures.lock().unwrap().push(why);
+                            0
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    let wait_for = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while ok.load(Ordering::Relaxed) < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} answers; gateway log:\n{}",
+                ok.load(Ordering::Relaxed),
+                gateway.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(40);
+    let killed = ports[1];
+    let before = gateway.upstream(killed)["answered"].as_u64().unwrap();
+    assert!(before > 0, "the replica to kill was serving: {:?}", gateway.upstreams());
+    servers[1].child.kill().unwrap();
+    let _ = servers[1].child.wait();
+    let at_kill = ok.load(Ordering::Relaxed);
+    wait_for(at_kill + 40);
+    let ejected = gateway.upstream(killed);
+    assert_ne!(ejected["health"], "up", "{ejected}");
+
+    restart(&mut servers[1]);
+    gateway.wait_until("the restarted replica back up", |g| g.upstream(killed)["health"] == "up");
+    let back = gateway.upstream(killed)["answered"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gateway.upstream(killed)["answered"].as_u64().unwrap() <= back {
+        assert!(Instant::now() < deadline, "the restarted replica got no traffic: {:?}", gateway.upstreams());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    let (ok, cut) = (ok.load(Ordering::Relaxed), cut.load(Ordering::Relaxed));
+    eprintln!(
+        "32 streaming and 4 other clients, one of 3 replicas killed and restarted: {ok} complete, {cut} ended with an error event, {} failed otherwise; replicas (answered, failed before an answer and retried, cut, ejections): {:?}",
+        failures.len(),
+        gateway
+            .upstreams()
+            .iter()
+            .map(|u| (u["answered"].clone(), u["failures"].clone(), u["cut"].clone(), u["ejections"].clone()))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} requests failed otherwise than by an error event, the first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(cut <= 32, "at most the streams in flight at the killed replica end with an error ({cut})");
+    let at_killed = gateway.upstream(killed);
+    assert!(at_killed["ejections"].as_u64().unwrap() >= 1, "{at_killed}");
+}
+
+enum Streamed {
+    Complete,
+    ErrorEvent,
+    Failed(String),
+}
+
+/// A chat completion through the gateway: complete, ended with an error event (streams), or not.
+fn stream_chat(port: u16, body: &str) -> Streamed {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return Streamed::Failed("connect".into()) };
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return Streamed::Failed("send".into());
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.split_whitespace().nth(1).unwrap_or("");
+    if !body.contains(r#""stream":true"#) {
+        let answer: serde_json::Value = serde_json::from_str(&body_of(&raw)).unwrap_or_default();
+        return match (status, answer["choices"][0]["message"]["content"].is_string()) {
+            ("200", true) => Streamed::Complete,
+            _ => Streamed::Failed(text.chars().take(300).collect()),
+        };
+    }
+    let data: Vec<&str> = text.lines().filter(|l| l.starts_with("data:")).collect();
+    match (status, data.last()) {
+        ("200", Some(&"data: [DONE]")) if !data.iter().any(|l| l.contains(r#""error""#)) => Streamed::Complete,
+        ("200", Some(last)) if last.contains(r#""error""#) && last.contains("stopped before it finished") => {
+            Streamed::ErrorEvent
+        }
+        _ => Streamed::Failed(text.chars().take(300).collect()),
+    }
+}
+
+#[test]
+fn a_client_that_hangs_up_frees_its_sequence_at_the_replica() {
+    let servers = replicas(1);
+    let gateway = Gateway::start(&[servers[0].port], &[]);
+    let body = r#"{"model":"smollm2","prompt":"Once upon a time","max_tokens":4000,"ignore_eos":true,"stream":true}"#;
+    let mut s = util::server::send_completion(gateway.port, body);
+    let _ = util::server::read_events(&mut s, 2);
+    assert_eq!(servers[0].metric("berth:num_requests_running"), 1);
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while servers[0].metric("berth:num_requests_running") != 0 {
+        assert!(Instant::now() < deadline, "the replica still generates for a client that left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn with_no_replica_ready_the_gateway_says_so_in_each_apis_shape() {
+    let nobody = berth_testkit::free_port();
+    let home = Berth::new();
+    let port = berth_testkit::free_port();
+    let mut child = home
+        .command(&["gateway", "--port", &port.to_string(), "--upstream", &format!("http://127.0.0.1:{nobody}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_request(port, "GET", "/health", &[], b"").map(|r| r.0).unwrap_or(0) != 200 {
+        assert!(Instant::now() < deadline, "the gateway did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(http_request(port, "GET", "/ready", &[], b"").unwrap().0, 503);
+    let ask = |path: &str, body: &str| {
+        let (status, raw) =
+            http_request(port, "POST", path, &[("Content-Type", "application/json")], body.as_bytes()).unwrap();
+        (status, serde_json::from_str::<serde_json::Value>(&body_of(&raw)).unwrap())
+    };
+    let (status, openai) = ask("/v1/chat/completions", r#"{"model":"m","messages":[]}"#);
+    assert_eq!(status, 503);
+    assert!(openai["error"]["message"].as_str().unwrap().contains("no replica"), "{openai}");
+    let (_, ollama) = ask("/api/chat", r#"{"model":"m","messages":[]}"#);
+    assert!(ollama["error"].is_string(), "{ollama}");
+    let (_, anthropic) = ask("/v1/messages", r#"{"model":"m","messages":[]}"#);
+    assert_eq!(anthropic["type"], "error", "{anthropic}");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Bad replica URLs are refused at start with what to write instead.
+    let err = home.fails(&["gateway", "--upstream", "https://10.0.0.1:12480"]);
+    assert!(err.contains("http://"), "{err}");
+    let err = home.fails(&["gateway"]);
+    assert!(err.contains("--upstream"), "{err}");
+    let err = home.fails(&["gateway", "--upstream", "http://127.0.0.1:1", "--host", "0.0.0.0"]);
+    assert!(err.contains("--allow-insecure-public"), "{err}");
+}
