@@ -26,7 +26,14 @@ struct Gateway {
 
 impl Gateway {
     fn start(upstreams: &[u16], options: &[&str]) -> Gateway {
-        let home = Berth::new();
+        Self::start_with_env(upstreams, options, &[])
+    }
+
+    fn start_with_env(upstreams: &[u16], options: &[&str], env: &[(&str, &str)]) -> Gateway {
+        let mut home = Berth::new();
+        for (k, v) in env {
+            home = home.env(k, v);
+        }
         let port = berth_testkit::free_port();
         let log = home.home().join("gateway.log");
         let file = std::fs::File::create(&log).unwrap();
@@ -38,14 +45,15 @@ impl Gateway {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let child = home
             .command(&args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "debug".into()))
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file))
             .spawn()
             .expect("start berth gateway");
         let gateway = Gateway { child, port, log, _home: home };
+        gateway.wait_until("listening", |g| http_request(g.port, "GET", "/health", &[], b"").is_ok_and(|r| r.0 == 200));
         gateway.wait_until("every replica up", |g| {
-            let list = g.upstreams();
+            let list: Vec<_> = g.upstreams().into_iter().filter(|u| u["remote"] == false).collect();
             list.len() == upstreams.len() && list.iter().all(|u| u["health"] == "up")
         });
         gateway
@@ -373,4 +381,162 @@ fn with_no_replica_ready_the_gateway_says_so_in_each_apis_shape() {
     assert!(err.contains("--upstream"), "{err}");
     let err = home.fails(&["gateway", "--upstream", "http://127.0.0.1:1", "--host", "0.0.0.0"]);
     assert!(err.contains("--allow-insecure-public"), "{err}");
+}
+
+#[test]
+fn saturated_replicas_overflow_to_a_remote_berth_which_gets_its_own_key() {
+    // The remote: a berth with API keys, serving SmolLM2 under another name.
+    let remote_home = Berth::new();
+    remote_home.ok(&["package", "--gguf", &berth_testkit::models::smollm2_gguf().display().to_string(), "smollm2-big"]);
+    let key = remote_home
+        .ok(&["keys", "create", "--name", "gateway", "--scope", "inference", "--scope", "metrics"])
+        .trim()
+        .to_string();
+    let remote = Server::serve(remote_home, &["--model", "smollm2-big", "--kv-cache", "64MiB", "--threads", "1"]);
+    let local = replicas(1);
+    let remote_url = format!("http://127.0.0.1:{}", remote.port);
+    let gateway = Gateway::start_with_env(
+        &[local[0].port],
+        &[
+            "--remote",
+            &remote_url,
+            "--remote-key-env",
+            "REMOTE_KEY",
+            "--remote-model",
+            "smollm2=smollm2-big",
+            "--remote-model",
+            "big=smollm2-big",
+            "--overflow-at",
+            "2",
+        ],
+        &[("REMOTE_KEY", &key)],
+    );
+    let ask = |model: &str| -> (u16, String) {
+        let body = format!(r#"{{"model":"{model}","max_tokens":3,"messages":[{{"role":"user","content":"Hi"}}]}}"#);
+        let (status, raw) = http_request(
+            gateway.port,
+            "POST",
+            "/v1/chat/completions",
+            &[("Content-Type", "application/json"), ("Authorization", "Bearer the-clients-own-key")],
+            body.as_bytes(),
+        )
+        .unwrap();
+        let raw = String::from_utf8_lossy(&raw).to_string();
+        let served = raw
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-berth-served-by: ").map(|v| v.trim().to_string()))
+            .unwrap_or_default();
+        assert_eq!(status, 200, "{raw}");
+        (status, served)
+    };
+    assert_eq!(ask("smollm2").1, "replica", "an idle replica serves locally");
+
+    // Two long streams make the one replica saturated (--overflow-at 2): the next request goes to
+    // the remote, with the remote's key in place of the client's (which the remote would refuse).
+    let long = r#"{"model":"smollm2","prompt":"Once upon a time","max_tokens":4000,"ignore_eos":true,"stream":true}"#;
+    let mut streams: Vec<TcpStream> = (0..2).map(|_| util::server::send_completion(gateway.port, long)).collect();
+    for s in &mut streams {
+        let _ = util::server::read_events(s, 1);
+    }
+    assert_eq!(ask("smollm2").1, "remote");
+    let bearer = format!("Bearer {key}");
+    let (_, raw) = http_request(remote.port, "GET", "/metrics", &[("Authorization", &bearer)], b"").unwrap();
+    assert!(body_of(&raw).contains("berth:generation_tokens_total{"), "the remote generated");
+    drop(streams);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ask("smollm2").1 != "replica" {
+        assert!(Instant::now() < deadline, "the replica never took requests again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A model only the remote has: the replica's 404 sends it there.
+    assert_eq!(ask("big").1, "remote");
+    // No replica ready: the remote takes it all.
+    drop(local);
+    gateway
+        .wait_until("the replica gone", |g| g.upstreams().iter().any(|u| u["remote"] == false && u["health"] != "up"));
+    assert_eq!(ask("smollm2").1, "remote");
+
+    let (_, raw) = http_request(gateway.port, "GET", "/metrics", &[], b"").unwrap();
+    let metrics = body_of(&raw);
+    assert!(
+        metrics.contains(&format!("berth:gateway_upstream_answered_total{{upstream=\"{remote_url}\"}} ")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("berth:gateway_routing_decisions_total{reason=\"overflow\"}"), "{metrics}");
+    let log = gateway.log();
+    assert!(!log.contains(&key), "the remote's key is in the gateway's log");
+    assert!(!log.contains(&key[key.len() - 12..]), "part of the remote's key is in the gateway's log");
+}
+
+#[test]
+fn a_remote_behind_https_is_checked_against_the_ca_certificates_and_gets_the_remote_key() {
+    let remote = Server::start_with(&["--kv-cache", "64MiB", "--threads", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        // A server's certificate, not a CA's: rustls refuses a CA certificate as a server's.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE", "-addext", "extendedKeyUsage=serverAuth"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (scripts/install-test-deps installs it)");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let tls_port = berth_testkit::free_port();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/tls_proxy.py");
+    let mut proxy = KillOnDrop(
+        std::process::Command::new(util::server::python())
+            .arg(script)
+            .arg(&cert)
+            .arg(&key)
+            .args([tls_port.to_string(), remote.port.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut ready = [0u8; 5];
+    proxy.0.stdout.as_mut().unwrap().read_exact(&mut ready).unwrap();
+    let remote_url = format!("https://127.0.0.1:{tls_port}");
+    let body = r#"{"model":"smollm2","max_tokens":2,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let headers = [("Content-Type", "application/json"), ("Authorization", "Bearer the-clients-own-key")];
+
+    // Trusting the certificate (SSL_CERT_FILE): the request goes over TLS with the remote's key.
+    let cert_file = cert.display().to_string();
+    let trusting = Gateway::start_with_env(
+        &[],
+        &["--remote", &remote_url, "--remote-key-env", "REMOTE_KEY"],
+        &[("REMOTE_KEY", "remote-secret-key"), ("SSL_CERT_FILE", &cert_file)],
+    );
+    let (status, raw) = http_request(trusting.port, "POST", "/v1/chat/completions", &headers, body.as_bytes()).unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&raw));
+    let seen = std::fs::read_to_string(format!("{cert_file}.auth")).unwrap();
+    assert_eq!(seen.trim(), "Bearer remote-secret-key", "the remote got its key, not the client's");
+
+    // Not trusting it (a CA file without it): the certificate is refused and nothing is sent.
+    let other = dir.path().join("no-authorities.pem");
+    std::fs::write(&other, b"").unwrap();
+    let other_file = other.display().to_string();
+    let wary = Gateway::start_with_env(
+        &[],
+        &["--remote", &remote_url, "--remote-key-env", "REMOTE_KEY"],
+        &[("REMOTE_KEY", "remote-secret-key"), ("SSL_CERT_FILE", &other_file)],
+    );
+    let (status, _) = http_request(wary.port, "POST", "/v1/chat/completions", &headers, body.as_bytes()).unwrap();
+    assert_eq!(status, 503, "an untrusted certificate is not talked to");
+    let seen = std::fs::read_to_string(format!("{cert_file}.auth")).unwrap();
+    assert_eq!(seen.lines().count(), 1, "nothing more reached the remote");
+}
+
+/// A helper process that goes when the test does, whichever way it ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -30,17 +30,38 @@ use super::affinity;
 use super::pool::{Outcome, Upstream};
 use crate::error::{ApiError, Shape};
 
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Replicas tried for one request, at most.
 const MAX_ATTEMPTS: usize = 3;
 
-pub fn client() -> HttpClient {
+/// Plain HTTP for the replicas, HTTPS (the system's CA certificates, `SSL_CERT_FILE` honoured) for
+/// a remote endpoint that wants it.
+pub fn client() -> Result<HttpClient, rustls::Error> {
     let mut connector = HttpConnector::new();
     // A replica that does not accept within this is treated as down for this request.
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
     connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector)
+    connector.enforce_http(false);
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for cert in found.certs {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        tracing::warn!("no CA certificates found: an https:// remote cannot be reached (set SSL_CERT_FILE)");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector))
 }
 
 /// Headers that belong to one connection, not to the request or answer (RFC 9110 §7.6.1).
@@ -81,7 +102,7 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
         Err(_) => return ApiError::bad_request("the request body did not arrive in time").into_response(),
     };
     let facts = affinity::facts(&path, &body);
-    let plan = gateway.plan(&facts);
+    let plan = gateway.plan(&path, &facts);
     if plan.is_empty() {
         gateway.metrics.unserved.fetch_add(1, Ordering::Relaxed);
         return ApiError::unavailable("no replica behind this gateway is ready; retry shortly").into_response();
@@ -93,15 +114,8 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
         let last = attempt + 1 == attempts;
         gateway.metrics.decided(reason);
         let in_flight = InFlight::start(&gateway, &upstream);
-        let mut builder = axum::http::Request::builder().method(parts.method.clone()).uri(format!(
-            "{}{}",
-            upstream.base,
-            parts.uri.path_and_query().map_or("/", |p| p.as_str())
-        ));
-        if let Some(headers) = builder.headers_mut() {
-            headers.extend(parts.headers.clone());
-        }
-        let Ok(outgoing) = builder.body(Full::new(body.clone())) else {
+        let remote = gateway.remote_of(&upstream);
+        let Some(outgoing) = outgoing(&parts, &upstream.base, &body, facts.model.as_deref(), remote) else {
             return ApiError::bad_request("the request cannot be forwarded").into_response();
         };
         let (head, mut incoming) = match gateway.client.request(outgoing).await {
@@ -135,10 +149,46 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
             continue;
         }
         upstream.answered.fetch_add(1, Ordering::Relaxed);
-        return relay(head, incoming, first, events, in_flight);
+        let mut response = relay(head, incoming, first, events, in_flight);
+        let served_by = HeaderValue::from_static(if remote.is_some() { "remote" } else { "replica" });
+        response.headers_mut().insert("x-berth-served-by", served_by);
+        return response;
     }
     gateway.metrics.unserved.fetch_add(1, Ordering::Relaxed);
     ApiError::unavailable("no replica behind this gateway could take the request; retry shortly").into_response()
+}
+
+/// The request as it goes to `base`. To the remote endpoint the client's own credentials do not
+/// go: its key replaces them, and the model gets the remote's name for it.
+fn outgoing(
+    parts: &axum::http::request::Parts,
+    base: &str,
+    body: &Bytes,
+    model: Option<&str>,
+    remote: Option<&super::Remote>,
+) -> Option<axum::http::Request<Full<Bytes>>> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut builder = axum::http::Request::builder().method(parts.method.clone()).uri(format!("{base}{path}"));
+    let headers = builder.headers_mut()?;
+    headers.extend(parts.headers.clone());
+    let mut body = body.clone();
+    if let Some(remote) = remote {
+        for name in [header::AUTHORIZATION, header::COOKIE, header::HeaderName::from_static("x-api-key")] {
+            headers.remove(name);
+        }
+        if let Some(value) = &remote.authorization {
+            headers.insert(header::AUTHORIZATION, value.clone());
+        }
+        if let Some(model) = model
+            && remote.model_name(model) != model
+            && let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(&body)
+        {
+            value["model"] = remote.model_name(model).into();
+            body = Bytes::from(serde_json::to_vec(&value).ok()?);
+            headers.remove(header::CONTENT_LENGTH);
+        }
+    }
+    builder.body(Full::new(body)).ok()
 }
 
 /// A request that failed at `upstream` before anything reached the client: counted, and the

@@ -48,6 +48,81 @@ pub struct GatewayConfig {
     /// Listen on a non-loopback address (the replicas' keys, if any, still apply to every request).
     pub allow_insecure_public: bool,
     pub allowed_hosts: Vec<String>,
+    /// Where requests overflow to when every replica is saturated or none can serve.
+    pub remote: Option<RemoteConfig>,
+}
+
+/// A remote OpenAI-compatible endpoint (another berth, a bigger server, a cloud API) that takes
+/// the OpenAI API's generating requests (`/v1/chat/completions`, `/v1/completions`,
+/// `/v1/embeddings`, `/v1/responses`) when the replicas cannot: every one is saturated
+/// (`overflow_at` requests or more), none is ready, or none has the model (each answered 404).
+#[derive(Clone)]
+pub struct RemoteConfig {
+    /// `http(s)://host[:port][/path]`; the request's path is appended (`/v1/chat/completions`).
+    pub url: String,
+    /// Sent as `Authorization: Bearer` in place of the client's own header; never logged.
+    pub key: Option<String>,
+    /// A local model name and the remote's name for it.
+    pub models: Vec<(String, String)>,
+    /// Requests a replica holds (running, waiting, or in flight from the gateway) at which it is
+    /// saturated.
+    pub overflow_at: f64,
+}
+
+impl std::fmt::Debug for RemoteConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteConfig")
+            .field("url", &self.url)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("models", &self.models)
+            .field("overflow_at", &self.overflow_at)
+            .finish()
+    }
+}
+
+/// The paths a remote OpenAI-compatible endpoint answers.
+const REMOTE_PATHS: [&str; 4] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"];
+
+/// The remote as the gateway uses it.
+pub(crate) struct Remote {
+    upstream: Arc<Upstream>,
+    authorization: Option<axum::http::HeaderValue>,
+    models: Vec<(String, String)>,
+    overflow_at: f64,
+}
+
+impl Remote {
+    fn new(config: &RemoteConfig) -> Result<Remote, ServerError> {
+        let bad = |reason: &str| ServerError::Upstream { url: config.url.clone(), reason: reason.to_string() };
+        let uri: axum::http::Uri = config.url.trim_end_matches('/').parse().map_err(|_| bad("not a URL"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(bad("write it as https://host[/path] or http://host:port"));
+        }
+        let authority = uri.authority().ok_or_else(|| bad("it names no host"))?;
+        if authority.as_str().contains('@') || uri.query().is_some() {
+            return Err(bad("give the key with --remote-key-env, not in the URL"));
+        }
+        let authorization = match &config.key {
+            Some(key) => {
+                let mut value = axum::http::HeaderValue::from_str(&format!("Bearer {key}"))
+                    .map_err(|_| bad("the remote's key has characters a header cannot carry"))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        let base =
+            format!("{}://{}{}", uri.scheme_str().unwrap_or("http"), authority, uri.path().trim_end_matches('/'));
+        let upstream = Arc::new(Upstream::new(base));
+        // No poller asks a remote for its load: it is taken as ready until requests to it fail.
+        upstream.polled(Load { ready: true, ..Load::default() }, Instant::now());
+        Ok(Remote { upstream, authorization, models: config.models.clone(), overflow_at: config.overflow_at })
+    }
+
+    /// The remote's name for `model`.
+    fn model_name<'a>(&'a self, model: &'a str) -> &'a str {
+        self.models.iter().find(|(local, _)| local == model).map_or(model, |(_, remote)| remote.as_str())
+    }
 }
 
 impl Default for GatewayConfig {
@@ -65,6 +140,7 @@ impl Default for GatewayConfig {
             drain_timeout: Duration::from_secs(30),
             allow_insecure_public: false,
             allowed_hosts: Vec::new(),
+            remote: None,
         }
     }
 }
@@ -82,18 +158,19 @@ pub struct Gateway {
     in_flight: AtomicUsize,
     draining: AtomicBool,
     metrics: GatewayMetrics,
+    remote: Option<Remote>,
 }
 
 #[derive(Default)]
 struct GatewayMetrics {
     /// Routing decisions by reason, in [`REASONS`] order.
-    decisions: [AtomicU64; 5],
+    decisions: [AtomicU64; 6],
     /// Requests no replica took.
     unserved: AtomicU64,
 }
 
-const REASONS: [Reason; 5] =
-    [Reason::Affinity, Reason::AffinitySpill, Reason::LeastLoaded, Reason::RoundRobin, Reason::Retry];
+const REASONS: [Reason; 6] =
+    [Reason::Affinity, Reason::AffinitySpill, Reason::LeastLoaded, Reason::RoundRobin, Reason::Retry, Reason::Overflow];
 
 impl GatewayMetrics {
     fn decided(&self, reason: Reason) {
@@ -131,17 +208,20 @@ impl Gateway {
                 upstreams.push(Arc::new(Upstream::new(base)));
             }
         }
-        if upstreams.is_empty() && config.discover.is_none() {
+        let remote = config.remote.as_ref().map(Remote::new).transpose()?;
+        if upstreams.is_empty() && config.discover.is_none() && remote.is_none() {
             return Err(ServerError::NoUpstreams);
         }
         Ok(Arc::new(Gateway {
             config,
-            client: forward::client(),
+            client: forward::client()
+                .map_err(|e| ServerError::Upstream { url: String::new(), reason: format!("cannot set up TLS: {e}") })?,
             upstreams: RwLock::new(upstreams),
             turn: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             metrics: GatewayMetrics::default(),
+            remote,
         }))
     }
 
@@ -149,8 +229,39 @@ impl Gateway {
         self.upstreams.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The replicas to try for a request, in order, each with why.
-    fn plan(&self, facts: &affinity::RequestFacts) -> Vec<(Arc<Upstream>, Reason)> {
+    /// The replicas, and the remote if there is one: what the gateway reports on.
+    fn targets(&self) -> Vec<Arc<Upstream>> {
+        let mut all = self.upstreams();
+        all.extend(self.remote.as_ref().map(|r| r.upstream.clone()));
+        all
+    }
+
+    /// Whether `upstream` is the remote endpoint.
+    fn remote_of(&self, upstream: &Arc<Upstream>) -> Option<&Remote> {
+        self.remote.as_ref().filter(|r| Arc::ptr_eq(&r.upstream, upstream))
+    }
+
+    /// The replicas to try for a request to `path`, in order, each with why: the remote first when
+    /// every replica is saturated or none is ready, else last (for a model no replica has).
+    fn plan(&self, path: &str, facts: &affinity::RequestFacts) -> Vec<(Arc<Upstream>, Reason)> {
+        let mut plan = self.local_plan(facts);
+        if let Some(remote) = &self.remote
+            && REMOTE_PATHS.contains(&path)
+        {
+            remote.upstream.half_open(Instant::now());
+            if remote.upstream.routable() {
+                let saturated = plan.iter().all(|(u, _)| u.load() >= remote.overflow_at);
+                if saturated {
+                    plan.insert(0, (remote.upstream.clone(), Reason::Overflow));
+                } else {
+                    plan.push((remote.upstream.clone(), Reason::Retry));
+                }
+            }
+        }
+        plan
+    }
+
+    fn local_plan(&self, facts: &affinity::RequestFacts) -> Vec<(Arc<Upstream>, Reason)> {
         let routable: Vec<Arc<Upstream>> = self.upstreams().into_iter().filter(|u| u.routable()).collect();
         let candidates: Vec<Candidate> = routable
             .iter()
@@ -279,7 +390,7 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> impl IntoResponse {
 /// Each replica as the gateway sees it.
 async fn upstreams(State(gateway): State<Arc<Gateway>>) -> axum::Json<serde_json::Value> {
     let list: Vec<serde_json::Value> = gateway
-        .upstreams()
+        .targets()
         .iter()
         .map(|u| {
             let load = u.last_load();
@@ -290,7 +401,7 @@ async fn upstreams(State(gateway): State<Arc<Gateway>>) -> axum::Json<serde_json
                 pool::Health::Ejected { .. } => "ejected",
             };
             serde_json::json!({
-                "url": u.base, "health": health, "in_flight": u.in_flight.load(Ordering::Relaxed),
+                "url": u.base, "remote": gateway.remote_of(u).is_some(), "health": health, "in_flight": u.in_flight.load(Ordering::Relaxed),
                 "requests": u.requests.load(Ordering::Relaxed), "answered": u.answered.load(Ordering::Relaxed),
                 "failures": u.failures.load(Ordering::Relaxed), "cut": u.cut.load(Ordering::Relaxed),
                 "ejections": u.ejections.load(Ordering::Relaxed),
@@ -304,7 +415,7 @@ async fn upstreams(State(gateway): State<Arc<Gateway>>) -> axum::Json<serde_json
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> impl IntoResponse {
     let mut out = Families::default();
-    for u in gateway.upstreams() {
+    for u in gateway.targets() {
         let labels = format!("upstream=\"{}\"", crate::label_value(&u.base));
         let counters: [(&str, &str, &AtomicU64); 5] = [
             ("requests_total", "Requests sent to the replica (retries included).", &u.requests),

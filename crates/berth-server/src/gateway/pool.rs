@@ -173,6 +173,19 @@ impl Upstream {
         }
     }
 
+    /// For a target nobody polls (the remote): once its back-off has passed, let requests try it
+    /// again (the circuit half-opens; a failure ejects it for twice as long).
+    pub fn half_open(&self, now: Instant) {
+        let mut s = self.state();
+        if let Health::Ejected { until } = s.health
+            && now >= until
+        {
+            s.health = Health::Up;
+            s.load.ready = true;
+            s.failed_requests = 0;
+        }
+    }
+
     /// A poll that got no answer. Returns true when this took the replica out.
     pub fn poll_failed(&self, refused: bool, now: Instant) -> bool {
         let mut s = self.state();

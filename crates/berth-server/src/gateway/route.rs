@@ -46,6 +46,8 @@ pub enum Reason {
     RoundRobin,
     /// Tried after the choices above failed before the first byte.
     Retry,
+    /// Every replica was saturated or none was ready: the remote endpoint.
+    Overflow,
 }
 
 impl Reason {
@@ -56,6 +58,7 @@ impl Reason {
             Reason::LeastLoaded => "least_loaded",
             Reason::RoundRobin => "round_robin",
             Reason::Retry => "retry",
+            Reason::Overflow => "overflow",
         }
     }
 }

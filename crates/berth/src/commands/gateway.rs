@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use berth_server::gateway::{GatewayConfig, route::Policy};
+use berth_server::gateway::{GatewayConfig, RemoteConfig, route::Policy};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,6 +16,22 @@ pub struct Args {
     /// they have keys (a key with the `metrics` scope). Clients' own keys go with their requests.
     #[arg(long, value_name = "VAR")]
     upstream_key_env: Option<String>,
+    /// A remote OpenAI-compatible endpoint (another berth, a bigger server, a cloud API) that takes
+    /// OpenAI-API requests when every replica is saturated, none is ready, or none has the model,
+    /// e.g. https://api.example.com or http://10.0.1.9:12480.
+    #[arg(long, value_name = "URL")]
+    remote: Option<String>,
+    /// The environment variable holding the remote's key (sent in place of the client's own; never
+    /// logged).
+    #[arg(long, value_name = "VAR", requires = "remote")]
+    remote_key_env: Option<String>,
+    /// A model's name at the remote, `LOCAL=REMOTE` (repeatable); others keep their names.
+    #[arg(long = "remote-model", value_name = "LOCAL=REMOTE", requires = "remote")]
+    remote_models: Vec<String>,
+    /// Requests a replica holds (running, waiting or sent by the gateway) at which it counts as
+    /// saturated; when every replica is, requests overflow to --remote.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    overflow_at: u32,
     /// How requests are spread: `balanced` (prefix affinity within a bound on load, then model
     /// affinity and least load) or `round-robin` (to compare against).
     #[arg(long, default_value = "balanced", value_parser = ["balanced", "round-robin"])]
@@ -70,6 +86,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })?),
         None => None,
     };
+    let remote = match args.remote {
+        Some(url) => {
+            let key = match &args.remote_key_env {
+                Some(var) => Some(std::env::var(var).with_context(|| {
+                    format!("--remote-key-env names {var}, which is not set: export the remote's key in it")
+                })?),
+                None => None,
+            };
+            let mut models = Vec::new();
+            for spec in &args.remote_models {
+                let (local, remote) =
+                    spec.split_once('=').filter(|(l, r)| !l.is_empty() && !r.is_empty()).with_context(|| {
+                        format!("--remote-model takes LOCAL=REMOTE, e.g. smollm2=gpt-4o-mini; got `{spec}`")
+                    })?;
+                models.push((local.to_string(), remote.to_string()));
+            }
+            Some(RemoteConfig { url, key, models, overflow_at: f64::from(args.overflow_at) })
+        }
+        None => None,
+    };
     let config = GatewayConfig {
         host: args.host,
         port: args.port,
@@ -86,6 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout),
         allow_insecure_public: args.allow_insecure_public,
         allowed_hosts: args.allowed_hosts,
+        remote,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(berth_server::gateway::serve(config))?;
