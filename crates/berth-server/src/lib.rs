@@ -370,10 +370,10 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Readiness and load in one small answer, for a gateway that polls every replica about ten times
-/// a second (`/metrics` says more, at many times the cost): requests waiting and running and the
-/// fullest KV cache, over the loaded models, and those models' names.
+/// a second (`/metrics` says more, at many times the cost): requests waiting and running, how many
+/// may run at once, and the fullest KV cache, over the loaded models, and those models' names.
 async fn load(State(state): State<AppState>) -> axum::Json<serde_json::Value> {
-    let (mut waiting, mut running, mut kv_usage) = (0u64, 0u64, 0f64);
+    let (mut waiting, mut running, mut kv_usage, mut max_running) = (0u64, 0u64, 0f64, 0u64);
     let mut names = Vec::new();
     for model in state.models.loaded().await {
         if let models::Loaded::Chat(m) = &model {
@@ -381,6 +381,7 @@ async fn load(State(state): State<AppState>) -> axum::Json<serde_json::Value> {
             waiting += stats.waiting.load(Ordering::Relaxed) as u64;
             running += stats.running.load(Ordering::Relaxed) as u64;
             kv_usage = kv_usage.max(stats.kv_usage());
+            max_running += m.runner.config().scheduler.max_running as u64;
         }
         names.push(model.name().to_string());
     }
@@ -390,6 +391,7 @@ async fn load(State(state): State<AppState>) -> axum::Json<serde_json::Value> {
         "waiting": waiting,
         "running": running,
         "kv_cache_usage": kv_usage,
+        "max_running": max_running,
         "models": names,
     }))
 }

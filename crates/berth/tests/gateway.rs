@@ -540,3 +540,72 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn when_every_replica_is_full_turns_go_round_the_keys_and_the_queue_is_bounded() {
+    // One replica that runs two requests at once: the gateway holds the rest.
+    let server = Server::start_with(&["--kv-cache", "64MiB", "--threads", "1", "--max-running", "2"]);
+    let gateway = Gateway::start(&[server.port], &["--max-queue", "16"]);
+    let send = |key: &'static str, n: usize, finished: Arc<Mutex<Vec<&'static str>>>| {
+        let port = gateway.port;
+        std::thread::spawn(move || {
+            let body = format!(
+                r#"{{"model":"smollm2","max_tokens":24,"ignore_eos":true,"messages":[{{"role":"user","content":"{key} {n}"}}]}}"#
+            );
+            let bearer = format!("Bearer {key}");
+            let (status, raw) = http_request(
+                port,
+                "POST",
+                "/v1/chat/completions",
+                &[("Content-Type", "application/json"), ("Authorization", &bearer)],
+                body.as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&raw));
+            finished.lock().unwrap().push(key);
+        })
+    };
+    let finished = Arc::new(Mutex::new(Vec::new()));
+    // A busy key sends 10 at once; a light one sends 2 a moment later.
+    let mut clients: Vec<_> = (0..10).map(|n| send("busy", n, finished.clone())).collect();
+    gateway.wait_until("the busy key's requests queued", |_| {
+        let (_, raw) = http_request(gateway.port, "GET", "/metrics", &[], b"").unwrap();
+        body_of(&raw).lines().any(|l| l.starts_with("berth:gateway_queue_length{") && !l.ends_with(" 0"))
+    });
+    clients.extend((0..2).map(|n| send("light", n, finished.clone())));
+    for c in clients {
+        c.join().unwrap();
+    }
+    let order = finished.lock().unwrap().clone();
+    let last_light = order.iter().rposition(|k| *k == "light").unwrap();
+    eprintln!("finishing order: {order:?}");
+    // First come, first served would finish the light key last (11th and 12th); turns between
+    // keys let each of its requests in after at most one more of the busy key's.
+    assert!(last_light <= 8, "the light key waited behind the busy one: {order:?}");
+
+    // Past the queue's length: 429 with Retry-After, in the API's shape.
+    let small = Gateway::start(&[server.port], &["--max-queue", "1"]);
+    let results: Vec<_> = (0..8)
+        .map(|n| {
+            let port = small.port;
+            std::thread::spawn(move || {
+                let body = format!(
+                    r#"{{"model":"smollm2","max_tokens":24,"ignore_eos":true,"messages":[{{"role":"user","content":"flood {n}"}}]}}"#
+                );
+                let (status, raw) =
+                    http_request(port, "POST", "/v1/chat/completions", &[("Content-Type", "application/json")], body.as_bytes())
+                        .unwrap();
+                (status, String::from_utf8_lossy(&raw).to_string())
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let refused: Vec<&String> = results.iter().filter(|(s, _)| *s == 429).map(|(_, r)| r).collect();
+    assert!(!refused.is_empty(), "{results:?}");
+    assert!(results.iter().all(|(s, _)| *s == 200 || *s == 429), "{results:?}");
+    for raw in refused {
+        assert!(raw.to_ascii_lowercase().contains("retry-after: 1") && raw.contains("queue_full"), "{raw}");
+    }
+}

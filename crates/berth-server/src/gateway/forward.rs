@@ -102,7 +102,28 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
         Err(_) => return ApiError::bad_request("the request body did not arrive in time").into_response(),
     };
     let facts = affinity::facts(&path, &body);
-    let plan = gateway.plan(&path, &facts);
+    let mut plan = gateway.plan(&path, &facts);
+    // Every replica full of the gateway's requests (or others already waiting): wait for a turn,
+    // fair between keys, instead of joining a replica's first-come queue.
+    if gateway.must_wait(&plan) {
+        let refused = |message: String| {
+            gateway.metrics.queue_refused.fetch_add(1, Ordering::Relaxed);
+            ApiError::overloaded(message, 1).into_response()
+        };
+        let Some(turn) = gateway.queue.join(tenant_of(&parts.headers)) else {
+            return refused(format!(
+                "every replica is busy and {} requests are waiting at the gateway, its limit; retry shortly",
+                gateway.config.max_queue
+            ));
+        };
+        if !matches!(tokio::time::timeout(gateway.config.queue_timeout, turn).await, Ok(Ok(()))) {
+            return refused(format!(
+                "every replica stayed busy for {} s while this request waited at the gateway; retry shortly",
+                gateway.config.queue_timeout.as_secs()
+            ));
+        }
+        plan = gateway.plan(&path, &facts);
+    }
     if plan.is_empty() {
         gateway.metrics.unserved.fetch_add(1, Ordering::Relaxed);
         return ApiError::unavailable("no replica behind this gateway is ready; retry shortly").into_response();
@@ -232,7 +253,19 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.gateway.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // A slot is free: the next key's turn.
+        self.gateway.queue.release();
     }
+}
+
+/// Whom a request counts against in the fair queue: its key, hashed (never kept).
+fn tenant_of(headers: &HeaderMap) -> super::queue::Tenant {
+    use sha2::Digest;
+    let key = headers.get(header::AUTHORIZATION).or_else(|| headers.get("x-api-key"));
+    key.map_or(0, |k| {
+        let digest = sha2::Sha256::digest(k.as_bytes());
+        u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+    })
 }
 
 /// The replica's answer, relayed as it arrives (`first`: its first piece, already read).

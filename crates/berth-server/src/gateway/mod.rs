@@ -9,6 +9,7 @@
 pub mod affinity;
 mod forward;
 pub mod pool;
+pub mod queue;
 pub mod route;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -50,6 +51,10 @@ pub struct GatewayConfig {
     pub allowed_hosts: Vec<String>,
     /// Where requests overflow to when every replica is saturated or none can serve.
     pub remote: Option<RemoteConfig>,
+    /// Requests that may wait in the gateway's fair queue while every replica is full.
+    pub max_queue: usize,
+    /// How long one may wait there before it gets 429.
+    pub queue_timeout: Duration,
 }
 
 /// A remote OpenAI-compatible endpoint (another berth, a bigger server, a cloud API) that takes
@@ -141,6 +146,8 @@ impl Default for GatewayConfig {
             allow_insecure_public: false,
             allowed_hosts: Vec::new(),
             remote: None,
+            max_queue: 1024,
+            queue_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -159,6 +166,7 @@ pub struct Gateway {
     draining: AtomicBool,
     metrics: GatewayMetrics,
     remote: Option<Remote>,
+    queue: queue::FairQueue,
 }
 
 #[derive(Default)]
@@ -167,6 +175,8 @@ struct GatewayMetrics {
     decisions: [AtomicU64; 6],
     /// Requests no replica took.
     unserved: AtomicU64,
+    /// Requests refused for a full queue or a wait too long.
+    queue_refused: AtomicU64,
 }
 
 const REASONS: [Reason; 6] =
@@ -212,6 +222,7 @@ impl Gateway {
         if upstreams.is_empty() && config.discover.is_none() && remote.is_none() {
             return Err(ServerError::NoUpstreams);
         }
+        let queue = queue::FairQueue::new(config.max_queue.max(1));
         Ok(Arc::new(Gateway {
             config,
             client: forward::client()
@@ -222,6 +233,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             metrics: GatewayMetrics::default(),
             remote,
+            queue,
         }))
     }
 
@@ -250,7 +262,7 @@ impl Gateway {
         {
             remote.upstream.half_open(Instant::now());
             if remote.upstream.routable() {
-                let saturated = plan.iter().all(|(u, _)| u.load() >= remote.overflow_at);
+                let saturated = plan.iter().all(|(u, _)| u.load() >= remote.overflow_at || u.full());
                 if saturated {
                     plan.insert(0, (remote.upstream.clone(), Reason::Overflow));
                 } else {
@@ -261,6 +273,17 @@ impl Gateway {
         plan
     }
 
+    /// Whether a request with this plan waits in the fair queue: it would go to a replica that is
+    /// full while every replica is, or others are waiting already (so it does not jump them).
+    fn must_wait(&self, plan: &[(Arc<Upstream>, Reason)]) -> bool {
+        let Some((first, _)) = plan.first() else { return false };
+        if self.remote_of(first).is_some() {
+            return false;
+        }
+        let locals: Vec<&Arc<Upstream>> = plan.iter().map(|(u, _)| u).filter(|u| self.remote_of(u).is_none()).collect();
+        !self.queue.is_empty() || locals.iter().all(|u| u.full())
+    }
+
     fn local_plan(&self, facts: &affinity::RequestFacts) -> Vec<(Arc<Upstream>, Reason)> {
         let routable: Vec<Arc<Upstream>> = self.upstreams().into_iter().filter(|u| u.routable()).collect();
         let candidates: Vec<Candidate> = routable
@@ -269,6 +292,7 @@ impl Gateway {
                 id: u.id,
                 load: u.load(),
                 has_model: facts.model.as_deref().is_some_and(|m| u.has_model(m)),
+                full: u.full(),
             })
             .collect();
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
@@ -305,6 +329,17 @@ impl Gateway {
             }
         });
         futures_util::future::join_all(polls).await;
+        // Room that opened otherwise than by a request ending (a replica back, or new) goes to
+        // the requests waiting, as many as there are free slots.
+        let free: u64 = self
+            .upstreams()
+            .iter()
+            .filter(|u| u.routable())
+            .map(|u| u.last_load().max_running.saturating_sub(u.in_flight.load(Ordering::Relaxed) as u64))
+            .sum();
+        for _ in 0..free.min(self.queue.len() as u64) {
+            self.queue.release();
+        }
     }
 
     /// A replica's `/load`; the error says whether the connection was refused.
@@ -465,6 +500,20 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> impl IntoResponse {
         "Requests being answered.",
         "",
         gateway.in_flight.load(Ordering::Relaxed),
+    );
+    out.sample(
+        "berth:gateway_queue_length",
+        "gauge",
+        "Requests waiting in the gateway's fair queue for a replica with room.",
+        "",
+        gateway.queue.len(),
+    );
+    out.sample(
+        "berth:gateway_queue_refused_total",
+        "counter",
+        "Requests refused (429) for a full queue or a wait past its timeout.",
+        "",
+        gateway.metrics.queue_refused.load(Ordering::Relaxed),
     );
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out.finish())
 }

@@ -37,6 +37,9 @@ pub struct Load {
     pub running: u64,
     #[serde(default)]
     pub kv_cache_usage: f64,
+    /// Requests the replica runs at once (0: not said).
+    #[serde(default)]
+    pub max_running: u64,
     #[serde(default)]
     pub models: Vec<String>,
 }
@@ -142,6 +145,13 @@ impl Upstream {
         let reported = (s.load.waiting + s.load.running) as f64;
         let mine = self.in_flight.load(Ordering::Relaxed) as f64;
         mine.max(reported) + if s.load.kv_cache_usage > 0.95 { 1.0 } else { 0.0 }
+    }
+
+    /// Whether the gateway already has as many requests there as it runs at once: more would
+    /// only wait in its queue.
+    pub fn full(&self) -> bool {
+        let capacity = self.state().load.max_running;
+        capacity > 0 && self.in_flight.load(Ordering::Relaxed) as u64 >= capacity
     }
 
     pub fn last_load(&self) -> Load {

@@ -33,6 +33,8 @@ pub struct Candidate {
     pub id: u64,
     pub load: f64,
     pub has_model: bool,
+    /// It runs as many of the gateway's requests as it can at once.
+    pub full: bool,
 }
 
 /// Why a replica was chosen (a metric label).
@@ -73,8 +75,12 @@ pub fn plan(candidates: &[Candidate], prefix: Option<u64>, policy: Policy, turn:
     if policy == Policy::RoundRobin {
         return (0..n).map(|k| ((turn + k) % n, if k == 0 { Reason::RoundRobin } else { Reason::Retry })).collect();
     }
-    let with_model: Vec<usize> = (0..n).filter(|&i| candidates[i].has_model).collect();
-    let pool: Vec<usize> = if with_model.is_empty() { (0..n).collect() } else { with_model };
+    // First choices: with the model loaded and room, with the model, with room, any.
+    let pick = |keep: &dyn Fn(&Candidate) -> bool| (0..n).filter(|&i| keep(&candidates[i])).collect::<Vec<usize>>();
+    let pool = [pick(&|c| c.has_model && !c.full), pick(&|c| c.has_model), pick(&|c| !c.full)]
+        .into_iter()
+        .find(|p| !p.is_empty())
+        .unwrap_or_else(|| (0..n).collect());
     // Least loaded first; equal loads in an order that turns with each request.
     let by_load = |set: &mut Vec<usize>| {
         set.sort_by(|&a, &b| {
@@ -117,7 +123,11 @@ mod tests {
     use super::*;
 
     fn replicas(loads: &[f64]) -> Vec<Candidate> {
-        loads.iter().enumerate().map(|(i, &load)| Candidate { id: mix(i as u64 + 7), load, has_model: true }).collect()
+        loads
+            .iter()
+            .enumerate()
+            .map(|(i, &load)| Candidate { id: mix(i as u64 + 7), load, has_model: true, full: false })
+            .collect()
     }
 
     #[test]
@@ -171,6 +181,19 @@ mod tests {
         let p = plan(&c, Some(1), Policy::Balanced, 0);
         assert_eq!(p[0].0, 1, "the loaded one, though busier");
         assert_eq!(p.len(), 3, "the others stay as retries");
+    }
+
+    #[test]
+    fn a_full_replica_is_passed_over_while_another_has_room() {
+        let key = 42;
+        let mut c = replicas(&[0.0, 0.0, 0.0]);
+        let home = plan(&c, Some(key), Policy::Balanced, 0)[0].0;
+        c[home].full = true;
+        assert_ne!(plan(&c, Some(key), Policy::Balanced, 0)[0].0, home);
+        for x in &mut c {
+            x.full = true;
+        }
+        assert_eq!(plan(&c, Some(key), Policy::Balanced, 0)[0].0, home, "all full: affinity again");
     }
 
     #[test]

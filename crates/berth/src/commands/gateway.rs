@@ -32,6 +32,13 @@ pub struct Args {
     /// saturated; when every replica is, requests overflow to --remote.
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     overflow_at: u32,
+    /// Requests that may wait at the gateway while every replica runs as many of its requests as
+    /// it can at once (turns go round the API keys); more get 429 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_queue: u32,
+    /// Seconds a request may wait in that queue before it gets 429.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    queue_timeout: u64,
     /// How requests are spread: `balanced` (prefix affinity within a bound on load, then model
     /// affinity and least load) or `round-robin` (to compare against).
     #[arg(long, default_value = "balanced", value_parser = ["balanced", "round-robin"])]
@@ -123,6 +130,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         allow_insecure_public: args.allow_insecure_public,
         allowed_hosts: args.allowed_hosts,
         remote,
+        max_queue: args.max_queue as usize,
+        queue_timeout: Duration::from_secs(args.queue_timeout),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(berth_server::gateway::serve(config))?;
