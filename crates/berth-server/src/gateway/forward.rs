@@ -130,8 +130,14 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
     }
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
-    let attempts = plan.len().min(MAX_ATTEMPTS);
-    for (attempt, (upstream, reason)) in plan.into_iter().take(attempts).enumerate() {
+    // At most MAX_ATTEMPTS replicas, and the remote where it is the last resort.
+    if plan.len() > MAX_ATTEMPTS {
+        let fallback = plan.pop().filter(|(u, _)| gateway.remote_of(u).is_some());
+        plan.truncate(MAX_ATTEMPTS);
+        plan.extend(fallback);
+    }
+    let attempts = plan.len();
+    for (attempt, (upstream, reason)) in plan.into_iter().enumerate() {
         let last = attempt + 1 == attempts;
         gateway.metrics.decided(reason);
         let in_flight = InFlight::start(&gateway, &upstream);
