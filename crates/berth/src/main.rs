@@ -120,7 +120,7 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::run::run(&ctx, a),
         Command::Bench(a) => commands::bench::run(&ctx, a),
         Command::Serve(a) => commands::serve::run(&ctx, a),
-        Command::Gateway(a) => commands::gateway::run(a),
+        Command::Gateway(a) => commands::gateway::run(&ctx, a),
         Command::Ps(a) => commands::loaded::ps(a),
         Command::Unload(a) => commands::loaded::unload(a),
         Command::Health(a) => commands::loaded::health(a),

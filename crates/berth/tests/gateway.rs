@@ -21,7 +21,7 @@ struct Gateway {
     child: Child,
     port: u16,
     log: std::path::PathBuf,
-    _home: Berth,
+    home: Berth,
 }
 
 impl Gateway {
@@ -50,7 +50,7 @@ impl Gateway {
             .stderr(Stdio::from(file))
             .spawn()
             .expect("start berth gateway");
-        let gateway = Gateway { child, port, log, _home: home };
+        let gateway = Gateway { child, port, log, home };
         gateway.wait_until("listening", |g| http_request(g.port, "GET", "/health", &[], b"").is_ok_and(|r| r.0 == 200));
         gateway.wait_until("every replica up", |g| {
             let list: Vec<_> = g.upstreams().into_iter().filter(|u| u["remote"] == false).collect();
@@ -608,4 +608,61 @@ fn when_every_replica_is_full_turns_go_round_the_keys_and_the_queue_is_bounded()
     for raw in refused {
         assert!(raw.to_ascii_lowercase().contains("retry-after: 1") && raw.contains("queue_full"), "{raw}");
     }
+}
+
+#[test]
+fn a_gateway_with_keys_checks_them_and_records_usage_for_replicas_without_keys() {
+    let server = Server::start_with(&["--kv-cache", "64MiB", "--threads", "1"]);
+    let gateway = Gateway::start(&[server.port], &[]);
+    let app = gateway.home.ok(&["keys", "create", "--name", "app", "--models", "smollm2"]).trim().to_string();
+    let other = gateway.home.ok(&["keys", "create", "--name", "other", "--models", "minilm"]).trim().to_string();
+    let slow = gateway.home.ok(&["keys", "create", "--name", "slow", "--rpm", "1"]).trim().to_string();
+    let ask = |key: Option<&str>, path: &str, body: &str| -> (u16, String) {
+        let bearer = key.map(|k| format!("Bearer {k}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(b) = &bearer {
+            headers.push(("Authorization", b));
+        }
+        let (status, raw) = http_request(gateway.port, "POST", path, &headers, body.as_bytes()).unwrap();
+        (status, String::from_utf8_lossy(&raw).to_string())
+    };
+    let chat = r#"{"model":"smollm2","max_tokens":3,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let (status, raw) = ask(None, "/v1/chat/completions", chat);
+    assert_eq!(status, 401, "{raw}");
+    assert!(raw.contains("invalid_api_key"), "{raw}");
+    assert_eq!(ask(Some("not-a-key"), "/v1/chat/completions", chat).0, 401);
+    assert_eq!(http_request(gateway.port, "GET", "/health", &[], b"").unwrap().0, 200, "probes stay open");
+    assert_eq!(http_request(gateway.port, "GET", "/metrics", &[], b"").unwrap().0, 401);
+    let (status, raw) = ask(Some(&other), "/v1/chat/completions", chat);
+    assert_eq!(status, 403, "the key's models: {raw}");
+    let (status, raw) = ask(Some(&app), "/v1/chat/completions", chat);
+    assert_eq!(status, 200, "{raw}");
+    let (status, raw) = ask(
+        Some(&app),
+        "/api/chat",
+        r#"{"model":"smollm2","options":{"num_predict":4},"messages":[{"role":"user","content":"Hi"}]}"#,
+    );
+    assert_eq!(status, 200, "{raw}");
+    assert_eq!(ask(Some(&app), "/api/pull", r#"{"model":"x"}"#).0, 403, "no admin scope");
+    assert_eq!(ask(Some(&slow), "/v1/chat/completions", chat).0, 200);
+    let (status, raw) = ask(Some(&slow), "/v1/chat/completions", chat);
+    assert_eq!(status, 429, "{raw}");
+    assert!(raw.to_ascii_lowercase().contains("retry-after"), "{raw}");
+
+    // Usage in the gateway's home, by key, with the tokens the answers reported.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let usage = loop {
+        let usage = gateway.home.json(&["usage", "--json"]);
+        let rows = usage.as_array().cloned().unwrap_or_default();
+        let app_row = rows.iter().find(|r| r["name"] == "app").cloned().unwrap_or_default();
+        let slow_row = rows.iter().find(|r| r["name"] == "slow").cloned().unwrap_or_default();
+        if app_row["completed"] == 2 && slow_row["rejected"] == 1 {
+            break usage;
+        }
+        assert!(Instant::now() < deadline, "usage not recorded: {usage}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let app_row = usage.as_array().unwrap().iter().find(|r| r["name"] == "app").cloned().unwrap();
+    assert_eq!(app_row["completion_tokens"], 7, "3 + 4 tokens: {usage}");
+    assert!(app_row["prompt_tokens"].as_u64().unwrap() > 0, "{usage}");
 }

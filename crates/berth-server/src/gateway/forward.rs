@@ -102,6 +102,13 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
         Err(_) => return ApiError::bad_request("the request body did not arrive in time").into_response(),
     };
     let facts = affinity::facts(&path, &body);
+    let caller = crate::auth::caller();
+    if let (Some(caller), Some(model)) = (&caller, &facts.model) {
+        let familiar = berth_store::Reference::parse(model).map_or_else(|_| model.clone(), |r| r.familiar());
+        if let Err(e) = caller.check_model(&familiar) {
+            return e.into_response();
+        }
+    }
     let mut plan = gateway.plan(&path, &facts);
     // Every replica full of the gateway's requests (or others already waiting): wait for a turn,
     // fair between keys, instead of joining a replica's first-come queue.
@@ -176,7 +183,12 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
             continue;
         }
         upstream.answered.fetch_add(1, Ordering::Relaxed);
-        let mut response = relay(head, incoming, first, events, in_flight);
+        // Generating requests are recorded under their key when their answer ends.
+        let tap = caller
+            .clone()
+            .filter(|_| parts.method == axum::http::Method::POST && facts.model.is_some())
+            .map(|c| super::keys::UsageTap::new(c, facts.model.as_deref(), started, head.status.is_success()));
+        let mut response = relay(head, incoming, first, events, in_flight, tap);
         let served_by = HeaderValue::from_static(if remote.is_some() { "remote" } else { "replica" });
         response.headers_mut().insert("x-berth-served-by", served_by);
         return response;
@@ -281,17 +293,36 @@ fn relay(
     first: Option<Bytes>,
     events: Option<Events>,
     in_flight: InFlight,
+    mut tap: Option<super::keys::UsageTap>,
 ) -> Response {
     strip_hop_by_hop(&mut head.headers);
-    let frames = futures_util::stream::unfold(Some((incoming, in_flight)), move |state| async move {
-        let (mut body, in_flight) = state?;
+    if let Some(tap) = &mut tap {
+        let length = head.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+        tap.expect(if events.is_some() { None } else { length });
+        if let Some(first) = &first {
+            tap.saw(first);
+        }
+    }
+    let frames = futures_util::stream::unfold(Some((incoming, in_flight, tap)), move |state| async move {
+        let (mut body, in_flight, mut tap) = state?;
         match body.frame().await {
-            None => None,
+            None => {
+                if let Some(tap) = &mut tap {
+                    tap.ended(crate::accounts::Outcome::Completed);
+                }
+                None
+            }
             Some(Ok(frame)) => {
                 let data = frame.into_data().unwrap_or_default();
-                Some((Ok::<Bytes, std::io::Error>(data), Some((body, in_flight))))
+                if let Some(tap) = &mut tap {
+                    tap.saw(&data);
+                }
+                Some((Ok::<Bytes, std::io::Error>(data), Some((body, in_flight, tap))))
             }
             Some(Err(e)) => {
+                if let Some(tap) = &mut tap {
+                    tap.ended(crate::accounts::Outcome::Failed);
+                }
                 let upstream = &in_flight.upstream;
                 upstream.cut.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(upstream = %upstream.base, "the replica cut an answer short: {e}");

@@ -8,6 +8,7 @@
 
 pub mod affinity;
 mod forward;
+mod keys;
 pub mod pool;
 pub mod queue;
 pub mod route;
@@ -55,6 +56,10 @@ pub struct GatewayConfig {
     pub max_queue: usize,
     /// How long one may wait there before it gets 429.
     pub queue_timeout: Duration,
+    /// The gateway's own home: its keys (`berth keys` there), whose requests it records.
+    pub home: std::path::PathBuf,
+    /// The span of `tokens_per_day` quotas (a day; shorter only in tests).
+    pub token_quota_window: Duration,
 }
 
 /// A remote OpenAI-compatible endpoint (another berth, a bigger server, a cloud API) that takes
@@ -148,6 +153,8 @@ impl Default for GatewayConfig {
             remote: None,
             max_queue: 1024,
             queue_timeout: Duration::from_secs(60),
+            home: berth_store::Store::default_home(),
+            token_quota_window: Duration::from_secs(86_400),
         }
     }
 }
@@ -167,6 +174,7 @@ pub struct Gateway {
     metrics: GatewayMetrics,
     remote: Option<Remote>,
     queue: queue::FairQueue,
+    auth: Arc<crate::auth::Auth>,
 }
 
 #[derive(Default)]
@@ -223,6 +231,9 @@ impl Gateway {
             return Err(ServerError::NoUpstreams);
         }
         let queue = queue::FairQueue::new(config.max_queue.max(1));
+        let accounts = crate::accounts::Accounts::open(&config.home).map_err(ServerError::Accounts)?;
+        let keys = accounts.any_active().map_err(ServerError::Accounts)?;
+        let auth = Arc::new(crate::auth::Auth::new(accounts, config.token_quota_window, keys));
         Ok(Arc::new(Gateway {
             config,
             client: forward::client()
@@ -234,6 +245,7 @@ impl Gateway {
             metrics: GatewayMetrics::default(),
             remote,
             queue,
+            auth,
         }))
     }
 
@@ -405,6 +417,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/metrics", get(metrics))
         .route("/gateway/upstreams", get(upstreams))
         .fallback(forward::forward)
+        .layer(axum::middleware::from_fn_with_state(gateway.clone(), keys::authorize))
         .layer(axum::middleware::from_fn_with_state(limits, crate::request::body_limits))
         .layer(axum::middleware::from_fn_with_state(hosts, crate::guard::check_host))
         .layer(axum::middleware::from_fn(crate::error::with_shape))
@@ -538,7 +551,14 @@ pub async fn serve(config: GatewayConfig) -> Result<(), ServerError> {
         let gateway = gateway.clone();
         tokio::spawn(async move {
             let mut discovered: Option<Instant> = None;
+            let mut flushed = Instant::now();
             loop {
+                // Refused requests counted since the last round go to usage in one write.
+                if flushed.elapsed() >= Duration::from_secs(1) {
+                    let auth = gateway.auth.clone();
+                    let _ = tokio::task::spawn_blocking(move || auth.flush_rejections()).await;
+                    flushed = Instant::now();
+                }
                 if let Some((name, port)) = &gateway.config.discover
                     && discovered.is_none_or(|t| t.elapsed() >= DISCOVERY_INTERVAL)
                 {
@@ -575,6 +595,7 @@ pub async fn serve(config: GatewayConfig) -> Result<(), ServerError> {
             }
         } => {}
     }
+    gateway.auth.flush_rejections();
     tracing::info!("stopped");
     Ok(())
 }

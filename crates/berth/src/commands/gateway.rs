@@ -84,7 +84,7 @@ fn parse_discovery(spec: &str) -> anyhow::Result<(String, u16)> {
     Ok((name.to_string(), port))
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &super::Context, args: Args) -> anyhow::Result<()> {
     crate::telemetry::init(&args.log_format, None, "berth-gateway")?;
     let discover = args.upstreams_from.as_deref().map(parse_discovery).transpose()?;
     let upstream_key = match &args.upstream_key_env {
@@ -130,6 +130,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         allow_insecure_public: args.allow_insecure_public,
         allowed_hosts: args.allowed_hosts,
         remote,
+        home: ctx.home.clone(),
+        token_quota_window: Duration::from_secs(86_400),
         max_queue: args.max_queue as usize,
         queue_timeout: Duration::from_secs(args.queue_timeout),
     };
