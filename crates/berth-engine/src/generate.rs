@@ -267,6 +267,7 @@ impl Engine {
             prefix_cache: false,
             kv_type: KvType::F16,
             speculation: true,
+            draft_cost: None,
             target: Some(Default::default()),
         };
         let mut result = None;

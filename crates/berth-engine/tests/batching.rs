@@ -74,6 +74,7 @@ fn config(kv_blocks: usize, max_batch_tokens: usize, prefix_cache: bool) -> Sche
         prefix_cache,
         kv_type: Default::default(),
         speculation: true,
+        draft_cost: None,
         target: Some(Default::default()),
     }
 }

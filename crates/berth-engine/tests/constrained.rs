@@ -136,6 +136,7 @@ fn forced_tokens_skip_sampling_and_neighbours_are_unchanged() {
             prefix_cache: true,
             kv_type: Default::default(),
             speculation: true,
+            draft_cost: None,
             target: Some(Default::default()),
         },
     )

@@ -53,6 +53,7 @@ fn config(speculation: bool) -> SchedulerConfig {
         prefix_cache: true,
         kv_type: Default::default(),
         speculation,
+        draft_cost: None,
         target: Some(Default::default()),
     }
 }

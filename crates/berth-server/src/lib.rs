@@ -100,6 +100,8 @@ pub struct BatchingConfig {
     /// Guess generating requests' next tokens from their own text (prompt lookup) and verify them
     /// in the step, where it pays; answers are the same either way.
     pub speculation: bool,
+    /// A fixed price for guessed tokens (see the scheduler's `draft_cost`); `None` measures it.
+    pub draft_cost: Option<f64>,
     /// What a step with generating streams aims for (their time between tokens).
     pub step_target: Option<berth_engine::scheduler::pacing::StepTarget>,
     /// Models with limits of their own (threads, concurrency, context).
@@ -117,6 +119,7 @@ impl Default for BatchingConfig {
             prefix_cache: true,
             kv_type: Default::default(),
             speculation: true,
+            draft_cost: None,
             step_target: Some(Default::default()),
             per_model: LimitsByModel::default(),
         }

@@ -900,6 +900,7 @@ fn runner_config(engine: &Engine, batching: &BatchingConfig, limits: &ModelLimit
             prefix_cache: batching.prefix_cache,
             kv_type,
             speculation: batching.speculation,
+            draft_cost: batching.draft_cost,
             target: batching.step_target,
         },
         max_queue: batching.max_queue,

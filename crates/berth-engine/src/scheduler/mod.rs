@@ -69,6 +69,10 @@ pub struct SchedulerConfig {
     /// Guess generating sequences' next tokens from their own text and verify the guesses in the
     /// step (see [`speculation`]); answers are the same either way.
     pub speculation: bool,
+    /// The price of one guessed token as a share of a step's time per stream, in place of the one
+    /// the step-cost fit gives; `None` in use. (Tests fix it: a shared machine's load must not
+    /// decide whether a test's stream guesses.)
+    pub draft_cost: Option<f64>,
     /// What steps that carry generating sequences aim for (see [`pacing`]); `None` sizes every
     /// step by `max_batch_tokens` alone and runs as many sequences as fit.
     pub target: Option<StepTarget>,
@@ -361,8 +365,9 @@ impl<'e, 's> Scheduler<'e, 's> {
             }
             // What one more token adds to the step, over the step's time per stream (the step
             // yields a token per stream): a guess pays when its chance to survive beats that.
-            let cost = match &self.pacer {
-                Some(p) if p.cost.is_calibrated() => {
+            let cost = match (self.config.draft_cost, &self.pacer) {
+                (Some(fixed), _) => fixed,
+                (None, Some(p)) if p.cost.is_calibrated() => {
                     let step = p.cost.predict(shape).max(f64::EPSILON);
                     let mut more = *shape;
                     more.add(self.running[i].computed + n, 1, false);

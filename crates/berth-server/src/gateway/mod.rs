@@ -41,7 +41,7 @@ pub struct GatewayConfig {
     pub discover: Option<(String, u16)>,
     /// The key the gateway polls replicas' `/load` with, when they have keys (a `metrics` scope is
     /// enough). Clients' own `Authorization` goes with their requests unchanged.
-    pub upstream_key: Option<String>,
+    pub upstream_key: Option<Secret>,
     pub policy: Policy,
     pub poll_interval: Duration,
     pub body_limit: usize,
@@ -66,12 +66,12 @@ pub struct GatewayConfig {
 /// the OpenAI API's generating requests (`/v1/chat/completions`, `/v1/completions`,
 /// `/v1/embeddings`, `/v1/responses`) when the replicas cannot: every one is saturated
 /// (`overflow_at` requests or more), none is ready, or none has the model (each answered 404).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct RemoteConfig {
     /// `http(s)://host[:port][/path]`; the request's path is appended (`/v1/chat/completions`).
     pub url: String,
     /// Sent as `Authorization: Bearer` in place of the client's own header; never logged.
-    pub key: Option<String>,
+    pub key: Option<Secret>,
     /// A local model name and the remote's name for it.
     pub models: Vec<(String, String)>,
     /// Requests a replica holds (running, waiting, or in flight from the gateway) at which it is
@@ -79,14 +79,14 @@ pub struct RemoteConfig {
     pub overflow_at: f64,
 }
 
-impl std::fmt::Debug for RemoteConfig {
+/// A key the gateway sends on: shown as `<redacted>` by `Debug`, so no log of a configuration can
+/// carry it.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RemoteConfig")
-            .field("url", &self.url)
-            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
-            .field("models", &self.models)
-            .field("overflow_at", &self.overflow_at)
-            .finish()
+        f.write_str("<redacted>")
     }
 }
 
@@ -114,7 +114,7 @@ impl Remote {
         }
         let authorization = match &config.key {
             Some(key) => {
-                let mut value = axum::http::HeaderValue::from_str(&format!("Bearer {key}"))
+                let mut value = axum::http::HeaderValue::from_str(&format!("Bearer {}", key.0))
                     .map_err(|_| bad("the remote's key has characters a header cannot carry"))?;
                 value.set_sensitive(true);
                 Some(value)
@@ -358,7 +358,9 @@ impl Gateway {
     async fn load_of(&self, upstream: &Upstream) -> Result<Load, bool> {
         let mut request = axum::http::Request::get(format!("{}/load", upstream.base));
         if let Some(key) = &self.config.upstream_key {
-            request = request.header(axum::http::header::AUTHORIZATION, format!("Bearer {key}"));
+            let mut value = axum::http::HeaderValue::from_str(&format!("Bearer {}", key.0)).map_err(|_| false)?;
+            value.set_sensitive(true);
+            request = request.header(axum::http::header::AUTHORIZATION, value);
         }
         let request = request.body(Full::new(axum::body::Bytes::new())).map_err(|_| false)?;
         let answer = self.client.request(request).await.map_err(|e| forward::is_refused(&e))?;
@@ -598,4 +600,52 @@ pub async fn serve(config: GatewayConfig) -> Result<(), ServerError> {
     gateway.auth.flush_rejections();
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_urls_are_plain_http_addresses() {
+        assert_eq!(upstream_base("http://10.0.0.5:12480/").unwrap(), "http://10.0.0.5:12480");
+        assert_eq!(upstream_base("http://berth-1:12480").unwrap(), "http://berth-1:12480");
+        for bad in ["10.0.0.5:12480", "https://10.0.0.5", "http://10.0.0.5/v1", "http://u:p@10.0.0.5", "http://x?y=1"] {
+            assert!(upstream_base(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_never_show_in_a_configuration_printed() {
+        let config = GatewayConfig {
+            upstream_key: Some(Secret("replica-secret".into())),
+            remote: Some(RemoteConfig {
+                url: "https://api.example.com".into(),
+                key: Some(Secret("remote-secret".into())),
+                models: vec![("a".into(), "b".into())],
+                overflow_at: 16.0,
+            }),
+            ..GatewayConfig::default()
+        };
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("secret") && printed.contains("<redacted>"), "{printed}");
+    }
+
+    #[test]
+    fn remote_urls_keep_their_path_and_refuse_credentials() {
+        let remote = |url: &str| {
+            Remote::new(&RemoteConfig { url: url.into(), key: None, models: vec![], overflow_at: 1.0 })
+                .map(|r| r.upstream.base.clone())
+        };
+        assert_eq!(remote("https://api.example.com/openai/").unwrap(), "https://api.example.com/openai");
+        assert_eq!(remote("http://10.0.1.9:12480").unwrap(), "http://10.0.1.9:12480");
+        assert!(remote("ftp://x").is_err() && remote("https://u:p@x").is_err() && remote("https://x?key=1").is_err());
+        let mapped = Remote::new(&RemoteConfig {
+            url: "http://r".into(),
+            key: Some(Secret("k\nx".into())),
+            models: vec![],
+            overflow_at: 1.0,
+        });
+        assert!(mapped.is_err(), "a key a header cannot carry is refused at start");
+    }
 }

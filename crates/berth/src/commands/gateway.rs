@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use berth_server::gateway::{GatewayConfig, RemoteConfig, route::Policy};
+use berth_server::gateway::{GatewayConfig, RemoteConfig, Secret, route::Policy};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -88,17 +88,17 @@ pub fn run(ctx: &super::Context, args: Args) -> anyhow::Result<()> {
     crate::telemetry::init(&args.log_format, None, "berth-gateway")?;
     let discover = args.upstreams_from.as_deref().map(parse_discovery).transpose()?;
     let upstream_key = match &args.upstream_key_env {
-        Some(var) => Some(std::env::var(var).with_context(|| {
+        Some(var) => Some(Secret(std::env::var(var).with_context(|| {
             format!("--upstream-key-env names {var}, which is not set: export the replicas' key in it")
-        })?),
+        })?)),
         None => None,
     };
     let remote = match args.remote {
         Some(url) => {
             let key = match &args.remote_key_env {
-                Some(var) => Some(std::env::var(var).with_context(|| {
+                Some(var) => Some(Secret(std::env::var(var).with_context(|| {
                     format!("--remote-key-env names {var}, which is not set: export the remote's key in it")
-                })?),
+                })?)),
                 None => None,
             };
             let mut models = Vec::new();

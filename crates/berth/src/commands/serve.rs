@@ -62,6 +62,11 @@ pub struct Args {
     /// on by default where it pays, and answers are the same either way).
     #[arg(long)]
     no_speculation: bool,
+    /// A fixed price for a guessed token, as a share of a step's time per stream, instead of the
+    /// measured one. Hidden: only tests set it, so that the machine's load does not decide
+    /// whether a test's stream guesses.
+    #[arg(long, hide = true, value_parser = parse_share)]
+    draft_cost: Option<f64>,
     /// Memory all loaded models may use together (weights, KV caches, working memory), e.g. 16GiB;
     /// idle models are unloaded to make room (default: three quarters of the machine's memory).
     #[arg(long, value_parser = parse_size)]
@@ -118,6 +123,14 @@ pub struct Args {
 
 fn parse_keep_alive(text: &str) -> Result<KeepAlive, String> {
     KeepAlive::parse_str(text).ok_or_else(|| format!("`{text}` is not a duration; write e.g. 5m, 1h30m, 90s, 0 or -1"))
+}
+
+/// A share between 0 and 1.
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{text}` is not a share between 0 and 1")),
+    }
 }
 
 /// Three quarters of the machine's memory (from /proc/meminfo), or 8 GiB where it cannot be read.
@@ -184,6 +197,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             prefix_cache: !args.no_prefix_cache,
             kv_type: args.kv_type,
             speculation: !args.no_speculation,
+            draft_cost: args.draft_cost,
             step_target: (args.target_itl > 0).then(|| berth_engine::scheduler::pacing::StepTarget {
                 itl: Duration::from_millis(args.target_itl),
                 ..Default::default()
