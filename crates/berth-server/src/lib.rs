@@ -175,6 +175,8 @@ pub enum ServerError {
     Upstream { url: String, reason: String },
     #[error("no replicas: name them with --upstream URL (repeatable) or --upstreams-from dns:NAME:PORT")]
     NoUpstreams,
+    #[error("the key in {0} has characters an HTTP header cannot carry")]
+    InvalidKey(&'static str),
 }
 
 #[derive(Clone)]

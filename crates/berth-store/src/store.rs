@@ -174,11 +174,16 @@ impl Store {
     /// [`Store::verify_blob`], skipping the hash when this blob was found right before and its
     /// file has not changed since (see [`crate::stamp`]). What loads a model calls.
     pub fn verify_blob_once(&self, digest: &Digest, size: u64) -> Result<(), StoreError> {
-        let before = fs::metadata(self.blob_path(digest)).ok().and_then(|m| FileStamp::of(&m));
+        let before = self.file_stamp(digest);
         if before.as_ref().is_some_and(|b| Stamps::new(&self.root).holds(digest.hex(), b)) {
             return Ok(());
         }
         self.verify_blob_and_stamp(digest, size, before)
+    }
+
+    /// How a blob's file looks now (for its stamp); `None` when it cannot be read.
+    fn file_stamp(&self, digest: &Digest) -> Option<FileStamp> {
+        fs::metadata(self.blob_path(digest)).ok().and_then(|m| FileStamp::of(&m))
     }
 
     /// Hash a blob; found right, stamp it (so loads need not hash it again); found wrong, forget
@@ -191,7 +196,7 @@ impl Store {
         }
         // Recorded only when the file looked the same before and after the hash: a write while
         // it was being read leaves no stamp.
-        let after = fs::metadata(self.blob_path(digest)).ok().and_then(|m| FileStamp::of(&m));
+        let after = self.file_stamp(digest);
         if let (Some(b), Some(a)) = (before, after)
             && a == b
         {
@@ -208,7 +213,7 @@ impl Store {
         for d in manifest.unique_blobs() {
             // Always hashed; what is found right is stamped, so a store verified before it is
             // shared read-only loads without hashing again.
-            let before = fs::metadata(self.blob_path(&d.digest)).ok().and_then(|m| FileStamp::of(&m));
+            let before = self.file_stamp(&d.digest);
             let state = match self.verify_blob_and_stamp(&d.digest, d.size, before) {
                 Ok(()) => "ok",
                 Err(StoreError::MissingBlob(_)) => "missing",

@@ -5,7 +5,6 @@
 //! same prompt on every replica of one model.
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 /// How much of the prompt's start is hashed: about the first 16 KV blocks of English text. A
 /// longer start splits requests that share a system prompt but differ after it; a shorter one
@@ -64,14 +63,8 @@ pub fn facts(path: &str, body: &[u8]) -> RequestFacts {
         }
         _ => {}
     }
-    let prefix = (!start.bytes.is_empty()).then(|| {
-        let mut hash = Sha256::new();
-        hash.update(model.as_deref().unwrap_or("").as_bytes());
-        hash.update([0]);
-        hash.update(&start.bytes);
-        let digest = hash.finalize();
-        u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
-    });
+    let prefix =
+        (!start.bytes.is_empty()).then(|| super::hash64(&[model.as_deref().unwrap_or("").as_bytes(), &start.bytes]));
     RequestFacts { model, prefix }
 }
 

@@ -278,12 +278,8 @@ impl Drop for InFlight {
 
 /// Whom a request counts against in the fair queue: its key, hashed (never kept).
 fn tenant_of(headers: &HeaderMap) -> super::queue::Tenant {
-    use sha2::Digest;
     let key = headers.get(header::AUTHORIZATION).or_else(|| headers.get("x-api-key"));
-    key.map_or(0, |k| {
-        let digest = sha2::Sha256::digest(k.as_bytes());
-        u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
-    })
+    key.map_or(0, |k| super::hash64(&[k.as_bytes()]))
 }
 
 /// The replica's answer, relayed as it arrives (`first`: its first piece, already read).

@@ -133,7 +133,7 @@ impl Drop for UsageTap {
 /// The prompt and completion tokens an answer reports, in any of the APIs' shapes: a JSON body, or
 /// SSE/NDJSON events (OpenAI's `usage` when the stream carries it, Ollama's counts, Anthropic's
 /// `message_start` and `message_delta`, the Responses API's `response.completed`).
-pub(super) fn tokens_in(head: &[u8], tail: &[u8]) -> (u64, u64) {
+pub(crate) fn tokens_in(head: &[u8], tail: &[u8]) -> (u64, u64) {
     let (mut prompt, mut completion) = (0u64, 0u64);
     let mut take = |v: &Value| {
         let n = |v: &Value| v.as_u64().unwrap_or(0);

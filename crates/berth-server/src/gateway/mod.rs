@@ -8,7 +8,7 @@
 
 pub mod affinity;
 mod forward;
-mod keys;
+pub(crate) mod keys;
 pub mod pool;
 pub mod queue;
 pub mod route;
@@ -103,26 +103,12 @@ pub(crate) struct Remote {
 
 impl Remote {
     fn new(config: &RemoteConfig) -> Result<Remote, ServerError> {
-        let bad = |reason: &str| ServerError::Upstream { url: config.url.clone(), reason: reason.to_string() };
-        let uri: axum::http::Uri = config.url.trim_end_matches('/').parse().map_err(|_| bad("not a URL"))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) {
-            return Err(bad("write it as https://host[/path] or http://host:port"));
-        }
-        let authority = uri.authority().ok_or_else(|| bad("it names no host"))?;
-        if authority.as_str().contains('@') || uri.query().is_some() {
-            return Err(bad("give the key with --remote-key-env, not in the URL"));
-        }
-        let authorization = match &config.key {
-            Some(key) => {
-                let mut value = axum::http::HeaderValue::from_str(&format!("Bearer {}", key.0))
-                    .map_err(|_| bad("the remote's key has characters a header cannot carry"))?;
-                value.set_sensitive(true);
-                Some(value)
-            }
-            None => None,
-        };
-        let base =
-            format!("{}://{}{}", uri.scheme_str().unwrap_or("http"), authority, uri.path().trim_end_matches('/'));
+        let base = base_url(&config.url, UrlKind::Remote)?;
+        let authorization = config
+            .key
+            .as_ref()
+            .map(|key| bearer(key).ok_or(ServerError::InvalidKey("--remote-key-env")))
+            .transpose()?;
         let upstream = Arc::new(Upstream::new(base));
         // No poller asks a remote for its load: it is taken as ready until requests to it fail.
         upstream.polled(Load { ready: true, ..Load::default() }, Instant::now());
@@ -159,6 +145,21 @@ impl Default for GatewayConfig {
     }
 }
 
+/// The first 8 bytes of the SHA-256 of `parts` (each followed by a 0 byte, so that ("ab", "c") and
+/// ("a", "bc") differ): a stable, well-spread 64-bit name for a prefix, a replica or a key.
+pub(crate) fn hash64(parts: &[&[u8]]) -> u64 {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for part in parts {
+        hash.update(part);
+        hash.update([0]);
+    }
+    let digest = hash.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
+}
+
 /// How often a DNS name of replicas is looked up again.
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -175,6 +176,10 @@ pub struct Gateway {
     remote: Option<Remote>,
     queue: queue::FairQueue,
     auth: Arc<crate::auth::Auth>,
+    /// The replicas named with `--upstream`, which DNS discovery never removes.
+    fixed: Vec<String>,
+    /// What `/load` polls send when the replicas have keys.
+    upstream_authorization: Option<axum::http::HeaderValue>,
 }
 
 #[derive(Default)]
@@ -198,34 +203,67 @@ impl GatewayMetrics {
     }
 }
 
+/// What a base URL names: a replica (plain HTTP on a private network, `http://host:port` and
+/// nothing after) or the remote endpoint (HTTP or HTTPS, with a path if it has one).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UrlKind {
+    Replica,
+    Remote,
+}
+
 /// A replica URL as the gateway uses it: `http://host:port`, nothing after.
 pub fn upstream_base(url: &str) -> Result<String, ServerError> {
+    base_url(url, UrlKind::Replica)
+}
+
+/// A base URL without its trailing slash; the request's path is appended to it. Neither kind
+/// carries credentials or a query: keys come from the environment.
+fn base_url(url: &str, kind: UrlKind) -> Result<String, ServerError> {
     let bad = |reason: &str| ServerError::Upstream { url: url.to_string(), reason: reason.to_string() };
     let uri: axum::http::Uri = url.trim_end_matches('/').parse().map_err(|_| bad("not a URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some(_) => return Err(bad("replicas are reached over http:// (on a private network)")),
-        None => return Err(bad("write it as http://host:port")),
-    }
+    let scheme = match (uri.scheme_str(), kind) {
+        (Some("http"), _) => "http",
+        (Some("https"), UrlKind::Remote) => "https",
+        (Some(_), UrlKind::Replica) => return Err(bad("replicas are reached over http:// (on a private network)")),
+        (Some(_), UrlKind::Remote) => return Err(bad("write it as https://host[/path] or http://host:port")),
+        (None, _) => return Err(bad("write it as http://host:port")),
+    };
     let authority = uri.authority().ok_or_else(|| bad("it names no host"))?;
-    if (uri.path() != "/" && !uri.path().is_empty()) || uri.query().is_some() {
+    if authority.as_str().contains('@') || uri.query().is_some() {
+        return Err(bad(match kind {
+            UrlKind::Replica => "a replica URL has no user, password or query (give a key with --upstream-key-env)",
+            UrlKind::Remote => "give the key with --remote-key-env, not in the URL",
+        }));
+    }
+    let path = uri.path().trim_end_matches('/');
+    if kind == UrlKind::Replica && !path.is_empty() {
         return Err(bad("a replica URL has no path"));
     }
-    if authority.as_str().contains('@') {
-        return Err(bad("a replica URL has no user or password (give a key with --upstream-key-env)"));
-    }
-    Ok(format!("http://{authority}"))
+    Ok(format!("{scheme}://{authority}{path}"))
+}
+
+/// `Authorization: Bearer <key>`, marked sensitive; `None` for a key a header cannot carry.
+fn bearer(key: &Secret) -> Option<axum::http::HeaderValue> {
+    let mut value = axum::http::HeaderValue::from_str(&format!("Bearer {}", key.0)).ok()?;
+    value.set_sensitive(true);
+    Some(value)
 }
 
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Result<Arc<Gateway>, ServerError> {
-        let mut upstreams = Vec::new();
+        let mut fixed: Vec<String> = Vec::new();
         for url in &config.upstreams {
             let base = upstream_base(url)?;
-            if !upstreams.iter().any(|u: &Arc<Upstream>| u.base == base) {
-                upstreams.push(Arc::new(Upstream::new(base)));
+            if !fixed.contains(&base) {
+                fixed.push(base);
             }
         }
+        let upstreams: Vec<Arc<Upstream>> = fixed.iter().map(|b| Arc::new(Upstream::new(b.clone()))).collect();
+        let upstream_authorization = config
+            .upstream_key
+            .as_ref()
+            .map(|key| bearer(key).ok_or(ServerError::InvalidKey("--upstream-key-env")))
+            .transpose()?;
         let remote = config.remote.as_ref().map(Remote::new).transpose()?;
         if upstreams.is_empty() && config.discover.is_none() && remote.is_none() {
             return Err(ServerError::NoUpstreams);
@@ -246,6 +284,8 @@ impl Gateway {
             remote,
             queue,
             auth,
+            fixed,
+            upstream_authorization,
         }))
     }
 
@@ -357,10 +397,8 @@ impl Gateway {
     /// A replica's `/load`; the error says whether the connection was refused.
     async fn load_of(&self, upstream: &Upstream) -> Result<Load, bool> {
         let mut request = axum::http::Request::get(format!("{}/load", upstream.base));
-        if let Some(key) = &self.config.upstream_key {
-            let mut value = axum::http::HeaderValue::from_str(&format!("Bearer {}", key.0)).map_err(|_| false)?;
-            value.set_sensitive(true);
-            request = request.header(axum::http::header::AUTHORIZATION, value);
+        if let Some(value) = &self.upstream_authorization {
+            request = request.header(axum::http::header::AUTHORIZATION, value.clone());
         }
         let request = request.body(Full::new(axum::body::Bytes::new())).map_err(|_| false)?;
         let answer = self.client.request(request).await.map_err(|e| forward::is_refused(&e))?;
@@ -392,9 +430,8 @@ impl Gateway {
             })
             .collect();
         let mut upstreams = self.upstreams.write().unwrap_or_else(|e| e.into_inner());
-        let fixed: Vec<String> = self.config.upstreams.iter().filter_map(|u| upstream_base(u).ok()).collect();
         upstreams.retain(|u| {
-            let keep = bases.contains(&u.base) || fixed.contains(&u.base);
+            let keep = bases.contains(&u.base) || self.fixed.contains(&u.base);
             if !keep {
                 tracing::info!(upstream = %u.base, "replica left {name}");
             }
@@ -647,5 +684,13 @@ mod tests {
             overflow_at: 1.0,
         });
         assert!(mapped.is_err(), "a key a header cannot carry is refused at start");
+        let home = tempfile::tempdir().unwrap();
+        let polling = Gateway::new(GatewayConfig {
+            upstreams: vec!["http://127.0.0.1:1".into()],
+            upstream_key: Some(Secret("k\nx".into())),
+            home: home.path().to_path_buf(),
+            ..GatewayConfig::default()
+        });
+        assert!(matches!(polling, Err(ServerError::InvalidKey("--upstream-key-env"))), "the replicas' key too");
     }
 }

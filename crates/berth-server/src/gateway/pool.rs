@@ -98,9 +98,7 @@ pub enum Outcome {
 
 impl Upstream {
     pub fn new(base: String) -> Upstream {
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(base.as_bytes());
-        let id = u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]));
+        let id = super::hash64(&[base.as_bytes()]);
         Upstream {
             base,
             id,
