@@ -1,6 +1,7 @@
 #![no_main]
 //! Any request body on every generating endpoint, through the handlers' own parsing and checks to
-//! validated requests: an error message, or requests the scheduler accepts as they are.
+//! validated requests: an error message, or requests the scheduler accepts as they are; and the
+//! gateway's readers of bodies and answers, on the same bytes.
 //!
 //! Input: the first byte picks the endpoint and the model's limits, the rest is the body.
 
@@ -17,6 +18,8 @@ fuzz_target!(|data: &[u8]| {
         2 => RequestLimits { context: 2, kv_tokens: 16, vocab: 1 },
         _ => RequestLimits { context: 1 << 20, kv_tokens: 1 << 16, vocab: 1 << 17 },
     };
+    // The gateway reads the same bodies (and replicas' answers) for routing and usage.
+    berth_server::fuzzing::gateway_reads(body);
     if let Ok(requests) = validate_body(api, body, &limits) {
         for r in requests {
             assert!(berth_engine::request::check(&r, &limits).is_ok());

@@ -57,3 +57,18 @@ pub fn validate_body(api: Api, body: &[u8], limits: &RequestLimits) -> Result<Ve
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, crate::error::ApiError> {
     serde_json::from_slice(body).map_err(|e| crate::error::ApiError::bad_request(format!("invalid request: {e}")))
 }
+
+/// What the gateway reads from outside bytes: a request body's routing facts (its model and the
+/// hash of its prompt's start) on every path it reads them for, and an answer's token counts.
+pub fn gateway_reads(bytes: &[u8]) {
+    for path in
+        ["/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate", "/v1/messages", "/v1/responses"]
+    {
+        let facts = crate::gateway::affinity::facts(path, bytes);
+        // A model is only ever what the body's own `model` string says.
+        if let Some(model) = &facts.model {
+            assert!(bytes.len() >= model.len());
+        }
+    }
+    let _ = crate::gateway::keys::tokens_in(bytes, bytes);
+}
