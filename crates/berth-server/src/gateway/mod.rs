@@ -160,6 +160,10 @@ pub(crate) fn hash64(parts: &[&[u8]]) -> u64 {
     u64::from_le_bytes(first)
 }
 
+/// Most replicas one DNS name may bring in: a name that answers with thousands of addresses (a
+/// mistake, or a hostile resolver) must not make the gateway poll thousands of hosts.
+pub const MAX_DISCOVERED: usize = 256;
+
 /// How often a DNS name of replicas is looked up again.
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -240,6 +244,24 @@ fn base_url(url: &str, kind: UrlKind) -> Result<String, ServerError> {
         return Err(bad("a replica URL has no path"));
     }
     Ok(format!("{scheme}://{authority}{path}"))
+}
+
+/// The replicas a DNS answer names, at most [`MAX_DISCOVERED`], each once.
+fn discovered_bases(addresses: &[std::net::SocketAddr]) -> Vec<String> {
+    let mut bases: Vec<String> = Vec::new();
+    for a in addresses {
+        let base = match a {
+            std::net::SocketAddr::V4(v4) => format!("http://{v4}"),
+            std::net::SocketAddr::V6(v6) => format!("http://[{}]:{}", v6.ip(), v6.port()),
+        };
+        if !bases.contains(&base) {
+            bases.push(base);
+        }
+        if bases.len() == MAX_DISCOVERED {
+            break;
+        }
+    }
+    bases
 }
 
 /// `Authorization: Bearer <key>`, marked sensitive; `None` for a key a header cannot carry.
@@ -422,13 +444,10 @@ impl Gateway {
                 return;
             }
         };
-        let bases: Vec<String> = addresses
-            .iter()
-            .map(|a| match a {
-                std::net::SocketAddr::V4(v4) => format!("http://{v4}"),
-                std::net::SocketAddr::V6(v6) => format!("http://[{}]:{}", v6.ip(), v6.port()),
-            })
-            .collect();
+        if addresses.len() > MAX_DISCOVERED {
+            tracing::warn!("{name} names {} addresses; the first {MAX_DISCOVERED} are used", addresses.len());
+        }
+        let bases = discovered_bases(&addresses);
         let mut upstreams = self.upstreams.write().unwrap_or_else(|e| e.into_inner());
         upstreams.retain(|u| {
             let keep = bases.contains(&u.base) || self.fixed.contains(&u.base);
@@ -650,6 +669,18 @@ mod tests {
         for bad in ["10.0.0.5:12480", "https://10.0.0.5", "http://10.0.0.5/v1", "http://u:p@10.0.0.5", "http://x?y=1"] {
             assert!(upstream_base(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_dns_answer_brings_in_at_most_its_share_of_replicas() {
+        let flood: Vec<std::net::SocketAddr> = (0..5000u32)
+            .map(|i| std::net::SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 12480)))
+            .collect();
+        let bases = discovered_bases(&flood);
+        assert_eq!(bases.len(), MAX_DISCOVERED);
+        assert_eq!(bases[0], "http://10.0.0.0:12480");
+        let twice = [flood[1], flood[1], std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 1))];
+        assert_eq!(discovered_bases(&twice), vec!["http://10.0.0.1:12480".to_string(), "http://[::1]:1".to_string()]);
     }
 
     #[test]
