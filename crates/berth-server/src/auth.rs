@@ -2,7 +2,9 @@
 //! endpoint needs, and the key's requests-per-minute and tokens-per-day quotas. Health and readiness
 //! stay open (probes carry no keys). The caller rides along in a task-local, so that a model can be
 //! refused to a key that may not use it, and a request can charge its usage when it ends (to no key
-//! on a server without keys).
+//! on a server without keys). With the accounts in SQLite, the quotas are counted in this process's
+//! memory (it is the only server on them); with shared accounts (PostgreSQL), in the database, so
+//! that every server and gateway on it counts the same requests and tokens.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +16,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::accounts::{Accounts, ActiveKeys, ApiKey, NO_KEY, Outcome, Record, Scope};
+use crate::accounts::{Accounts, ActiveKeys, ApiKey, NO_KEY, Outcome, PostgresStore, Record, Scope};
 use crate::error::ApiError;
 use crate::quota::{TokenLedger, millis, retry_after_seconds};
 
@@ -36,6 +38,21 @@ pub struct Auth {
     keys_required: AtomicBool,
     /// Refused requests not yet written, by key and model ([`Auth::flush_rejections`]).
     rejections: Mutex<HashMap<(String, String), u64>>,
+    /// Whether the accounts are shared with other servers (PostgreSQL): then the quotas are
+    /// counted in the database, and `recent` and `ledgers` stay empty.
+    shared: bool,
+    /// When this process last told the shared database that its token holds are still live.
+    holds_refreshed: Mutex<Instant>,
+}
+
+/// How often a process with shared accounts refreshes its token holds (they count for a minute).
+const REFRESH_HOLDS: Duration = Duration::from_secs(10);
+
+/// A request refused because the accounts database failed: the details go to the log, the
+/// client hears that the service is unavailable for now.
+fn accounts_unavailable(what: &str, e: impl std::fmt::Display) -> ApiError {
+    tracing::error!("cannot {what}: {e}");
+    ApiError::unavailable(format!("cannot {what} now: the accounts database is unavailable; retry shortly"))
 }
 
 /// Who is asking: the key (none on a server without keys), and where its usage goes.
@@ -83,6 +100,8 @@ impl Auth {
     /// `token_window` is the span of `tokens_per_day` quotas (a day, but for tests).
     pub fn new(accounts: Accounts, token_window: Duration, keys_required: bool) -> Self {
         Self {
+            shared: accounts.shared().is_some(),
+            holds_refreshed: Mutex::new(Instant::now()),
             keys_required: AtomicBool::new(keys_required),
             rejections: Mutex::new(HashMap::new()),
             accounts: Mutex::new(accounts),
@@ -97,11 +116,19 @@ impl Auth {
         self.accounts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Run `f` on the shared database, if the accounts are shared.
+    fn with_shared<T>(&self, f: impl FnOnce(&PostgresStore) -> T) -> Option<T> {
+        if !self.shared {
+            return None;
+        }
+        self.accounts().shared().map(f)
+    }
+
     /// The active keys as the database has them now.
     fn active_keys(&self) -> Result<Arc<ActiveKeys>, ApiError> {
         let mut cache = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         let accounts = self.accounts();
-        let failed = |e| ApiError::internal(format!("cannot read the API keys: {e}"));
+        let failed = |e| accounts_unavailable("check the API key", e);
         let version = accounts.changes_elsewhere().map_err(failed)?;
         if cache.0 != Some(version) {
             *cache = (Some(version), Arc::new(accounts.active_keys().map_err(failed)?));
@@ -131,6 +158,14 @@ impl Auth {
             *pending.entry((record.key_id.to_string(), record.model.to_string())).or_default() += 1;
             return;
         }
+        // Shared accounts: the row, the key's token use and the release of its hold in one
+        // transaction there.
+        if let Some(settled) = self.with_shared(|db| db.settle(record, reserved, self.token_window)) {
+            if let Err(e) = settled {
+                tracing::error!(key_id = record.key_id, model = record.model, "usage not recorded: {e}");
+            }
+            return;
+        }
         // The ledger is held across the write, so a ledger being loaded sees the row either in
         // the database or as added here, never both.
         let mut ledgers = self.ledgers();
@@ -152,6 +187,7 @@ impl Auth {
     /// Write the refusals counted since the last flush (the server calls this a few times a
     /// second, and at shutdown).
     pub fn flush_rejections(&self) {
+        self.refresh_holds();
         let pending: Vec<_> = {
             let mut pending = self.rejections.lock().unwrap_or_else(|e| e.into_inner());
             if pending.is_empty() {
@@ -165,9 +201,28 @@ impl Auth {
         }
     }
 
+    /// With shared accounts, every [`REFRESH_HOLDS`]: tell the database this process's token holds
+    /// are still live.
+    fn refresh_holds(&self) {
+        {
+            let mut last = self.holds_refreshed.lock().unwrap_or_else(|e| e.into_inner());
+            if !self.shared || last.elapsed() < REFRESH_HOLDS {
+                return;
+            }
+            *last = Instant::now();
+        }
+        if let Some(Err(e)) = self.with_shared(|db| db.refresh_holds()) {
+            tracing::warn!("cannot refresh this process's token holds: {e}");
+        }
+    }
+
     /// Seconds until the key's tokens in the window are under its daily quota again, if they are not.
     fn over_token_quota(&self, key: &ApiKey) -> Result<Option<u64>, ApiError> {
         let Some(limit) = key.tokens_per_day else { return Ok(None) };
+        if let Some(check) = self.with_shared(|db| db.reserve_tokens(&key.id, limit, self.token_window, 0)) {
+            let check = check.map_err(|e| accounts_unavailable("check the key's quota", e))?;
+            return Ok(check.wait.map(retry_after_seconds));
+        }
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut ledgers = self.ledgers();
         let ledger = self.ledger_of(&mut ledgers, key, now_ms)?;
@@ -179,6 +234,9 @@ impl Auth {
     /// were granted (all of them for a key without a quota), or the seconds to wait when none are left.
     pub fn reserve_tokens(&self, key: &ApiKey, wanted: u64) -> Result<u64, ApiError> {
         let Some(limit) = key.tokens_per_day else { return Ok(wanted) };
+        if let Some(check) = self.with_shared(|db| db.reserve_tokens(&key.id, limit, self.token_window, wanted)) {
+            return Ok(check.map_err(|e| accounts_unavailable("check the key's quota", e))?.granted);
+        }
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut ledgers = self.ledgers();
         let ledger = self.ledger_of(&mut ledgers, key, now_ms)?;
@@ -189,6 +247,15 @@ impl Auth {
 
     /// Give back a reservation that was not used (the request was refused before it ran).
     pub fn release_tokens(&self, key_id: &str, tokens: u64) {
+        if let Some(released) = self.with_shared(|db| db.release_tokens(key_id, tokens)) {
+            if let Err(e) = released {
+                tracing::error!(
+                    key_id,
+                    "{tokens} held tokens not released (they are let go a minute after this process stops): {e}"
+                );
+            }
+            return;
+        }
         if let Some(ledger) = self.ledgers().get_mut(key_id) {
             ledger.release(tokens);
         }
@@ -207,7 +274,7 @@ impl Auth {
                 let used = self
                     .accounts()
                     .tokens_since(&key.id, now_ms.saturating_sub(millis(self.token_window)))
-                    .map_err(|e| ApiError::internal(format!("cannot check the key's quota: {e}")))?;
+                    .map_err(|e| accounts_unavailable("check the key's quota", e))?;
                 e.insert(TokenLedger::new(used))
             }
         })
@@ -221,11 +288,20 @@ impl Auth {
     }
 
     /// Seconds until the key may send again, if its quota is used up; else counts this request.
-    fn over_quota(&self, key: &ApiKey) -> Option<u64> {
-        let limit = key.requests_per_minute? as usize;
+    fn over_quota(&self, key: &ApiKey) -> Result<Option<u64>, ApiError> {
+        let Some(limit) = key.requests_per_minute else { return Ok(None) };
+        if let Some(admitted) = self.with_shared(|db| db.admit(&key.id, limit, Duration::from_secs(60))) {
+            let wait = admitted.map_err(|e| accounts_unavailable("check the key's request rate", e))?;
+            return Ok(wait.map(retry_after_seconds));
+        }
+        Ok(self.over_local_quota(&key.id, limit as usize))
+    }
+
+    /// [`Self::over_quota`] counted in this process's memory.
+    fn over_local_quota(&self, key_id: &str, limit: usize) -> Option<u64> {
         let now = Instant::now();
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        let times = recent.entry(key.id.clone()).or_default();
+        let times = recent.entry(key_id.to_string()).or_default();
         while times.front().is_some_and(|&t| now.duration_since(t) >= Duration::from_secs(60)) {
             times.pop_front();
         }
@@ -294,7 +370,11 @@ pub async fn authorize(State((auth, needed)): State<(Arc<Auth>, Scope)>, request
         }
         Err(e) => return e.into_response(),
     }
-    if let Some(seconds) = auth.over_quota(&key) {
+    let over_quota = match auth.over_quota(&key) {
+        Ok(over) => over,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(seconds) = over_quota {
         let used = format!("{} requests per minute", key.requests_per_minute.unwrap_or(0));
         return auth.refuse_over_quota(&key, &used, seconds, "rate_limit_exceeded");
     }

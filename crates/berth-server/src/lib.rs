@@ -78,6 +78,20 @@ pub struct ServerConfig {
     pub drain_timeout: std::time::Duration,
     /// The window of keys' `tokens_per_day` quotas: a day (shorter only to test that quotas recover).
     pub token_quota_window: std::time::Duration,
+    /// A PostgreSQL database for keys, usage and quotas shared with other servers and gateways
+    /// (instead of the SQLite database in `home`).
+    pub shared_accounts: Option<Secret>,
+}
+
+/// A key or connection string berth passes on: shown as `<redacted>` by `Debug`, so no log of a
+/// configuration can carry it.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// How each model shares itself among concurrent requests.
@@ -147,6 +161,7 @@ impl Default for ServerConfig {
             preload_keep_alive: KeepAlive::Forever,
             drain_timeout: std::time::Duration::from_secs(30),
             token_quota_window: std::time::Duration::from_secs(86_400),
+            shared_accounts: None,
         }
     }
 }
@@ -408,7 +423,8 @@ pub(crate) fn label_value(v: &str) -> String {
 
 /// Bind, load the named models, and serve until the process is stopped.
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
-    let accounts = accounts::Accounts::open(&config.home).map_err(ServerError::Accounts)?;
+    let shared = config.shared_accounts.as_ref().map(|s| s.0.as_str());
+    let accounts = accounts::Accounts::open_at(&config.home, shared).map_err(ServerError::Accounts)?;
     let keys = accounts.any_active().map_err(ServerError::Accounts)?;
     if !guard::is_loopback(&config.host) && !keys && !config.allow_insecure_public {
         return Err(ServerError::Unprotected(config.host.clone()));

@@ -1,9 +1,10 @@
 //! Test helpers shared by berth's crates. Everything here runs real things: the real test models
-//! fetched by `scripts/fetch-test-models`, a real `docker-registry` on loopback, a real TCP proxy
+//! fetched by `scripts/fetch-test-models`, a real `docker-registry` and a real PostgreSQL on loopback, a real TCP proxy
 //! that can cut a connection mid-transfer. Nothing here is a mock.
 
 pub mod families;
 pub mod models;
+pub mod postgres;
 pub mod proxy;
 pub mod registry;
 pub mod synthetic;

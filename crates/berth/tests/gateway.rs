@@ -666,3 +666,75 @@ fn a_gateway_with_keys_checks_them_and_records_usage_for_replicas_without_keys()
     assert_eq!(app_row["completion_tokens"], 7, "3 + 4 tokens: {usage}");
     assert!(app_row["prompt_tokens"].as_u64().unwrap() > 0, "{usage}");
 }
+
+/// Two gateways on one shared PostgreSQL (`BERTH_DATABASE_URL`): a key made at one works at both,
+/// its requests per minute and its tokens per day are counted across both, `berth usage` at
+/// either adds up what both served, a revocation at one holds at the other on its next request,
+/// and the database's password shows in no log or output.
+#[test]
+fn two_gateways_share_keys_quotas_and_usage_in_postgres() {
+    let postgres = berth_testkit::postgres::Postgres::start();
+    let url = postgres.url();
+    let server = Server::start_with(&["--kv-cache", "64MiB", "--threads", "1"]);
+    let shared = [("BERTH_DATABASE_URL", url.as_str())];
+    let (a, b) =
+        (Gateway::start_with_env(&[server.port], &[], &shared), Gateway::start_with_env(&[server.port], &[], &shared));
+    let paced = a.home.ok(&["keys", "create", "--name", "paced", "--rpm", "3"]).trim().to_string();
+    let metered = a.home.ok(&["keys", "create", "--name", "metered", "--tokens-per-day", "40"]).trim().to_string();
+    let listed = b.home.ok(&["keys", "list"]);
+    assert!(listed.contains("paced") && listed.contains("metered"), "{listed}");
+    let ask = |gateway: &Gateway, key: Option<&str>, body: &str| -> (u16, String) {
+        let bearer = key.map(|k| format!("Bearer {k}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(b) = &bearer {
+            headers.push(("Authorization", b));
+        }
+        let (status, raw) =
+            http_request(gateway.port, "POST", "/v1/chat/completions", &headers, body.as_bytes()).unwrap();
+        (status, String::from_utf8_lossy(&raw).to_string())
+    };
+    let chat = r#"{"model":"smollm2","max_tokens":3,"messages":[{"role":"user","content":"Hi"}]}"#;
+    // The key made at A's side makes B require keys too.
+    assert_eq!(ask(&b, None, chat).0, 401);
+    // Three requests a minute, wherever they go.
+    for gateway in [&a, &b, &a] {
+        let (status, raw) = ask(gateway, Some(&paced), chat);
+        assert_eq!(status, 200, "{raw}");
+    }
+    let (status, raw) = ask(&b, Some(&paced), chat);
+    assert_eq!(status, 429, "the fourth in the minute, at the other gateway: {raw}");
+    assert!(raw.contains("rate_limit_exceeded") && raw.to_ascii_lowercase().contains("retry-after"), "{raw}");
+    // Tokens: the first answer at A uses up the 40 (its prompt and 30 tokens); B refuses the next.
+    let long = r#"{"model":"smollm2","max_tokens":30,"ignore_eos":true,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let (status, raw) = ask(&a, Some(&metered), long);
+    assert_eq!(status, 200, "{raw}");
+    let (status, raw) = ask(&b, Some(&metered), chat);
+    assert_eq!(status, 429, "{raw}");
+    assert!(raw.contains("insufficient_quota") && raw.contains("40 tokens for the day"), "{raw}");
+
+    // Usage, read at either gateway's side, has both gateways' requests.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let usage = loop {
+        let usage = b.home.json(&["usage", "--json"]);
+        let row = |name: &str| usage.as_array().and_then(|r| r.iter().find(|r| r["name"] == name).cloned());
+        if row("paced").is_some_and(|r| r["completed"] == 3 && r["rejected"] == 1)
+            && row("metered").is_some_and(|r| r["completed"] == 1 && r["rejected"] == 1)
+        {
+            break usage;
+        }
+        assert!(Instant::now() < deadline, "usage of both gateways not recorded: {usage}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let metered_row = usage.as_array().unwrap().iter().find(|r| r["name"] == "metered").cloned().unwrap();
+    assert_eq!(metered_row["completion_tokens"], 30, "{usage}");
+    assert_eq!(a.home.json(&["usage", "--json"]), usage, "the same usage from either side");
+
+    // Revoked at B's side: refused at A on its next request.
+    let id = listed.lines().find(|l| l.contains(" paced ")).and_then(|l| l.split_whitespace().next()).unwrap();
+    b.home.ok(&["keys", "revoke", id]);
+    let (status, raw) = ask(&a, Some(&paced), chat);
+    assert_eq!(status, 401, "{raw}");
+
+    let logs = [a.log(), b.log(), server.log(), listed];
+    assert!(logs.iter().all(|l| !l.contains(postgres.password())), "the database password was written out");
+}

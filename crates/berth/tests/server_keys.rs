@@ -1,4 +1,5 @@
-//! API keys, scopes, quotas and usage accounting.
+//! API keys, scopes, quotas and usage accounting. Every test runs twice: with the accounts in
+//! the home's SQLite, and in a real PostgreSQL shared through `BERTH_DATABASE_URL`.
 
 mod util;
 
@@ -6,15 +7,51 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use berth_testkit::postgres::Postgres;
 use berth_testkit::registry::http_request;
+use util::Berth;
 use util::server::*;
+
+/// A home whose accounts are in the shared database, when there is one.
+fn home(db: Option<&Postgres>) -> Berth {
+    match db {
+        Some(postgres) => Berth::new().env("BERTH_DATABASE_URL", &postgres.url()),
+        None => Berth::new(),
+    }
+}
+
+/// `name::sqlite` and `name::postgres`: the test `name` on each accounts database.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn sqlite() {
+                super::$name(None)
+            }
+
+            #[test]
+            fn postgres() {
+                let postgres = super::Postgres::start();
+                super::$name(Some(&postgres));
+            }
+        }
+    )*};
+}
+
+on_both!(
+    api_keys_scopes_quotas_and_usage,
+    quotas_refuse_with_retry_after_and_recover,
+    usage_counts_requests_without_keys_and_embeddings,
+    usage_survives_kill_9_under_load,
+    concurrent_requests_stay_within_a_token_quota,
+    a_flood_of_refusals_is_counted_without_a_write_each,
+);
 
 /// API keys: once one exists every request needs one; scopes decide what a key may do; a key's
 /// requests-per-minute quota gives 429 with Retry-After; usage is counted per key and model and
 /// outlives the server; revoked keys stop working.
-#[test]
-fn api_keys_scopes_quotas_and_usage() {
-    let server = Server::start();
+fn api_keys_scopes_quotas_and_usage(db: Option<&Postgres>) {
+    let server = Server::start_in(home(db), &[]);
     let make = |args: &[&str]| server.berth.ok(&[&["keys", "create"][..], args].concat()).trim().to_string();
     let user = make(&["--name", "app", "--rpm", "3"]);
     let admin = make(&["--name", "ops", "--scope", "admin"]);
@@ -122,9 +159,8 @@ fn api_keys_scopes_quotas_and_usage() {
 /// Quotas: a key past its requests per minute, or past its tokens for the day, gets 429 with the
 /// reason and Retry-After, and is served again once that time has passed. A key kept to some models
 /// sees only those and is refused the others.
-#[test]
-fn quotas_refuse_with_retry_after_and_recover() {
-    let server = Server::start_with(&["--token-quota-window", "20"]);
+fn quotas_refuse_with_retry_after_and_recover(db: Option<&Postgres>) {
+    let server = Server::start_in(home(db), &["--token-quota-window", "20"]);
     let make = |args: &[&str]| server.berth.ok(&[&["keys", "create"][..], args].concat()).trim().to_string();
     let paced = make(&["--name", "paced", "--rpm", "2"]);
     let metered = make(&["--name", "metered", "--tokens-per-day", "20", "--models", "smollm2"]);
@@ -199,9 +235,8 @@ fn quotas_refuse_with_retry_after_and_recover() {
 }
 
 /// Without API keys every request is still recorded, embeddings included, under "(no key)".
-#[test]
-fn usage_counts_requests_without_keys_and_embeddings() {
-    let server = Server::start();
+fn usage_counts_requests_without_keys_and_embeddings(db: Option<&Postgres>) {
+    let server = Server::start_in(home(db), &[]);
     let (status, text) =
         server.post("/v1/completions", r#"{"model":"smollm2","prompt":"Hi","max_tokens":5,"ignore_eos":true}"#);
     assert_eq!(status, 200, "{text}");
@@ -232,9 +267,8 @@ fn usage_counts_requests_without_keys_and_embeddings() {
 
 /// kill -9 in the middle of a load loses no usage record of an answer a client received: each is
 /// committed before its response goes out.
-#[test]
-fn usage_survives_kill_9_under_load() {
-    let mut server = Server::start();
+fn usage_survives_kill_9_under_load(db: Option<&Postgres>) {
+    let mut server = Server::start_in(home(db), &[]);
     let key = server.berth.ok(&["keys", "create", "--name", "load"]).trim().to_string();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let answered_so_far = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -290,9 +324,8 @@ fn usage_survives_kill_9_under_load() {
 
 /// Concurrency does not stretch a token quota: 20 requests at once, each asking for 30 tokens,
 /// against a quota of 100 use at most 100 between them; the rest are refused with 429.
-#[test]
-fn concurrent_requests_stay_within_a_token_quota() {
-    let server = Server::start();
+fn concurrent_requests_stay_within_a_token_quota(db: Option<&Postgres>) {
+    let server = Server::start_in(home(db), &[]);
     let key = server.berth.ok(&["keys", "create", "--name", "burst", "--tokens-per-day", "100"]).trim().to_string();
     let port = server.port;
     let clients: Vec<_> = (0..20)
@@ -334,9 +367,8 @@ fn concurrent_requests_stay_within_a_token_quota() {
 
 /// A flood of refused requests is counted in usage, but costs a row per key, model and minute and
 /// a few commits, not a row and a commit each (1,000 refusals once wrote 3.2 MB of WAL).
-#[test]
-fn a_flood_of_refusals_is_counted_without_a_write_each() {
-    let server = Server::start();
+fn a_flood_of_refusals_is_counted_without_a_write_each(db: Option<&Postgres>) {
+    let server = Server::start_in(home(db), &[]);
     let key = server.berth.ok(&["keys", "create", "--name", "flood", "--rpm", "1"]).trim().to_string();
     let auth = format!("Bearer {key}");
     let wal = server.berth.home().join("berth.db-wal");
@@ -361,10 +393,18 @@ fn a_flood_of_refusals_is_counted_without_a_write_each() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(row["requests"], 999, "{row}");
-    let wal_after = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-    assert!(
-        wal_after.saturating_sub(wal_before) < 400 << 10,
-        "1,000 refusals grew the WAL by {} bytes",
-        wal_after.saturating_sub(wal_before)
-    );
+    match db {
+        None => {
+            let wal_after = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+            assert!(
+                wal_after.saturating_sub(wal_before) < 400 << 10,
+                "1,000 refusals grew the WAL by {} bytes",
+                wal_after.saturating_sub(wal_before)
+            );
+        }
+        Some(postgres) => {
+            let rows = postgres.query("SELECT COUNT(*) FROM berth_rejections");
+            assert!(["1", "2"].contains(&rows.as_str()), "1,000 refusals made {rows} rows");
+        }
+    }
 }

@@ -24,6 +24,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use http_body_util::{BodyExt, Full};
 
+pub use crate::Secret;
 use crate::ServerError;
 use crate::listener::ConnectionLimits;
 use crate::metrics::Families;
@@ -60,6 +61,9 @@ pub struct GatewayConfig {
     pub home: std::path::PathBuf,
     /// The span of `tokens_per_day` quotas (a day; shorter only in tests).
     pub token_quota_window: Duration,
+    /// A PostgreSQL database for keys, usage and quotas shared with other gateways and servers
+    /// (instead of the SQLite database in `home`).
+    pub shared_accounts: Option<Secret>,
 }
 
 /// A remote OpenAI-compatible endpoint (another berth, a bigger server, a cloud API) that takes
@@ -77,17 +81,6 @@ pub struct RemoteConfig {
     /// Requests a replica holds (running, waiting, or in flight from the gateway) at which it is
     /// saturated.
     pub overflow_at: f64,
-}
-
-/// A key the gateway sends on: shown as `<redacted>` by `Debug`, so no log of a configuration can
-/// carry it.
-#[derive(Clone)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
 }
 
 /// The paths a remote OpenAI-compatible endpoint answers.
@@ -141,6 +134,7 @@ impl Default for GatewayConfig {
             queue_timeout: Duration::from_secs(60),
             home: berth_store::Store::default_home(),
             token_quota_window: Duration::from_secs(86_400),
+            shared_accounts: None,
         }
     }
 }
@@ -291,7 +285,8 @@ impl Gateway {
             return Err(ServerError::NoUpstreams);
         }
         let queue = queue::FairQueue::new(config.max_queue.max(1));
-        let accounts = crate::accounts::Accounts::open(&config.home).map_err(ServerError::Accounts)?;
+        let shared = config.shared_accounts.as_ref().map(|s| s.0.as_str());
+        let accounts = crate::accounts::Accounts::open_at(&config.home, shared).map_err(ServerError::Accounts)?;
         let keys = accounts.any_active().map_err(ServerError::Accounts)?;
         let auth = Arc::new(crate::auth::Auth::new(accounts, config.token_quota_window, keys));
         Ok(Arc::new(Gateway {

@@ -2,7 +2,7 @@
 //! written to the accounts database in berth's home (the server picks changes up at once).
 
 use anyhow::Context as _;
-use berth_server::accounts::{Accounts, GroupBy, KeySpec, Scope, model_pattern};
+use berth_server::accounts::{GroupBy, KeySpec, Scope, model_pattern};
 
 use super::Context;
 
@@ -53,16 +53,12 @@ pub struct UsageArgs {
     json: bool,
 }
 
-fn accounts(ctx: &Context) -> anyhow::Result<Accounts> {
-    Accounts::open(&ctx.home).context("cannot open berth's accounts")
-}
-
 fn day(t: i64) -> String {
     chrono::DateTime::from_timestamp(t, 0).map(|d| d.format("%Y-%m-%d %H:%M").to_string()).unwrap_or_default()
 }
 
 pub fn key(ctx: &Context, command: KeyCommand) -> anyhow::Result<()> {
-    let accounts = accounts(ctx)?;
+    let accounts = ctx.accounts()?;
     match command {
         KeyCommand::Create { name, scopes, rpm, tokens_per_day, models } => {
             let scopes = if scopes.is_empty() { vec!["inference".to_string()] } else { scopes };
@@ -115,7 +111,7 @@ pub fn usage(ctx: &Context, args: UsageArgs) -> anyhow::Result<()> {
         None => (chrono::Utc::now() - chrono::Duration::days(30)).timestamp(),
     };
     let by = if args.by == "model" { GroupBy::Model } else { GroupBy::Key };
-    let rows = accounts(ctx)?.usage(since, by)?;
+    let rows = ctx.accounts()?.usage(since, by)?;
     if args.json {
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(());

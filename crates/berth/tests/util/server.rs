@@ -26,7 +26,11 @@ impl Server {
 
     /// The same, with more `berth serve` options.
     pub fn start_with(options: &[&str]) -> Server {
-        let berth = Berth::new();
+        Self::start_in(Berth::new(), options)
+    }
+
+    /// The same, in a home the caller made (with its own environment).
+    pub fn start_in(berth: Berth, options: &[&str]) -> Server {
         berth.ok(&["package", "--gguf", &models::smollm2_gguf().display().to_string(), "smollm2"]);
         berth.ok(&["package", "--safetensors-dir", &models::minilm_dir().display().to_string(), "minilm"]);
         Self::serve(berth, &[&["--model", "smollm2"][..], options].concat())
