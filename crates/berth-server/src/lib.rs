@@ -28,6 +28,7 @@ mod request;
 mod request_log;
 mod responses;
 mod run;
+mod shared_db;
 mod tokenize;
 mod tool_calls;
 mod vetting;
@@ -78,9 +79,9 @@ pub struct ServerConfig {
     pub drain_timeout: std::time::Duration,
     /// The window of keys' `tokens_per_day` quotas: a day (shorter only to test that quotas recover).
     pub token_quota_window: std::time::Duration,
-    /// A PostgreSQL database for keys, usage and quotas shared with other servers and gateways
-    /// (instead of the SQLite database in `home`).
-    pub shared_accounts: Option<Secret>,
+    /// A PostgreSQL database for keys, usage, quotas and deployments shared with other servers
+    /// and gateways (instead of the SQLite database in `home`).
+    pub shared_database: Option<Secret>,
 }
 
 /// A key or connection string berth passes on: shown as `<redacted>` by `Debug`, so no log of a
@@ -161,7 +162,7 @@ impl Default for ServerConfig {
             preload_keep_alive: KeepAlive::Forever,
             drain_timeout: std::time::Duration::from_secs(30),
             token_quota_window: std::time::Duration::from_secs(86_400),
-            shared_accounts: None,
+            shared_database: None,
         }
     }
 }
@@ -423,7 +424,7 @@ pub(crate) fn label_value(v: &str) -> String {
 
 /// Bind, load the named models, and serve until the process is stopped.
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
-    let shared = config.shared_accounts.as_ref().map(|s| s.0.as_str());
+    let shared = config.shared_database.as_ref().map(|s| s.0.as_str());
     let accounts = accounts::Accounts::open_at(&config.home, shared).map_err(ServerError::Accounts)?;
     let keys = accounts.any_active().map_err(ServerError::Accounts)?;
     if !guard::is_loopback(&config.host) && !keys && !config.allow_insecure_public {
@@ -435,7 +436,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         .map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
     let state = AppState {
         models: Arc::new(
-            models::ModelManager::new(config.home.clone(), config.batching.clone(), config.memory.clone())
+            models::ModelManager::new(config.home.clone(), config.batching.clone(), config.memory.clone(), shared)
                 .map_err(|e| ServerError::Deployments(e.to_string()))?,
         ),
         ready: Arc::new(AtomicBool::new(false)),

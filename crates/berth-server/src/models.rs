@@ -272,13 +272,16 @@ pub fn now() -> u64 {
 }
 
 impl ModelManager {
+    /// `shared_deployments`: the PostgreSQL database a fleet shares its deployments in (else the
+    /// home's SQLite).
     pub fn new(
         home: PathBuf,
         batching: BatchingConfig,
         memory: MemoryConfig,
+        shared_deployments: Option<&str>,
     ) -> Result<Self, crate::deployments::db::DbError> {
         let (abort, _) = tokio::sync::watch::channel(false);
-        let deployments = crate::deployments::Deployments::open(&home)?;
+        let deployments = crate::deployments::Deployments::open(&home, shared_deployments)?;
         Ok(Self { home, batching, memory, loaded: Mutex::new(HashMap::new()), abort, deployments })
     }
 

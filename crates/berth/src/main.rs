@@ -107,7 +107,7 @@ fn main() -> ExitCode {
         insecure_registries: cli.insecure_registries,
         // From the environment only: a connection string may carry a password, which a command
         // line would show to every user of the machine.
-        shared_accounts: std::env::var("BERTH_DATABASE_URL").ok().filter(|u| !u.trim().is_empty()),
+        shared_database: std::env::var("BERTH_DATABASE_URL").ok().filter(|u| !u.trim().is_empty()),
     };
     let result = match cli.command {
         Command::Package(a) => commands::package::run(&ctx, a),

@@ -381,3 +381,68 @@ fn a_rollout_that_cannot_fit_beside_the_stable_version_is_refused_up_front() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("serving a deployment"), "{body}");
 }
+
+/// Two servers on one shared PostgreSQL (`BERTH_DATABASE_URL`): a deployment made at one is
+/// served by the other, which pulls the version from its registry by digest; a rollout started at
+/// the second is seen at the first and promoted there; the canary's version reaches the first server's
+/// store by itself; an undeploy at one holds at both.
+#[test]
+fn servers_on_a_shared_database_share_their_deployments() {
+    let postgres = berth_testkit::postgres::Postgres::start();
+    let registry = Registry::start();
+    let (v1, v2) = (format!("{}/team/chat:v1", registry.host()), format!("{}/team/chat:v2", registry.host()));
+    let publisher = Berth::new();
+    publisher.ok(&["package", "--gguf", &smollm2(), &v1]);
+    publisher.ok(&["package", "--gguf", &smollm2(), "--context-size", "4096", &v2]);
+    publisher.ok(&["push", &v1]);
+    publisher.ok(&["push", &v2]);
+    let label_of = |tag: &str| {
+        publisher.json(&["inspect", tag, "--json"])["digest"].as_str().unwrap().trim_start_matches("sha256:")[..12]
+            .to_string()
+    };
+    let (first, second) = (label_of(&v1), label_of(&v2));
+    let shared = || Berth::new().env("BERTH_DATABASE_URL", &postgres.url());
+    let (a, b) = (Server::serve(shared(), &[]), Server::serve(shared(), &[]));
+    let serves = |server: &Server, version: &str, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (code, answered, body) = chat(server, "chat", "Hi", false, None);
+            if code == 200 && answered.as_deref() == Some(version) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {code} {answered:?} {body}\nlog:\n{}", server.log());
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+
+    // Deployed at A (which has v1 in its store); B has nothing, pulls it and serves it.
+    a.berth.ok(&["pull", &v1]);
+    cli(&a, &["deploy", "chat", "--model", &v1]);
+    serves(&b, &first, "B serves the deployment made at A");
+    assert!(status(&b, "chat")["stable"]["version"] == first.as_str());
+
+    // A rollout started at B (v2 pulled there); A sees it, gets v2 by itself, and promotes it.
+    b.berth.ok(&["pull", &v2]);
+    cli(&b, &["rollout", "chat", "--to", &v2]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&a, "chat")["rollout"]["state"] != "canary" {
+        assert!(Instant::now() < deadline, "A did not see the rollout: {}", status(&a, "chat"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cli(&a, &["rollout", "promote", "chat"]);
+    serves(&b, &second, "B serves the version promoted at A");
+    serves(&a, &second, "A serves the version it pulled by itself");
+
+    // Removed at B: gone at A too.
+    cli(&b, &["undeploy", "chat"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, _, body) = chat(&a, "chat", "Hi", false, None);
+        if code == 404 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A still serves the undeployed chat: {code} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!a.log().contains(postgres.password()) && !b.log().contains(postgres.password()));
+}

@@ -12,29 +12,22 @@
 //!   ignored a minute after it died).
 //!
 //! Time is the database's clock, so servers whose clocks disagree still agree on a key's minute
-//! and day. The `postgres` client blocks and runs its own runtime, which must not run on the
-//! server's async threads: one thread owns the connection (reconnecting when it drops) and runs
-//! each call sent to it, and a caller waits at most [`CALL_LIMIT`] for its answer. Connections are
-//! plain TCP or a Unix socket: keep the database on a private network.
+//! and day. The connection is [`SharedDb`]'s.
 
-use std::sync::mpsc;
 use std::time::Duration;
 
-use postgres::config::Host;
-use postgres::{Client, Config, NoTls, Transaction};
+use postgres::{Client, Transaction};
 
 use super::{AccountsError, ApiKey, GroupBy, NO_KEY, Record, Scope, UsageRow};
 use crate::quota::{TokenLedger, millis};
+use crate::shared_db::{NOW_MS, SharedDb, SharedDbError};
 
-/// How long a call waits for the database before it gives up: a hung database must not hang the
-/// requests that need it.
-const CALL_LIMIT: Duration = Duration::from_secs(10);
+fn shared(e: SharedDbError) -> AccountsError {
+    AccountsError::Shared { place: e.place, reason: e.reason }
+}
 
 /// A token hold not refreshed for this long belongs to a process that died: not counted.
 const HOLD_STALE_MS: i64 = 60_000;
-
-/// The database's clock in Unix milliseconds.
-const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 const SCHEMA: &str = "
     SELECT pg_advisory_xact_lock(hashtextextended('berth-schema', 0));
@@ -97,33 +90,10 @@ const SCHEMA: &str = "
     );
 ";
 
-type Job = Box<dyn FnOnce(&mut Link) + Send>;
-
 pub struct PostgresStore {
-    /// The server and database, for messages (never the password).
-    place: String,
-    jobs: mpsc::Sender<Job>,
+    db: SharedDb,
     /// This process's name on its token holds.
     holder: String,
-}
-
-/// The connection, owned by the store's thread.
-struct Link {
-    config: Config,
-    client: Option<Client>,
-}
-
-impl Link {
-    fn client(&mut self) -> Result<&mut Client, postgres::Error> {
-        if let Some(client) = self.client.take().filter(|c| !c.is_closed()) {
-            return Ok(self.client.insert(client));
-        }
-        let mut client = self.config.connect(NoTls)?;
-        // A statement or lock wait that takes this long is a database in trouble: fail the call
-        // (and the request that made it) rather than queue every later call behind it.
-        client.batch_execute("SET statement_timeout = '5s'; SET lock_timeout = '5s'")?;
-        Ok(self.client.insert(client))
-    }
 }
 
 /// What a key's tokens-per-day quota allows now.
@@ -133,40 +103,6 @@ pub(crate) struct TokenCheck {
     pub granted: u64,
     /// When nothing is left: how long until some is.
     pub wait: Option<Duration>,
-}
-
-/// What went wrong, in words: the server's own message for a database error, else the error and
-/// its causes (the client's `Display` alone says only "db error").
-fn reason(e: &postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        return format!("{}: {}", db.severity(), db.message());
-    }
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
-
-/// `user@host:port/database`, for messages.
-fn describe(config: &Config) -> String {
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let port = config.get_ports().get(i).or(config.get_ports().first()).copied().unwrap_or(5432);
-            match h {
-                Host::Tcp(name) => format!("{name}:{port}"),
-                Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
-            }
-        })
-        .collect();
-    let user = config.get_user().map(|u| format!("{u}@")).unwrap_or_default();
-    let db = config.get_dbname().or(config.get_user()).unwrap_or("postgres");
-    format!("postgres://{user}{}/{db}", hosts.join(","))
 }
 
 fn key_row(row: &postgres::Row) -> Result<ApiKey, postgres::Error> {
@@ -254,76 +190,28 @@ fn lock_key(tx: &mut Transaction<'_>, key_id: &str) -> Result<i64, postgres::Err
 impl PostgresStore {
     /// Connect to the database `url` names and create berth's tables in it if needed.
     pub(super) fn open(url: &str) -> Result<PostgresStore, AccountsError> {
-        let mut config: Config = url.parse().map_err(|_| AccountsError::Shared {
-            place: "BERTH_DATABASE_URL".into(),
-            reason: "it is not a PostgreSQL connection string: write postgres://USER:PASSWORD@HOST:PORT/DATABASE \
-                     or host=/run/postgresql dbname=berth"
-                .into(),
-        })?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(5));
-        }
-        config.application_name("berth");
-        let place = describe(&config);
-        let (jobs, queue) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("berth-accounts".into())
-            .spawn(move || {
-                let mut link = Link { config, client: None };
-                while let Ok(job) = queue.recv() {
-                    job(&mut link);
-                }
-            })
-            .map_err(|e| AccountsError::Shared {
-                place: place.clone(),
-                reason: format!("cannot start a thread: {e}"),
-            })?;
+        let db = SharedDb::open(url, SCHEMA).map_err(shared)?;
         let mut bytes = [0u8; 8];
         getrandom::fill(&mut bytes).map_err(|e| AccountsError::Random(e.to_string()))?;
-        let store = PostgresStore { place, jobs, holder: format!("{}-{}", std::process::id(), hex::encode(bytes)) };
-        store.call(|c| {
-            let mut tx = c.transaction()?;
-            tx.batch_execute(SCHEMA)?;
-            tx.commit()
-        })?;
-        Ok(store)
+        Ok(PostgresStore { db, holder: format!("{}-{}", std::process::id(), hex::encode(bytes)) })
     }
 
     pub(super) fn place(&self) -> &str {
-        &self.place
+        self.db.place()
     }
 
-    fn failed(&self, reason: String) -> AccountsError {
-        AccountsError::Shared { place: self.place.clone(), reason }
-    }
-
-    /// Run `f` on the connection, on the store's thread; wait at most [`CALL_LIMIT`].
     fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T, AccountsError> {
-        let (answer, answered) = mpsc::sync_channel(1);
-        let job: Job = Box::new(move |link| {
-            let _ = answer.send(link.client().and_then(f));
-        });
-        self.jobs.send(job).map_err(|_| self.failed("its connection thread has stopped".into()))?;
-        match answered.recv_timeout(CALL_LIMIT) {
-            Ok(result) => result.map_err(|e| self.failed(reason(&e))),
-            Err(_) => Err(self.failed(format!("no answer within {} s", CALL_LIMIT.as_secs()))),
-        }
+        self.db.call(f).map_err(shared)
     }
 
-    /// Run `f` in a transaction, committed when it returns Ok.
     fn transaction<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T, AccountsError> {
-        self.call(|c| {
-            let mut tx = c.transaction()?;
-            let out = f(&mut tx)?;
-            tx.commit()?;
-            Ok(out)
-        })
+        self.db.transaction(f).map_err(shared)
     }
 
     pub(super) fn insert_key(&self, key: &ApiKey, secret_sha256: &[u8]) -> Result<(), AccountsError> {

@@ -98,6 +98,10 @@ pub struct DeployOptions {
     pub follow_seconds: Option<u64>,
 }
 
+/// How long a shared deployment's rollout may stay at its health gate before another server takes
+/// the gate over (the one that started it is taken to have stopped).
+const GATE_TAKEOVER_MS: i64 = 120_000;
+
 /// A deployment is busy while a health gate or a registry check runs for it; this ends that when
 /// dropped, wherever the work ends.
 struct Work {
@@ -450,6 +454,42 @@ impl ModelManager {
         Ok(d)
     }
 
+    /// With deployments shared by a fleet, a version another server deployed may not be in this
+    /// server's store: pull it (by its digest, from the registry its reference names) in the
+    /// background, one pull per version at a time (a failed one again 30 s later), so that this
+    /// server can serve it too. Until then its requests get the store's "model not found".
+    fn fetch_missing_versions(self: &Arc<Self>) {
+        let Ok(store) = self.store() else { return };
+        let mut missing = std::collections::HashSet::new();
+        for d in self.deployments.list() {
+            let versions = std::iter::once(&d.stable).chain(d.rollout.as_ref().map(|r| &r.to));
+            for version in versions {
+                let present = Reference::parse(&version.reference).is_ok_and(|r| store.resolve(&r).is_ok());
+                if present {
+                    continue;
+                }
+                missing.insert(version.digest.clone());
+                if !self.deployments.begin_fetch(&version.digest) {
+                    continue;
+                }
+                let (manager, version) = (self.clone(), version.clone());
+                tokio::spawn(async move {
+                    let pulled = manager.pull(&version.reference).await;
+                    match &pulled {
+                        Ok(_) => tracing::info!("pulled {} for the shared deployments", version.reference),
+                        Err(e) => tracing::warn!(
+                            "cannot get {} for the shared deployments (trying again in 30 s): {}",
+                            version.reference,
+                            e.message
+                        ),
+                    }
+                    manager.deployments.end_fetch(&version.digest, pulled.is_ok());
+                });
+            }
+        }
+        self.deployments.set_missing(missing);
+    }
+
     /// Pull a model from its registry through the store's verified pull.
     pub(crate) async fn pull(&self, model: &str) -> Result<berth_store::Digest, ApiError> {
         let reference = Reference::parse(model).map_err(|e| ApiError::invalid("model", e.to_string()))?;
@@ -500,11 +540,24 @@ impl ModelManager {
     /// One round of the deployments' upkeep (every second): guards, automatic steps, registry
     /// checks that are due, and health gates a restart interrupted.
     pub async fn tend_deployments(self: &Arc<Self>) {
+        if let Err(e) = self.deployments.sync() {
+            tracing::warn!("cannot read the shared deployments: {e}");
+        }
+        if self.deployments.is_shared() {
+            self.fetch_missing_versions();
+        }
         let now = now_ms();
         for d in self.deployments.list() {
             let name = d.name.clone();
             match &d.rollout {
                 Some(r) if r.state == RolloutState::Starting => {
+                    // Shared deployments: the server that started the rollout runs its gate; another
+                    // takes it over only once it looks abandoned (that server stopped), and only
+                    // with the version in its own store.
+                    let abandoned = now - r.started_ms > GATE_TAKEOVER_MS && !self.deployments.is_missing(&r.to.digest);
+                    if self.deployments.is_shared() && !abandoned {
+                        continue;
+                    }
                     if let Some(work) = Work::begin(self, &name) {
                         let manager = self.clone();
                         tokio::spawn(async move { manager.finish_gate(work).await });

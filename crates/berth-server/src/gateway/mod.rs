@@ -63,7 +63,7 @@ pub struct GatewayConfig {
     pub token_quota_window: Duration,
     /// A PostgreSQL database for keys, usage and quotas shared with other gateways and servers
     /// (instead of the SQLite database in `home`).
-    pub shared_accounts: Option<Secret>,
+    pub shared_database: Option<Secret>,
 }
 
 /// A remote OpenAI-compatible endpoint (another berth, a bigger server, a cloud API) that takes
@@ -134,7 +134,7 @@ impl Default for GatewayConfig {
             queue_timeout: Duration::from_secs(60),
             home: berth_store::Store::default_home(),
             token_quota_window: Duration::from_secs(86_400),
-            shared_accounts: None,
+            shared_database: None,
         }
     }
 }
@@ -285,7 +285,7 @@ impl Gateway {
             return Err(ServerError::NoUpstreams);
         }
         let queue = queue::FairQueue::new(config.max_queue.max(1));
-        let shared = config.shared_accounts.as_ref().map(|s| s.0.as_str());
+        let shared = config.shared_database.as_ref().map(|s| s.0.as_str());
         let accounts = crate::accounts::Accounts::open_at(&config.home, shared).map_err(ServerError::Accounts)?;
         let keys = accounts.any_active().map_err(ServerError::Accounts)?;
         let auth = Arc::new(crate::auth::Auth::new(accounts, config.token_quota_window, keys));

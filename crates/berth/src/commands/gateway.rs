@@ -132,7 +132,7 @@ pub fn run(ctx: &super::Context, args: Args) -> anyhow::Result<()> {
         remote,
         home: ctx.home.clone(),
         token_quota_window: Duration::from_secs(86_400),
-        shared_accounts: ctx.shared_accounts(),
+        shared_database: ctx.shared_database(),
         max_queue: args.max_queue as usize,
         queue_timeout: Duration::from_secs(args.queue_timeout),
     };

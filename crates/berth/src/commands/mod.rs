@@ -19,9 +19,9 @@ use berth_store::{Reference, Store};
 pub struct Context {
     pub home: PathBuf,
     pub insecure_registries: Vec<String>,
-    /// `BERTH_DATABASE_URL`: a PostgreSQL database for keys, usage and quotas shared by several
-    /// servers and gateways; unset, they are in SQLite in the home.
-    pub shared_accounts: Option<String>,
+    /// `BERTH_DATABASE_URL`: a PostgreSQL database for keys, usage, quotas and deployments shared
+    /// by several servers and gateways; unset, they are in SQLite in the home.
+    pub shared_database: Option<String>,
 }
 
 impl Context {
@@ -31,8 +31,8 @@ impl Context {
 
     /// The accounts database: the shared one `BERTH_DATABASE_URL` names, or the home's.
     pub fn accounts(&self) -> anyhow::Result<berth_server::accounts::Accounts> {
-        berth_server::accounts::Accounts::open_at(&self.home, self.shared_accounts.as_deref()).with_context(|| {
-            match self.shared_accounts {
+        berth_server::accounts::Accounts::open_at(&self.home, self.shared_database.as_deref()).with_context(|| {
+            match self.shared_database {
                 Some(_) => "cannot open berth's accounts in the database BERTH_DATABASE_URL names (is it running and reachable? unset the variable to use the home's own)",
                 None => "cannot open berth's accounts",
             }
@@ -40,8 +40,8 @@ impl Context {
     }
 
     /// The shared accounts database for a server's configuration.
-    pub fn shared_accounts(&self) -> Option<berth_server::Secret> {
-        self.shared_accounts.clone().map(berth_server::Secret)
+    pub fn shared_database(&self) -> Option<berth_server::Secret> {
+        self.shared_database.clone().map(berth_server::Secret)
     }
 }
 

@@ -222,7 +222,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         allow_insecure_public: args.allow_insecure_public,
         drain_timeout: Duration::from_secs(args.drain_timeout),
         token_quota_window: Duration::from_secs(args.token_quota_window),
-        shared_accounts: ctx.shared_accounts(),
+        shared_database: ctx.shared_database(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let served = runtime.block_on(berth_server::serve(config));
