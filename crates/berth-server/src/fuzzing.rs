@@ -59,7 +59,8 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, crate::error:
 }
 
 /// What the gateway reads from outside bytes: a request body's routing facts (its model and the
-/// hash of its prompt's start) on every path it reads them for, and an answer's token counts.
+/// hash of its prompt's start) on every path it reads them for, an answer's token counts, a
+/// stream's body asked for usage, and a stream less its usage event.
 pub fn gateway_reads(bytes: &[u8]) {
     for path in
         ["/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate", "/v1/messages", "/v1/responses"]
@@ -71,4 +72,14 @@ pub fn gateway_reads(bytes: &[u8]) {
         }
     }
     let _ = crate::gateway::keys::tokens_in(bytes, bytes);
+    // A stream asked for usage: the request stays what it was but for `include_usage`.
+    if let Some(asked) = crate::gateway::keys::with_usage_asked("/v1/chat/completions", bytes) {
+        let v: serde_json::Value = serde_json::from_slice(&asked).expect("the gateway writes JSON");
+        assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+    // An answer less its usage event: in any pieces, never more bytes than came in.
+    let mut stripper = crate::gateway::keys::UsageStripper::default();
+    let (head, tail) = bytes.split_at(bytes.len() / 2);
+    let out = stripper.push(head).len() + stripper.push(tail).len() + stripper.finish().len();
+    assert!(out <= bytes.len());
 }

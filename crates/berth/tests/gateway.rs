@@ -643,6 +643,17 @@ fn a_gateway_with_keys_checks_them_and_records_usage_for_replicas_without_keys()
         r#"{"model":"smollm2","options":{"num_predict":4},"messages":[{"role":"user","content":"Hi"}]}"#,
     );
     assert_eq!(status, 200, "{raw}");
+    // A stream that did not ask for usage gets none, as from a replica, and is still charged; one
+    // that asked gets it.
+    let streamed = r#"{"model":"smollm2","max_tokens":5,"ignore_eos":true,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let (status, raw) = ask(Some(&app), "/v1/chat/completions", streamed);
+    assert_eq!(status, 200, "{raw}");
+    assert!(raw.contains("data: [DONE]") && raw.contains("\"finish_reason\":\"length\""), "{raw}");
+    assert!(!raw.contains("\"usage\""), "the client did not ask for usage: {raw}");
+    let asked = streamed.replace("\"stream\":true", "\"stream\":true,\"stream_options\":{\"include_usage\":true}");
+    let (status, raw) = ask(Some(&app), "/v1/chat/completions", &asked.replace("\"max_tokens\":5", "\"max_tokens\":2"));
+    assert_eq!(status, 200, "{raw}");
+    assert!(raw.contains("\"completion_tokens\":2"), "{raw}");
     assert_eq!(ask(Some(&app), "/api/pull", r#"{"model":"x"}"#).0, 403, "no admin scope");
     assert_eq!(ask(Some(&slow), "/v1/chat/completions", chat).0, 200);
     let (status, raw) = ask(Some(&slow), "/v1/chat/completions", chat);
@@ -656,14 +667,14 @@ fn a_gateway_with_keys_checks_them_and_records_usage_for_replicas_without_keys()
         let rows = usage.as_array().cloned().unwrap_or_default();
         let app_row = rows.iter().find(|r| r["name"] == "app").cloned().unwrap_or_default();
         let slow_row = rows.iter().find(|r| r["name"] == "slow").cloned().unwrap_or_default();
-        if app_row["completed"] == 2 && slow_row["rejected"] == 1 {
+        if app_row["completed"] == 4 && slow_row["rejected"] == 1 {
             break usage;
         }
         assert!(Instant::now() < deadline, "usage not recorded: {usage}");
         std::thread::sleep(Duration::from_millis(100));
     };
     let app_row = usage.as_array().unwrap().iter().find(|r| r["name"] == "app").cloned().unwrap();
-    assert_eq!(app_row["completion_tokens"], 7, "3 + 4 tokens: {usage}");
+    assert_eq!(app_row["completion_tokens"], 14, "3 + 4 + 5 + 2 tokens: {usage}");
     assert!(app_row["prompt_tokens"].as_u64().unwrap() > 0, "{usage}");
 }
 

@@ -143,13 +143,19 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
         plan.truncate(MAX_ATTEMPTS);
         plan.extend(fallback);
     }
+    // Requests whose usage is recorded here: an OpenAI stream is asked for its usage if its client
+    // did not ask (the event is taken out again on the way back).
+    let usage_asked = caller.as_ref().and_then(|_| super::keys::with_usage_asked(&path, &body)).map(Bytes::from);
     let attempts = plan.len();
     for (attempt, (upstream, reason)) in plan.into_iter().enumerate() {
         let last = attempt + 1 == attempts;
         gateway.metrics.decided(reason);
         let in_flight = InFlight::start(&gateway, &upstream);
         let remote = gateway.remote_of(&upstream);
-        let Some(outgoing) = outgoing(&parts, &upstream.base, &body, facts.model.as_deref(), remote) else {
+        // Not to the remote: another server's stream may carry usage in other ways.
+        let strip_usage = usage_asked.as_ref().filter(|_| remote.is_none());
+        let sent = strip_usage.unwrap_or(&body);
+        let Some(outgoing) = outgoing(&parts, &upstream.base, sent, facts.model.as_deref(), remote) else {
             return ApiError::bad_request("the request cannot be forwarded").into_response();
         };
         let (head, mut incoming) = match gateway.client.request(outgoing).await {
@@ -188,7 +194,7 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
             .clone()
             .filter(|_| parts.method == axum::http::Method::POST && facts.model.is_some())
             .map(|c| super::keys::UsageTap::new(c, facts.model.as_deref(), started, head.status.is_success()));
-        let mut response = relay(head, incoming, first, events, in_flight, tap);
+        let mut response = relay(head, incoming, first, events, in_flight, tap, strip_usage.is_some());
         let served_by = HeaderValue::from_static(if remote.is_some() { "remote" } else { "replica" });
         response.headers_mut().insert("x-berth-served-by", served_by);
         return response;
@@ -210,6 +216,8 @@ fn outgoing(
     let mut builder = axum::http::Request::builder().method(parts.method.clone()).uri(format!("{base}{path}"));
     let headers = builder.headers_mut()?;
     headers.extend(parts.headers.clone());
+    // The body may have changed on the way (usage asked for, a model renamed): its own length goes.
+    headers.remove(header::CONTENT_LENGTH);
     let mut body = body.clone();
     if let Some(remote) = remote {
         for name in [header::AUTHORIZATION, header::COOKIE, header::HeaderName::from_static("x-api-key")] {
@@ -224,7 +232,6 @@ fn outgoing(
         {
             value["model"] = remote.model_name(model).into();
             body = Bytes::from(serde_json::to_vec(&value).ok()?);
-            headers.remove(header::CONTENT_LENGTH);
         }
     }
     builder.body(Full::new(body)).ok()
@@ -282,7 +289,8 @@ fn tenant_of(headers: &HeaderMap) -> super::queue::Tenant {
     key.map_or(0, |k| super::hash64(&[k.as_bytes()]))
 }
 
-/// The replica's answer, relayed as it arrives (`first`: its first piece, already read).
+/// The replica's answer, relayed as it arrives (`first`: its first piece, already read), less the
+/// usage event the gateway asked for on its own when `strip_usage`.
 fn relay(
     mut head: axum::http::response::Parts,
     incoming: hyper::body::Incoming,
@@ -290,6 +298,7 @@ fn relay(
     events: Option<Events>,
     in_flight: InFlight,
     mut tap: Option<super::keys::UsageTap>,
+    strip_usage: bool,
 ) -> Response {
     strip_hop_by_hop(&mut head.headers);
     if let Some(tap) = &mut tap {
@@ -332,13 +341,47 @@ fn relay(
         }
     });
     let first = futures_util::stream::iter(first.map(Ok::<Bytes, std::io::Error>));
-    let mut response = Response::from_parts(head, Body::from_stream(first.chain(frames)));
+    let answer = first.chain(frames);
+    let body = if strip_usage && matches!(events, Some(Events::Sse(_))) {
+        Body::from_stream(without_usage_event(answer))
+    } else {
+        Body::from_stream(answer)
+    };
+    let mut response = Response::from_parts(head, body);
     if events.is_some() {
         // The error event is appended to the replica's bytes: a length would no longer hold.
         response.headers_mut().remove(header::CONTENT_LENGTH);
         response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
     response
+}
+
+/// An SSE answer less its usage event (see [`super::keys::UsageStripper`]); no empty piece is
+/// sent on.
+fn without_usage_event(
+    answer: impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    let state = (Box::pin(answer), super::keys::UsageStripper::default(), false);
+    futures_util::stream::unfold(state, |(mut answer, mut stripper, ended)| async move {
+        if ended {
+            return None;
+        }
+        loop {
+            match answer.next().await {
+                Some(Ok(bytes)) => {
+                    let out = stripper.push(&bytes);
+                    if !out.is_empty() {
+                        return Some((Ok(out), (answer, stripper, false)));
+                    }
+                }
+                Some(Err(e)) => return Some((Err(e), (answer, stripper, true))),
+                None => {
+                    let rest = stripper.finish();
+                    return (!rest.is_empty()).then_some((Ok(rest), (answer, stripper, true)));
+                }
+            }
+        }
+    })
 }
 
 /// How a streamed answer's events are written, to end one with an error.

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -130,6 +131,79 @@ impl Drop for UsageTap {
     }
 }
 
+/// An OpenAI stream whose client did not ask for usage (`stream_options.include_usage`) reports
+/// none, so its tokens could not be charged to its key: the gateway asks the replica for usage
+/// (this body), and takes the usage event out of what the client gets ([`UsageStripper`]), so
+/// that the client sees the stream it asked for. `None` when the request needs no change.
+pub(crate) fn with_usage_asked(path: &str, body: &[u8]) -> Option<Vec<u8>> {
+    if !matches!(path, "/v1/chat/completions" | "/chat/completions" | "/v1/completions" | "/completions") {
+        return None;
+    }
+    let mut value: Value = serde_json::from_slice(body).ok()?;
+    if value.get("stream") != Some(&Value::Bool(true))
+        || value.pointer("/stream_options/include_usage") == Some(&Value::Bool(true))
+    {
+        return None;
+    }
+    match value.get_mut("stream_options") {
+        Some(Value::Object(options)) => {
+            options.insert("include_usage".into(), Value::Bool(true));
+        }
+        // Not an object: the replica's answer says what is wrong with it.
+        Some(_) => return None,
+        None => value["stream_options"] = serde_json::json!({"include_usage": true}),
+    }
+    serde_json::to_vec(&value).ok()
+}
+
+/// Takes the usage event (`"choices": []` with `usage`) out of an OpenAI stream whose client did
+/// not ask for it (see [`with_usage_asked`]); every other byte passes unchanged, whole events at a
+/// time.
+#[derive(Default)]
+pub(crate) struct UsageStripper {
+    pending: Vec<u8>,
+    /// The stream stopped looking like events (one over [`MAX_EVENT`]): passed on as it comes.
+    gave_up: bool,
+}
+
+/// The longest event the stripper holds back; past it, it lets the stream through unfiltered.
+const MAX_EVENT: usize = 1 << 20;
+
+impl UsageStripper {
+    /// What of the stream so far may go to the client now.
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> Bytes {
+        if self.gave_up {
+            return Bytes::copy_from_slice(bytes);
+        }
+        self.pending.extend_from_slice(bytes);
+        let mut out = Vec::with_capacity(self.pending.len());
+        while let Some(end) = self.pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = self.pending.drain(..end + 2).collect();
+            if !is_usage_event(&event) {
+                out.extend_from_slice(&event);
+            }
+        }
+        if self.pending.len() > MAX_EVENT {
+            self.gave_up = true;
+            out.append(&mut self.pending);
+        }
+        Bytes::from(out)
+    }
+
+    /// What is left when the stream ends (an unfinished event, passed on as it is).
+    pub(crate) fn finish(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.pending))
+    }
+}
+
+fn is_usage_event(event: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(event);
+    text.lines().filter_map(|l| l.strip_prefix("data:")).any(|data| {
+        serde_json::from_str::<Value>(data.trim())
+            .is_ok_and(|v| v["choices"].as_array().is_some_and(Vec::is_empty) && v["usage"].is_object())
+    })
+}
+
 /// The prompt and completion tokens an answer reports, in any of the APIs' shapes: a JSON body, or
 /// SSE/NDJSON events (OpenAI's `usage` when the stream carries it, Ollama's counts, Anthropic's
 /// `message_start` and `message_delta`, the Responses API's `response.completed`).
@@ -181,6 +255,46 @@ mod tests {
         let responses = b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":8,\"output_tokens\":3}}}\n\n";
         assert_eq!(tokens_in(b"", responses), (8, 3));
         assert_eq!(tokens_in(b"not json", b"data: {broken"), (0, 0));
+    }
+
+    #[test]
+    fn usage_is_asked_for_and_its_event_taken_out_of_openai_streams_only() {
+        let asked = with_usage_asked("/v1/chat/completions", br#"{"model":"m","stream":true,"messages":[]}"#).unwrap();
+        let v: Value = serde_json::from_slice(&asked).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!((v["model"].as_str(), v["stream"].as_bool()), (Some("m"), Some(true)));
+        let kept = with_usage_asked("/v1/completions", br#"{"stream":true,"stream_options":{"x":1}}"#).unwrap();
+        let v: Value = serde_json::from_slice(&kept).unwrap();
+        assert_eq!(
+            (v["stream_options"]["x"].as_i64(), v["stream_options"]["include_usage"].as_bool()),
+            (Some(1), Some(true))
+        );
+        for (path, body) in [
+            ("/v1/chat/completions", r#"{"stream":false}"#),
+            ("/v1/chat/completions", r#"{"stream":true,"stream_options":{"include_usage":true}}"#),
+            ("/v1/chat/completions", r#"{"stream":true,"stream_options":"odd"}"#),
+            ("/v1/chat/completions", "not json"),
+            ("/api/chat", r#"{"stream":true}"#),
+        ] {
+            assert_eq!(with_usage_asked(path, body.as_bytes()), None, "{path} {body}");
+        }
+
+        let content = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n";
+        let done = "data: [DONE]\n\n";
+        let stream = format!("{content}{usage}{done}");
+        // Whatever the pieces the stream arrives in, the client gets it whole, less the usage event.
+        for cut in [1, 7, content.len(), content.len() + 5, stream.len() - 3] {
+            let mut stripper = UsageStripper::default();
+            let mut out = stripper.push(&stream.as_bytes()[..cut]).to_vec();
+            out.extend_from_slice(&stripper.push(&stream.as_bytes()[cut..]));
+            out.extend_from_slice(&stripper.finish());
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{content}{done}"), "cut at {cut}");
+        }
+        // An endless line is let through rather than held.
+        let mut stripper = UsageStripper::default();
+        assert!(stripper.push(&vec![b'x'; MAX_EVENT + 1]).len() > MAX_EVENT);
+        assert_eq!(stripper.push(b"y").as_ref(), b"y");
     }
 
     #[test]
