@@ -116,6 +116,15 @@ impl Auth {
         self.accounts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What was used from `since` (Unix seconds) on, grouped by key or model.
+    pub fn usage(
+        &self,
+        since: i64,
+        by: crate::accounts::GroupBy,
+    ) -> Result<Vec<crate::accounts::UsageRow>, crate::accounts::AccountsError> {
+        self.accounts().usage(since, by)
+    }
+
     /// Run `f` on the shared database, if the accounts are shared.
     fn with_shared<T>(&self, f: impl FnOnce(&PostgresStore) -> T) -> Option<T> {
         if !self.shared {

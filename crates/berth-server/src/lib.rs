@@ -10,6 +10,7 @@
 pub mod accounts;
 mod anthropic;
 mod auth;
+mod dashboard;
 mod deployments;
 mod embeddings;
 mod error;
@@ -204,6 +205,8 @@ pub struct AppState {
     auth: Arc<auth::Auth>,
     /// Stored Responses API answers.
     responses: Arc<responses::ResponseStore>,
+    /// The dashboard's 15 minutes of samples.
+    history: Arc<dashboard::History>,
 }
 
 /// Who may call a route: anyone (probes), or a key with a scope once the server has keys.
@@ -266,7 +269,14 @@ fn routes() -> Vec<(&'static str, Access, MethodRouter<AppState>)> {
         ("/load", Needs(Metrics), get(load)),
         ("/health", Open, get(|| async { "ok" })),
         ("/ready", Open, get(ready)),
-        ("/", Open, get(|| async { "berth is running" })),
+        ("/", Open, get(|| async { "berth is running; its dashboard is at /ui" })),
+        // The dashboard's page holds no data (what it shows comes from /ui/state and the API, with
+        // the key the user gives it).
+        ("/ui", Open, get(dashboard::page)),
+        ("/ui/app.js", Open, get(dashboard::script)),
+        ("/ui/app.css", Open, get(dashboard::style)),
+        ("/ui/icon.svg", Open, get(dashboard::icon)),
+        ("/ui/state", Needs(Inference), get(dashboard::state)),
     ]
 }
 
@@ -445,6 +455,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         responses: Arc::new(responses::ResponseStore::open(&config.home).map_err(|source| {
             ServerError::Accounts(accounts::AccountsError::Database { path: config.home.join("berth.db"), source })
         })?),
+        history: Arc::default(),
     };
     let app = router(state.clone(), &config);
     let local: SocketAddr = listener.local_addr().map_err(ServerError::Serve)?;
@@ -536,6 +547,25 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         })
     };
     let _stop_tender = AbortOnDrop(tender);
+    // The dashboard's history: the loaded models' counters every few seconds.
+    let sampler = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(dashboard::SAMPLE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            state.history.baseline(&dashboard::counts(&state).await);
+            let mut last = std::time::Instant::now();
+            loop {
+                every.tick().await;
+                let counts = dashboard::counts(&state).await;
+                let now = std::time::Instant::now();
+                state.history.add(chrono::Utc::now().timestamp(), now - last, &counts);
+                last = now;
+            }
+        })
+    };
+    let _stop_sampler = AbortOnDrop(sampler);
     let shutdown = async move { stop_accepting.notified().await };
     let server = listener::serve(listener, app, &config.connections, shutdown);
     tokio::pin!(server);
@@ -614,10 +644,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_probes_are_open_and_management_needs_admin() {
+    fn only_the_probes_and_the_dashboards_sources_are_open_and_management_needs_admin() {
         let table = routes();
         let open: Vec<&str> = table.iter().filter(|r| r.1 == Access::Open).map(|r| r.0).collect();
-        assert_eq!(open, ["/health", "/ready", "/"]);
+        // The dashboard's page, script, style and icon hold no data; what they show needs a key.
+        assert_eq!(open, ["/health", "/ready", "/", "/ui", "/ui/app.js", "/ui/app.css", "/ui/icon.svg"]);
         for (path, access, _) in &table {
             if ["/api/pull", "/api/push", "/api/copy", "/api/create", "/api/blobs/{digest}", "/api/delete"]
                 .contains(path)

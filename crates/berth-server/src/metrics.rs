@@ -33,6 +33,15 @@ impl Histogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Each bucket's count (not cumulative), in the order of [`Self::bounds`].
+    pub fn counts(&self) -> Vec<u64> {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    pub fn bounds(&self) -> &'static [f64] {
+        self.bounds
+    }
+
     pub(crate) fn write(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         for (bound, count) in self.bounds.iter().zip(&self.counts) {
@@ -47,11 +56,11 @@ impl Histogram {
 }
 
 // vLLM's buckets, so the same dashboards and alerts fit.
-const TTFT: &[f64] = &[
+pub(crate) const TTFT: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
     160.0, 640.0, 2560.0,
 ];
-const ITL: &[f64] =
+pub(crate) const ITL: &[f64] =
     &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
 const LATENCY: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
@@ -99,6 +108,11 @@ impl ServingMetrics {
     pub fn success(&self, finish: FinishReason) {
         let i = FINISHED.iter().position(|&f| f == finished_reason(finish)).unwrap_or(0);
         self.success[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests that ended, answered or failed.
+    pub fn finished(&self) -> u64 {
+        self.success.iter().chain(&self.failure).map(|c| c.load(Ordering::Relaxed)).sum()
     }
 
     pub fn failure(&self, reason: &str) {

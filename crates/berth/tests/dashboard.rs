@@ -1,0 +1,50 @@
+//! The dashboard (`/ui`): its page and headers, and the page itself in a real browser (Debian's
+//! `chromium`, headless, driven by chromedriver from `tests/python/dashboard.py`).
+
+mod util;
+
+use berth_testkit::registry::http_request;
+use util::server::*;
+
+/// The page loads without a key (it holds no data) under a strict Content-Security-Policy; what it
+/// shows needs one.
+#[test]
+fn the_page_is_served_with_a_strict_policy_and_its_data_needs_a_key() {
+    let server = Server::start();
+    server.berth.ok(&["keys", "create", "--name", "viewer"]);
+    let (status, raw) = http_request(server.port, "GET", "/ui", &[], b"").unwrap();
+    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("content-security-policy: default-src 'none'; script-src 'self'"), "{text}");
+    assert!(text.contains("x-frame-options: deny") && text.contains("x-content-type-options: nosniff"), "{text}");
+    for asset in ["/ui/app.js", "/ui/app.css"] {
+        assert_eq!(http_request(server.port, "GET", asset, &[], b"").unwrap().0, 200, "{asset}");
+    }
+    let (status, raw) = http_request(server.port, "GET", "/ui/state", &[], b"").unwrap();
+    assert_eq!(status, 401, "{}", String::from_utf8_lossy(&raw));
+    // A page from another origin may not read it either (the API's Origin check).
+    let foreign = [("Origin", "http://evil.example")];
+    assert_eq!(http_request(server.port, "GET", "/ui/state", &foreign, b"").unwrap().0, 403);
+}
+
+/// In chromium: a key is asked for and a wrong one refused; an inference key sees the models but
+/// no unload button; a burst of requests moves the counters and the chart; the playground streams
+/// an answer with its TTFT; an admin key unloads a model from the page; no console errors.
+/// Screenshots at desktop and phone widths are kept in `BERTH_DASHBOARD_SHOTS` when it is set (to
+/// refresh docs/).
+#[test]
+fn the_dashboard_works_in_a_real_browser_within_each_keys_scopes() {
+    let server = Server::start();
+    let admin = server.berth.ok(&["keys", "create", "--name", "ops", "--scope", "admin"]).trim().to_string();
+    let viewer = server.berth.ok(&["keys", "create", "--name", "viewer"]).trim().to_string();
+    let shots = tempfile::tempdir().unwrap();
+    let dir = shots.path().display().to_string();
+    run_python("dashboard.py", &[&server.port.to_string(), &admin, &viewer, &dir], &server);
+    for name in ["dashboard-desktop.png", "dashboard-phone.png"] {
+        let png = std::fs::read(shots.path().join(name)).expect("the screenshot");
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{name}: {} bytes", png.len());
+        if let Some(keep) = std::env::var_os("BERTH_DASHBOARD_SHOTS") {
+            std::fs::write(std::path::Path::new(&keep).join(name), &png).unwrap();
+        }
+    }
+}
