@@ -29,12 +29,20 @@ fn the_page_is_served_with_a_strict_policy_and_its_data_needs_a_key() {
 
 /// In chromium: a key is asked for and a wrong one refused; an inference key sees the models but
 /// no unload button; a burst of requests moves the counters and the chart; the playground streams
-/// an answer with its TTFT; an admin key unloads a model from the page; no console errors.
+/// an answer with its TTFT; an admin key promotes a canary and unloads a model from the page; no
+/// console errors.
 /// Screenshots at desktop and phone widths are kept in `BERTH_DASHBOARD_SHOTS` when it is set (to
 /// refresh docs/).
 #[test]
 fn the_dashboard_works_in_a_real_browser_within_each_keys_scopes() {
     let server = Server::start();
+    // A deployment rolling out to a second version (the same weights, packaged with another context).
+    let gguf = berth_testkit::models::smollm2_gguf().display().to_string();
+    server.berth.ok(&["package", "--gguf", &gguf, "smollm2:v1"]);
+    server.berth.ok(&["package", "--gguf", &gguf, "--context-size", "4096", "smollm2:v2"]);
+    let url = format!("http://127.0.0.1:{}", server.port);
+    server.berth.ok(&["deploy", "chat", "--model", "smollm2:v1", "--url", &url]);
+    server.berth.ok(&["rollout", "chat", "--to", "smollm2:v2", "--url", &url]);
     let admin = server.berth.ok(&["keys", "create", "--name", "ops", "--scope", "admin"]).trim().to_string();
     let viewer = server.berth.ok(&["keys", "create", "--name", "viewer"]).trim().to_string();
     let shots = tempfile::tempdir().unwrap();

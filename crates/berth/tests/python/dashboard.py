@@ -4,7 +4,8 @@
 
 The page asks for a key, refuses a wrong one, shows an inference key the models without the unload
 button or the usage, draws the history as requests come in, streams an answer in the playground, and
-shows an admin key every key's usage and lets it unload a model; its console stays free of errors (but the expected 401s of the keyless
+shows an admin key every key's usage and the deployments, and lets it promote a canary and unload a
+model; its console stays free of errors (but the expected 401s of the keyless
 first look). Screenshots at desktop and phone widths go to SCREENSHOT_DIR.
 """
 
@@ -53,6 +54,16 @@ def use_key(key):
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
 
 
+def click(selector):
+    """Click what `selector` finds, found again if the page redrew it meanwhile (it does every 2 s)."""
+
+    def found_and_clicked():
+        driver.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+
+    wait_for(f"letting {selector} be clicked", found_and_clicked)
+
+
 def complete(n):
     body = json.dumps({"model": "smollm2", "prompt": "Hello", "max_tokens": 8, "ignore_eos": True}).encode()
     for _ in range(n):
@@ -83,6 +94,7 @@ try:
     wait_for("naming the key", lambda: "viewer" in text("who"))
     assert not driver.find_elements(By.CSS_SELECTOR, "#models button"), "an inference key sees no unload button"
     assert not driver.find_element(By.ID, "usage-section").is_displayed(), "nor every key's usage"
+    assert not driver.find_element(By.ID, "deployments-section").is_displayed(), "nor the deployments"
 
     # A burst of requests: the counters and the chart's latest point move.
     before = int(text("total-requests") or 0)
@@ -122,7 +134,7 @@ try:
     time.sleep(0.5)
     width = driver.execute_script("return document.documentElement.scrollWidth")
     wide = driver.execute_script(
-        "return [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > 392)"
+        "return [...document.querySelectorAll('body *')].filter(e => !e.closest('.scroll') && e.getBoundingClientRect().right > 392)"
         ".slice(0, 5).map(e => e.tagName + '#' + e.id + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))"
     )
     assert width <= 392, f"the page is {width} px wide on a 390 px screen: {wide}"
@@ -133,13 +145,19 @@ try:
     # An admin key: the unload button, which unloads.
     driver.find_element(By.ID, "forget-key").click()
     use_key(admin_key)
-    button = wait_for(
+    wait_for(
         "showing the unload button",
         lambda: driver.find_element(By.CSS_SELECTOR, "#models button[data-model='ai/smollm2:latest']"),
     )
     wait_for("showing usage by key", lambda: "ops" in text("usage") and "7 days" in text("usage"))
+    # The deployment `chat` rolling out to v2: promoted from the page.
+    wait_for("showing the rollout", lambda: "canary" in text("deployments"))
+    click("#deployments button[data-action='promote']")
+    wait_for("promoting the canary", lambda: "chat" in text("deployments") and "canary" not in text("deployments"))
+    stable = driver.execute_script("return document.querySelector('#deployments tbody td:nth-child(2)').textContent")
+    assert "smollm2:v2" in stable, f"the stable version after promoting: {stable!r}"
     wait_for("showing TTFT percentiles", lambda: "ms" in text("now-ttft"))
-    button.click()
+    click("#models button[data-model='ai/smollm2:latest']")
     wait_for("unloading the model", lambda: "ai/smollm2:latest" not in text("models"))
 
     # No console errors but the 401s of the first, keyless look and of the wrong key.
@@ -148,6 +166,6 @@ try:
     ]
     assert not errors, f"console errors: {errors}"
     print(f"dashboard: key asked and checked, burst counted, playground answered {len(answer)} characters "
-          f"({text('play-stats')}), admin unloaded the model, no console errors")
+          f"({text('play-stats')}), admin promoted the canary and unloaded the model, no console errors")
 finally:
     driver.quit()

@@ -179,6 +179,53 @@ function renderHistory(history, totals) {
   $("total-requests").textContent = String(totals.requests);
 }
 
+function actionButton(label, name, action, danger) {
+  const button = document.createElement("button");
+  button.type = "button";
+  if (danger) button.className = "danger";
+  button.textContent = label;
+  button.setAttribute("aria-label", label + " the rollout of " + name);
+  button.dataset.deployment = name;
+  button.dataset.action = action;
+  button.addEventListener("click", async () => {
+    try {
+      await api("/api/deployments/" + encodeURIComponent(name) + "/" + action, { method: "POST", body: "{}" });
+      setStatus(action + ": " + name);
+      await refresh();
+    } catch (e) {
+      setStatus("cannot " + action + " " + name + ": " + e.message, true);
+    }
+  });
+  return button;
+}
+
+/// Deployments and their rollouts (admin keys only: the API's deployments need the admin scope).
+async function refreshDeployments() {
+  if (!admin) {
+    $("deployments-section").hidden = true;
+    return;
+  }
+  const list = (await (await api("/api/deployments")).json()).deployments;
+  $("deployments-section").hidden = list.length === 0;
+  const body = $("deployments").tBodies[0];
+  body.replaceChildren();
+  for (const d of list) {
+    const row = document.createElement("tr");
+    cell(row, d.name);
+    cell(row, d.stable.source + " (" + d.stable.version + ")");
+    const r = d.rollout;
+    cell(row, r ? r.to.source + " (" + r.to.version + "): " + r.state + ", " + r.weight + "%" : "–");
+    const w = d.window && d.window.canary;
+    cell(row, r && w ? w.requests + " requests, " + w.failed + " failed" : "–");
+    const actions = cell(row, "");
+    if (r) {
+      actions.appendChild(actionButton("Promote", d.name, "promote", false));
+      actions.appendChild(actionButton("Abort", d.name, "abort", true));
+    }
+    body.appendChild(row);
+  }
+}
+
 function renderUsage(usage) {
   $("usage-section").hidden = !usage;
   if (!usage) return;
@@ -207,6 +254,7 @@ async function refresh() {
     renderModels(state.models);
     renderHistory(state.history, state.totals);
     renderUsage(state.usage);
+    await refreshDeployments();
     setStatus("live · updated " + new Date().toLocaleTimeString());
   } catch (e) {
     setStatus(e.message, true);
