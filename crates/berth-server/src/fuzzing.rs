@@ -73,7 +73,15 @@ pub fn gateway_reads(bytes: &[u8]) {
     }
     let _ = crate::gateway::keys::tokens_in(bytes, bytes);
     // A stream asked for usage: the request stays what it was but for `include_usage`.
-    if let Some(asked) = crate::gateway::keys::with_usage_asked("/v1/chat/completions", bytes) {
+    let asked = crate::gateway::keys::with_usage_asked("/v1/chat/completions", bytes);
+    // The routing facts and the rewrite agree on which requests need it.
+    assert_eq!(
+        asked.is_some(),
+        crate::gateway::affinity::facts("/v1/chat/completions", bytes).usage_unasked
+            && serde_json::from_slice::<serde_json::Value>(bytes)
+                .is_ok_and(|v| v.get("stream_options").is_none_or(serde_json::Value::is_object)),
+    );
+    if let Some(asked) = asked {
         let v: serde_json::Value = serde_json::from_slice(&asked).expect("the gateway writes JSON");
         assert_eq!(v["stream_options"]["include_usage"], true);
     }

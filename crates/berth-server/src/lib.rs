@@ -24,6 +24,7 @@ mod models;
 mod ollama;
 mod ollama_create;
 mod openai;
+mod pinning;
 mod quota;
 mod request;
 mod request_log;
@@ -253,6 +254,7 @@ fn routes() -> Vec<(&'static str, Access, MethodRouter<AppState>)> {
         ("/api/create", Needs(Admin), post(ollama_create::create)),
         ("/api/blobs/{digest}", Needs(Admin), post(ollama_create::put_blob).head(ollama_create::has_blob)),
         ("/api/delete", Needs(Admin), axum::routing::delete(ollama::delete)),
+        ("/api/pin", Needs(Admin), post(pinning::pin)),
         ("/api/deployments", Needs(Admin), get(deployments::api::list)),
         (
             "/api/deployments/{name}",
@@ -424,6 +426,8 @@ async fn load(State(state): State<AppState>) -> axum::Json<serde_json::Value> {
         "kv_cache_usage": kv_usage,
         "max_running": max_running,
         "models": names,
+        // Since start, as of the dashboard's last sample (a gateway's dashboard draws its rate).
+        "generated_tokens": state.history.totals(&|_| true).0,
     }))
 }
 
@@ -550,20 +554,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     // The dashboard's history: the loaded models' counters every few seconds.
     let sampler = {
         let state = state.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(dashboard::SAMPLE_EVERY);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            every.tick().await;
-            state.history.baseline(&dashboard::counts(&state).await);
-            let mut last = std::time::Instant::now();
-            loop {
-                every.tick().await;
-                let counts = dashboard::counts(&state).await;
-                let now = std::time::Instant::now();
-                state.history.add(chrono::Utc::now().timestamp(), now - last, &counts);
-                last = now;
-            }
-        })
+        tokio::spawn(async move { dashboard::keep_sampling(&state.history, || dashboard::counts(&state)).await })
     };
     let _stop_sampler = AbortOnDrop(sampler);
     let shutdown = async move { stop_accepting.notified().await };

@@ -246,6 +246,17 @@ pub struct ModelStatus {
     pub idle: Option<Duration>,
 }
 
+impl ModelStatus {
+    /// How long until this model is unloaded for being idle: `None` while it serves, when it is
+    /// pinned, or when it is kept for ever.
+    pub fn unloads_in(&self) -> Option<Duration> {
+        match (self.keep_alive, self.idle, self.pinned) {
+            (KeepAlive::For(d), Some(idle), false) => Some(d.saturating_sub(idle)),
+            _ => None,
+        }
+    }
+}
+
 pub struct ModelManager {
     home: PathBuf,
     batching: BatchingConfig,
@@ -314,6 +325,26 @@ impl ModelManager {
         let digest = self.store().ok().and_then(|s| s.resolve(reference).ok()).map(|d| d.to_string());
         let name = reference.to_string();
         self.loaded.lock().await.retain(|key, e| Some(key) != digest.as_ref() && e.name != name);
+    }
+
+    /// Pin a model (loading it first if needed): it is never unloaded for being idle nor evicted
+    /// for another model, until it is unpinned or unloaded by name. Unpinning leaves it loaded,
+    /// idle again under its keep-alive. Answers the name it is loaded under.
+    pub async fn pin(&self, model: &str, pinned: bool) -> Result<String, ApiError> {
+        let target = self.target(model).await?;
+        if pinned {
+            self.load_target(&target, None).await?;
+        }
+        match self.loaded.lock().await.get_mut(&target.digest.to_string()) {
+            Some(e) => {
+                e.pinned = pinned;
+                e.last_used = Instant::now();
+            }
+            None if pinned => return Err(ApiError::unavailable("the model was unloaded while it was pinned; retry")),
+            None => {}
+        }
+        tracing::info!(model = %target.name, "{}", if pinned { "pinned" } else { "unpinned" });
+        Ok(target.name)
     }
 
     /// A version that stopped serving its deployment unloads once the requests on it have finished

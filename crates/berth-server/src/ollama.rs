@@ -548,9 +548,8 @@ pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
             _ => (0, 0, Value::Null),
         };
         // Ollama's `expires_at`: when an idle model will be unloaded.
-        let expires_at = match (m.keep_alive, m.idle, m.pinned) {
-            (KeepAlive::For(d), Some(idle), false) => {
-                let left = d.saturating_sub(idle);
+        let expires_at = match m.unloads_in() {
+            Some(left) => {
                 let at = chrono::Utc::now() + chrono::Duration::from_std(left).unwrap_or_default();
                 at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             }

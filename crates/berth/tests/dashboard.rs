@@ -28,9 +28,10 @@ fn the_page_is_served_with_a_strict_policy_and_its_data_needs_a_key() {
 }
 
 /// In chromium: a key is asked for and a wrong one refused; an inference key sees the models but
-/// no unload button; a burst of requests moves the counters and the chart; the playground streams
-/// an answer with its TTFT; an admin key promotes a canary and unloads a model from the page; no
-/// console errors.
+/// no buttons; a burst of requests moves the counters and the chart, of all models and of one; the
+/// playground streams an answer with its TTFT, and one held to a JSON schema; an admin key sees
+/// usage by key and by model, steps, promotes and rolls back a rollout, and loads, pins, unpins and
+/// unloads models from the page; no console errors.
 /// Screenshots at desktop and phone widths are kept in `BERTH_DASHBOARD_SHOTS` when it is set (to
 /// refresh docs/).
 #[test]
@@ -40,9 +41,11 @@ fn the_dashboard_works_in_a_real_browser_within_each_keys_scopes() {
     let gguf = berth_testkit::models::smollm2_gguf().display().to_string();
     server.berth.ok(&["package", "--gguf", &gguf, "smollm2:v1"]);
     server.berth.ok(&["package", "--gguf", &gguf, "--context-size", "4096", "smollm2:v2"]);
+    // Packaged apart from v1 by its context (the same file and options give the same manifest).
+    server.berth.ok(&["package", "--gguf", &gguf, "--context-size", "2048", "smollm2:spare"]);
     let url = format!("http://127.0.0.1:{}", server.port);
     server.berth.ok(&["deploy", "chat", "--model", "smollm2:v1", "--url", &url]);
-    server.berth.ok(&["rollout", "chat", "--to", "smollm2:v2", "--url", &url]);
+    server.berth.ok(&["rollout", "chat", "--to", "smollm2:v2", "--max-error-rate", "0.5", "--url", &url]);
     let admin = server.berth.ok(&["keys", "create", "--name", "ops", "--scope", "admin"]).trim().to_string();
     let viewer = server.berth.ok(&["keys", "create", "--name", "viewer"]).trim().to_string();
     let shots = tempfile::tempdir().unwrap();
@@ -55,4 +58,56 @@ fn the_dashboard_works_in_a_real_browser_within_each_keys_scopes() {
             std::fs::write(std::path::Path::new(&keep).join(name), &png).unwrap();
         }
     }
+}
+
+/// `/api/pin` (admin keys only) loads a model and keeps it, and `/ui/state` shows the store's
+/// models beside those in memory, each key's view within its scopes, and one model's history when
+/// asked.
+#[test]
+fn pins_need_an_admin_key_and_the_state_shows_the_store_and_memory() {
+    let server = Server::start();
+    let admin = server.berth.ok(&["keys", "create", "--name", "ops", "--scope", "admin"]).trim().to_string();
+    let viewer = server.berth.ok(&["keys", "create", "--name", "viewer"]).trim().to_string();
+    let call = |key: &str, method: &str, path: &str, body: &str| -> (u16, serde_json::Value) {
+        let bearer = format!("Bearer {key}");
+        let headers = [("Authorization", bearer.as_str()), ("Content-Type", "application/json")];
+        let (status, raw) = http_request(server.port, method, path, &headers, body.as_bytes()).unwrap();
+        (status, serde_json::from_str(&body_of(&raw)).unwrap_or_default())
+    };
+    let row = |state: &serde_json::Value, name: &str| -> serde_json::Value {
+        state["models"].as_array().unwrap().iter().find(|m| m["name"] == name).cloned().unwrap_or_default()
+    };
+
+    let (status, body) = call(&viewer, "POST", "/api/pin", r#"{"model":"minilm"}"#);
+    assert_eq!(status, 403, "an inference key may not pin: {body}");
+    let (_, state) = call(&viewer, "GET", "/ui/state", "");
+    assert_eq!(state["admin"], false);
+    assert!(state["usage"].is_null(), "{state}");
+    assert_eq!(row(&state, "ai/minilm:latest")["state"], "on disk", "{state}");
+    assert_eq!(row(&state, "ai/smollm2:latest")["state"], "ready", "{state}");
+
+    let (status, body) = call(&admin, "POST", "/api/pin", r#"{"model":"minilm"}"#);
+    assert_eq!((status, &body["pinned"]), (200, &serde_json::json!(true)), "{body}");
+    let (_, state) = call(&admin, "GET", "/ui/state", "");
+    let minilm = row(&state, "ai/minilm:latest");
+    assert_eq!(
+        (&minilm["loaded"], &minilm["pinned"], &minilm["kind"]),
+        (&true.into(), &true.into(), &"embedding".into())
+    );
+    assert!(minilm["unloads_in_seconds"].is_null(), "a pinned model never unloads: {minilm}");
+    assert!(state["usage"]["model"]["week"].is_array(), "admins see usage by model: {state}");
+
+    let (status, body) = call(&admin, "POST", "/api/pin", r#"{"model":"minilm","pin":false}"#);
+    assert_eq!(status, 200, "{body}");
+    let (_, state) = call(&admin, "GET", "/ui/state", "");
+    let minilm = row(&state, "ai/minilm:latest");
+    assert_eq!((&minilm["loaded"], &minilm["pinned"]), (&true.into(), &false.into()), "unpinned, still loaded");
+
+    let (status, body) = call(&admin, "POST", "/api/pin", r#"{"model":"nothing-here"}"#);
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = call(&admin, "POST", "/api/pin", r#"{"model":"minilm","forever":true}"#);
+    assert_eq!(status, 400, "unknown fields are refused: {body}");
+
+    let (_, state) = call(&viewer, "GET", "/ui/state?of=ai%2Fsmollm2%3Alatest", "");
+    assert_eq!(state["history"]["of"], "ai/smollm2:latest", "{state}");
 }

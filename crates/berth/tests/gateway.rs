@@ -749,3 +749,36 @@ fn two_gateways_share_keys_quotas_and_usage_in_postgres() {
     let logs = [a.log(), b.log(), server.log(), listed];
     assert!(logs.iter().all(|l| !l.contains(postgres.password())), "the database password was written out");
 }
+
+/// The dashboard on a gateway, in chromium: its replicas instead of one server's models, the
+/// requests sent through it counted and drawn (of all replicas and of one), a playground answer
+/// streamed through it, the usage it recorded for an admin key. See `python/dashboard_gateway.py`.
+#[test]
+fn the_gateways_dashboard_shows_its_replicas_in_a_real_browser() {
+    let server = Server::start_with(&["--kv-cache", "64MiB", "--threads", "1"]);
+    let gateway = Gateway::start(&[server.port], &[]);
+    let admin = gateway.home.ok(&["keys", "create", "--name", "ops", "--scope", "admin"]).trim().to_string();
+    let viewer = gateway.home.ok(&["keys", "create", "--name", "viewer"]).trim().to_string();
+    // Pages of other origins are refused at the gateway; its own page's requests go through (the
+    // replica, which would judge the origin against its own address, gets them without it).
+    let chat = r#"{"model":"smollm2","max_tokens":2,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let bearer = format!("Bearer {viewer}");
+    let own = format!("http://127.0.0.1:{}", gateway.port);
+    for (origin, expected) in [("http://evil.example", 403), (own.as_str(), 200)] {
+        let headers = [("Authorization", bearer.as_str()), ("Content-Type", "application/json"), ("Origin", origin)];
+        let (status, raw) =
+            http_request(gateway.port, "POST", "/v1/chat/completions", &headers, chat.as_bytes()).unwrap();
+        assert_eq!(status, expected, "{origin}: {}", String::from_utf8_lossy(&raw));
+    }
+    let replica = format!("http://127.0.0.1:{}", server.port);
+    let shots = tempfile::tempdir().unwrap();
+    let args = [gateway.port.to_string(), replica, admin, viewer, shots.path().display().to_string()];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    util::server::run_python("dashboard_gateway.py", &args, &server);
+    let png = std::fs::read(shots.path().join("dashboard-gateway.png")).expect("the screenshot");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
+    // BERTH_DASHBOARD_SHOTS=docs keeps it (to refresh the README's picture).
+    if let Some(keep) = std::env::var_os("BERTH_DASHBOARD_SHOTS") {
+        std::fs::write(std::path::Path::new(&keep).join("dashboard-gateway.png"), &png).unwrap();
+    }
+}

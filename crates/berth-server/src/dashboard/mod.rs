@@ -6,21 +6,22 @@
 //! its own script and style only, no inline code, no frames).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::accounts::{GroupBy, Scope};
+use crate::auth::Auth;
 use crate::error::ApiError;
-use crate::models::{KeepAlive, Loaded};
+use crate::models::{Loaded, ModelStatus};
 
 /// How often the server samples its counters for the history.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -71,11 +72,22 @@ struct Seen {
     itl: Vec<u64>,
 }
 
-/// Add `now - before` bucket by bucket to `sum`.
-fn add_delta(sum: &mut Vec<u64>, now: &[u64], before: &[u64]) {
-    sum.resize(sum.len().max(now.len()), 0);
-    for (i, n) in now.iter().enumerate() {
-        sum[i] += n.saturating_sub(before.get(i).copied().unwrap_or(0));
+impl Seen {
+    fn of(m: &ModelCounts) -> Seen {
+        Seen { tokens: m.tokens, requests: m.requests, ttft: m.ttft.clone(), itl: m.itl.clone() }
+    }
+}
+
+/// `now - before`, bucket by bucket.
+fn delta(now: &[u64], before: &[u64]) -> Vec<u64> {
+    now.iter().enumerate().map(|(i, n)| n.saturating_sub(before.get(i).copied().unwrap_or(0))).collect()
+}
+
+/// Add `counts` bucket by bucket to `sum`.
+fn add_counts(sum: &mut Vec<u64>, counts: &[u64]) {
+    sum.resize(sum.len().max(counts.len()), 0);
+    for (s, n) in sum.iter_mut().zip(counts) {
+        *s += n;
     }
 }
 
@@ -96,27 +108,89 @@ fn quantile(bounds: &[f64], counts: &[u64], q: f64) -> Option<f64> {
     bounds.last().copied()
 }
 
-impl Seen {
-    fn of(m: &ModelCounts) -> Seen {
-        Seen { tokens: m.tokens, requests: m.requests, ttft: m.ttft.clone(), itl: m.itl.clone() }
+/// The bucket bounds of the TTFT and ITL histograms a history is fed.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub ttft: &'static [f64],
+    pub itl: &'static [f64],
+}
+
+/// A server's: its models' serving histograms (every model's are the same).
+const SERVING: Bounds = Bounds { ttft: crate::metrics::TTFT, itl: crate::metrics::ITL };
+
+/// What one model did in one interval, and its state at its end.
+#[derive(Debug, Clone, Default)]
+struct ModelInterval {
+    name: String,
+    tokens: u64,
+    requests: u64,
+    running: u64,
+    waiting: u64,
+    kv_usage: f64,
+    /// The TTFT and ITL histograms' bucket counts of the interval.
+    ttft: Vec<u64>,
+    itl: Vec<u64>,
+}
+
+/// One interval of the history, model by model: a sample is made of the models a caller may see
+/// (or the one it asks about) when it is read.
+struct Point {
+    t: i64,
+    seconds: f64,
+    models: Vec<ModelInterval>,
+}
+
+impl Point {
+    fn sample(&self, bounds: &Bounds, include: &dyn Fn(&str) -> bool) -> Sample {
+        let (mut tokens, mut requests, mut running, mut waiting, mut kv_usage) = (0, 0, 0, 0, 0.0f64);
+        let (mut ttft, mut itl) = (Vec::new(), Vec::new());
+        for m in self.models.iter().filter(|m| include(&m.name)) {
+            tokens += m.tokens;
+            requests += m.requests;
+            running += m.running;
+            waiting += m.waiting;
+            kv_usage = kv_usage.max(m.kv_usage);
+            add_counts(&mut ttft, &m.ttft);
+            add_counts(&mut itl, &m.itl);
+        }
+        Sample {
+            t: self.t,
+            tokens_per_s: tokens as f64 / self.seconds,
+            requests_per_s: requests as f64 / self.seconds,
+            running,
+            waiting,
+            kv_usage,
+            ttft_p50: quantile(bounds.ttft, &ttft, 0.5),
+            ttft_p95: quantile(bounds.ttft, &ttft, 0.95),
+            itl_p50: quantile(bounds.itl, &itl, 0.5),
+            itl_p95: quantile(bounds.itl, &itl, 0.95),
+        }
     }
 }
 
-/// The serving histograms' bucket bounds (every model's are the same).
-const TTFT_BOUNDS: &[f64] = crate::metrics::TTFT;
-const ITL_BOUNDS: &[f64] = crate::metrics::ITL;
-
-#[derive(Default)]
+/// A short history of what a server's models (or a gateway's replicas) did, interval by
+/// interval, each series by name.
 pub struct History {
-    samples: Mutex<VecDeque<Sample>>,
+    bounds: Bounds,
+    points: Mutex<VecDeque<Point>>,
     /// Each model's counts at the last sample (a model loaded since starts from zero; one
     /// unloaded and loaded again counts from its new start).
     last: Mutex<HashMap<String, Seen>>,
-    /// Tokens and requests over the server's life, of every model it loaded.
-    totals: Mutex<(u64, u64)>,
+    /// Tokens and requests over the server's life, by model.
+    totals: Mutex<HashMap<String, (u64, u64)>>,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History::new(SERVING)
+    }
 }
 
 impl History {
+    pub fn new(bounds: Bounds) -> History {
+        History { bounds, points: Mutex::default(), last: Mutex::default(), totals: Mutex::default() }
+    }
+
     /// Take the counts the first sample starts from (the models loaded at start).
     pub fn baseline(&self, models: &[ModelCounts]) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
@@ -126,52 +200,75 @@ impl History {
     /// Add a sample taken at `t` (Unix seconds), `interval` after the last.
     pub fn add(&self, t: i64, interval: Duration, models: &[ModelCounts]) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut tokens, mut requests) = (0u64, 0u64);
-        let (mut ttft, mut itl) = (Vec::new(), Vec::new());
+        let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
         let mut now = HashMap::new();
+        let mut intervals = Vec::new();
         for m in models {
             let mut before = last.get(&m.name).cloned().unwrap_or_default();
             // Counts that went down belong to a model loaded again: it counts from zero.
             if m.tokens < before.tokens || m.requests < before.requests {
                 before = Seen::default();
             }
-            tokens += m.tokens - before.tokens;
-            requests += m.requests - before.requests;
-            add_delta(&mut ttft, &m.ttft, &before.ttft);
-            add_delta(&mut itl, &m.itl, &before.itl);
+            let interval = ModelInterval {
+                name: m.name.clone(),
+                tokens: m.tokens - before.tokens,
+                requests: m.requests - before.requests,
+                running: m.running,
+                waiting: m.waiting,
+                kv_usage: m.kv_usage,
+                ttft: delta(&m.ttft, &before.ttft),
+                itl: delta(&m.itl, &before.itl),
+            };
+            let total = totals.entry(m.name.clone()).or_default();
+            *total = (total.0 + interval.tokens, total.1 + interval.requests);
+            intervals.push(interval);
             now.insert(m.name.clone(), Seen::of(m));
         }
         *last = now;
-        {
-            let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
-            *totals = (totals.0 + tokens, totals.1 + requests);
+        let point = Point { t, seconds: interval.as_secs_f64().max(1e-3), models: intervals };
+        let mut points = self.points.lock().unwrap_or_else(|e| e.into_inner());
+        if points.len() == KEEP {
+            points.pop_front();
         }
-        let seconds = interval.as_secs_f64().max(1e-3);
-        let sample = Sample {
-            t,
-            tokens_per_s: tokens as f64 / seconds,
-            requests_per_s: requests as f64 / seconds,
-            running: models.iter().map(|m| m.running).sum(),
-            waiting: models.iter().map(|m| m.waiting).sum(),
-            kv_usage: models.iter().map(|m| m.kv_usage).fold(0.0, f64::max),
-            ttft_p50: quantile(TTFT_BOUNDS, &ttft, 0.5),
-            ttft_p95: quantile(TTFT_BOUNDS, &ttft, 0.95),
-            itl_p50: quantile(ITL_BOUNDS, &itl, 0.5),
-            itl_p95: quantile(ITL_BOUNDS, &itl, 0.95),
-        };
-        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
-        if samples.len() == KEEP {
-            samples.pop_front();
-        }
-        samples.push_back(sample);
+        points.push_back(point);
     }
 
-    pub fn samples(&self) -> Vec<Sample> {
-        self.samples.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
+    /// The history of the models `include` lets in, summed.
+    pub fn samples(&self, include: &dyn Fn(&str) -> bool) -> Vec<Sample> {
+        self.points.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|p| p.sample(&self.bounds, include)).collect()
     }
 
-    pub fn totals(&self) -> (u64, u64) {
-        *self.totals.lock().unwrap_or_else(|e| e.into_inner())
+    /// Tokens generated and requests answered since start by the models `include` lets in.
+    pub fn totals(&self, include: &dyn Fn(&str) -> bool) -> (u64, u64) {
+        let totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        totals.iter().filter(|(name, _)| include(name)).fold((0, 0), |sum, (_, t)| (sum.0 + t.0, sum.1 + t.1))
+    }
+
+    /// The models the history has counted, by name.
+    pub fn models(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.totals.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+/// Sample `counts` every [`SAMPLE_EVERY`] into `history`, for ever (the caller aborts the task).
+pub(crate) async fn keep_sampling<F, Fut>(history: &History, mut counts: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Vec<ModelCounts>>,
+{
+    let mut every = tokio::time::interval(SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    history.baseline(&counts().await);
+    let mut last = std::time::Instant::now();
+    loop {
+        every.tick().await;
+        let now_counts = counts().await;
+        let now = std::time::Instant::now();
+        history.add(chrono::Utc::now().timestamp(), now - last, &now_counts);
+        last = now;
     }
 }
 
@@ -240,75 +337,141 @@ pub async fn icon() -> Response {
     with_page_headers("image/svg+xml", ICON)
 }
 
-/// What the page shows: who is asking (and whether they may manage models), the models in memory
-/// the key may see, the history, and the totals.
-pub async fn state(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[derive(Debug, Deserialize)]
+pub struct StateQuery {
+    /// The one model (of a gateway: the one replica) whose history to show; all the caller may
+    /// see when absent.
+    pub of: Option<String>,
+}
+
+/// Whether the caller may manage models (every caller may, on a server without keys).
+pub(crate) fn is_admin(caller: Option<&crate::auth::Caller>) -> bool {
+    caller.and_then(|c| c.key.as_ref()).is_none_or(|k| k.allows(Scope::Admin))
+}
+
+/// What the page shows: who is asking (and whether they may manage models), the models of the
+/// store and those in memory that the key may see, the history of those models (or of the one
+/// asked about), the totals, and for admins every key's and model's usage.
+pub async fn state(State(state): State<AppState>, Query(query): Query<StateQuery>) -> Result<Json<Value>, ApiError> {
     let caller = crate::auth::caller();
-    let key = caller.as_ref().and_then(|c| c.key.clone());
-    let admin = key.as_ref().is_none_or(|k| k.allows(Scope::Admin));
+    let admin = is_admin(caller.as_ref());
+    let may_see = |name: &str| caller.as_ref().is_none_or(|c| c.check_model(name).is_ok());
+    // Each of the store's models the key may use (its list keeps to them already), with what is
+    // in memory of its manifest; then what is in memory under no name of the store.
+    let in_memory: Vec<ModelStatus> = state.models.status().await.into_iter().filter(|m| may_see(&m.name)).collect();
     let mut models = Vec::new();
-    for m in state.models.status().await {
-        if caller.as_ref().is_some_and(|c| c.check_model(&m.name).is_err()) {
-            continue;
-        }
-        let mut model = json!({
-            "name": m.name,
-            "version": m.digest.trim_start_matches("sha256:").get(..12).unwrap_or(""),
-            "state": m.state,
-            "memory": m.memory,
-            "pinned": m.pinned,
-            "idle_seconds": m.idle.map(|d| d.as_secs()),
-            "unloads_in_seconds": match (m.keep_alive, m.idle, m.pinned) {
-                (KeepAlive::For(d), Some(idle), false) => Some(d.saturating_sub(idle).as_secs()),
-                _ => None,
-            },
-        });
-        if let Some(Loaded::Chat(c)) = &m.loaded {
-            let stats = c.runner.stats();
-            model["running"] = stats.running.load(Ordering::Relaxed).into();
-            model["waiting"] = stats.waiting.load(Ordering::Relaxed).into();
-            model["kv_usage"] = stats.kv_usage().into();
-            model["context"] = c.context.into();
-            model["max_running"] = c.runner.config().scheduler.max_running.into();
-            model["kind"] = "chat".into();
-        } else {
-            model["kind"] = "embedding".into();
-        }
-        models.push(model);
+    let mut shown = Vec::new();
+    // References by digest are the versions berth keeps for deployments: the deployments section
+    // shows them, and what of them is in memory is listed under the name it serves.
+    for m in state.models.list()?.into_iter().filter(|m| !m.reference.contains('@')) {
+        let digest = m.digest.to_string();
+        let mut row = match in_memory.iter().find(|s| s.digest == digest) {
+            Some(status) => {
+                shown.push(digest);
+                in_memory_row(status)
+            }
+            None => json!({
+                "version": short_version(&digest),
+                "loaded": false,
+                "state": "on disk",
+                "size": m.size,
+                "kind": if m.format == "gguf" { "chat" } else { "embedding" },
+            }),
+        };
+        row["name"] = m.reference.into();
+        models.push(row);
     }
-    let (tokens, requests) = state.history.totals();
+    models.extend(in_memory.iter().filter(|s| !shown.contains(&s.digest)).map(in_memory_row));
+    let chosen = query.of.filter(|m| may_see(m));
+    let mut view = common(&state.auth, &state.history, admin, chosen, &may_see).await?;
+    view["kind"] = "server".into();
+    view["models"] = models.into();
+    Ok(Json(view))
+}
+
+/// What the page shows of a server and of a gateway alike: who asks, the history of what they may
+/// see (of `chosen` alone when given), its totals, and for admins every key's and model's usage.
+pub(crate) async fn common(
+    auth: &Arc<Auth>,
+    history: &History,
+    admin: bool,
+    chosen: Option<String>,
+    may_see: &(dyn Fn(&str) -> bool + Sync),
+) -> Result<Value, ApiError> {
+    let key = crate::auth::caller().and_then(|c| c.key);
+    let include = |name: &str| may_see(name) && chosen.as_deref().is_none_or(|c| c == name);
+    let (tokens, requests) = history.totals(&include);
     // Usage is every key's business: admins only.
-    let usage = if admin {
-        let auth = state.auth.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            let now = chrono::Utc::now();
-            let midnight = now.date_naive().and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp());
-            let week = (now - chrono::Duration::days(7)).timestamp();
-            Ok::<_, crate::accounts::AccountsError>(json!({
-                "today": auth.usage(midnight, GroupBy::Key)?,
-                "week": auth.usage(week, GroupBy::Key)?,
-            }))
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("reading usage stopped: {e}")))?;
-        read.map_err(|e| {
-            tracing::error!("cannot read usage for the dashboard: {e}");
-            ApiError::unavailable("the accounts database is unavailable; retry shortly")
-        })?
-    } else {
-        Value::Null
-    };
-    Ok(Json(json!({
+    let usage = if admin { usage_report(auth.clone()).await? } else { Value::Null };
+    Ok(json!({
         "usage": usage,
         "caller": key.map(|k| json!({
             "name": k.name,
             "scopes": k.scopes.iter().map(|s| s.name()).collect::<Vec<_>>(),
         })),
         "admin": admin,
-        "models": models,
-        "history": {"interval_seconds": SAMPLE_EVERY.as_secs(), "samples": state.history.samples()},
+        "history": {
+            "interval_seconds": SAMPLE_EVERY.as_secs(),
+            "of": chosen,
+            "choices": history.models().into_iter().filter(|m| may_see(m)).collect::<Vec<_>>(),
+            "samples": history.samples(&include),
+        },
         "totals": {"generated_tokens": tokens, "requests": requests},
-    })))
+    }))
+}
+
+/// Every key's and every model's usage, today (since UTC midnight) and over 7 days.
+async fn usage_report(auth: Arc<Auth>) -> Result<Value, ApiError> {
+    let read = tokio::task::spawn_blocking(move || {
+        let now = chrono::Utc::now();
+        let midnight = now.date_naive().and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp());
+        let week = (now - chrono::Duration::days(7)).timestamp();
+        let mut usage = json!({});
+        for (group, by) in [("key", GroupBy::Key), ("model", GroupBy::Model)] {
+            usage[group] = json!({"today": auth.usage(midnight, by)?, "week": auth.usage(week, by)?});
+        }
+        Ok::<_, crate::accounts::AccountsError>(usage)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("reading usage stopped: {e}")))?;
+    read.map_err(|e| {
+        tracing::error!("cannot read usage for the dashboard: {e}");
+        ApiError::unavailable("the accounts database is unavailable; retry shortly")
+    })
+}
+
+/// A model in memory as the page shows it.
+fn in_memory_row(m: &ModelStatus) -> Value {
+    let mut row = json!({
+        "name": m.name,
+        "loaded_as": m.name,
+        "version": short_version(&m.digest),
+        "loaded": true,
+        "state": m.state,
+        "memory": m.memory,
+        "pinned": m.pinned,
+        "idle_seconds": m.idle.map(|d| d.as_secs()),
+        "unloads_in_seconds": m.unloads_in().map(|d| d.as_secs()),
+    });
+    match &m.loaded {
+        Some(Loaded::Chat(c)) => {
+            let stats = c.runner.stats();
+            row["running"] = stats.running.load(Ordering::Relaxed).into();
+            row["waiting"] = stats.waiting.load(Ordering::Relaxed).into();
+            row["kv_usage"] = stats.kv_usage().into();
+            row["context"] = c.context.into();
+            row["max_running"] = c.runner.config().scheduler.max_running.into();
+            row["kind"] = "chat".into();
+        }
+        Some(Loaded::Embed(_)) => row["kind"] = "embedding".into(),
+        None => {}
+    }
+    row
+}
+
+/// The first 12 hex digits of a manifest digest: how `berth ls` names a version.
+fn short_version(digest: &str) -> &str {
+    digest.trim_start_matches("sha256:").get(..12).unwrap_or("")
 }
 
 #[cfg(test)]
@@ -337,11 +500,11 @@ mod tests {
         history.baseline(&[with(vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 100])]);
         let mut now = vec![0, 0, 9, 0, 0, 0, 0, 0, 0, 100, 0, 1];
         history.add(5, five, &[with(now.clone())]);
-        let s = history.samples()[0];
+        let s = history.samples(&|_| true)[0];
         assert_eq!((s.ttft_p50, s.ttft_p95, s.itl_p50), (Some(0.01), Some(1.0), None));
         now[2] += 1;
         history.add(10, five, &[with(now)]);
-        assert_eq!(history.samples()[1].ttft_p95, Some(0.01));
+        assert_eq!(history.samples(&|_| true)[1].ttft_p95, Some(0.01));
         assert_eq!(quantile(&[1.0, 2.0], &[0, 0], 0.5), None);
     }
 
@@ -353,15 +516,21 @@ mod tests {
         history.add(5, five, &[counts("a", 150, 4), counts("b", 10, 1)]);
         // `a` unloaded and loaded again: its counts start over.
         history.add(10, five, &[counts("a", 5, 1)]);
-        let rates: Vec<(f64, f64)> = history.samples().iter().map(|s| (s.tokens_per_s, s.requests_per_s)).collect();
+        let rates: Vec<(f64, f64)> =
+            history.samples(&|_| true).iter().map(|s| (s.tokens_per_s, s.requests_per_s)).collect();
         assert_eq!(rates, [(20.0, 0.4), (12.0, 0.6), (1.0, 0.2)]);
-        assert_eq!(history.totals(), (100 + 60 + 5, 2 + 3 + 1));
-        let last = history.samples()[2];
+        assert_eq!(history.totals(&|_| true), (100 + 60 + 5, 2 + 3 + 1));
+        // Model by model: `b` alone, as a key kept to it (or the page's model choice) sees it.
+        let only_b: Vec<f64> = history.samples(&|m| m == "b").iter().map(|s| s.tokens_per_s).collect();
+        assert_eq!(only_b, [0.0, 2.0, 0.0]);
+        assert_eq!(history.totals(&|m| m == "a"), (100 + 50 + 5, 2 + 2 + 1));
+        assert_eq!(history.models(), ["a", "b"]);
+        let last = history.samples(&|_| true)[2];
         assert_eq!((last.running, last.waiting, last.kv_usage), (1, 2, 0.25));
         for t in 0..KEEP as i64 + 10 {
             history.add(t, five, &[]);
         }
-        assert_eq!(history.samples().len(), KEEP, "15 minutes are kept");
+        assert_eq!(history.samples(&|_| true).len(), KEEP, "15 minutes are kept");
     }
 
     #[test]

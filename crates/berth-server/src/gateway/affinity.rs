@@ -18,6 +18,9 @@ pub struct RequestFacts {
     pub model: Option<String>,
     /// A hash of the model and the prompt's first [`PREFIX_BYTES`], when the body has a prompt.
     pub prefix: Option<u64>,
+    /// An OpenAI stream whose client did not ask for usage: the gateway asks for it when it
+    /// records the key's usage (see [`super::keys::with_usage_asked`]).
+    pub usage_unasked: bool,
 }
 
 /// The facts of a body sent to `path`; a body that is not JSON has none (the replica will say
@@ -25,6 +28,9 @@ pub struct RequestFacts {
 pub fn facts(path: &str, body: &[u8]) -> RequestFacts {
     let Ok(value) = serde_json::from_slice::<Value>(body) else { return RequestFacts::default() };
     let model = value.get("model").and_then(Value::as_str).map(str::to_string);
+    let usage_unasked = super::keys::is_openai_completion(path)
+        && value.get("stream") == Some(&Value::Bool(true))
+        && value.pointer("/stream_options/include_usage") != Some(&Value::Bool(true));
     let mut start = Start::default();
     match path {
         "/v1/chat/completions" | "/chat/completions" | "/api/chat" | "/v1/messages" => {
@@ -65,7 +71,7 @@ pub fn facts(path: &str, body: &[u8]) -> RequestFacts {
     }
     let prefix =
         (!start.bytes.is_empty()).then(|| super::hash64(&[model.as_deref().unwrap_or("").as_bytes(), &start.bytes]));
-    RequestFacts { model, prefix }
+    RequestFacts { model, prefix, usage_unasked }
 }
 
 /// The prompt's start, gathered up to [`PREFIX_BYTES`].
@@ -158,6 +164,16 @@ mod tests {
         let a = facts("/v1/completions", br#"{"model":"a","prompt":"x"}"#);
         let b = facts("/v1/completions", br#"{"model":"b","prompt":"x"}"#);
         assert_ne!(a.prefix, b.prefix);
+    }
+
+    #[test]
+    fn openai_streams_that_did_not_ask_for_usage_are_told_apart() {
+        let unasked = |path: &str, body: &str| facts(path, body.as_bytes()).usage_unasked;
+        assert!(unasked("/v1/chat/completions", r#"{"model":"m","stream":true,"messages":[]}"#));
+        assert!(unasked("/v1/completions", r#"{"stream":true,"stream_options":{"include_usage":false}}"#));
+        assert!(!unasked("/v1/chat/completions", r#"{"stream":true,"stream_options":{"include_usage":true}}"#));
+        assert!(!unasked("/v1/chat/completions", r#"{"model":"m","messages":[]}"#));
+        assert!(!unasked("/api/chat", r#"{"model":"m","stream":true,"messages":[]}"#));
     }
 
     #[test]

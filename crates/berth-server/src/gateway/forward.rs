@@ -137,6 +137,9 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
     }
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
+    // The page's origin was checked here (the gateway's --allowed-origin); a replica would judge
+    // it against its own address and refuse a page the gateway served.
+    parts.headers.remove(header::ORIGIN);
     // At most MAX_ATTEMPTS replicas, and the remote where it is the last resort.
     if plan.len() > MAX_ATTEMPTS {
         let fallback = plan.pop().filter(|(u, _)| gateway.remote_of(u).is_some());
@@ -145,7 +148,11 @@ pub async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> R
     }
     // Requests whose usage is recorded here: an OpenAI stream is asked for its usage if its client
     // did not ask (the event is taken out again on the way back).
-    let usage_asked = caller.as_ref().and_then(|_| super::keys::with_usage_asked(&path, &body)).map(Bytes::from);
+    let usage_asked = caller
+        .as_ref()
+        .filter(|_| facts.usage_unasked)
+        .and_then(|_| super::keys::with_usage_asked(&path, &body))
+        .map(Bytes::from);
     let attempts = plan.len();
     for (attempt, (upstream, reason)) in plan.into_iter().enumerate() {
         let last = attempt + 1 == attempts;

@@ -18,7 +18,8 @@ use crate::accounts::{Outcome, Record, Scope};
 use crate::auth::Caller;
 
 /// Paths that manage models or deployments on the replicas.
-const ADMIN: [&str; 8] = [
+const ADMIN: [&str; 9] = [
+    "/api/pin",
     "/api/pull",
     "/api/push",
     "/api/copy",
@@ -32,7 +33,8 @@ const ADMIN: [&str; 8] = [
 /// The scope a request's path needs; `None` for the probes, which stay open.
 fn scope_of(path: &str) -> Option<Scope> {
     match path {
-        "/health" | "/ready" => None,
+        // The dashboard's page holds no data; its state needs a key like the API.
+        "/health" | "/ready" | "/ui" | "/ui/app.js" | "/ui/app.css" | "/ui/icon.svg" => None,
         "/metrics" | "/gateway/upstreams" => Some(Scope::Metrics),
         p if ADMIN.iter().any(|a| p.starts_with(a)) => Some(Scope::Admin),
         _ => Some(Scope::Inference),
@@ -131,12 +133,19 @@ impl Drop for UsageTap {
     }
 }
 
+/// The OpenAI paths whose streams report usage only when asked.
+pub(crate) fn is_openai_completion(path: &str) -> bool {
+    matches!(path, "/v1/chat/completions" | "/chat/completions" | "/v1/completions" | "/completions")
+}
+
 /// An OpenAI stream whose client did not ask for usage (`stream_options.include_usage`) reports
 /// none, so its tokens could not be charged to its key: the gateway asks the replica for usage
 /// (this body), and takes the usage event out of what the client gets ([`UsageStripper`]), so
 /// that the client sees the stream it asked for. `None` when the request needs no change.
+/// The gateway calls it only for a request whose facts say so, so the common request's body is
+/// read once.
 pub(crate) fn with_usage_asked(path: &str, body: &[u8]) -> Option<Vec<u8>> {
-    if !matches!(path, "/v1/chat/completions" | "/chat/completions" | "/v1/completions" | "/completions") {
+    if !is_openai_completion(path) {
         return None;
     }
     let mut value: Value = serde_json::from_slice(body).ok()?;

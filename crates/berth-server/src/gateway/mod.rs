@@ -7,6 +7,7 @@
 //! headless Services, from a DNS name resolved every few seconds.
 
 pub mod affinity;
+mod dashboard;
 mod forward;
 pub(crate) mod keys;
 pub mod pool;
@@ -51,6 +52,10 @@ pub struct GatewayConfig {
     /// Listen on a non-loopback address (the replicas' keys, if any, still apply to every request).
     pub allow_insecure_public: bool,
     pub allowed_hosts: Vec<String>,
+    /// Web origins whose pages may call through the gateway (as `berth serve --allowed-origin`).
+    /// The gateway checks them and forwards without `Origin`: the replicas behind it see the
+    /// gateway's requests, not the page's.
+    pub allowed_origins: Vec<String>,
     /// Where requests overflow to when every replica is saturated or none can serve.
     pub remote: Option<RemoteConfig>,
     /// Requests that may wait in the gateway's fair queue while every replica is full.
@@ -129,6 +134,7 @@ impl Default for GatewayConfig {
             drain_timeout: Duration::from_secs(30),
             allow_insecure_public: false,
             allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
             remote: None,
             max_queue: 1024,
             queue_timeout: Duration::from_secs(60),
@@ -178,6 +184,8 @@ pub struct Gateway {
     fixed: Vec<String>,
     /// What `/load` polls send when the replicas have keys.
     upstream_authorization: Option<axum::http::HeaderValue>,
+    /// The dashboard's 15 minutes, replica by replica.
+    history: crate::dashboard::History,
 }
 
 #[derive(Default)]
@@ -303,6 +311,7 @@ impl Gateway {
             auth,
             fixed,
             upstream_authorization,
+            history: crate::dashboard::History::new(crate::dashboard::Bounds { ttft: pool::HEAD_LATENCY, itl: &[] }),
         }))
     }
 
@@ -463,15 +472,23 @@ impl Gateway {
 /// The gateway's routes: its own probes, metrics and replica list; everything else is forwarded.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     let hosts = crate::guard::HostGuard::new(&gateway.config.host, &gateway.config.allowed_hosts);
+    let origins = crate::guard::OriginGuard::new(&gateway.config.allowed_origins);
     let limits = (gateway.config.body_limit, gateway.config.connections.body_timeout);
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/gateway/upstreams", get(upstreams))
+        // The dashboard: the same page as a server's; its data from the gateway's own view.
+        .route("/ui", get(crate::dashboard::page))
+        .route("/ui/app.js", get(crate::dashboard::script))
+        .route("/ui/app.css", get(crate::dashboard::style))
+        .route("/ui/icon.svg", get(crate::dashboard::icon))
+        .route("/ui/state", get(dashboard::state))
         .fallback(forward::forward)
         .layer(axum::middleware::from_fn_with_state(gateway.clone(), keys::authorize))
         .layer(axum::middleware::from_fn_with_state(limits, crate::request::body_limits))
+        .layer(axum::middleware::from_fn_with_state(origins, crate::guard::check_origin))
         .layer(axum::middleware::from_fn_with_state(hosts, crate::guard::check_host))
         .layer(axum::middleware::from_fn(crate::error::with_shape))
         .layer(axum::middleware::from_fn(crate::request_log::with_request_id))
@@ -490,27 +507,8 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> impl IntoResponse {
 
 /// Each replica as the gateway sees it.
 async fn upstreams(State(gateway): State<Arc<Gateway>>) -> axum::Json<serde_json::Value> {
-    let list: Vec<serde_json::Value> = gateway
-        .targets()
-        .iter()
-        .map(|u| {
-            let load = u.last_load();
-            let health = match u.health() {
-                pool::Health::Unknown => "unknown",
-                pool::Health::Up if u.routable() => "up",
-                pool::Health::Up => "not ready",
-                pool::Health::Ejected { .. } => "ejected",
-            };
-            serde_json::json!({
-                "url": u.base, "remote": gateway.remote_of(u).is_some(), "health": health, "in_flight": u.in_flight.load(Ordering::Relaxed),
-                "requests": u.requests.load(Ordering::Relaxed), "answered": u.answered.load(Ordering::Relaxed),
-                "failures": u.failures.load(Ordering::Relaxed), "cut": u.cut.load(Ordering::Relaxed),
-                "ejections": u.ejections.load(Ordering::Relaxed),
-                "waiting": load.waiting, "running": load.running, "kv_cache_usage": load.kv_cache_usage,
-                "models": load.models,
-            })
-        })
-        .collect();
+    let list: Vec<serde_json::Value> =
+        gateway.targets().iter().map(|u| dashboard::replica_view(&gateway, u, &|_| true)).collect();
     axum::Json(serde_json::json!({ "upstreams": list }))
 }
 
@@ -624,6 +622,13 @@ pub async fn serve(config: GatewayConfig) -> Result<(), ServerError> {
         })
     };
     let _stop_poller = crate::AbortOnDrop(poller);
+    let sampler = {
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            crate::dashboard::keep_sampling(&gateway.history, || std::future::ready(dashboard::counts(&gateway))).await
+        })
+    };
+    let _stop_sampler = crate::AbortOnDrop(sampler);
     let app = router(gateway.clone());
     let shutdown = {
         let gateway = gateway.clone();

@@ -15,7 +15,7 @@ use crate::metrics::Histogram;
 
 /// Buckets of the time to a replica's answer head: a non-streamed answer's head comes when it is
 /// done, a stream's with its first event.
-const HEAD_LATENCY: &[f64] =
+pub(super) const HEAD_LATENCY: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 
 /// Consecutive failed requests (before any answer) that eject a replica.
@@ -42,6 +42,9 @@ pub struct Load {
     pub max_running: u64,
     #[serde(default)]
     pub models: Vec<String>,
+    /// Tokens generated since the replica started (to its last few seconds).
+    #[serde(default)]
+    pub generated_tokens: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

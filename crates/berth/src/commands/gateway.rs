@@ -61,6 +61,11 @@ pub struct Args {
     /// A Host name a gateway on loopback answers to besides localhost's (repeatable).
     #[arg(long = "allowed-host", value_name = "NAME")]
     allowed_hosts: Vec<String>,
+    /// A web origin whose pages may call through the gateway (repeatable; `http://localhost:*`
+    /// allows any port, `*` any page). Pages of other origins get 403; the gateway's own
+    /// dashboard (/ui) needs none.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN", env = "BERTH_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
     /// Listen on a non-loopback address. Requests are forwarded with their keys, which the replicas
     /// check when they have keys; without keys anyone who reaches the port uses the replicas.
     #[arg(long)]
@@ -129,6 +134,7 @@ pub fn run(ctx: &super::Context, args: Args) -> anyhow::Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout),
         allow_insecure_public: args.allow_insecure_public,
         allowed_hosts: args.allowed_hosts,
+        allowed_origins: args.allowed_origins,
         remote,
         home: ctx.home.clone(),
         token_quota_window: Duration::from_secs(86_400),

@@ -2,170 +2,150 @@
 
     dashboard.py PORT ADMIN_KEY INFERENCE_KEY SCREENSHOT_DIR
 
-The page asks for a key, refuses a wrong one, shows an inference key the models without the unload
-button or the usage, draws the history as requests come in, streams an answer in the playground, and
-shows an admin key every key's usage and the deployments, and lets it promote a canary and unload a
-model; its console stays free of errors (but the expected 401s of the keyless
-first look). Screenshots at desktop and phone widths go to SCREENSHOT_DIR.
+The page asks for a key, refuses a wrong one, shows an inference key the models without any button
+and without the usage or the deployments, draws the history as requests come in (all models, and
+one model chosen), streams an answer in the playground (free, then held to a JSON schema), and
+shows an admin key every key's and every model's usage and the deployments with their traffic and
+guards, and lets it step, promote and roll back a rollout, and load, pin, unpin and unload models;
+its console stays free of errors (but the expected 401s of the keyless first look). Screenshots at
+desktop and phone widths go to SCREENSHOT_DIR.
 """
 
 import json
 import sys
 import threading
 import time
-import urllib.request
 
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
+from browser import Browser, By, post
 
 port, admin_key, inference_key, shots = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 base = f"http://127.0.0.1:{port}"
-
-
-def wait_for(what, check, timeout=30):
-    deadline = time.time() + timeout
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception:  # the page is between states
-            pass
-        if time.time() > deadline:
-            raise SystemExit(f"dashboard: not {what} within {timeout} s; status: {text('status')!r}")
-        time.sleep(0.2)
-
-
-def text(element_id):
-    try:
-        return driver.find_element(By.ID, element_id).text
-    except Exception:
-        return ""
-
-
-def use_key(key):
-    form = driver.find_element(By.ID, "key-form")
-    wait_for("asked for a key", form.is_displayed)
-    field = driver.find_element(By.ID, "key")
-    field.clear()
-    field.send_keys(key)
-    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-
-
-def click(selector):
-    """Click what `selector` finds, found again if the page redrew it meanwhile (it does every 2 s)."""
-
-    def found_and_clicked():
-        driver.find_element(By.CSS_SELECTOR, selector).click()
-        return True
-
-    wait_for(f"letting {selector} be clicked", found_and_clicked)
+MODEL = "ai/smollm2:latest"
+# A copy of the model that nothing loads but the page.
+SPARE = "ai/smollm2:spare"
 
 
 def complete(n):
-    body = json.dumps({"model": "smollm2", "prompt": "Hello", "max_tokens": 8, "ignore_eos": True}).encode()
     for _ in range(n):
-        request = urllib.request.Request(
-            base + "/v1/completions",
-            data=body,
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {admin_key}"},
-        )
-        urllib.request.urlopen(request, timeout=60).read()
+        post(base, "/v1/completions", {"model": "smollm2", "prompt": "Hello", "max_tokens": 8, "ignore_eos": True}, admin_key)
 
 
-options = Options()
-for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"):
-    options.add_argument(arg)
-options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+def model_button(action, model):
+    return f"#models button[data-action='{action}'][data-model='{model}']"
+
+
+def model_row(model):
+    """The cells of `model`'s row in the models table."""
+    for row in b.driver.find_elements(By.CSS_SELECTOR, "#models tbody tr"):
+        cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+        if cells and cells[0] == model:
+            return cells
+    return []
+
+
+b = Browser("dashboard")
+driver = b.driver
 try:
     driver.get(base + "/ui")
-    wait_for("saying it needs a key", lambda: "needs an API key" in text("status"))
+    b.wait_for("saying it needs a key", lambda: "needs an API key" in b.text("status"))
 
-    use_key("berth-not-a-key")
-    wait_for("refusing the wrong key", lambda: "refused" in text("status"))
+    b.use_key("berth-not-a-key")
+    b.wait_for("refusing the wrong key", lambda: "refused" in b.text("status"))
 
-    # An inference key: models and charts, no unload button.
-    use_key(inference_key)
+    # An inference key: models and charts, no buttons.
+    b.use_key(inference_key)
     complete(1)
-    wait_for("showing the loaded model", lambda: "ai/smollm2:latest" in text("models"))
-    wait_for("naming the key", lambda: "viewer" in text("who"))
-    assert not driver.find_elements(By.CSS_SELECTOR, "#models button"), "an inference key sees no unload button"
+    b.wait_for("showing the loaded model", lambda: model_row(MODEL)[2:3] == ["ready"])
+    b.wait_for("listing the store's other models", lambda: "on disk" in " ".join(model_row(SPARE)), show="models")
+    b.wait_for("naming the key", lambda: "viewer" in b.text("who"))
+    assert not driver.find_elements(By.CSS_SELECTOR, "#models button"), "an inference key sees no model buttons"
     assert not driver.find_element(By.ID, "usage-section").is_displayed(), "nor every key's usage"
     assert not driver.find_element(By.ID, "deployments-section").is_displayed(), "nor the deployments"
 
     # A burst of requests: the counters and the chart's latest point move.
-    before = int(text("total-requests") or 0)
+    before = int(b.text("total-requests") or 0)
     burst = threading.Thread(target=complete, args=(12,))
     burst.start()
-    wait_for("counting the burst", lambda: int(text("total-requests") or 0) >= before + 4, timeout=60)
-    wait_for("drawing tokens per second", lambda: float(text("now-tokens") or 0) > 0 or not burst.is_alive(), 60)
+    b.wait_for("counting the burst", lambda: int(b.text("total-requests") or 0) >= before + 4, timeout=60)
+    b.wait_for("drawing tokens per second", lambda: float(b.text("now-tokens") or 0) > 0 or not burst.is_alive(), 60)
     burst.join()
-    wait_for("counting every request", lambda: int(text("total-requests") or 0) >= before + 12, timeout=30)
-    # The tokens chart draws its line in the accent colour (the label is grey): once two samples
-    # are in, the line has pixels of its own.
-    line_pixels = (
-        "const c = document.getElementById('chart-tokens');"
-        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
-        "let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 0 && d[i + 2] > 150 && d[i] < 60) n++;"
-        "return n;"
-    )
-    wait_for("drawing the tokens line", lambda: driver.execute_script(line_pixels) > 30, timeout=30)
+    b.wait_for("counting every request", lambda: int(b.text("total-requests") or 0) >= before + 12, timeout=30)
+    b.wait_for("drawing the tokens line", lambda: b.chart_pixels("chart-tokens") > 30, timeout=30)
+
+    # The history of one model: all the burst was smollm2's.
+    b.choose("chart-of", MODEL)
+    b.wait_for("showing the model's own history", lambda: int(b.text("total-requests") or 0) >= before + 12)
 
     # The playground streams an answer, with its TTFT and speed.
-    wait_for("listing the models", lambda: "ai/smollm2:latest" in text("play-model"))
+    b.wait_for("listing the models", lambda: MODEL in b.text("play-model"))
     driver.find_element(By.ID, "play-max").clear()
     driver.find_element(By.ID, "play-max").send_keys("24")
     driver.find_element(By.ID, "play-prompt").send_keys("Write one sentence about harbours.")
     driver.find_element(By.ID, "play-send").click()
-    wait_for("streaming an answer", lambda: "tokens/s" in text("play-stats"), timeout=60)
-    answer = text("play-answer")
+    b.wait_for("streaming an answer", lambda: "tokens/s" in b.text("play-stats"), timeout=60)
+    answer = b.text("play-answer")
     assert len(answer) > 5, f"the playground's answer: {answer!r}"
-    assert "TTFT" in text("play-stats"), text("play-stats")
+    assert "TTFT" in b.text("play-stats"), b.text("play-stats")
     driver.set_window_size(1280, 1500)
     driver.execute_script("window.scrollTo(0, 0)")
     time.sleep(0.3)
     driver.save_screenshot(f"{shots}/dashboard-desktop.png")
-    # A phone: 390 CSS pixels wide, as the browser's device emulation makes it.
-    phone = {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True}
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", phone)
-    time.sleep(0.5)
-    width = driver.execute_script("return document.documentElement.scrollWidth")
-    wide = driver.execute_script(
-        "return [...document.querySelectorAll('body *')].filter(e => !e.closest('.scroll') && e.getBoundingClientRect().right > 392)"
-        ".slice(0, 5).map(e => e.tagName + '#' + e.id + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))"
-    )
-    assert width <= 392, f"the page is {width} px wide on a 390 px screen: {wide}"
+    b.fits_a_phone()
     driver.save_screenshot(f"{shots}/dashboard-phone.png")
-    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-    driver.set_window_size(1280, 1000)
+    b.desktop()
 
-    # An admin key: the unload button, which unloads.
-    driver.find_element(By.ID, "forget-key").click()
-    use_key(admin_key)
-    wait_for(
-        "showing the unload button",
-        lambda: driver.find_element(By.CSS_SELECTOR, "#models button[data-model='ai/smollm2:latest']"),
-    )
-    wait_for("showing usage by key", lambda: "ops" in text("usage") and "7 days" in text("usage"))
-    # The deployment `chat` rolling out to v2: promoted from the page.
-    wait_for("showing the rollout", lambda: "canary" in text("deployments"))
-    click("#deployments button[data-action='promote']")
-    wait_for("promoting the canary", lambda: "chat" in text("deployments") and "canary" not in text("deployments"))
-    stable = driver.execute_script("return document.querySelector('#deployments tbody td:nth-child(2)').textContent")
-    assert "smollm2:v2" in stable, f"the stable version after promoting: {stable!r}"
-    wait_for("showing TTFT percentiles", lambda: "ms" in text("now-ttft"))
-    click("#models button[data-model='ai/smollm2:latest']")
-    wait_for("unloading the model", lambda: "ai/smollm2:latest" not in text("models"))
+    # The same question held to a JSON schema: the answer is JSON of that shape.
+    driver.find_element(By.CSS_SELECTOR, "#play details summary").click()
+    schema = {
+        "type": "object",
+        "properties": {"harbour": {"enum": ["Rotterdam", "Hamburg", "Antwerp"]}},
+        "required": ["harbour"],
+        "additionalProperties": False,
+    }
+    driver.find_element(By.ID, "play-schema").send_keys(json.dumps(schema))
+    driver.find_element(By.ID, "play-max").clear()
+    driver.find_element(By.ID, "play-max").send_keys("40")
+    driver.find_element(By.ID, "play-send").click()
+    b.wait_for("answering in JSON", lambda: "tokens/s" in b.text("play-stats") and b.text("play-answer") != answer, 60)
+    shaped = json.loads(b.text("play-answer"))
+    assert shaped["harbour"] in schema["properties"]["harbour"]["enum"], shaped
 
-    # No console errors but the 401s of the first, keyless look and of the wrong key.
-    errors = [
-        e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "status of 401" not in e["message"]
-    ]
+    # An admin key: the model buttons, each key's and each model's usage, the deployments.
+    b.forget_key()
+    b.use_key(admin_key)
+    b.wait_for("showing the unload button", lambda: driver.find_element(By.CSS_SELECTOR, model_button("unload", MODEL)))
+    b.wait_for("showing usage by key", lambda: "ops" in b.text("usage") and "7 days" in b.text("usage"))
+    b.choose("usage-by", "model")
+    b.wait_for("showing usage by model", lambda: "smollm2" in b.text("usage") and "ops" not in b.text("usage"))
+
+    # The deployment `chat` rolling out to v2 at 10%: stepped, promoted and rolled back from the page.
+    b.wait_for("showing the rollout and its guards", lambda: "canary" in b.text("deployments") and "errors ≤ 50.0%" in b.text("deployments"))
+    assert " 10%" in b.text("deployments"), b.text("deployments")
+    b.click("#deployments button[data-action='step']")
+    b.wait_for("stepping the canary to 50%", lambda: " 50%" in b.text("deployments") and " 90%" not in b.text("deployments"))
+    b.click("#deployments button[data-action='promote']")
+    b.wait_for("promoting the canary", lambda: "chat" in b.text("deployments") and "canary" not in b.text("deployments"))
+    stable = lambda: driver.execute_script("return document.querySelector('#deployments tbody td:nth-child(2)').textContent")
+    assert "smollm2:v2" in stable(), f"the stable version after promoting: {stable()!r}"
+    b.click("#deployments button[data-action='rollback']")
+    b.wait_for("rolling back to v1", lambda: "smollm2:v1" in stable())
+    b.wait_for("showing TTFT percentiles", lambda: "ms" in b.text("now-ttft"))
+
+    # Models: smollm2 unloaded; the spare copy loaded from the page, pinned and unpinned.
+    b.click(model_button("unload", MODEL))
+    b.wait_for("unloading the model", lambda: "on disk" in " ".join(model_row(MODEL)))
+    b.click(model_button("load", SPARE))
+    b.wait_for("loading the spare copy", lambda: model_row(SPARE)[2:3] == ["ready"], timeout=60)
+    b.click(model_button("pin", SPARE))
+    b.wait_for("pinning it", lambda: "never (pinned)" in model_row(SPARE))
+    b.click(model_button("unpin", SPARE))
+    b.wait_for("unpinning it", lambda: model_row(SPARE)[8:9] and model_row(SPARE)[8].startswith("in "))
+
+    errors = b.console_errors()
     assert not errors, f"console errors: {errors}"
-    print(f"dashboard: key asked and checked, burst counted, playground answered {len(answer)} characters "
-          f"({text('play-stats')}), admin promoted the canary and unloaded the model, no console errors")
+    print(f"dashboard: key asked and checked, burst counted, one model's history shown, playground answered "
+          f"{len(answer)} characters ({b.text('play-stats')}) and JSON {shaped}, usage by key and by model, "
+          "a rollout stepped, promoted and rolled back, a model unloaded and one loaded, pinned and unpinned, "
+          "no console errors")
 finally:
-    driver.quit()
+    b.quit()

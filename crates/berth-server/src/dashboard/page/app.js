@@ -66,42 +66,99 @@ function cell(row, text) {
   return td;
 }
 
+function button(label, aria, action, data, danger, run) {
+  const b = document.createElement("button");
+  b.type = "button";
+  if (danger) b.className = "danger";
+  b.textContent = label;
+  b.setAttribute("aria-label", aria);
+  b.dataset.action = action;
+  Object.assign(b.dataset, data);
+  b.addEventListener("click", run);
+  return b;
+}
+
+function unloadsText(m) {
+  if (!m.loaded) return "–";
+  if (m.pinned) return "never (pinned)";
+  if (m.idle_seconds === null) return "when idle";
+  return m.unloads_in_seconds === null ? "never" : "in " + m.unloads_in_seconds + " s";
+}
+
+/// The store's models and those in memory; for admin keys, what each can be made to do.
 function renderModels(models) {
   const body = $("models").tBodies[0];
   body.replaceChildren();
+  const count = (v) => (v === undefined ? "–" : String(v));
   for (const m of models) {
     const row = document.createElement("tr");
     cell(row, m.name);
     cell(row, m.version);
-    cell(row, bytes(m.memory));
-    cell(row, m.running === undefined ? "–" : String(m.running));
-    cell(row, m.waiting === undefined ? "–" : String(m.waiting));
-    cell(row, m.context === undefined ? "–" : String(m.context));
-    cell(row, m.pinned ? "pinned" : m.unloads_in_seconds === null ? "never" : "in " + m.unloads_in_seconds + " s");
+    const as = m.loaded_as && m.loaded_as !== m.name ? " · as " + m.loaded_as : "";
+    cell(row, m.state + as + (m.pinned ? " · pinned" : ""));
+    cell(row, m.loaded ? bytes(m.memory) : bytes(m.size) + " on disk");
+    cell(row, count(m.running));
+    cell(row, count(m.waiting));
+    cell(row, m.kv_usage === undefined ? "–" : (m.kv_usage * 100).toFixed(0) + "%");
+    cell(row, count(m.context));
+    cell(row, unloadsText(m));
     const actions = cell(row, "");
     if (admin) {
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "danger";
-      button.textContent = "Unload";
-      button.setAttribute("aria-label", "Unload " + m.name);
-      button.dataset.model = m.name;
-      button.addEventListener("click", () => unload(m.name));
-      actions.appendChild(button);
+      const data = { model: m.name };
+      if (m.loaded) {
+        actions.appendChild(button("Unload", "Unload " + m.name, "unload", data, true, () => manage(m.name, "unload")));
+      } else if (m.kind === "chat") {
+        actions.appendChild(button("Load", "Load " + m.name, "load", data, false, () => manage(m.name, "load")));
+      }
+      const pin = m.pinned ? "unpin" : "pin";
+      const label = m.pinned ? "Unpin" : "Pin";
+      actions.appendChild(button(label, label + " " + m.name, pin, data, false, () => manage(m.name, pin)));
     }
     body.appendChild(row);
   }
   $("models-empty").hidden = models.length > 0;
 }
 
-async function unload(model) {
+/// Load, unload, pin or unpin a model through the API (Ollama's load and unload; berth's pin).
+async function manage(model, action) {
+  const calls = {
+    load: ["/api/generate", { model: model }],
+    unload: ["/api/generate", { model: model, keep_alive: 0 }],
+    pin: ["/api/pin", { model: model, pin: true }],
+    unpin: ["/api/pin", { model: model, pin: false }],
+  };
+  const [path, body] = calls[action];
+  setStatus(action + ": " + model + "…");
   try {
-    await api("/api/generate", { method: "POST", body: JSON.stringify({ model: model, keep_alive: 0 }) });
-    setStatus("unloaded " + model);
+    await api(path, { method: "POST", body: JSON.stringify(body) });
+    setStatus(action + ": " + model + " done");
     await refresh();
   } catch (e) {
-    setStatus("cannot unload " + model + ": " + e.message, true);
+    setStatus("cannot " + action + " " + model + ": " + e.message, true);
   }
+}
+
+/// A gateway's replicas: health, load, and what was sent to each.
+function renderReplicas(replicas, gateway) {
+  const body = $("replicas").tBodies[0];
+  body.replaceChildren();
+  for (const r of replicas) {
+    const row = document.createElement("tr");
+    cell(row, r.url + (r.remote ? " (remote)" : ""));
+    cell(row, r.health).classList.toggle("bad", r.health !== "up");
+    cell(row, String(r.in_flight));
+    cell(row, String(r.running));
+    cell(row, String(r.waiting));
+    cell(row, (r.kv_cache_usage * 100).toFixed(0) + "%");
+    cell(row, String(r.answered));
+    cell(row, String(r.failures));
+    cell(row, String(r.ejections));
+    cell(row, r.models.join(", ") || "–");
+    body.appendChild(row);
+  }
+  $("gateway-summary").textContent =
+    gateway.in_flight + " in flight · " + gateway.queue + " waiting at the gateway · " +
+    gateway.queue_refused + " refused for a full queue · " + gateway.unserved + " with no replica";
 }
 
 function color(name) {
@@ -154,6 +211,24 @@ function draw(canvas, series) {
   });
 }
 
+/// The history's choices (each model, or on a gateway each replica), keeping the one chosen.
+function renderChoices(history, kind) {
+  $("chart-of-label").textContent = kind === "gateway" ? "Replica" : "Model";
+  const select = $("chart-of");
+  const names = [""].concat(history.choices);
+  const shown = [...select.options].map((o) => o.value);
+  if (shown.join("\n") === names.join("\n")) return;
+  const chosen = select.value;
+  select.replaceChildren();
+  for (const name of names) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = name || "all";
+    select.appendChild(option);
+  }
+  select.value = names.includes(chosen) ? chosen : "";
+}
+
 function renderHistory(history, totals) {
   const s = history.samples;
   const pick = (k) => s.map((x) => x[k]);
@@ -179,15 +254,8 @@ function renderHistory(history, totals) {
   $("total-requests").textContent = String(totals.requests);
 }
 
-function actionButton(label, name, action, danger) {
-  const button = document.createElement("button");
-  button.type = "button";
-  if (danger) button.className = "danger";
-  button.textContent = label;
-  button.setAttribute("aria-label", label + " the rollout of " + name);
-  button.dataset.deployment = name;
-  button.dataset.action = action;
-  button.addEventListener("click", async () => {
+function deploymentButton(label, name, action, danger) {
+  const run = async () => {
     try {
       await api("/api/deployments/" + encodeURIComponent(name) + "/" + action, { method: "POST", body: "{}" });
       setStatus(action + ": " + name);
@@ -195,8 +263,18 @@ function actionButton(label, name, action, danger) {
     } catch (e) {
       setStatus("cannot " + action + " " + name + ": " + e.message, true);
     }
-  });
-  return button;
+  };
+  return button(label, label + " the deployment " + name, action, { deployment: name }, danger, run);
+}
+
+function guardsText(policy) {
+  const g = policy.guards;
+  const parts = [];
+  if (g.max_error_rate !== null) parts.push("errors ≤ " + (g.max_error_rate * 100).toFixed(1) + "%");
+  if (g.max_ttft_ratio !== null) parts.push("TTFT p95 ≤ " + g.max_ttft_ratio + "× stable");
+  if (parts.length === 0) return "none";
+  const steps = policy.interval_seconds ? ", +" + policy.step + "% every " + policy.interval_seconds + " s" : "";
+  return parts.join(", ") + " over " + g.window_seconds + " s, from " + g.min_requests + " requests" + steps;
 }
 
 /// Deployments and their rollouts (admin keys only: the API's deployments need the admin scope).
@@ -214,13 +292,18 @@ async function refreshDeployments() {
     cell(row, d.name);
     cell(row, d.stable.source + " (" + d.stable.version + ")");
     const r = d.rollout;
-    cell(row, r ? r.to.source + " (" + r.to.version + "): " + r.state + ", " + r.weight + "%" : "–");
+    cell(row, r ? r.to.source + " (" + r.to.version + "): " + r.state : "–");
+    cell(row, d.traffic.map((t) => t.version + " " + t.weight + "%").join(" · "));
+    cell(row, guardsText(d.policy));
     const w = d.window && d.window.canary;
     cell(row, r && w ? w.requests + " requests, " + w.failed + " failed" : "–");
     const actions = cell(row, "");
     if (r) {
-      actions.appendChild(actionButton("Promote", d.name, "promote", false));
-      actions.appendChild(actionButton("Abort", d.name, "abort", true));
+      if (r.state === "canary" && r.weight < 100) actions.appendChild(deploymentButton("Step", d.name, "step", false));
+      actions.appendChild(deploymentButton("Promote", d.name, "promote", false));
+      actions.appendChild(deploymentButton("Abort", d.name, "abort", true));
+    } else if (d.previous) {
+      actions.appendChild(deploymentButton("Roll back", d.name, "rollback", true));
     }
     body.appendChild(row);
   }
@@ -229,9 +312,11 @@ async function refreshDeployments() {
 function renderUsage(usage) {
   $("usage-section").hidden = !usage;
   if (!usage) return;
+  const by = $("usage-by").value;
+  $("usage-group").textContent = by === "model" ? "Model" : "Key";
   const body = $("usage").tBodies[0];
   body.replaceChildren();
-  for (const [period, rows] of [["today", usage.today], ["7 days", usage.week]]) {
+  for (const [period, rows] of [["today", usage[by].today], ["7 days", usage[by].week]]) {
     for (const r of rows) {
       const row = document.createElement("tr");
       cell(row, r.name ? r.name + " (" + r.group + ")" : r.group);
@@ -246,12 +331,20 @@ function renderUsage(usage) {
 
 async function refresh() {
   try {
-    const state = await (await api("/ui/state")).json();
+    const of = $("chart-of").value;
+    const state = await (await api("/ui/state" + (of ? "?of=" + encodeURIComponent(of) : ""))).json();
+    const gateway = state.kind === "gateway";
     admin = state.admin;
     $("key-form").hidden = true;
     $("forget-key").hidden = !key();
     $("who").textContent = state.caller ? "key: " + state.caller.name + " (" + state.caller.scopes.join(", ") + ")" : "";
-    renderModels(state.models);
+    $("models-section").hidden = gateway;
+    $("replicas-section").hidden = !gateway;
+    // A gateway sees when answers start, not the time between their tokens.
+    $("figure-itl").hidden = gateway;
+    if (gateway) renderReplicas(state.replicas, state.gateway);
+    else renderModels(state.models);
+    renderChoices(state.history, state.kind);
     renderHistory(state.history, state.totals);
     renderUsage(state.usage);
     await refreshDeployments();
@@ -298,6 +391,15 @@ async function play(event) {
     temperature: Number($("play-temperature").value),
     max_tokens: Number($("play-max").value),
   };
+  const schema = $("play-schema").value.trim();
+  if (schema) {
+    try {
+      body.response_format = { type: "json_schema", json_schema: { name: "answer", schema: JSON.parse(schema), strict: true } };
+    } catch (e) {
+      stats.textContent = "error: the JSON schema is not JSON: " + e.message;
+      return;
+    }
+  }
   $("play-send").disabled = true;
   const started = performance.now();
   let first = null;
@@ -356,6 +458,8 @@ function start() {
     $("key").focus();
   });
   $("play").addEventListener("submit", play);
+  $("chart-of").addEventListener("change", refresh);
+  $("usage-by").addEventListener("change", refresh);
   refresh();
   loadModels();
   if (polling === null) polling = setInterval(refresh, POLL_MS);
