@@ -24,11 +24,14 @@ pub struct ChatOptions {
     pub tools: Option<ToolPlan>,
     /// `enable_thinking` for templates that read it (Qwen3's `/think`, R1-Distill's opened thought).
     pub enable_thinking: bool,
+    /// Continue the last message, the assistant's, instead of opening a new turn (vLLM's
+    /// `continue_final_message`, an assistant prefill): the prompt ends with its text.
+    pub continue_final: bool,
 }
 
 impl Default for ChatOptions {
     fn default() -> Self {
-        ChatOptions { tools: None, enable_thinking: true }
+        ChatOptions { tools: None, enable_thinking: true, continue_final: false }
     }
 }
 
@@ -180,7 +183,8 @@ impl Engine {
         }
         let json: Vec<serde_json::Value> = messages.iter().map(Message::to_template_json).collect();
         let generic = tools.is_some_and(|p| p.format == ToolFormat::Generic);
-        let rendered = match template.render_json(json, true, extra.clone()) {
+        let opening = !options.continue_final;
+        let rendered = match template.render_json(json, opening, extra.clone()) {
             // A template that knows only user and assistant turns gets the generic format's system
             // and tool messages folded into user turns: Gemma's raises on other roles, Phi-3.5's
             // leaves them out.
@@ -190,11 +194,12 @@ impl Engine {
                         .iter()
                         .any(|m| m.role != "user" && m.role != "assistant" && !text.contains(&m.content)) =>
             {
-                self.render_folded(template, messages, extra).unwrap_or(text)
+                self.render_folded(template, messages.clone(), extra, opening).unwrap_or(text)
             }
-            Err(e) if generic => self.render_folded(template, messages, extra).map_err(|_| e)?,
+            Err(e) if generic => self.render_folded(template, messages.clone(), extra, opening).map_err(|_| e)?,
             other => other?,
         };
+        let rendered = if options.continue_final { continued(rendered, &messages)? } else { rendered };
         Ok(self.with_bos(self.tokenizer.encode_rendered(&rendered)?))
     }
 
@@ -203,10 +208,11 @@ impl Engine {
         template: &ChatTemplate,
         messages: Vec<Message>,
         extra: serde_json::Map<String, serde_json::Value>,
+        opening: bool,
     ) -> Result<String, EngineError> {
         let json: Vec<serde_json::Value> =
             fold_into_user_turns(messages).iter().map(Message::to_template_json).collect();
-        template.render_json(json, true, extra)
+        template.render_json(json, opening, extra)
     }
 
     /// Whether this model thinks in `<think>` tags before it answers (read from its template).
@@ -225,9 +231,15 @@ impl Engine {
         self.tool_format
     }
 
-    /// Tokens of a raw completion prompt (special-token text stays text).
+    /// Tokens of a raw completion prompt (special-token text stays text). An empty prompt is the
+    /// start of a document: the BOS token, or where the model has none its end-of-text token (GPT's
+    /// `<|endoftext|>`, what OpenAI's API puts in place of a missing prompt).
     pub fn text_prompt(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        Ok(self.with_bos(self.tokenizer.encode(text, false)?))
+        let ids = self.with_bos(self.tokenizer.encode(text, false)?);
+        if ids.is_empty() {
+            return Ok(self.tokenizer.bos.or(self.tokenizer.eos).into_iter().collect());
+        }
+        Ok(ids)
     }
 
     /// The ids with the BOS token in front, where the model's tokenizer adds one to a prompt.
@@ -353,4 +365,46 @@ fn fold_into_user_turns(messages: Vec<Message>) -> Vec<Message> {
         out.push(Message::new("user", pending_system.trim_end()));
     }
     out
+}
+
+/// The rendered conversation cut right after the last message's text, which the model then
+/// continues (as vLLM and transformers do for `continue_final_message`): what the template writes
+/// after it (its end-of-turn marker) goes.
+fn continued(mut rendered: String, messages: &[Message]) -> Result<String, EngineError> {
+    let invalid = |message: &str| EngineError::InvalidParameter {
+        param: "continue_final_message".into(),
+        message: message.to_string(),
+    };
+    let last = messages.last().filter(|m| m.role == "assistant" && !m.content.is_empty());
+    let Some(last) = last else {
+        return Err(invalid("continuing needs the last message to be the assistant's, with text"));
+    };
+    let Some(at) = rendered.rfind(&last.content) else {
+        return Err(invalid("this model's chat template rewrites the last message, so it cannot be continued"));
+    };
+    rendered.truncate(at + last.content.len());
+    Ok(rendered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(role: &str, content: &str) -> Message {
+        Message { role: role.into(), content: content.into(), tool_calls: Vec::new(), tool_call_id: None, name: None }
+    }
+
+    #[test]
+    fn a_continued_conversation_ends_with_the_last_messages_text() {
+        let messages = [message("user", "Best book?"), message("assistant", "Whill")];
+        let rendered = "<|im_start|>user\nBest book?<|im_end|>\n<|im_start|>assistant\nWhill<|im_end|>\n".to_string();
+        assert_eq!(
+            continued(rendered.clone(), &messages).unwrap(),
+            "<|im_start|>user\nBest book?<|im_end|>\n<|im_start|>assistant\nWhill"
+        );
+        let ends_with_user = [message("assistant", "Hi"), message("user", "Whill")];
+        assert!(continued(rendered.clone(), &ends_with_user).is_err(), "only the assistant's message is continued");
+        let rewritten = [message("user", "Best book?"), message("assistant", "Whill ")];
+        assert!(continued(rendered, &rewritten).is_err(), "a template that changed the text cannot be continued");
+    }
 }

@@ -253,7 +253,7 @@ fn parts(req: &MessagesRequest) -> Result<(PromptSource, RequestDraft, ChatOptio
     Ok((
         PromptSource::Chat(messages),
         draft,
-        ChatOptions { tools: tools_of(&req.tools, &req.tool_choice)?, enable_thinking },
+        ChatOptions { tools: tools_of(&req.tools, &req.tool_choice)?, enable_thinking, continue_final: false },
     ))
 }
 
@@ -305,13 +305,14 @@ pub async fn messages(State(state): State<AppState>, JsonBody(req): JsonBody<Mes
         Err(e) => return e.into_response(),
     };
     let answer = AnswerStream::new(&model, &request.prompt, tools);
+    let input_tokens = request.prompt.len();
     let generation = match crate::run::start(&model, request) {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
     let id = request_id("msg");
     if req.stream {
-        return stream(model, generation, answer, id, req.stop_sequences);
+        return stream(model, generation, answer, id, req.stop_sequences, input_tokens);
     }
     let out = match generation.finish().await {
         Ok(o) => o,
@@ -356,12 +357,15 @@ fn stream(
     answer: AnswerStream,
     id: String,
     stops: Vec<String>,
+    input_tokens: usize,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
+        // The prompt's tokens are known before the first token, as Anthropic's own stream says.
         let start = json!({"type": "message_start", "message": {
             "id": id, "type": "message", "role": "assistant", "model": model.name, "content": [],
-            "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 0, "output_tokens": 0}}});
+            "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": input_tokens, "output_tokens": 0}}});
         if tx.send(event("message_start", start)).await.is_err()
             || tx.send(event("ping", json!({"type": "ping"}))).await.is_err()
         {

@@ -29,8 +29,9 @@ enum Input {
 
 #[derive(Deserialize)]
 pub struct OpenAiRequest {
-    /// Optional where one embedding model is loaded (as llama.cpp's server and vLLM accept).
-    #[serde(default)]
+    /// Optional (absent or `null`) where one embedding model is loaded (as llama.cpp's server and
+    /// vLLM accept).
+    #[serde(default, deserialize_with = "crate::request::optional_model")]
     model: String,
     input: Input,
     #[serde(default)]
@@ -144,7 +145,7 @@ async fn embed_on_worker(
                 };
                 ApiError::invalid(
                     "input",
-                    format!("{which} is {needed} tokens long; this model embeds at most {limit}{hint}"),
+                    format!("{which} is too large: {needed} tokens; this model embeds at most {limit}{hint}"),
                 )
             }
             berth_engine::EngineError::BadModel(m) => ApiError::invalid("input", format!("{which}: {m}")),

@@ -48,6 +48,12 @@ pub fn validate_body(api: Api, body: &[u8], limits: &RequestLimits) -> Result<Ve
             vec![stand_in(&messages.iter().map(|m| format!("{}:{}\n", m.role, m.content)).collect::<String>())]
         }
         PromptSource::Texts(texts) => texts.iter().map(|t| stand_in(t)).collect(),
+        PromptSource::Ids(ids) => {
+            if ids.iter().flatten().any(|&t| t as usize >= limits.vocab) {
+                return Err("a token id outside the vocabulary".into());
+            }
+            ids.clone()
+        }
         PromptSource::After(..) => return Err("a context within a context".into()),
     };
     let prompts = prompts.into_iter().map(|p| [&earlier[..], &p[..]].concat());

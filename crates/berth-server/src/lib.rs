@@ -84,6 +84,8 @@ pub struct ServerConfig {
     /// A PostgreSQL database for keys, usage, quotas and deployments shared with other servers
     /// and gateways (instead of the SQLite database in `home`).
     pub shared_database: Option<Secret>,
+    /// Serve the dashboard (`/` and `/ui`); off, those paths are 404.
+    pub ui: bool,
 }
 
 /// A key or connection string berth passes on: shown as `<redacted>` by `Debug`, so no log of a
@@ -165,6 +167,7 @@ impl Default for ServerConfig {
             drain_timeout: std::time::Duration::from_secs(30),
             token_quota_window: std::time::Duration::from_secs(86_400),
             shared_database: None,
+            ui: true,
         }
     }
 }
@@ -271,9 +274,9 @@ fn routes() -> Vec<(&'static str, Access, MethodRouter<AppState>)> {
         ("/load", Needs(Metrics), get(load)),
         ("/health", Open, get(|| async { "ok" })),
         ("/ready", Open, get(ready)),
-        ("/", Open, get(|| async { "berth is running; its dashboard is at /ui" })),
         // The dashboard's page holds no data (what it shows comes from /ui/state and the API, with
-        // the key the user gives it).
+        // the key the user gives it). At `/` too, where a browser pointed at berth lands.
+        ("/", Open, get(dashboard::page)),
         ("/ui", Open, get(dashboard::page)),
         ("/ui/app.js", Open, get(dashboard::script)),
         ("/ui/app.css", Open, get(dashboard::style)),
@@ -287,7 +290,8 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
     let hosts = guard::HostGuard::new(&config.host, &config.allowed_hosts);
     let origins = guard::OriginGuard::new(&config.allowed_origins);
     let mut router = Router::new();
-    for (path, access, handler) in routes() {
+    let dashboard = |path: &str| path == "/" || path == "/ui" || path.starts_with("/ui/");
+    for (path, access, handler) in routes().into_iter().filter(|(path, _, _)| config.ui || !dashboard(path)) {
         let handler = match access {
             Access::Open => handler,
             Access::Needs(scope) => {

@@ -286,7 +286,7 @@ pub async fn chat(State(state): State<AppState>, JsonBody(req): JsonBody<ChatReq
         if draft.constraint.is_some() && tools.is_some() {
             return Err(ApiError::invalid("format", "format and tools cannot constrain one answer together"));
         }
-        let chat = ChatOptions { tools: tools.clone(), enable_thinking: think(&req.think)? };
+        let chat = ChatOptions { tools: tools.clone(), enable_thinking: think(&req.think)?, continue_final: false };
         let request = model.prepare(source, draft, chat).await?.pop();
         Ok::<_, ApiError>((model, request, tools))
     }
@@ -307,7 +307,7 @@ pub async fn generate(State(state): State<AppState>, JsonBody(req): JsonBody<Gen
         let parts = generate_parts(&req)?;
         let model = state.models.get_keeping(&req.model, keep_alive(&req.keep_alive)?).await?;
         let Some((source, draft)) = parts else { return Ok((model, None)) };
-        let chat = ChatOptions { tools: None, enable_thinking: think(&req.think)? };
+        let chat = ChatOptions { enable_thinking: think(&req.think)?, ..ChatOptions::default() };
         let request = model.prepare(source, draft, chat).await?.pop();
         Ok::<_, ApiError>((model, request))
     }

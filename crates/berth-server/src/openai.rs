@@ -28,8 +28,8 @@ use crate::tool_calls::AnswerStream;
 
 #[derive(Deserialize)]
 pub struct ChatRequest {
-    /// Optional where one model is loaded (as llama.cpp's server and vLLM accept).
-    #[serde(default)]
+    /// Optional (absent or `null`) where one model is loaded (as llama.cpp's server and vLLM accept).
+    #[serde(default, deserialize_with = "crate::request::optional_model")]
     model: String,
     messages: Vec<ChatMessage>,
     #[serde(default)]
@@ -49,15 +49,21 @@ pub struct ChatRequest {
     /// Variables for the chat template (vLLM's and llama.cpp's extension); berth reads
     /// `enable_thinking`.
     chat_template_kwargs: Option<Value>,
+    /// vLLM's switches for continuing the last assistant message (an assistant prefill) instead
+    /// of answering in a new turn.
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
     #[serde(flatten)]
     sampling: Sampling,
 }
 
 #[derive(Deserialize)]
 pub struct CompletionRequest {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::request::optional_model")]
     model: String,
-    prompt: PromptField,
+    /// `null` (or absent): no prompt, the model starts a document of its own.
+    #[serde(default)]
+    prompt: Option<PromptField>,
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
@@ -84,12 +90,18 @@ struct StreamOptions {
     include_usage: bool,
 }
 
+/// OpenAI's `prompt`: a string, strings, token ids, or lists of token ids.
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum PromptField {
     One(String),
     Many(Vec<String>),
+    Ids(Vec<u32>),
+    ManyIds(Vec<Vec<u32>>),
 }
+
+/// Prompts one request may hold (each is a generation of its own).
+const MAX_PROMPTS: usize = 16;
 
 #[derive(Deserialize)]
 pub struct ChatMessage {
@@ -187,9 +199,43 @@ struct Plan {
     top_logprobs: Option<usize>,
 }
 
+/// OpenAI's bound on `n`.
+const MAX_N: u32 = 128;
+
 fn check_n(n: u32) -> Result<(), ApiError> {
-    if !(1..=8).contains(&n) {
-        return Err(ApiError::invalid("n", format!("n must be between 1 and 8, got {n}")));
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid("n", format!("n must be between 1 and {MAX_N}, got {n}")));
+    }
+    Ok(())
+}
+
+/// Answers a request may ask for whatever their length: the scheduler runs them beside others
+/// as the cache allows, as it runs any request.
+const N_ALWAYS: u32 = 8;
+
+/// The `n` answers of each prompt run at once, sharing the prompt's cache blocks: more than
+/// [`N_ALWAYS`] of them must fit the model's KV cache together, so that one request cannot hold the
+/// cache against every other.
+fn check_n_fits(model: &Served, requests: &[GenerationRequest], n: u32) -> Result<(), ApiError> {
+    if n <= N_ALWAYS {
+        return Ok(());
+    }
+    let limits = model.model.limits();
+    // Every prompt's answers together (a completion may hold several prompts).
+    let needed: usize = requests
+        .iter()
+        .map(|r| r.prompt.len() + n as usize * r.max_tokens.min(limits.context.saturating_sub(r.prompt.len())))
+        .sum();
+    if needed > limits.kv_tokens {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "{n} answers to each of {} prompt(s), with their prompts, need up to {needed} tokens of KV cache; \
+                 this model has {}: lower n or max_tokens",
+                requests.len(),
+                limits.kv_tokens
+            ),
+        ));
     }
     Ok(())
 }
@@ -200,6 +246,23 @@ fn check_n(n: u32) -> Result<(), ApiError> {
 pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraft, ChatOptions), ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    // vLLM's pair: continuing the last (assistant) message, or opening a new turn; not both.
+    let continue_final = req.continue_final_message.unwrap_or(false);
+    match (req.add_generation_prompt, continue_final) {
+        (Some(true), true) => {
+            return Err(ApiError::invalid(
+                "continue_final_message",
+                "continue_final_message and add_generation_prompt cannot both be true: one continues the last message, the other opens a new turn",
+            ));
+        }
+        (Some(false), false) => {
+            return Err(ApiError::invalid(
+                "add_generation_prompt",
+                "add_generation_prompt: false needs continue_final_message: true (berth answers in a new turn or continues the last message)",
+            ));
+        }
+        _ => {}
     }
     check_n(req.n)?;
     let constraint = crate::request::constraint(&req.response_format, &req.peer_constraints)?;
@@ -233,7 +296,7 @@ pub(crate) fn chat_parts(req: &ChatRequest) -> Result<(PromptSource, RequestDraf
             ));
         }
     };
-    Ok((PromptSource::Chat(messages), draft, ChatOptions { tools, enable_thinking }))
+    Ok((PromptSource::Chat(messages), draft, ChatOptions { tools, enable_thinking, continue_final }))
 }
 
 /// The same for a completion request: its prompts (1 to 16) and parameters.
@@ -251,19 +314,28 @@ pub(crate) fn completion_parts(req: &CompletionRequest) -> Result<(PromptSource,
         }
         t => t.map(|t| t as usize),
     };
-    let texts = match &req.prompt {
-        PromptField::One(p) => vec![p.clone()],
-        PromptField::Many(ps) if !ps.is_empty() && ps.len() <= 16 => ps.clone(),
-        PromptField::Many(_) => return Err(ApiError::invalid("prompt", "prompt lists must hold 1 to 16 prompts")),
+    let many = || ApiError::invalid("prompt", format!("prompt lists must hold 1 to {MAX_PROMPTS} prompts"));
+    let source = match &req.prompt {
+        None => PromptSource::Texts(vec![String::new()]),
+        Some(PromptField::One(p)) => PromptSource::Texts(vec![p.clone()]),
+        Some(PromptField::Many(ps)) if (1..=MAX_PROMPTS).contains(&ps.len()) => PromptSource::Texts(ps.clone()),
+        Some(PromptField::Ids(ids)) => PromptSource::Ids(vec![ids.clone()]),
+        Some(PromptField::ManyIds(ids)) if (1..=MAX_PROMPTS).contains(&ids.len()) => PromptSource::Ids(ids.clone()),
+        Some(PromptField::Many(_) | PromptField::ManyIds(_)) => return Err(many()),
     };
-    if req.stream && texts.len() > 1 {
+    let prompts = match &source {
+        PromptSource::Texts(t) => t.len(),
+        PromptSource::Ids(i) => i.len(),
+        _ => 1,
+    };
+    if req.stream && prompts > 1 {
         return Err(ApiError::invalid("prompt", "streaming takes a single prompt"));
     }
     let constraint = crate::request::constraint(&req.response_format, &req.peer_constraints)?;
     let mut draft = RequestDraft { constraint, ..req.sampling.draft(top)? };
     // OpenAI's default for text completions (chat has none: it runs until the model stops).
     draft.max_tokens.get_or_insert(Param::new("max_tokens", COMPLETION_MAX_TOKENS as f64));
-    Ok((PromptSource::Texts(texts), draft))
+    Ok((source, draft))
 }
 
 pub async fn chat_completions(State(state): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Response {
@@ -274,6 +346,7 @@ pub async fn chat_completions(State(state): State<AppState>, JsonBody(req): Json
         let model = state.models.get(&req.model).await?;
         let tools = chat.tools.clone();
         let requests = model.prepare(source, draft, chat).await?;
+        check_n_fits(&model, &requests, req.n)?;
         Ok::<_, ApiError>(Plan {
             model,
             tools,
@@ -296,14 +369,18 @@ pub async fn completions(State(state): State<AppState>, JsonBody(req): JsonBody<
     let plan = async {
         let (source, draft) = completion_parts(&req)?;
         let top_logprobs = draft.logprobs;
+        crate::deployments::served::set_user(req.sampling.user.as_ref());
+        let model = state.models.get(&req.model).await?;
         let echo_texts = match (&source, req.echo) {
             (PromptSource::Texts(texts), true) => texts.clone(),
             (PromptSource::Texts(texts), false) => vec![String::new(); texts.len()],
+            // Ids echo as the text they stand for (ids outside the vocabulary are refused below).
+            (PromptSource::Ids(ids), true) => ids.iter().map(|i| model.engine.tokenizer().decode(i)).collect(),
+            (PromptSource::Ids(ids), false) => vec![String::new(); ids.len()],
             (PromptSource::Chat(_) | PromptSource::After(..), _) => vec![String::new()],
         };
-        crate::deployments::served::set_user(req.sampling.user.as_ref());
-        let model = state.models.get(&req.model).await?;
         let requests = model.prepare(source, draft, ChatOptions::default()).await?;
+        check_n_fits(&model, &requests, req.n)?;
         Ok::<_, ApiError>(Plan {
             model,
             tools: None,
@@ -505,7 +582,9 @@ fn stream(plan: Plan, kind: Kind) -> Response {
             let mut answer = (kind == Kind::Chat)
                 .then(|| AnswerStream::new(&plan.model, &plan.requests[0].prompt, plan.tools.clone()));
             if kind == Kind::Chat {
-                let first = json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+                // The role, and no content yet: `null`, as OpenAI's tool-call streams and
+                // llama.cpp's server begin, so no client sees an empty content delta.
+                let first = json!([{"index": index, "delta": {"role": "assistant", "content": null}, "logprobs": null, "finish_reason": null}]);
                 if tx.send(chunk(first, None)).await.is_err() {
                     return;
                 }

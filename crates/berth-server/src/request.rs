@@ -48,6 +48,11 @@ pub async fn body_limits(
     next.run(request).await
 }
 
+/// A `model` that may be `null` or absent (then the one model loaded answers), as a string.
+pub(crate) fn optional_model<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(<Option<String> as serde::Deserialize>::deserialize(d)?.unwrap_or_default())
+}
+
 pub(crate) fn too_large() -> ApiError {
     ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -387,6 +392,8 @@ pub enum PromptSource {
     Chat(Vec<Message>),
     /// Raw completion prompts, one generation each.
     Texts(Vec<String>),
+    /// Completion prompts given as token ids (OpenAI's `prompt: [1, 2]` or `[[1, 2], [3]]`).
+    Ids(Vec<Vec<u32>>),
     /// Token ids of an earlier exchange (Ollama's `context`), then this prompt.
     After(Vec<u32>, Box<PromptSource>),
 }
@@ -424,6 +431,14 @@ impl LoadedModel {
                 PromptSource::Chat(messages) => vec![model.engine.chat_prompt_with(messages, &chat)?],
                 PromptSource::Texts(texts) => {
                     texts.iter().map(|t| model.engine.text_prompt(t)).collect::<Result<Vec<_>, _>>()?
+                }
+                PromptSource::Ids(ids) => {
+                    let vocab = model.engine.model().vocab_size();
+                    if let Some(bad) = ids.iter().flatten().find(|&&t| t as usize >= vocab) {
+                        let message = format!("token id {bad} is outside the vocabulary (0 to {})", vocab - 1);
+                        return Err(berth_engine::EngineError::InvalidParameter { param: "prompt".into(), message });
+                    }
+                    ids.clone()
                 }
                 // `split_context` took the context out and refuses one nested in it.
                 PromptSource::After(..) => {

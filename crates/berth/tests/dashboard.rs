@@ -25,6 +25,19 @@ fn the_page_is_served_with_a_strict_policy_and_its_data_needs_a_key() {
     // A page from another origin may not read it either (the API's Origin check).
     let foreign = [("Origin", "http://evil.example")];
     assert_eq!(http_request(server.port, "GET", "/ui/state", &foreign, b"").unwrap().0, 403);
+    // A browser pointed at the server itself lands on the page.
+    let (status, raw) = http_request(server.port, "GET", "/", &[], b"").unwrap();
+    assert!(status == 200 && String::from_utf8_lossy(&raw).contains("<!doctype html>"), "{status}");
+}
+
+/// `berth serve --no-ui`: no page, no state (404), the API as before.
+#[test]
+fn the_dashboard_can_be_turned_off() {
+    let server = Server::start_with(&["--no-ui"]);
+    for path in ["/", "/ui", "/ui/app.js", "/ui/state"] {
+        assert_eq!(http_request(server.port, "GET", path, &[], b"").unwrap().0, 404, "{path}");
+    }
+    assert_eq!(http_request(server.port, "GET", "/v1/models", &[], b"").unwrap().0, 200);
 }
 
 /// In chromium: a key is asked for and a wrong one refused; an inference key sees the models but

@@ -147,6 +147,61 @@ fn peers_conventions_model_omitted_paths_without_v1_default_lengths_and_long_emb
     let (status, body) = http_request(server.port, "GET", "/models", &[], b"").unwrap();
     assert_eq!(status, 200);
     assert!(body_of(&body).contains("ai/smollm2:latest"), "{}", body_of(&body));
+    // `model: null` is no model; a stream's first delta is the role with no content yet (null, as
+    // OpenAI's tool-call streams and llama.cpp begin: no client sees an empty content delta).
+    let (status, body) = server.post(
+        "/v1/chat/completions",
+        r#"{"model":null,"messages":[{"role":"user","content":"hi"}],"max_tokens":3,"stream":true}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let first = body.lines().find_map(|l| l.strip_prefix("data: ")).map(json).unwrap();
+    assert_eq!(first["choices"][0]["delta"], serde_json::json!({"role": "assistant", "content": null}), "{body}");
+    assert!(!body.contains(r#""content":"""#), "no empty content delta: {body}");
+
+    // OpenAI's other prompt forms: token ids, lists of them (echoed as text), and none at all (the
+    // model starts a document: SmolLM2's <|endoftext|>).
+    let (status, body) = server.post("/v1/completions", r#"{"prompt":[1780,314],"max_tokens":3}"#);
+    assert_eq!((status, &json(&body)["usage"]["prompt_tokens"]), (200, &2.into()), "{body}");
+    let (status, body) = server.post("/v1/completions", r#"{"prompt":[[1780],[1780,314]],"max_tokens":2,"echo":true}"#);
+    assert_eq!(status, 200, "{body}");
+    let texts: Vec<String> =
+        json(&body)["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    assert!(texts.len() == 2 && texts[0].starts_with("What") && texts[1].starts_with("What is"), "{texts:?}");
+    for none in [r#"{"prompt":null,"max_tokens":2}"#, r#"{"max_tokens":2}"#] {
+        let (status, body) = server.post("/v1/completions", none);
+        assert_eq!((status, &json(&body)["usage"]["prompt_tokens"]), (200, &1.into()), "{body}");
+    }
+    let (status, body) = server.post("/v1/completions", r#"{"prompt":[4000000000],"max_tokens":2}"#);
+    assert_eq!((status, json(&body)["error"]["param"].as_str()), (400, Some("prompt")), "{body}");
+    assert!(body.contains("outside the vocabulary"), "{body}");
+    // n: up to OpenAI's 128 when the answers fit the KV cache together, refused with why otherwise.
+    let (status, body) = server.post("/v1/completions", r#"{"prompt":"Hi","max_tokens":2,"n":20}"#);
+    assert_eq!((status, json(&body)["choices"].as_array().map(Vec::len)), (200, Some(20)), "{body}");
+    let (status, body) = server.post("/v1/completions", r#"{"prompt":"Hi","max_tokens":8000,"n":128}"#);
+    assert_eq!((status, json(&body)["error"]["param"].as_str()), (400, Some("n")), "{body}");
+    assert!(body.contains("KV cache"), "{body}");
+    let (status, body) = server.post("/v1/completions", r#"{"prompt":"Hi","max_tokens":2,"n":129}"#);
+    assert_eq!((status, json(&body)["error"]["param"].as_str()), (400, Some("n")), "{body}");
+    // vLLM's continue_final_message: the last (assistant) message is continued, not answered.
+    let prefill = r#"{"messages":[{"role":"user","content":"Name a colour."},{"role":"assistant","content":"My favourite colour is"}],
+        "continue_final_message":true,"add_generation_prompt":false,"max_tokens":6,"temperature":0}"#;
+    let (status, body) = server.post("/v1/chat/completions", prefill);
+    assert_eq!(status, 200, "{body}");
+    let new_turn = prefill.replace(r#""continue_final_message":true,"add_generation_prompt":false,"#, "");
+    let (_, answered) = server.post("/v1/chat/completions", &new_turn);
+    let tokens = |b: &str| json(b)["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(tokens(&body) < tokens(&answered), "no end of turn nor new turn after the prefill: {body} {answered}");
+    for (request, param) in [
+        (r#"{"messages":[{"role":"user","content":"Hi"}],"continue_final_message":true}"#, "continue_final_message"),
+        (
+            r#"{"messages":[{"role":"assistant","content":"Hi"}],"continue_final_message":true,"add_generation_prompt":true}"#,
+            "continue_final_message",
+        ),
+        (r#"{"messages":[{"role":"user","content":"Hi"}],"add_generation_prompt":false}"#, "add_generation_prompt"),
+    ] {
+        let (status, body) = server.post("/v1/chat/completions", request);
+        assert_eq!((status, json(&body)["error"]["param"].as_str()), (400, Some(param)), "{body}");
+    }
 
     // Peers' constraint fields: vLLM's guided_choice (special characters taken literally) and
     // guided_json, llama.cpp's json_schema; GBNF is refused rather than ignored, as is asking twice.
@@ -183,7 +238,7 @@ fn peers_conventions_model_omitted_paths_without_v1_default_lengths_and_long_emb
     let (status, body) =
         server.post("/v1/embeddings", &serde_json::json!({"model": "minilm", "input": long}).to_string());
     assert_eq!(status, 400, "{body}");
-    assert!(body.contains("2002 tokens") && body.contains("at most 256"), "{body}");
+    assert!(body.contains("too large: 2002 tokens") && body.contains("at most 256"), "{body}");
     assert_eq!(json(&body)["error"]["param"], "input", "{body}");
     // Now loaded, it is the default for embeddings (and the chat model still for chat).
     let (status, body) = server.post("/embeddings", r#"{"input":["a","b"]}"#);

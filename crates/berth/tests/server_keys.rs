@@ -408,3 +408,31 @@ fn a_flood_of_refusals_is_counted_without_a_write_each(db: Option<&Postgres>) {
         }
     }
 }
+
+/// `berth keys create --secret-env VAR`: a secret clients already have (vLLM's and llama.cpp's
+/// `--api-key`) becomes a key like any other, never printed back; an unsound or missing one is
+/// refused with what to do.
+#[test]
+fn a_key_with_a_secret_the_operator_brings() {
+    let home = Berth::new().env("SUITE_KEY", "sk-this-is-the-secret-key").env("SHORT_KEY", "abc");
+    let server = Server::start_in(home, &[]);
+    let printed =
+        server.berth.ok(&["keys", "create", "--name", "suite", "--scope", "admin", "--secret-env", "SUITE_KEY"]);
+    assert!(printed.trim().is_empty(), "the secret is not printed back: {printed}");
+    let short = server.berth.fails(&["keys", "create", "--name", "x", "--secret-env", "SHORT_KEY"]);
+    assert!(short.contains("16 to 256"), "{short}");
+    let unset = server.berth.fails(&["keys", "create", "--name", "x", "--secret-env", "BERTH_NO_SUCH_VARIABLE"]);
+    assert!(unset.contains("is not set"), "{unset}");
+    let twice = server.berth.fails(&["keys", "create", "--name", "again", "--secret-env", "SUITE_KEY"]);
+    assert!(twice.contains("choose another secret"), "{twice}");
+    let chat = br#"{"max_tokens":2,"messages":[{"role":"user","content":"Hi"}]}"#;
+    for (header, value, expected) in [
+        ("Authorization", "Bearer sk-this-is-the-secret-key", 200),
+        ("x-api-key", "sk-this-is-the-secret-key", 200),
+        ("Authorization", "Bearer sk-this-is-not-the-secret", 401),
+    ] {
+        let headers = [(header, value), ("Content-Type", "application/json")];
+        let (status, raw) = http_request(server.port, "POST", "/v1/chat/completions", &headers, chat).unwrap();
+        assert_eq!(status, expected, "{header}: {}", String::from_utf8_lossy(&raw));
+    }
+}

@@ -32,7 +32,15 @@ pub enum AccountsError {
     NoSuchKey(String),
     #[error("{0:?} is not a model name or pattern; write e.g. ai/smollm2, ai/smollm2:latest or ai/*")]
     ModelPattern(String),
+    #[error("a key's secret is {MIN_SECRET} to {MAX_SECRET} visible ASCII characters (no spaces)")]
+    Secret,
+    #[error("a key was made with this secret before ({0}); choose another secret")]
+    SecretTaken(String),
 }
+
+/// Bounds of a secret the operator brings (`berth keys create --secret-env`).
+pub const MIN_SECRET: usize = 16;
+pub const MAX_SECRET: usize = 256;
 
 /// The key id usage records carry for requests made without a key (a server without keys).
 pub const NO_KEY: &str = "-";
@@ -316,9 +324,29 @@ impl Accounts {
     pub fn create_key(&self, name: &str, spec: &KeySpec) -> Result<(ApiKey, String), AccountsError> {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes).map_err(|e| AccountsError::Random(e.to_string()))?;
-        let secret = format!("berth-{}", hex::encode(bytes));
+        self.create_key_with_secret(name, spec, &format!("berth-{}", hex::encode(bytes)))
+    }
+
+    /// Make a key with a secret the operator brings: one that clients already have, as vLLM's
+    /// and llama.cpp's `--api-key` take. Only its digest is kept, as for any key.
+    pub fn create_key_with_secret(
+        &self,
+        name: &str,
+        spec: &KeySpec,
+        secret: &str,
+    ) -> Result<(ApiKey, String), AccountsError> {
+        if !(MIN_SECRET..=MAX_SECRET).contains(&secret.len()) || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(AccountsError::Secret);
+        }
+        let id = format!("key-{}", &hex::encode(digest(secret))[..12]);
+        // A key's id comes from its secret: one made with it before, revoked or not, holds the id
+        // (and a revoked secret must not come back to life).
+        if self.list_keys()?.iter().any(|k| k.id == id) {
+            return Err(AccountsError::SecretTaken(id));
+        }
+        let secret = secret.to_string();
         let key = ApiKey {
-            id: format!("key-{}", &hex::encode(digest(&secret))[..12]),
+            id,
             name: name.to_string(),
             scopes: spec.scopes.clone(),
             requests_per_minute: spec.requests_per_minute,
@@ -439,6 +467,29 @@ mod tests {
         let postgres = Postgres::start();
         let url = postgres.url();
         test(&|| Accounts::open_at(home.path(), Some(&url)).unwrap());
+    }
+
+    #[test]
+    fn a_secret_the_operator_brings_works_once_and_only_if_sound() {
+        on_both(|open| {
+            let accounts = open();
+            let spec = KeySpec { scopes: vec![Scope::Admin], ..KeySpec::default() };
+            let (key, secret) = accounts.create_key_with_secret("suite", &spec, "sk-this-is-the-secret-key").unwrap();
+            assert_eq!(secret, "sk-this-is-the-secret-key");
+            assert_eq!(accounts.authenticate(&secret).unwrap().map(|k| k.id), Some(key.id.clone()));
+            for bad in ["short", "has a space in it!!", &"x".repeat(MAX_SECRET + 1), "tab	here-and-long-enough"] {
+                assert!(
+                    matches!(accounts.create_key_with_secret("x", &spec, bad), Err(AccountsError::Secret)),
+                    "{bad}"
+                );
+            }
+            let again = accounts.create_key_with_secret("again", &spec, &secret);
+            assert!(matches!(again, Err(AccountsError::SecretTaken(ref id)) if *id == key.id));
+            accounts.revoke(&key.id).unwrap();
+            let revived = accounts.create_key_with_secret("again", &spec, &secret);
+            assert!(matches!(revived, Err(AccountsError::SecretTaken(_))), "a revoked secret stays revoked");
+            assert!(accounts.authenticate(&secret).unwrap().is_none());
+        });
     }
 
     #[test]

@@ -34,7 +34,7 @@ const ADMIN: [&str; 9] = [
 fn scope_of(path: &str) -> Option<Scope> {
     match path {
         // The dashboard's page holds no data; its state needs a key like the API.
-        "/health" | "/ready" | "/ui" | "/ui/app.js" | "/ui/app.css" | "/ui/icon.svg" => None,
+        "/health" | "/ready" | "/" | "/ui" | "/ui/app.js" | "/ui/app.css" | "/ui/icon.svg" => None,
         "/metrics" | "/gateway/upstreams" => Some(Scope::Metrics),
         p if ADMIN.iter().any(|a| p.starts_with(a)) => Some(Scope::Admin),
         _ => Some(Scope::Inference),

@@ -56,6 +56,8 @@ pub struct GatewayConfig {
     /// The gateway checks them and forwards without `Origin`: the replicas behind it see the
     /// gateway's requests, not the page's.
     pub allowed_origins: Vec<String>,
+    /// Serve the dashboard (`/` and `/ui`); off, those paths are forwarded like any other.
+    pub ui: bool,
     /// Where requests overflow to when every replica is saturated or none can serve.
     pub remote: Option<RemoteConfig>,
     /// Requests that may wait in the gateway's fair queue while every replica is full.
@@ -135,6 +137,7 @@ impl Default for GatewayConfig {
             allow_insecure_public: false,
             allowed_hosts: Vec::new(),
             allowed_origins: Vec::new(),
+            ui: true,
             remote: None,
             max_queue: 1024,
             queue_timeout: Duration::from_secs(60),
@@ -474,17 +477,22 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     let hosts = crate::guard::HostGuard::new(&gateway.config.host, &gateway.config.allowed_hosts);
     let origins = crate::guard::OriginGuard::new(&gateway.config.allowed_origins);
     let limits = (gateway.config.body_limit, gateway.config.connections.body_timeout);
-    Router::new()
+    let mut router = Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .route("/gateway/upstreams", get(upstreams))
+        .route("/gateway/upstreams", get(upstreams));
+    if gateway.config.ui {
         // The dashboard: the same page as a server's; its data from the gateway's own view.
-        .route("/ui", get(crate::dashboard::page))
-        .route("/ui/app.js", get(crate::dashboard::script))
-        .route("/ui/app.css", get(crate::dashboard::style))
-        .route("/ui/icon.svg", get(crate::dashboard::icon))
-        .route("/ui/state", get(dashboard::state))
+        router = router
+            .route("/", get(crate::dashboard::page))
+            .route("/ui", get(crate::dashboard::page))
+            .route("/ui/app.js", get(crate::dashboard::script))
+            .route("/ui/app.css", get(crate::dashboard::style))
+            .route("/ui/icon.svg", get(crate::dashboard::icon))
+            .route("/ui/state", get(dashboard::state));
+    }
+    router
         .fallback(forward::forward)
         .layer(axum::middleware::from_fn_with_state(gateway.clone(), keys::authorize))
         .layer(axum::middleware::from_fn_with_state(limits, crate::request::body_limits))

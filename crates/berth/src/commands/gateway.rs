@@ -66,6 +66,9 @@ pub struct Args {
     /// dashboard (/ui) needs none.
     #[arg(long = "allowed-origin", value_name = "ORIGIN", env = "BERTH_ORIGINS", value_delimiter = ',')]
     allowed_origins: Vec<String>,
+    /// Do not serve the dashboard (`/` and `/ui` go to the replicas like any other path).
+    #[arg(long)]
+    no_ui: bool,
     /// Listen on a non-loopback address. Requests are forwarded with their keys, which the replicas
     /// check when they have keys; without keys anyone who reaches the port uses the replicas.
     #[arg(long)]
@@ -135,6 +138,7 @@ pub fn run(ctx: &super::Context, args: Args) -> anyhow::Result<()> {
         allow_insecure_public: args.allow_insecure_public,
         allowed_hosts: args.allowed_hosts,
         allowed_origins: args.allowed_origins,
+        ui: !args.no_ui,
         remote,
         home: ctx.home.clone(),
         token_quota_window: Duration::from_secs(86_400),

@@ -30,6 +30,11 @@ pub enum KeyCommand {
         /// with 403.
         #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
+        /// Take the key's secret from this environment variable instead of drawing one (16 to 256
+        /// visible characters): a key clients already have, like vLLM's and llama.cpp's
+        /// --api-key. Not printed back.
+        #[arg(long, value_name = "VAR")]
+        secret_env: Option<String>,
     },
     /// List the keys (never their secrets).
     List,
@@ -60,7 +65,7 @@ fn day(t: i64) -> String {
 pub fn key(ctx: &Context, command: KeyCommand) -> anyhow::Result<()> {
     let accounts = ctx.accounts()?;
     match command {
-        KeyCommand::Create { name, scopes, rpm, tokens_per_day, models } => {
+        KeyCommand::Create { name, scopes, rpm, tokens_per_day, models, secret_env } => {
             let scopes = if scopes.is_empty() { vec!["inference".to_string()] } else { scopes };
             let spec = KeySpec {
                 scopes: scopes.iter().map(|s| Scope::parse(s)).collect::<Result<Vec<_>, _>>()?,
@@ -68,9 +73,23 @@ pub fn key(ctx: &Context, command: KeyCommand) -> anyhow::Result<()> {
                 tokens_per_day,
                 models: models.iter().map(|m| model_pattern(m)).collect::<Result<Vec<_>, _>>()?,
             };
-            let (key, secret) = accounts.create_key(&name, &spec)?;
-            println!("{secret}");
-            eprintln!("Created {} ({name}). The secret above is shown only now: keep it somewhere safe.", key.id);
+            match secret_env {
+                Some(var) => {
+                    let secret = std::env::var(&var).with_context(|| {
+                        format!("--secret-env {var}: the environment variable {var} is not set (or not UTF-8)")
+                    })?;
+                    let (key, _) = accounts.create_key_with_secret(&name, &spec, &secret)?;
+                    eprintln!("Created {} ({name}) with the secret in {var}.", key.id);
+                }
+                None => {
+                    let (key, secret) = accounts.create_key(&name, &spec)?;
+                    println!("{secret}");
+                    eprintln!(
+                        "Created {} ({name}). The secret above is shown only now: keep it somewhere safe.",
+                        key.id
+                    );
+                }
+            }
         }
         KeyCommand::List => {
             println!(

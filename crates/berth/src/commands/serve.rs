@@ -87,6 +87,9 @@ pub struct Args {
     /// `*` any page). Pages of other origins get 403: a site the user visits cannot drive berth.
     #[arg(long = "allowed-origin", value_name = "ORIGIN", env = "BERTH_ORIGINS", value_delimiter = ',')]
     allowed_origins: Vec<String>,
+    /// Do not serve the dashboard (`/` and `/ui` answer 404).
+    #[arg(long)]
+    no_ui: bool,
     /// Connections open at once; more get 503 and are closed.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_connections: u64,
@@ -211,6 +214,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         },
         allowed_hosts: args.allowed_hosts,
         allowed_origins: args.allowed_origins,
+        ui: !args.no_ui,
         // What the operator names at start is expected to stay (as vLLM and Docker Model Runner
         // keep their preloaded models), unless --keep-alive says otherwise.
         preload_keep_alive: args.keep_alive.unwrap_or(KeepAlive::Forever),

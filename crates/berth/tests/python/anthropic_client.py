@@ -24,8 +24,11 @@ with client.messages.stream(model=model, max_tokens=24, messages=ask, extra_body
     final = s.get_final_message()
 assert text == m.content[0].text == final.content[0].text, (text, m.content[0].text)
 assert final.stop_reason == m.stop_reason and final.usage.output_tokens == m.usage.output_tokens, final
-events = [e.type for e in client.messages.create(model=model, max_tokens=8, messages=ask, stream=True)]
+streamed = list(client.messages.create(model=model, max_tokens=8, messages=ask, stream=True))
+events = [e.type for e in streamed]
 assert events[0] == "message_start" and events[-1] == "message_stop" and "message_delta" in events, events
+# The prompt's size is told up front, as Anthropic's own stream does.
+assert streamed[0].message.usage.input_tokens > 0, streamed[0]
 assert events.index("content_block_start") < events.index("content_block_delta") < events.index("content_block_stop"), events
 
 # Stop sequences: the answer stops before the sequence, and says which.
