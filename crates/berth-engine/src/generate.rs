@@ -177,11 +177,24 @@ impl Engine {
             Some(plan) => {
                 let tools = plan.template_tools().to_string();
                 let tools: serde_json::Value = serde_json::from_str(&defuse(&tools)).unwrap_or_default();
+                if plan.format == ToolFormat::Functools {
+                    // FireFunction v2's template prints `functions` (the functions as JSON text) and
+                    // `datetime`, as llama.cpp gives them.
+                    let functions: Vec<serde_json::Value> =
+                        tools.as_array().into_iter().flatten().map(|t| t["function"].clone()).collect();
+                    let functions = serde_json::to_string_pretty(&functions).unwrap_or_default();
+                    extra.insert("functions".into(), functions.into());
+                    let now = crate::template::strftime_now("%b %d %Y %H:%M:%S GMT");
+                    extra.insert("datetime".into(), now.into());
+                }
                 extra.insert("tools".into(), tools);
             }
             None => {}
         }
-        let json: Vec<serde_json::Value> = messages.iter().map(Message::to_template_json).collect();
+        let mut json: Vec<serde_json::Value> = messages.iter().map(Message::to_template_json).collect();
+        if let Some(plan) = tools.filter(|_| template_reads_message_tools(template.source())) {
+            system_message_tools(&mut json, plan, &defuse);
+        }
         let generic = tools.is_some_and(|p| p.format == ToolFormat::Generic);
         let opening = !options.continue_final;
         let rendered = match template.render_json(json, opening, extra.clone()) {
@@ -335,6 +348,24 @@ fn generic_tool_messages(messages: &mut Vec<Message>, plan: &ToolPlan) {
                     .to_string();
         }
     }
+}
+
+/// Whether a template takes the tools from the system message rather than as `tools` (Phi-4-mini's
+/// prints `message['tools']` between `<|tool|>` tags).
+fn template_reads_message_tools(source: &str) -> bool {
+    source.contains("<|tool|>") && (source.contains("message['tools']") || source.contains("message.tools"))
+}
+
+/// The tools as such a template wants them: a JSON list of functions in the system message's
+/// `tools` (a system message is added where the conversation has none).
+fn system_message_tools(json: &mut Vec<serde_json::Value>, plan: &ToolPlan, defuse: &dyn Fn(&str) -> String) {
+    let functions: Vec<serde_json::Value> =
+        plan.template_tools().as_array().into_iter().flatten().map(|t| t["function"].clone()).collect();
+    let text = defuse(&serde_json::Value::Array(functions).to_string());
+    if json.first().is_none_or(|m| m["role"] != "system") {
+        json.insert(0, serde_json::json!({"role": "system", "content": ""}));
+    }
+    json[0]["tools"] = serde_json::Value::String(text);
 }
 
 /// Only user and assistant turns, alternating: system text goes before the next user turn's,

@@ -151,6 +151,13 @@ impl Sampler {
     /// Pick the next token from `logits` (modified in place by bias and penalties). With
     /// `logprobs = Some(n)`, also report the chosen token's log-probability and the top `n`.
     pub fn sample(&mut self, logits: &mut [f32], logprobs: Option<usize>) -> (u32, Option<TokenLogprob>) {
+        self.adjust(logits);
+        let token = self.choose(logits);
+        (token, logprobs.map(|n| log_probs(logits, token, n)))
+    }
+
+    /// Apply the logit bias and the repetition penalties to `logits`.
+    pub fn adjust(&self, logits: &mut [f32]) {
         let p = &self.params;
         for &(t, b) in &p.logit_bias {
             if let Some(l) = logits.get_mut(t as usize) {
@@ -175,11 +182,14 @@ impl Sampler {
                 }
             }
         }
-        let token = if p.temperature <= 0.0 { argmax(logits) } else { self.sample_random(logits) };
-        let lp = logprobs.map(|n| log_probs(logits, token, n));
+    }
+
+    /// Pick a token from adjusted `logits` and remember it for the penalties.
+    pub fn choose(&mut self, logits: &[f32]) -> u32 {
+        let token = if self.params.temperature <= 0.0 { argmax(logits) } else { self.sample_random(logits) };
         self.history.push(token);
         *self.counts.entry(token).or_default() += 1;
-        (token, lp)
+        token
     }
 
     fn sample_random(&mut self, logits: &[f32]) -> u32 {

@@ -11,6 +11,12 @@
 //! - [`ToolFormat::DeepSeekR1`] (DeepSeek-R1 and its distills):
 //!   `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`, the arguments in a json
 //!   fence, `<｜tool▁call▁end｜>…<｜tool▁calls▁end｜>`;
+//! - [`ToolFormat::XmlFunction`] (Qwen3-Coder, Qwen3.5, Nemotron 3): `<tool_call>\n<function=NAME>\n`,
+//!   each argument as `<parameter=KEY>\nVALUE\n</parameter>\n`, then `</function>\n</tool_call>`;
+//! - [`ToolFormat::Functools`]: `functools[{"name": …, "arguments": {…}}]` (Phi-4-mini, FireFunction
+//!   v2);
+//! - [`ToolFormat::ToolCallTags`]: `<TOOLCALL>[{"name": …, "arguments": {…}}]</TOOLCALL>` (Nemotron
+//!   Nano 2);
 //! - [`ToolFormat::Generic`]: a template that knows no tools (SmolLM2's, for one). The tools are
 //!   described in the system message and the whole answer is JSON, `{"tool_calls": […]}` or
 //!   `{"response": "…"}`, always grammar-constrained, so every model can call tools.
@@ -72,6 +78,9 @@ pub enum ToolFormat {
     Llama3,
     CallList,
     DeepSeekR1,
+    XmlFunction,
+    Functools,
+    ToolCallTags,
 }
 
 const DEEPSEEK_CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
@@ -79,18 +88,39 @@ const DEEPSEEK_CALLS_END: &str = "<｜tool▁calls▁end｜>";
 const DEEPSEEK_CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
 const DEEPSEEK_CALL_END: &str = "<｜tool▁call▁end｜>";
 const DEEPSEEK_SEP: &str = "<｜tool▁sep｜>";
+const FUNCTOOLS: &str = "functools";
 
 impl ToolFormat {
+    pub const ALL: [ToolFormat; 9] = [
+        ToolFormat::Generic,
+        ToolFormat::Hermes,
+        ToolFormat::Mistral,
+        ToolFormat::Llama3,
+        ToolFormat::CallList,
+        ToolFormat::DeepSeekR1,
+        ToolFormat::XmlFunction,
+        ToolFormat::Functools,
+        ToolFormat::ToolCallTags,
+    ];
+
     /// The format a chat template's text shows (none of them: the generic one).
     pub fn of_template(source: &str) -> ToolFormat {
-        if source.contains("<tool_call>") && !source.contains("<function=") {
+        if source.contains("<function=") && source.contains("<parameter=") {
+            ToolFormat::XmlFunction
+        } else if source.contains("<tool_call>") && !source.contains("<function=") {
             ToolFormat::Hermes
         } else if source.contains("[TOOL_CALLS]") {
             ToolFormat::Mistral
         } else if source.contains(DEEPSEEK_CALL_BEGIN) {
             ToolFormat::DeepSeekR1
+        } else if source.contains("<TOOLCALL>") {
+            ToolFormat::ToolCallTags
         } else if source.contains("<|tool_call|>") {
             ToolFormat::CallList
+        } else if source.contains("functools[") || (source.contains("<|tool|>") && source.contains("<|/tool|>")) {
+            // FireFunction v2 spells it out; Phi-4-mini's template only takes the tools (in the
+            // system message, between `<|tool|>` tags) and its model answers `functools[…]`.
+            ToolFormat::Functools
         } else if source.contains("<|python_tag|>")
             || (source.contains("<|start_header_id|>") && source.contains("\"parameters\""))
         {
@@ -108,6 +138,9 @@ impl ToolFormat {
             ToolFormat::Llama3 => "llama3",
             ToolFormat::CallList => "call-list",
             ToolFormat::DeepSeekR1 => "deepseek-r1",
+            ToolFormat::XmlFunction => "xml-function",
+            ToolFormat::Functools => "functools",
+            ToolFormat::ToolCallTags => "toolcall-tags",
         }
     }
 
@@ -118,6 +151,9 @@ impl ToolFormat {
             ToolFormat::Mistral => Some("[TOOL_CALLS]"),
             ToolFormat::CallList => Some("<|tool_call|>"),
             ToolFormat::DeepSeekR1 => Some(DEEPSEEK_CALLS_BEGIN),
+            ToolFormat::XmlFunction => Some("<tool_call>"),
+            ToolFormat::Functools => Some(FUNCTOOLS),
+            ToolFormat::ToolCallTags => Some("<TOOLCALL>"),
             ToolFormat::Generic | ToolFormat::Llama3 => None,
         }
     }
@@ -267,6 +303,20 @@ impl ToolPlan {
                 let rest = format!("({call}){} {}", more(call.clone()), special(tokenizer, DEEPSEEK_CALLS_END));
                 self.opened(tokenizer, forced, DEEPSEEK_CALLS_BEGIN, &rest)
             }
+            ToolFormat::Functools => self.opened(tokenizer, forced, FUNCTOOLS, &json(&self.call_array(false))),
+            ToolFormat::ToolCallTags => {
+                let rest = format!("{} {}", json(&self.call_array(false)), special(tokenizer, "</TOOLCALL>"));
+                self.opened(tokenizer, forced, "<TOOLCALL>", &rest)
+            }
+            ToolFormat::XmlFunction => {
+                let (call, rules) = self.xml_call();
+                let open = special(tokenizer, "<tool_call>");
+                let rest = format!(
+                    "\"\\n\" {call} \"\\n</tool_call>\"{}\n{rules}",
+                    more(format!("\"\\n\" {open} \"\\n\" {call} \"\\n</tool_call>\""))
+                );
+                self.opened(tokenizer, forced, "<tool_call>", &rest)
+            }
             ToolFormat::Llama3 => {
                 // A call is a bare JSON object with no opening token: constrained only when a
                 // call is required; under `auto` the answer is parsed as it comes.
@@ -278,6 +328,47 @@ impl ToolPlan {
                 }
             }
         }
+    }
+
+    /// One call in the XML format as a Lark expansion, and the rules it uses: each declared
+    /// parameter in its own tag, required ones always, optional ones maybe; a string's value is
+    /// raw text up to its closing tag (a lazy rule), any other value JSON of its schema.
+    fn xml_call(&self) -> (String, String) {
+        let json = crate::constraint::lark_json;
+        let literal = |text: String| serde_json::to_string(&text).unwrap_or_default();
+        let mut rules = Vec::new();
+        let calls: Vec<String> = self
+            .callable()
+            .iter()
+            .map(|t| {
+                let schema = arguments_schema(&t.parameters);
+                let required: Vec<&str> =
+                    schema["required"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                let mut params = String::new();
+                for (key, property) in schema["properties"].as_object().into_iter().flatten() {
+                    let open = literal(format!("<parameter={key}>\n"));
+                    let value = if is_string_schema(property) {
+                        let rule = format!("xml_text_{}", rules.len());
+                        let body = match property["maxLength"].as_u64() {
+                            Some(n) if n <= 1000 => format!("/(.|\\n){{0,{n}}}/"),
+                            _ => "/(.|\\n)*/".to_string(),
+                        };
+                        rules.push(format!("{rule}[suffix=\"\\n</parameter>\\n\"]: {body}"));
+                        rule
+                    } else {
+                        format!("{} \"\\n</parameter>\\n\"", json(property))
+                    };
+                    let param = format!("{open} {value}");
+                    if required.contains(&key.as_str()) {
+                        params.push_str(&format!(" {param}"));
+                    } else {
+                        params.push_str(&format!(" ({param})?"));
+                    }
+                }
+                format!("({}{params} \"</function>\")", literal(format!("<function={}>\n", t.name)))
+            })
+            .collect();
+        (format!("({})", calls.join(" | ")), rules.join("\n"))
     }
 
     /// A format whose calls open with `opening`: all of the answer is the call when one is forced;
@@ -320,6 +411,9 @@ impl ToolPlan {
             ToolFormat::Llama3 => parse_llama3(text),
             ToolFormat::CallList => parse_call_list(text),
             ToolFormat::DeepSeekR1 => parse_deepseek(text),
+            ToolFormat::XmlFunction => parse_xml_function(text, &self.tools),
+            ToolFormat::Functools => parse_list_after(text, FUNCTOOLS),
+            ToolFormat::ToolCallTags => parse_list_after(text, "<TOOLCALL>"),
         };
         let calls = raw
             .into_iter()
@@ -339,6 +433,15 @@ fn arguments_schema(parameters: &Value) -> Value {
     match parameters {
         Value::Object(m) if !m.is_empty() => parameters.clone(),
         _ => json!({"type": "object", "properties": {}, "additionalProperties": false}),
+    }
+}
+
+/// Whether a parameter's values are strings (written raw in the XML format).
+fn is_string_schema(schema: &Value) -> bool {
+    match &schema["type"] {
+        Value::String(t) => t == "string",
+        Value::Array(types) => types.len() == 1 && types[0] == "string",
+        _ => false,
     }
 }
 
@@ -441,9 +544,15 @@ fn parse_mistral(text: &str) -> (String, Vec<RawCall>) {
 }
 
 fn parse_call_list(text: &str) -> (String, Vec<RawCall>) {
-    let Some(start) = text.find("<|tool_call|>") else { return (text.to_string(), Vec::new()) };
+    parse_list_after(text, "<|tool_call|>")
+}
+
+/// A JSON list of calls (or one call) after a marker: Granite's `<|tool_call|>`, `functools`,
+/// Nemotron's `<TOOLCALL>` (whose closing tag is left alone).
+fn parse_list_after(text: &str, marker: &str) -> (String, Vec<RawCall>) {
+    let Some(start) = text.find(marker) else { return (text.to_string(), Vec::new()) };
     let content = text[..start].trim_end().to_string();
-    match json_prefix(text[start + "<|tool_call|>".len()..].trim_start()) {
+    match json_prefix(text[start + marker.len()..].trim_start()) {
         Some((Value::Array(items), _)) => (content, items.iter().filter_map(call_of).collect()),
         Some((v @ Value::Object(_), _)) => (content, call_of(&v).into_iter().collect()),
         _ => (text.to_string(), Vec::new()),
@@ -471,6 +580,49 @@ fn parse_deepseek(text: &str) -> (String, Vec<RawCall>) {
         return (text.to_string(), Vec::new());
     }
     (content, calls)
+}
+
+/// Calls in the XML format. Some models leave out the first `<tool_call>` and start at
+/// `<function=`; text before a call is kept as written then (llama.cpp's test-chat.cpp cases).
+/// A value is a string where the tool declares one, otherwise JSON where it parses.
+fn parse_xml_function(text: &str, tools: &[Tool]) -> (String, Vec<RawCall>) {
+    let start = match (text.find("<tool_call>"), text.find("<function=")) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => return (text.to_string(), Vec::new()),
+    };
+    let content = if text[start..].starts_with("<tool_call>") { text[..start].trim_end() } else { &text[..start] };
+    let mut calls = Vec::new();
+    let mut rest = &text[start..];
+    while let Some(at) = rest.find("<function=") {
+        let Some((name, after)) = rest[at + "<function=".len()..].split_once('>') else { break };
+        // A call cut off (the answer ran out of tokens) ends the list: the whole ones stand.
+        let Some((mut body, after)) = after.split_once("</function>") else { break };
+        let name = name.trim();
+        let properties = tools.iter().find(|t| t.name == name).map(|t| &t.parameters["properties"]);
+        let mut args = Map::new();
+        while let Some(p) = body.find("<parameter=") {
+            let Some((key, value)) = body[p + "<parameter=".len()..].split_once('>') else { break };
+            let Some((value, next)) = value.split_once("</parameter>") else { break };
+            let value = value.strip_prefix('\n').unwrap_or(value);
+            let value = value.strip_suffix('\n').unwrap_or(value);
+            let key = key.trim();
+            let raw = properties.is_some_and(|p| is_string_schema(&p[key]));
+            let value = if raw {
+                Value::String(value.to_string())
+            } else {
+                serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()))
+            };
+            args.insert(key.to_string(), value);
+            body = next;
+        }
+        calls.push((name.to_string(), Value::Object(args), None));
+        rest = after;
+    }
+    if calls.is_empty() {
+        return (text.to_string(), Vec::new());
+    }
+    (content.to_string(), calls)
 }
 
 fn parse_llama3(text: &str) -> (String, Vec<RawCall>) {
@@ -588,6 +740,60 @@ mod tests {
         );
     }
 
+    // test-chat.cpp's "Qwen3-Coder (tool calling with XML-style format)", "FireFunction" and
+    // "NVIDIA-Nemotron-Nano-v2" blocks; Phi-4-mini answers as FireFunction does.
+    #[test]
+    fn parses_llama_cpp_test_chat_cases_of_more_formats() {
+        let tool = |name: &str, properties: Value| Tool {
+            name: name.into(),
+            description: None,
+            parameters: json!({"type": "object", "properties": properties}),
+        };
+        let xml = ToolPlan {
+            tools: vec![
+                tool("special_function", json!({"arg1": {"type": "integer"}})),
+                tool("special_function_with_opt", json!({"arg1": {"type": "integer"}, "arg2": {"type": "integer"}})),
+                tool("write", json!({"path": {"type": "string"}, "text": {"type": "string"}})),
+            ],
+            ..plan(ToolFormat::XmlFunction)
+        };
+        assert_eq!(calls(&xml, "Hello, world!\nWhat's up?"), ("Hello, world!\nWhat's up?".into(), vec![]));
+        let one = "<function=special_function>\n<parameter=arg1>\n1\n</parameter>\n</function>\n</tool_call>";
+        let expected = vec![call("special_function", r#"{"arg1":1}"#)];
+        assert_eq!(calls(&xml, &format!("<tool_call>\n{one}")), (String::new(), expected.clone()));
+        // Some models skip the first <tool_call>; text before the call is kept as written.
+        assert_eq!(calls(&xml, one), (String::new(), expected.clone()));
+        assert_eq!(calls(&xml, &format!("Let me call it.\n{one}")), ("Let me call it.\n".into(), expected));
+        let two = format!(
+            "{one}\n<tool_call>\n<function=special_function_with_opt>\n<parameter=arg1>\n1\n</parameter>\n<parameter=arg2>\n2\n</parameter>\n</function>\n</tool_call>"
+        );
+        assert_eq!(
+            calls(&xml, &two).1,
+            vec![
+                call("special_function", r#"{"arg1":1}"#),
+                call("special_function_with_opt", r#"{"arg1":1,"arg2":2}"#)
+            ]
+        );
+        // A string parameter is raw text, newlines and JSON-looking text included.
+        let code = "<tool_call>\n<function=write>\n<parameter=path>\n42\n</parameter>\n<parameter=text>\nif a < b:\n    print(\"{}\")\n</parameter>\n</function>\n</tool_call>";
+        assert_eq!(calls(&xml, code).1, vec![call("write", r#"{"path":"42","text":"if a < b:\n    print(\"{}\")"}"#)]);
+
+        let functools = plan(ToolFormat::Functools);
+        assert_eq!(
+            calls(&functools, " functools[{\"name\": \"special_function\", \"arguments\": {\"arg1\": 1}}]"),
+            (String::new(), vec![call("special_function", r#"{"arg1":1}"#)])
+        );
+        assert_eq!(calls(&functools, "Hello, world!\nWhat's up?").0, "Hello, world!\nWhat's up?");
+
+        let tags = plan(ToolFormat::ToolCallTags);
+        for text in [
+            "<TOOLCALL>[{\"name\": \"special_function\", \"arguments\": {\"arg1\": 1}}]</TOOLCALL>",
+            "\n<TOOLCALL>[{\"name\": \"special_function\", \"arguments\": {\"arg1\": 1}}]</TOOLCALL>\n",
+        ] {
+            assert_eq!(calls(&tags, text), (String::new(), vec![call("special_function", r#"{"arg1":1}"#)]));
+        }
+    }
+
     #[test]
     fn the_format_comes_from_the_template() {
         assert_eq!(ToolFormat::of_template("{{ '<tool_call>' }}"), ToolFormat::Hermes);
@@ -595,6 +801,13 @@ mod tests {
         assert_eq!(ToolFormat::of_template("{{ '<|python_tag|>' }}"), ToolFormat::Llama3);
         assert_eq!(ToolFormat::of_template("{{ '<|tool_call|>' }}"), ToolFormat::CallList);
         assert_eq!(ToolFormat::of_template("{{ '<｜tool▁call▁begin｜>' }}"), ToolFormat::DeepSeekR1);
+        assert_eq!(
+            ToolFormat::of_template("{{ '<tool_call>\n<function=' }}{{ '<parameter=' }}"),
+            ToolFormat::XmlFunction
+        );
+        assert_eq!(ToolFormat::of_template("{{ ' functools[' }}"), ToolFormat::Functools);
+        assert_eq!(ToolFormat::of_template("{{ '<|tool|>' + message['tools'] + '<|/tool|>' }}"), ToolFormat::Functools);
+        assert_eq!(ToolFormat::of_template("{{ '<TOOLCALL>' }}"), ToolFormat::ToolCallTags);
         assert_eq!(ToolFormat::of_template("{% for m in messages %}{{ m.content }}{% endfor %}"), ToolFormat::Generic);
     }
 }

@@ -169,6 +169,36 @@ fn forced_tokens_skip_sampling_and_neighbours_are_unchanged() {
     );
 }
 
+/// Logprobs under a grammar are the model's own, before the mask, and every token has them: a
+/// token the grammar leaves as the only choice is not forced ahead (it would have no logits) but
+/// picked from its step's logits, so the answer is the same and its logprobs say how likely the
+/// model found each token.
+#[test]
+fn constrained_answers_report_the_models_logprobs() {
+    let engine = engine();
+    let constant = "the quick brown fox";
+    let schema = json!({"type": "object", "properties": {"motto": {"const": constant}}, "required": ["motto"],
+                        "additionalProperties": false});
+    let plain = request(&engine, "Say the motto.", Some(ConstraintSpec::JsonSchema(schema.clone())), 0.0, 1);
+    let with_logprobs = GenerationRequest {
+        logprobs: Some(3),
+        ..request(&engine, "Say the motto.", Some(ConstraintSpec::JsonSchema(schema)), 0.0, 1)
+    };
+    let plain = engine.generate(&plain, &mut |_| true).expect("plain");
+    let out = engine.generate(&with_logprobs, &mut |_| true).expect("with logprobs");
+    assert_eq!(out.text, plain.text);
+    assert_eq!(out.text, format!("{{\"motto\": \"{constant}\"}}"));
+    assert_eq!(out.logprobs.len(), out.tokens.len(), "every token has its logprob");
+    for (lp, &t) in out.logprobs.iter().zip(&out.tokens) {
+        assert_eq!(lp.token, t);
+        assert!(lp.logprob <= 0.0 && lp.logprob.is_finite(), "{lp:?}");
+        assert_eq!(lp.top.len(), 3);
+        assert!(lp.top[0].1 >= lp.logprob, "{lp:?}");
+    }
+    // SmolLM2 does not put all its mass on every word of the motto.
+    assert!(out.logprobs.iter().filter(|lp| lp.logprob < -0.01).count() >= 3, "{:?}", out.logprobs);
+}
+
 #[test]
 fn what_berth_cannot_follow_is_refused_by_name() {
     let engine = engine();
@@ -240,37 +270,66 @@ fn a_lazy_grammar_holds_from_its_opening_on() {
 fn every_tool_formats_grammar_produces_what_its_parser_reads() {
     use berth_engine::tools::{Tool, ToolChoice, ToolFormat, ToolGrammar, ToolPlan};
     let engine = engine();
-    let tools = vec![Tool {
-        name: "add".into(),
-        description: None,
-        parameters: json!({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
-                           "required": ["a"], "additionalProperties": false}),
-    }];
-    let formats = [
-        ToolFormat::Generic,
-        ToolFormat::Hermes,
-        ToolFormat::Mistral,
-        ToolFormat::Llama3,
-        ToolFormat::CallList,
-        ToolFormat::DeepSeekR1,
+    let tools = vec![
+        Tool {
+            name: "add".into(),
+            description: None,
+            parameters: json!({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+                               "required": ["a"], "additionalProperties": false}),
+        },
+        Tool {
+            name: "note".into(),
+            description: None,
+            parameters: json!({"type": "object", "properties": {"text": {"type": "string", "maxLength": 20},
+                               "urgent": {"type": "boolean"}}, "required": ["text"], "additionalProperties": false}),
+        },
     ];
+    let formats = ToolFormat::ALL;
     for format in formats {
         for parallel in [false, true] {
-            let plan = ToolPlan { format, tools: tools.clone(), choice: ToolChoice::Required, parallel };
-            let ToolGrammar::Whole(spec) = plan.grammar(engine.tokenizer()) else {
-                panic!("{format:?}: required is whole")
+            // Parallel calls are a list the model closes, and SmolLM2 at temperature 1 may repeat a
+            // call until max_tokens: they are sampled once, with the one tool and the prompt under
+            // which it closes the list. One call at a time: of either tool twice, then of `note`
+            // (a string argument, raw text in the XML format).
+            let note = ToolChoice::Function("note".into());
+            let (tools, ask, runs): (&[Tool], _, Vec<(ToolChoice, u64)>) = if parallel {
+                (&tools[..1], "Add something.", vec![(ToolChoice::Required, 4)])
+            } else {
+                (
+                    &tools,
+                    "Add something, or take a note.",
+                    vec![(ToolChoice::Required, 4), (ToolChoice::Required, 5), (note, 6)],
+                )
             };
-            let req = GenerationRequest {
-                constraint: Some(engine.constrain(&spec, "tools").unwrap_or_else(|e| panic!("{format:?}: {e}"))),
-                ..request(&engine, "Add something.", None, 1.0, 4)
-            };
-            let out = engine.generate(&req, &mut |_| true).expect("generation");
-            let (_, calls) = plan.parse(&out.text, "t");
-            assert!(!calls.is_empty() && (parallel || calls.len() == 1), "{format:?}: {:?}", out.text);
-            for c in calls {
-                assert_eq!(c.name, "add");
-                let args: Value = serde_json::from_str(&c.arguments).unwrap();
-                assert!(args["a"].as_i64().is_some_and(|a| (0..=9).contains(&a)), "{format:?}: {args}");
+            for (choice, seed) in runs {
+                let plan = ToolPlan { format, tools: tools.to_vec(), choice: choice.clone(), parallel };
+                let ToolGrammar::Whole(spec) = plan.grammar(engine.tokenizer()) else {
+                    panic!("{format:?}: {choice:?} is whole")
+                };
+                let req = GenerationRequest {
+                    constraint: Some(engine.constrain(&spec, "tools").unwrap_or_else(|e| panic!("{format:?}: {e}"))),
+                    ..request(&engine, ask, None, 1.0, seed)
+                };
+                let out = engine.generate(&req, &mut |_| true).expect("generation");
+                let (_, calls) = plan.parse(&out.text, "t");
+                assert!(!calls.is_empty() && (parallel || calls.len() == 1), "{format:?}: {:?}", out.text);
+                if let ToolChoice::Function(name) = &choice {
+                    assert_eq!(&calls[0].name, name, "{format:?}");
+                }
+                for c in calls {
+                    let args: Value = serde_json::from_str(&c.arguments).unwrap();
+                    match c.name.as_str() {
+                        "add" => {
+                            assert!(args["a"].as_i64().is_some_and(|a| (0..=9).contains(&a)), "{format:?}: {args}")
+                        }
+                        "note" => {
+                            let text = args["text"].as_str().unwrap_or_else(|| panic!("{format:?}: {args}"));
+                            assert!(text.chars().count() <= 20, "{format:?}: {args}");
+                            assert!(args.get("urgent").is_none_or(Value::is_boolean), "{format:?}: {args}");
+                        }
+                        other => panic!("{format:?}: a call of {other}"),
+                    }
+                }
             }
         }
     }

@@ -191,6 +191,10 @@ fn sliding_windows_really_limit_attention() {
 /// Each family's own template renders a tool-result round trip (an assistant's call, the tool's
 /// answer), and under `required` its random-weight model still makes a call that parses, in the
 /// format its template speaks: the grammar, not the weights, makes it valid.
+/// The structure of Phi-4-mini-instruct's chat template (from its model card): the tools come
+/// from the system message's `tools`, between `<|tool|>` tags.
+const PHI4_MINI_SHAPED_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}";
+
 #[test]
 fn every_family_calls_tools_in_its_templates_format() {
     use berth_engine::tools::{Tool, ToolCall, ToolChoice, ToolFormat, ToolGrammar, ToolPlan};
@@ -222,10 +226,47 @@ fn every_family_calls_tools_in_its_templates_format() {
     let conversation =
         [Message::new("user", "Weather in Paris?"), assistant, result, Message::new("user", "And 2 + 3?")];
     let mut formats = Vec::new();
-    for f in FAMILIES {
-        let engine = Engine::load(&write(*f, dir.path()), None).expect("load");
+    // Each family with its own template, then models whose templates speak the other formats:
+    // the real templates of Qwen3-Coder and Qwen3.5 and Nemotron 3 (XML calls), Nemotron Nano 2
+    // (`<TOOLCALL>`) and FireFunction v2 (`functools[…]`) on a family of their vocabulary, and
+    // Phi-4-mini's way (its template, not in the sdist, takes the tools in the system message
+    // between `<|tool|>` tags; the model answers `functools[…]`).
+    let variants = [
+        (Family { arch: "qwen3", vocab: "qwen2", template: "Qwen3-Coder.jinja" }, None, ToolFormat::XmlFunction),
+        (Family { arch: "qwen3", vocab: "qwen2", template: "Qwen3.5-4B.jinja" }, None, ToolFormat::XmlFunction),
+        (
+            Family { arch: "llama", vocab: "llama-bpe", template: "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.jinja" },
+            None,
+            ToolFormat::XmlFunction,
+        ),
+        (
+            Family { arch: "llama", vocab: "llama-bpe", template: "NVIDIA-Nemotron-Nano-v2.jinja" },
+            None,
+            ToolFormat::ToolCallTags,
+        ),
+        (
+            Family { arch: "llama", vocab: "llama-bpe", template: "fireworks-ai-llama-3-firefunction-v2.jinja" },
+            None,
+            ToolFormat::Functools,
+        ),
+        (
+            Family { arch: "phi3", vocab: "phi-3", template: "microsoft-Phi-3.5-mini-instruct.jinja" },
+            Some(PHI4_MINI_SHAPED_TEMPLATE),
+            ToolFormat::Functools,
+        ),
+    ];
+    let runs =
+        FAMILIES.iter().map(|f| (*f, None, None)).chain(variants.iter().map(|(f, t, want)| (*f, *t, Some(*want))));
+    for (f, template, want) in runs {
+        let path = dir.path().join(format!("{}-{}.gguf", f.arch, f.template));
+        write_family_model(f, &models::llamacpp_testdata(), Storage::Q8_0, &path).expect("write the test model");
+        let engine = Engine::load(&path, template).expect("load");
         let format = engine.tool_format();
-        formats.push((f.arch, format));
+        if let Some(want) = want {
+            assert_eq!(format, want, "{}", f.template);
+        } else {
+            formats.push((f.arch, format));
+        }
         for choice in [ToolChoice::Required, ToolChoice::Function("add".into())] {
             let plan = ToolPlan { format, tools: tools.clone(), choice: choice.clone(), parallel: false };
             let prompt = engine
@@ -233,9 +274,15 @@ fn every_family_calls_tools_in_its_templates_format() {
                     &conversation,
                     &berth_engine::ChatOptions { tools: Some(plan.clone()), ..Default::default() },
                 )
-                .expect("render");
+                .unwrap_or_else(|e| panic!("{}: {e}", f.template));
             let rendered = engine.tokenizer().decode(&prompt);
-            assert!(rendered.contains("18 degrees and sunny"), "{}: the tool result is in the prompt", f.arch);
+            assert!(rendered.contains("18 degrees and sunny"), "{}: the tool result is in the prompt", f.template);
+            if template.is_some() {
+                assert!(
+                    rendered.trim_start().starts_with("<|tool|>[{") && rendered.contains("\"name\":\"get_weather\""),
+                    "the tools are in the system message: {rendered}"
+                );
+            }
             let spec = match plan.grammar(engine.tokenizer()) {
                 ToolGrammar::Whole(spec) => spec,
                 other => panic!("{}: {choice:?} must constrain the whole answer, got {other:?}", f.arch),
@@ -252,7 +299,7 @@ fn every_family_calls_tools_in_its_templates_format() {
             };
             let out = engine.generate(&req, &mut |_| true).expect("generate");
             let (_, calls) = plan.parse(&out.text, "t");
-            assert_eq!(calls.len(), 1, "{} ({format:?}, {choice:?}): {:?}", f.arch, out.text);
+            assert_eq!(calls.len(), 1, "{} ({format:?}, {choice:?}): {:?}", f.template, out.text);
             let args: serde_json::Value = serde_json::from_str(&calls[0].arguments).expect("arguments are JSON");
             match &choice {
                 ToolChoice::Function(name) => assert_eq!(&calls[0].name, name),

@@ -26,7 +26,7 @@ pub fn validate_body(api: Api, body: &[u8], limits: &RequestLimits) -> Result<Ve
             let tools = chat.tools;
             // The answer parsers of every tool format, on the messages' text as if a model wrote it.
             if let (Some(plan), PromptSource::Chat(messages)) = (tools, &source) {
-                for format in [ToolFormat::Generic, ToolFormat::Hermes, ToolFormat::Mistral, ToolFormat::Llama3] {
+                for format in ToolFormat::ALL {
                     let plan = ToolPlan { format, ..plan.clone() };
                     for m in messages {
                         plan.parse(&m.content, "fuzz");

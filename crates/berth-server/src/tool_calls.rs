@@ -231,6 +231,22 @@ mod tests {
         assert_eq!((content.as_str(), calls.len()), ("a <b", 0), "a held-back `<` goes out when no call follows");
         let (content, calls) = stream(ToolFormat::Generic, &["{\"response\": ", "\"hi\"}"]);
         assert_eq!((content.as_str(), calls.len()), ("hi", 0));
+        let (content, calls) = stream(
+            ToolFormat::XmlFunction,
+            &[
+                "Sure.\n<tool",
+                "_call>\n<function=f>\n<parameter=x>\n",
+                "a < b\n</parameter>\n</function>\n</tool_call>",
+            ],
+        );
+        assert_eq!(content, "Sure.\n");
+        assert_eq!((calls[0].name.as_str(), calls[0].arguments.as_str()), ("f", r#"{"x":"a < b"}"#));
+        let (content, calls) =
+            stream(ToolFormat::Functools, &["Ok. func", "tools[{\"name\": \"f\", \"arguments\": {}}]"]);
+        assert_eq!((content.as_str(), calls.len()), ("Ok. ", 1));
+        let (content, calls) =
+            stream(ToolFormat::ToolCallTags, &["<TOOL", "CALL>[{\"name\": \"f\", \"arguments\": {}}]</TOOLCALL>"]);
+        assert_eq!((content.as_str(), calls.len()), ("", 1));
     }
 
     #[test]

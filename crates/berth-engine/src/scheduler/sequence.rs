@@ -35,15 +35,19 @@ pub(super) struct Sampling<'a> {
 }
 
 impl Sampling<'_> {
-    /// Pick the next token from the logits (masked first by the grammar, if any).
+    /// Pick the next token from the logits (masked first by the grammar, if any). Logprobs are
+    /// the model's, before the mask (as llama.cpp's server and vLLM report them): a token the
+    /// grammar leaves as the only choice still shows how likely the model found it.
     pub fn pick(&mut self, logits: &mut [f32]) -> Result<(u32, Option<TokenLogprob>), EngineError> {
-        if let Some(c) = self.constraint.as_mut() {
-            let started = Instant::now();
-            let mask = c.allowed()?;
-            self.mask_nanos += started.elapsed().as_nanos() as u64;
-            crate::constraint::apply_mask(logits, &mask);
-        }
-        Ok(self.sampler.sample(logits, self.logprobs))
+        let Some(c) = self.constraint.as_mut() else { return Ok(self.sampler.sample(logits, self.logprobs)) };
+        let started = Instant::now();
+        let mask = c.allowed()?;
+        self.mask_nanos += started.elapsed().as_nanos() as u64;
+        self.sampler.adjust(logits);
+        let unmasked = self.logprobs.map(|n| (logits.to_vec(), n));
+        crate::constraint::apply_mask(logits, &mask);
+        let token = self.sampler.choose(logits);
+        Ok((token, unmasked.map(|(u, n)| crate::sampling::log_probs(&u, token, n))))
     }
 }
 
@@ -191,13 +195,17 @@ impl<'s> Sequence<'s> {
             return Ok(Some(FinishReason::Stop));
         }
         // Tokens the grammar forces (a schema's keys, its punctuation) go in without sampling:
-        // they join the next forward pass together, as a prompt chunk does.
+        // they join the next forward pass together, as a prompt chunk does. Not where the answer
+        // reports logprobs: a token fed without its logits has none to report, so each is then
+        // picked from its own step's logits (the mask leaves it the only choice).
+        if self.req.logprobs.is_some() {
+            return Ok(None);
+        }
         let room = (self.req.max_tokens - self.out.tokens.len()).min(context.saturating_sub(self.tokens.len()));
         let forced = constraint.forced(room.min(MAX_FORCED_TOKENS));
         let finished = constraint.is_finished();
         for t in forced {
-            let lp = self.req.logprobs.map(|_| TokenLogprob { token: t, logprob: 0.0, top: vec![(t, 0.0)] });
-            if let Some(end) = self.emit(t, lp, tokenizer, context) {
+            if let Some(end) = self.emit(t, None, tokenizer, context) {
                 return Ok(Some(end));
             }
         }

@@ -10,6 +10,7 @@ mod pyrepr;
 mod render;
 pub mod sandbox;
 mod strftime;
+pub(crate) use strftime::strftime_now;
 mod tojson;
 
 use std::fmt;
