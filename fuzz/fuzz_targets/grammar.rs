@@ -3,37 +3,81 @@
 //! compiled against a byte-level vocabulary and then driven for a few tokens: a clear error or a
 //! grammar whose masks and steps never panic, never allow nothing without saying so, and finish.
 //!
-//! Input: the first byte picks the kind, the rest is the schema (JSON) or grammar text.
+//! Tool definitions too: a JSON list of `{"name", "parameters"}` becomes every tool format's
+//! grammar (the parameters' names and schemas are a client's, written into Lark).
+//!
+//! Input: the first byte picks the kind, the rest is the schema (JSON), grammar text or tools.
 
 use std::sync::{Arc, OnceLock};
 
 use berth_engine::constraint::{ConstraintSpec, Grammars};
 use berth_engine::tokenizer::Tokenizer;
+use berth_engine::tools::{Tool, ToolChoice, ToolFormat, ToolGrammar, ToolPlan};
 use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
 
-fn grammars() -> &'static Grammars {
-    static GRAMMARS: OnceLock<Grammars> = OnceLock::new();
+fn grammars() -> &'static (Arc<Tokenizer>, Grammars) {
+    static GRAMMARS: OnceLock<(Arc<Tokenizer>, Grammars)> = OnceLock::new();
     GRAMMARS.get_or_init(|| {
         let bytes = berth_testkit::synthetic::tiny_llama(&Default::default()).build();
         let gguf = berth_formats::gguf::GgufFile::parse(&bytes).expect("the synthetic model parses");
-        let tokenizer = Tokenizer::from_gguf(&gguf).expect("its tokenizer builds");
-        Grammars::new(Arc::new(tokenizer)).expect("its grammar vocabulary builds")
+        let tokenizer = Arc::new(Tokenizer::from_gguf(&gguf).expect("its tokenizer builds"));
+        let grammars = Grammars::new(tokenizer.clone()).expect("its grammar vocabulary builds");
+        (tokenizer, grammars)
     })
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some((&pick, rest)) = data.split_first() else { return };
     let Ok(text) = std::str::from_utf8(rest) else { return };
-    let spec = match pick % 4 {
+    let spec = match pick % 5 {
         0 => match serde_json::from_str(text) {
             Ok(schema) => ConstraintSpec::JsonSchema(schema),
             Err(_) => return,
         },
         1 => ConstraintSpec::Lark(text.to_string()),
         2 => ConstraintSpec::Regex(text.to_string()),
-        _ => ConstraintSpec::JsonObject,
+        3 => ConstraintSpec::JsonObject,
+        _ => return tool_grammars(text),
     };
-    let Ok(mut constraint) = grammars().compile(&spec, "response_format") else { return };
+    walk(&spec);
+});
+
+/// Every format's grammar of the tools in `text`, under `required` and `auto`.
+fn tool_grammars(text: &str) {
+    let Ok(Value::Array(items)) = serde_json::from_str::<Value>(text) else { return };
+    // As the API checks them: names of letters, digits, `_` and `-`; parameters an object.
+    let tools: Vec<Tool> = items
+        .iter()
+        .take(4)
+        .filter_map(|t| {
+            let name = t["name"].as_str().filter(|n| {
+                (1..=64).contains(&n.len()) && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            })?;
+            let parameters = t.get("parameters").cloned().unwrap_or(Value::Object(Default::default()));
+            parameters.is_object().then(|| Tool { name: name.to_string(), description: None, parameters })
+        })
+        .collect();
+    if tools.is_empty() {
+        return;
+    }
+    for format in ToolFormat::ALL {
+        for choice in [ToolChoice::Required, ToolChoice::Auto] {
+            let plan = ToolPlan { format, tools: tools.clone(), choice, parallel: true };
+            match plan.grammar(&grammars().0) {
+                ToolGrammar::Whole(spec) => walk(&spec),
+                ToolGrammar::Lazy(lazy) => walk(&lazy.spec),
+                ToolGrammar::Free => {}
+            }
+            // What a model might write in this format parses (or is text), never panics.
+            plan.parse(text, "fuzz");
+        }
+    }
+}
+
+/// Compile a constraint and drive it a few steps.
+fn walk(spec: &ConstraintSpec) {
+    let Ok(mut constraint) = grammars().1.compile(spec, "response_format") else { return };
     // Walk the grammar: the lowest allowed token each step (or what it forces).
     for _ in 0..32 {
         if constraint.is_finished() {
@@ -52,4 +96,4 @@ fuzz_target!(|data: &[u8]| {
         }
         constraint.forced(8);
     }
-});
+}

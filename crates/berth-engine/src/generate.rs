@@ -180,10 +180,8 @@ impl Engine {
                 if plan.format == ToolFormat::Functools {
                     // FireFunction v2's template prints `functions` (the functions as JSON text) and
                     // `datetime`, as llama.cpp gives them.
-                    let functions: Vec<serde_json::Value> =
-                        tools.as_array().into_iter().flatten().map(|t| t["function"].clone()).collect();
-                    let functions = serde_json::to_string_pretty(&functions).unwrap_or_default();
-                    extra.insert("functions".into(), functions.into());
+                    let functions = serde_json::to_string_pretty(&plan.template_functions()).unwrap_or_default();
+                    extra.insert("functions".into(), defuse(&functions).into());
                     let now = crate::template::strftime_now("%b %d %Y %H:%M:%S GMT");
                     extra.insert("datetime".into(), now.into());
                 }
@@ -359,9 +357,7 @@ fn template_reads_message_tools(source: &str) -> bool {
 /// The tools as such a template wants them: a JSON list of functions in the system message's
 /// `tools` (a system message is added where the conversation has none).
 fn system_message_tools(json: &mut Vec<serde_json::Value>, plan: &ToolPlan, defuse: &dyn Fn(&str) -> String) {
-    let functions: Vec<serde_json::Value> =
-        plan.template_tools().as_array().into_iter().flatten().map(|t| t["function"].clone()).collect();
-    let text = defuse(&serde_json::Value::Array(functions).to_string());
+    let text = defuse(&serde_json::Value::Array(plan.template_functions()).to_string());
     if json.first().is_none_or(|m| m["role"] != "system") {
         json.insert(0, serde_json::json!({"role": "system", "content": ""}));
     }

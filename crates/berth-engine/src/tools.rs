@@ -190,17 +190,23 @@ impl ToolPlan {
     /// The tools as chat templates take them (`tools`: OpenAI's shape, as Hugging Face passes it).
     pub fn template_tools(&self) -> Value {
         Value::Array(
-            self.tools
-                .iter()
-                .map(|t| {
-                    let mut f = json!({"name": t.name, "parameters": t.parameters});
-                    if let Some(d) = &t.description {
-                        f["description"] = json!(d);
-                    }
-                    json!({"type": "function", "function": f})
-                })
-                .collect(),
+            self.template_functions().into_iter().map(|f| json!({"type": "function", "function": f})).collect(),
         )
+    }
+
+    /// The functions alone (`{"name", "description"?, "parameters"}`), as templates that print
+    /// them as JSON text want them (FireFunction's `functions`, Phi-4-mini's system `tools`).
+    pub fn template_functions(&self) -> Vec<Value> {
+        self.tools
+            .iter()
+            .map(|t| {
+                let mut f = json!({"name": t.name, "parameters": t.parameters});
+                if let Some(d) = &t.description {
+                    f["description"] = json!(d);
+                }
+                f
+            })
+            .collect()
     }
 
     /// The tools a call may name under this choice.
@@ -347,7 +353,7 @@ impl ToolPlan {
                 let mut params = String::new();
                 for (key, property) in schema["properties"].as_object().into_iter().flatten() {
                     let open = literal(format!("<parameter={key}>\n"));
-                    let value = if is_string_schema(property) {
+                    let value = if is_raw_text_schema(property) {
                         let rule = format!("xml_text_{}", rules.len());
                         let body = match property["maxLength"].as_u64() {
                             Some(n) if n <= 1000 => format!("/(.|\\n){{0,{n}}}/"),
@@ -436,13 +442,17 @@ fn arguments_schema(parameters: &Value) -> Value {
     }
 }
 
-/// Whether a parameter's values are strings (written raw in the XML format).
-fn is_string_schema(schema: &Value) -> bool {
-    match &schema["type"] {
+/// Whether a parameter's values are written as raw text in the XML format: strings with no rule
+/// but a length limit. A string with an enum, a pattern or a format is written as JSON under the
+/// grammar so the rule holds (the parser reads a raw one too: text that is not JSON stays text).
+fn is_raw_text_schema(schema: &Value) -> bool {
+    let is_string = match &schema["type"] {
         Value::String(t) => t == "string",
         Value::Array(types) => types.len() == 1 && types[0] == "string",
         _ => false,
-    }
+    };
+    const NO_RULE: [&str; 6] = ["type", "maxLength", "description", "title", "default", "examples"];
+    is_string && schema.as_object().is_some_and(|o| o.keys().all(|k| NO_RULE.contains(&k.as_str())))
 }
 
 /// A token in Lark: a special (control) token by its id, otherwise its text as a literal.
@@ -607,7 +617,7 @@ fn parse_xml_function(text: &str, tools: &[Tool]) -> (String, Vec<RawCall>) {
             let value = value.strip_prefix('\n').unwrap_or(value);
             let value = value.strip_suffix('\n').unwrap_or(value);
             let key = key.trim();
-            let raw = properties.is_some_and(|p| is_string_schema(&p[key]));
+            let raw = properties.is_some_and(|p| is_raw_text_schema(&p[key]));
             let value = if raw {
                 Value::String(value.to_string())
             } else {
@@ -777,6 +787,18 @@ mod tests {
         // A string parameter is raw text, newlines and JSON-looking text included.
         let code = "<tool_call>\n<function=write>\n<parameter=path>\n42\n</parameter>\n<parameter=text>\nif a < b:\n    print(\"{}\")\n</parameter>\n</function>\n</tool_call>";
         assert_eq!(calls(&xml, code).1, vec![call("write", r#"{"path":"42","text":"if a < b:\n    print(\"{}\")"}"#)]);
+
+        // A string with a rule is JSON under the grammar; written raw by a model, it is still text.
+        let modes = ToolPlan {
+            tools: vec![tool("open", json!({"mode": {"type": "string", "enum": ["r", "w"]}}))],
+            ..plan(ToolFormat::XmlFunction)
+        };
+        for value in ["\"w\"", "w"] {
+            let text = format!(
+                "<tool_call>\n<function=open>\n<parameter=mode>\n{value}\n</parameter>\n</function>\n</tool_call>"
+            );
+            assert_eq!(calls(&modes, &text).1, vec![call("open", r#"{"mode":"w"}"#)]);
+        }
 
         let functools = plan(ToolFormat::Functools);
         assert_eq!(

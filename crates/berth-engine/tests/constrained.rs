@@ -169,10 +169,10 @@ fn forced_tokens_skip_sampling_and_neighbours_are_unchanged() {
     );
 }
 
-/// Logprobs under a grammar are the model's own, before the mask, and every token has them: a
-/// token the grammar leaves as the only choice is not forced ahead (it would have no logits) but
-/// picked from its step's logits, so the answer is the same and its logprobs say how likely the
-/// model found each token.
+/// Logprobs under a grammar are the model's own, before the mask, and every token has them: the
+/// grammar's forced text is not fed ahead (it would have no logits) but picked token by token from
+/// each step's logits, so the text is the same and its logprobs say how likely the model found
+/// each token.
 #[test]
 fn constrained_answers_report_the_models_logprobs() {
     let engine = engine();
@@ -281,7 +281,8 @@ fn every_tool_formats_grammar_produces_what_its_parser_reads() {
             name: "note".into(),
             description: None,
             parameters: json!({"type": "object", "properties": {"text": {"type": "string", "maxLength": 20},
-                               "urgent": {"type": "boolean"}}, "required": ["text"], "additionalProperties": false}),
+                               "urgent": {"type": "boolean"}, "tag": {"type": "string", "enum": ["home", "work"]}},
+                               "required": ["text", "tag"], "additionalProperties": false}),
         },
     ];
     let formats = ToolFormat::ALL;
@@ -326,6 +327,10 @@ fn every_tool_formats_grammar_produces_what_its_parser_reads() {
                             let text = args["text"].as_str().unwrap_or_else(|| panic!("{format:?}: {args}"));
                             assert!(text.chars().count() <= 20, "{format:?}: {args}");
                             assert!(args.get("urgent").is_none_or(Value::is_boolean), "{format:?}: {args}");
+                            assert!(
+                                ["home", "work"].contains(&args["tag"].as_str().unwrap_or("")),
+                                "{format:?}: {args}"
+                            );
                         }
                         other => panic!("{format:?}: a call of {other}"),
                     }

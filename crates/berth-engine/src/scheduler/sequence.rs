@@ -197,7 +197,7 @@ impl<'s> Sequence<'s> {
         // Tokens the grammar forces (a schema's keys, its punctuation) go in without sampling:
         // they join the next forward pass together, as a prompt chunk does. Not where the answer
         // reports logprobs: a token fed without its logits has none to report, so each is then
-        // picked from its own step's logits (the mask leaves it the only choice).
+        // picked from its own step's logits (the mask leaves only the grammar's text to write).
         if self.req.logprobs.is_some() {
             return Ok(None);
         }
