@@ -155,11 +155,12 @@ async fn one_request(client: &reqwest::Client, endpoint: &str, load: &Load, prom
         "stream_options": { "include_usage": true },
     });
     if let Some(format) = &load.response_format {
-        body["response_format"] = format.clone();
         // llama-server's /v1/completions takes a schema as `json_schema` (it reads `response_format`
-        // on chat only); berth reads `response_format` and ignores the other.
-        if let Some(schema) = format.pointer("/json_schema/schema") {
-            body["json_schema"] = schema.clone();
+        // on chat only), and berth reads that field too (and refuses a body that constrains twice):
+        // a schema goes as `json_schema`, any other format as `response_format`.
+        match format.pointer("/json_schema/schema") {
+            Some(schema) => body["json_schema"] = schema.clone(),
+            None => body["response_format"] = format.clone(),
         }
     }
     let start = Instant::now();
