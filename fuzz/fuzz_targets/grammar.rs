@@ -3,8 +3,9 @@
 //! compiled against a byte-level vocabulary and then driven for a few tokens: a clear error or a
 //! grammar whose masks and steps never panic, never allow nothing without saying so, and finish.
 //!
-//! Tool definitions too: a JSON list of `{"name", "parameters"}` becomes every tool format's
-//! grammar (the parameters' names and schemas are a client's, written into Lark).
+//! Tool definitions too: OpenAI's `tools` (a list of `{"type": "function", "function": {"name",
+//! "parameters"}}`) become every tool format's grammar (the parameters' names and schemas are a
+//! client's, written into Lark).
 //!
 //! Input: the first byte picks the kind, the rest is the schema (JSON), grammar text or tools.
 
@@ -12,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 use berth_engine::constraint::{ConstraintSpec, Grammars};
 use berth_engine::tokenizer::Tokenizer;
-use berth_engine::tools::{Tool, ToolChoice, ToolFormat, ToolGrammar, ToolPlan};
+use berth_engine::tools::{ToolChoice, ToolFormat, ToolGrammar, ToolPlan};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -43,27 +44,15 @@ fuzz_target!(|data: &[u8]| {
     walk(&spec);
 });
 
-/// Every format's grammar of the tools in `text`, under `required` and `auto`.
+/// Every format's grammar of the tools in `text` (OpenAI's `tools`, read and checked as the API
+/// does; the first four), under `required` and `auto`.
 fn tool_grammars(text: &str) {
-    let Ok(Value::Array(items)) = serde_json::from_str::<Value>(text) else { return };
-    // As the API checks them: names of letters, digits, `_` and `-`; parameters an object.
-    let tools: Vec<Tool> = items
-        .iter()
-        .take(4)
-        .filter_map(|t| {
-            let name = t["name"].as_str().filter(|n| {
-                (1..=64).contains(&n.len()) && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            })?;
-            let parameters = t.get("parameters").cloned().unwrap_or(Value::Object(Default::default()));
-            parameters.is_object().then(|| Tool { name: name.to_string(), description: None, parameters })
-        })
-        .collect();
-    if tools.is_empty() {
-        return;
-    }
+    let Ok(Value::Array(mut items)) = serde_json::from_str::<Value>(text) else { return };
+    items.truncate(4);
+    let Some(plan) = berth_server::fuzzing::openai_tools(&Value::Array(items)) else { return };
     for format in ToolFormat::ALL {
         for choice in [ToolChoice::Required, ToolChoice::Auto] {
-            let plan = ToolPlan { format, tools: tools.clone(), choice, parallel: true };
+            let plan = ToolPlan { format, choice, parallel: true, ..plan.clone() };
             match plan.grammar(&grammars().0) {
                 ToolGrammar::Whole(spec) => walk(&spec),
                 ToolGrammar::Lazy(lazy) => walk(&lazy.spec),

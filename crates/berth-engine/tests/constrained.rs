@@ -115,13 +115,18 @@ impl TokenSink for Keep {
     }
 }
 
+/// A one-key object whose value is a constant: everything after the opening brace is forced.
+fn motto_schema(constant: &str) -> Value {
+    json!({"type": "object", "properties": {"motto": {"const": constant}}, "required": ["motto"],
+           "additionalProperties": false})
+}
+
 #[test]
 fn forced_tokens_skip_sampling_and_neighbours_are_unchanged() {
     let engine = engine();
     // Everything after the opening brace is forced: a constant in a one-key object.
     let constant = "the quick brown fox jumps over the lazy dog, twice and then once more";
-    let schema = json!({"type": "object", "properties": {"motto": {"const": constant}}, "required": ["motto"],
-                        "additionalProperties": false});
+    let schema = motto_schema(constant);
     let constrained = request(&engine, "Say the motto.", Some(ConstraintSpec::JsonSchema(schema)), 1.0, 8);
     let free = request(&engine, "Tell me about the sea.", None, 0.0, 9);
     let free = GenerationRequest { max_tokens: 40, ..free };
@@ -177,8 +182,7 @@ fn forced_tokens_skip_sampling_and_neighbours_are_unchanged() {
 fn constrained_answers_report_the_models_logprobs() {
     let engine = engine();
     let constant = "the quick brown fox";
-    let schema = json!({"type": "object", "properties": {"motto": {"const": constant}}, "required": ["motto"],
-                        "additionalProperties": false});
+    let schema = motto_schema(constant);
     let plain = request(&engine, "Say the motto.", Some(ConstraintSpec::JsonSchema(schema.clone())), 0.0, 1);
     let with_logprobs = GenerationRequest {
         logprobs: Some(3),

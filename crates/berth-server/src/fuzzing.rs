@@ -8,6 +8,12 @@ use berth_engine::{GenerationRequest, RequestLimits};
 
 use crate::request::PromptSource;
 
+/// OpenAI's `tools` as a request's would be read and checked (names, parameters, how many), for
+/// the fuzz target `grammar`; `None` where the API would refuse them or there are none.
+pub fn openai_tools(tools: &serde_json::Value) -> Option<ToolPlan> {
+    crate::tool_calls::openai_tools(&Some(tools.clone()), &None, &None).ok().flatten()
+}
+
 /// The endpoints whose bodies become generation requests.
 #[derive(Debug, Clone, Copy)]
 pub enum Api {
