@@ -343,3 +343,36 @@ fn every_tool_formats_grammar_produces_what_its_parser_reads() {
         }
     }
 }
+
+/// A client's parameter names and schemas are written into the tool grammars as quoted literals:
+/// a name that spells Lark syntax or a closing tag stays a name, and the call parses back with it.
+#[test]
+fn hostile_parameter_names_stay_names_in_every_tool_grammar() {
+    use berth_engine::tools::{Tool, ToolChoice, ToolFormat, ToolGrammar, ToolPlan};
+    let engine = engine();
+    let key = "a\"} | /.*/ %ignore\n</parameter>\n</function>";
+    let tools = vec![Tool {
+        name: "f".into(),
+        description: None,
+        parameters: json!({"type": "object", "properties": {key: {"type": "integer", "minimum": 0, "maximum": 9}},
+                           "required": [key], "additionalProperties": false}),
+    }];
+    for format in ToolFormat::ALL {
+        let plan = ToolPlan { format, tools: tools.clone(), choice: ToolChoice::Required, parallel: false };
+        let ToolGrammar::Whole(spec) = plan.grammar(engine.tokenizer()) else {
+            panic!("{format:?}: required is whole")
+        };
+        let req = GenerationRequest {
+            constraint: Some(engine.constrain(&spec, "tools").unwrap_or_else(|e| panic!("{format:?}: {e}"))),
+            ..request(&engine, "Call f.", None, 1.0, 7)
+        };
+        let out = engine.generate(&req, &mut |_| true).expect("generation");
+        let (_, calls) = plan.parse(&out.text, "t");
+        assert_eq!(calls.len(), 1, "{format:?}: {:?}", out.text);
+        let args: Value = serde_json::from_str(&calls[0].arguments).unwrap();
+        // The XML format's closing tags inside the name cut its parse short; every JSON format keeps it.
+        if format != ToolFormat::XmlFunction {
+            assert!(args[key].as_i64().is_some_and(|a| (0..=9).contains(&a)), "{format:?}: {args}");
+        }
+    }
+}
