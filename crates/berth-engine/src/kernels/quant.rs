@@ -862,7 +862,15 @@ mod tests {
             kernels.push(("NEON".into(), kernel));
         }
         let mut seed = 11;
-        let shapes = [(1usize, 32usize, 1usize), (17, 96, 3), (33, 576, 7), (5, 1536, 9), (16, 64, 4), (19, 768, 6)];
+        let shapes = [
+            (1usize, 32usize, 1usize),
+            (17, 96, 3),
+            (33, 576, 7),
+            (5, 1536, 9),
+            (16, 64, 4),
+            (19, 768, 6),
+            (7, 320, 23),
+        ];
         for (rows, cols, n) in shapes {
             let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 3.0).collect();
             let x: Vec<f32> = (0..cols * n).map(|_| lcg(&mut seed) * 50.0).collect();
@@ -986,34 +994,51 @@ mod tests {
             return;
         };
         let mut seed = 13;
-        let (rows, cols, n) = (19usize, 512usize, 6usize);
-        let x: Vec<f32> = (0..cols * n).map(|_| lcg(&mut seed) * 50.0).collect();
-        // Tokens 0, 2 and 5 were in large batches.
-        let peer_batch = [64u32, 1, 8, 7, 2, 300];
-        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
-            let w = random_k_blocks(ty, rows, cols, &mut seed);
-            let acts = QuantizedActivations::new(ActivationFormat::Q8K, &x, n, cols).with_peer_batch(&peer_batch);
-            let row_bytes = w.len() / rows;
-            let mut got = vec![f32::NAN; n * rows];
-            x86::matmul_tiles(
-                level,
-                ty,
-                &w,
-                rows,
-                acts.view(),
-                0..n,
-                &mut got,
-                Layout { token_stride: rows, row_stride: 1 },
-            );
-            for t in 0..n {
-                for r in 0..rows {
+        // Tokens 0, 2 and 5 were in large batches; then runs long enough for the outer-product
+        // kernel, all in large batches (ragged rows and token groups), and one that is not.
+        let mixed = [64u32, 1, 8, 7, 2, 300];
+        let cases: [(usize, usize, Vec<u32>); 4] = [
+            (19, 512, mixed.to_vec()),
+            (7, 768, vec![64; 13]),
+            (9, 256, vec![512; 24]),
+            (6, 256, [vec![64; 11], vec![7], vec![64; 4]].concat()),
+        ];
+        for (rows, cols, peer_batch) in cases {
+            let n = peer_batch.len();
+            let x: Vec<f32> = (0..cols * n).map(|_| lcg(&mut seed) * 50.0).collect();
+            for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+                let w = random_k_blocks(ty, rows, cols, &mut seed);
+                let acts = QuantizedActivations::new(ActivationFormat::Q8K, &x, n, cols).with_peer_batch(&peer_batch);
+                let row_bytes = w.len() / rows;
+                let want = |t: usize, r: usize| {
                     let row = &w[r * row_bytes..(r + 1) * row_bytes];
-                    let want = if peer_batch[t] >= super::super::TILED_FROM {
+                    if peer_batch[t] >= super::super::TILED_FROM {
                         tiled_reference(ty, row, &acts, t)
                     } else {
                         vec_dot(ty, row, &acts, t)
-                    };
-                    assert_eq!(got[t * rows + r].to_bits(), want.to_bits(), "{ty} row {r} token {t}");
+                    }
+                };
+                let mut got = vec![f32::NAN; n * rows];
+                let layout = Layout { token_stride: rows, row_stride: 1 };
+                x86::matmul_tiles(level, ty, &w, rows, acts.view(), 0..n, &mut got, layout);
+                for t in 0..n {
+                    for r in 0..rows {
+                        assert_eq!(
+                            got[t * rows + r].to_bits(),
+                            want(t, r).to_bits(),
+                            "{ty} {rows}×{cols} row {r} token {t}"
+                        );
+                    }
+                }
+                // Row-major output over a token range that does not start at 0.
+                let mut got = vec![f32::NAN; rows * (n - 1)];
+                let layout = Layout { token_stride: 1, row_stride: n - 1 };
+                x86::matmul_tiles(level, ty, &w, rows, acts.view(), 1..n, &mut got, layout);
+                for t in 1..n {
+                    for r in 0..rows {
+                        let g = got[r * (n - 1) + t - 1];
+                        assert_eq!(g.to_bits(), want(t, r).to_bits(), "{ty} {rows}×{cols} row {r} token {t} from 1");
+                    }
                 }
             }
         }

@@ -17,6 +17,9 @@ use berth_formats::gguf::GgmlType;
 
 use super::{Acts, Layout};
 
+mod k_panel;
+mod panel;
+
 /// The instruction-set levels berth has kernels for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
@@ -84,6 +87,9 @@ pub fn matmul_tiles(
     }
     let last = (tokens.len() - 1) * layout.token_stride + (rows - 1) * layout.row_stride;
     assert!(last < out.len());
+    let many = tokens.len() >= panel::PANEL_FROM;
+    // K-quants take the outer-product kernel only where llama.cpp's tiled kernel would (see k_panel).
+    let all_tiled = many && tokens.clone().all(|t| acts.peer_batch.get(t).is_some_and(|&b| b >= super::TILED_FROM));
     let job = Job { w: w.as_ptr(), row_bytes: nb * block_bytes, rows, acts, tokens, out: out.as_mut_ptr(), layout };
     // SAFETY: the features were detected (a `Level` only comes from `level()` or a test that
     // checked it); every access stays inside the bounds asserted above.
@@ -97,11 +103,19 @@ pub fn matmul_tiles(
             (Level::Avx2, GgmlType::Q4_K) => avx2::<Q4K>(&job),
             (Level::Avx2, GgmlType::Q5_K) => avx2::<Q5K>(&job),
             (Level::Avx2, _) => avx2::<Q6K>(&job),
+            (Level::Vnni, GgmlType::Q8_0) if many => panel::multiply::<Q8_0>(&job),
             (Level::Vnni, GgmlType::Q8_0) => vnni::<Q8_0>(&job),
+            (Level::Vnni, GgmlType::Q4_0) if many => panel::multiply::<Q4_0>(&job),
             (Level::Vnni, GgmlType::Q4_0) => vnni::<Q4_0>(&job),
+            (Level::Vnni, GgmlType::Q4_1) if many => panel::multiply::<Q4_1>(&job),
             (Level::Vnni, GgmlType::Q4_1) => vnni::<Q4_1>(&job),
+            (Level::Vnni, GgmlType::Q5_0) if many => panel::multiply::<Q5_0>(&job),
             (Level::Vnni, GgmlType::Q5_0) => vnni::<Q5_0>(&job),
+            (Level::Vnni, GgmlType::Q5_1) if many => panel::multiply::<Q5_1>(&job),
             (Level::Vnni, GgmlType::Q5_1) => vnni::<Q5_1>(&job),
+            (Level::Vnni, GgmlType::Q4_K) if all_tiled => k_panel::multiply::<k_panel::Q45K<false>>(&job),
+            (Level::Vnni, GgmlType::Q5_K) if all_tiled => k_panel::multiply::<k_panel::Q45K<true>>(&job),
+            (Level::Vnni, GgmlType::Q6_K) if all_tiled => k_panel::multiply::<k_panel::Q6K>(&job),
             (Level::Vnni, GgmlType::Q4_K) => vnni::<Q4K>(&job),
             (Level::Vnni, GgmlType::Q5_K) => vnni::<Q5K>(&job),
             (Level::Vnni, _) => vnni::<Q6K>(&job),
@@ -499,8 +513,12 @@ trait Block {
     const SIGNED: bool;
     /// The block has a minimum (`m`), multiplied by the activations' scaled sums.
     const HAS_MIN: bool;
+    /// What [`Self::load_unsigned`] adds to every value (0 where the values are unsigned).
+    const OFFSET: u8;
     /// The block's scale and its 32 values as bytes.
     unsafe fn load(p: *const u8) -> (f32, __m256i);
+    /// The block's scale and its 32 values plus [`Self::OFFSET`], as unsigned bytes.
+    unsafe fn load_unsigned(p: *const u8) -> (f32, __m256i);
     unsafe fn min(_p: *const u8) -> f32 {
         0.0
     }
@@ -516,10 +534,19 @@ impl Block for Q8_0 {
     const BYTES: usize = 34;
     const SIGNED: bool = true;
     const HAS_MIN: bool = false;
+    const OFFSET: u8 = 128;
     #[inline(always)]
     unsafe fn load(p: *const u8) -> (f32, __m256i) {
         // SAFETY: the caller guarantees a whole block at `p`.
         unsafe { (f16_at(p), _mm256_loadu_si256(p.add(2) as *const __m256i)) }
+    }
+    #[inline(always)]
+    unsafe fn load_unsigned(p: *const u8) -> (f32, __m256i) {
+        // SAFETY: as `load`. Flipping the top bit adds 128 to a signed byte read as unsigned.
+        unsafe {
+            let (d, q) = Self::load(p);
+            (d, _mm256_xor_si256(q, _mm256_set1_epi8(0x80u8 as i8)))
+        }
     }
 }
 
@@ -527,10 +554,16 @@ impl Block for Q4_0 {
     const BYTES: usize = 18;
     const SIGNED: bool = true;
     const HAS_MIN: bool = false;
+    const OFFSET: u8 = 8;
     #[inline(always)]
     unsafe fn load(p: *const u8) -> (f32, __m256i) {
         // SAFETY: the caller guarantees a whole block at `p`.
         unsafe { (f16_at(p), _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8))) }
+    }
+    #[inline(always)]
+    unsafe fn load_unsigned(p: *const u8) -> (f32, __m256i) {
+        // SAFETY: as `load`; the nibbles are the values plus 8.
+        unsafe { (f16_at(p), nibbles(p.add(2))) }
     }
 }
 
@@ -538,10 +571,16 @@ impl Block for Q4_1 {
     const BYTES: usize = 20;
     const SIGNED: bool = false;
     const HAS_MIN: bool = true;
+    const OFFSET: u8 = 0;
     #[inline(always)]
     unsafe fn load(p: *const u8) -> (f32, __m256i) {
         // SAFETY: the caller guarantees a whole block at `p`.
         unsafe { (f16_at(p), nibbles(p.add(4))) }
+    }
+    #[inline(always)]
+    unsafe fn load_unsigned(p: *const u8) -> (f32, __m256i) {
+        // SAFETY: as `load`.
+        unsafe { Self::load(p) }
     }
     #[inline(always)]
     unsafe fn min(p: *const u8) -> f32 {
@@ -554,6 +593,15 @@ impl Block for Q5_0 {
     const BYTES: usize = 22;
     const SIGNED: bool = true;
     const HAS_MIN: bool = false;
+    const OFFSET: u8 = 16;
+    #[inline(always)]
+    unsafe fn load_unsigned(p: *const u8) -> (f32, __m256i) {
+        // SAFETY: the caller guarantees a whole block at `p`. The fifth bit as 16, over the nibble.
+        unsafe {
+            let high = _mm256_and_si256(bits_as_bytes(p.add(2)), _mm256_set1_epi8(0x10));
+            (f16_at(p), _mm256_or_si256(nibbles(p.add(6)), high))
+        }
+    }
     #[inline(always)]
     unsafe fn load(p: *const u8) -> (f32, __m256i) {
         // SAFETY: the caller guarantees a whole block at `p`.
@@ -569,6 +617,12 @@ impl Block for Q5_1 {
     const BYTES: usize = 24;
     const SIGNED: bool = false;
     const HAS_MIN: bool = true;
+    const OFFSET: u8 = 0;
+    #[inline(always)]
+    unsafe fn load_unsigned(p: *const u8) -> (f32, __m256i) {
+        // SAFETY: as `load`.
+        unsafe { Self::load(p) }
+    }
     #[inline(always)]
     unsafe fn load(p: *const u8) -> (f32, __m256i) {
         // SAFETY: the caller guarantees a whole block at `p`.

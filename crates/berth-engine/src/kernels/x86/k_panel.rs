@@ -1,0 +1,298 @@
+//! The VNNI kernel of the K-quants for tokens that llama.cpp multiplies with its tiled kernel
+//! (batches of [`super::super::TILED_FROM`] or more: prefill, large decode batches).
+//!
+//! In that kernel a block's product is its exact integer sums, scaled once: only the totals
+//! matter, not which lanes they were summed in. That frees the arithmetic, and this kernel uses an
+//! outer product: eight tokens' activations are transposed so that one 256-bit register holds
+//! four consecutive values of each of eight tokens, and one `vpdpbusd` with four bytes of a
+//! weight row broadcast adds 32 products, one (row, token) pair per lane. Weight rows are unpacked
+//! to one byte per value once per job and used for every token in it. The one-row tiles did the
+//! same sums with three instructions per 32 products and unpacked each block again for every
+//! four tokens.
+//!
+//! Per block, as llama.cpp's tiled kernel and the one-row tiles: `s1 = Σ scale · Σ code · y`
+//! (less the codes' bias times the activations' sums, Q6_K), `s2 = Σ min · Σ y`, then
+//! `r = s1 · d − dmin · s2` (one fused multiply-add) and `acc = r · d_y + acc` (another).
+
+use std::arch::x86_64::*;
+
+use super::{Job, f16_at, prefetch_ahead};
+
+/// Weight rows multiplied together.
+const ROWS: usize = 4;
+/// Tokens multiplied together: one per 32-bit lane.
+const LANES: usize = 8;
+/// Values in a K-quant block.
+const QK: usize = 256;
+
+/// A K-quant format as the outer-product kernel reads it.
+pub(super) trait KBlock {
+    const BYTES: usize;
+    /// Values per scale (32 for Q4_K and Q5_K, 16 for Q6_K).
+    const SUB: usize;
+    /// The block has minimums (Q4_K, Q5_K).
+    const HAS_MIN: bool;
+    /// What every code holds above its value (Q6_K's 32); taken back through the activations' sums.
+    const BIAS: i32;
+    /// The block's codes (256 unsigned bytes in value order, into `codes`), its scales (one per
+    /// `SUB` values) and minimums, and its `d` and `dmin`.
+    unsafe fn unpack(p: *const u8, codes: &mut [__m256i; 8], scales: &mut [i32; 16], mins: &mut [i32; 8])
+    -> (f32, f32);
+}
+
+/// Every product of the job's rows and tokens; every token of the job is one llama.cpp computes
+/// with its tiled kernel.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C, AVX-512 VNNI and VL; the job's bounds were checked by
+/// `matmul_tiles` (Q8_K activations with their sums).
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(super) unsafe fn multiply<B: KBlock>(job: &Job<'_>) {
+    let nb = job.acts.nb;
+    let tokens = job.tokens.len();
+    let groups = tokens.div_ceil(LANES);
+    let acts = transpose(job, groups);
+    let mut panel = Panel {
+        codes: vec![[_mm256_setzero_si256(); 8]; ROWS * nb],
+        scales: vec![[0; 16]; ROWS * nb],
+        mins: vec![[0; 8]; ROWS * nb],
+        d: vec![(0.0, 0.0); ROWS * nb],
+    };
+    for r0 in (0..job.rows).step_by(ROWS) {
+        let valid = (job.rows - r0).min(ROWS);
+        for r in 0..ROWS {
+            // Rows past the job's last repeat it; their products are not written.
+            let row = r0 + r.min(valid - 1);
+            for b in 0..nb {
+                // SAFETY: the row is inside the job and has `nb` blocks.
+                unsafe {
+                    let p = job.w.add(row * job.row_bytes + b * B::BYTES);
+                    prefetch_ahead(p, B::BYTES);
+                    let at = r * nb + b;
+                    panel.d[at] = B::unpack(p, &mut panel.codes[at], &mut panel.scales[at], &mut panel.mins[at]);
+                }
+            }
+        }
+        for g in 0..groups {
+            let lanes = (tokens - g * LANES).min(LANES);
+            // SAFETY: rows r0..r0 + valid and the group's tokens are inside the checked bounds.
+            unsafe {
+                let out = job.out.add(g * LANES * job.layout.token_stride + r0 * job.layout.row_stride);
+                tile::<B>(&panel, &acts, g, nb, out, job, valid, lanes);
+            }
+        }
+    }
+}
+
+/// Four weight rows unpacked, `[row][block]`.
+struct Panel {
+    codes: Vec<[__m256i; 8]>,
+    scales: Vec<[i32; 16]>,
+    mins: Vec<[i32; 8]>,
+    d: Vec<(f32, f32)>,
+}
+
+/// The job's activations by groups of eight tokens, lane `t` holding token `t` of the group
+/// (tokens past the job's last are zeros).
+struct Transposed {
+    /// `[group][block][QK / 4]`: four consecutive values of each token.
+    values: Vec<[i32; LANES]>,
+    /// `[group][block][16]`: the sums of each 16 values.
+    sums: Vec<[i32; LANES]>,
+    /// `[group][block]`: the activations' scales.
+    d: Vec<[f32; LANES]>,
+}
+
+fn transpose(job: &Job<'_>, groups: usize) -> Transposed {
+    let nb = job.acts.nb;
+    let mut t = Transposed {
+        values: vec![[0; LANES]; groups * nb * QK / 4],
+        sums: vec![[0; LANES]; groups * nb * 16],
+        d: vec![[0.0; LANES]; groups * nb],
+    };
+    for (i, token) in job.tokens.clone().enumerate() {
+        let (g, lane) = (i / LANES, i % LANES);
+        for b in 0..nb {
+            let block = token * nb + b;
+            let qs = &job.acts.qs[block * QK..(block + 1) * QK];
+            for (k, four) in qs.chunks_exact(4).enumerate() {
+                t.values[(g * nb + b) * QK / 4 + k][lane] =
+                    i32::from_le_bytes([four[0] as u8, four[1] as u8, four[2] as u8, four[3] as u8]);
+            }
+            for (k, &s) in job.acts.bsums[block * 16..(block + 1) * 16].iter().enumerate() {
+                t.sums[(g * nb + b) * 16 + k][lane] = s as i32;
+            }
+            t.d[g * nb + b][lane] = job.acts.d[block];
+        }
+    }
+    t
+}
+
+/// The panel's rows by token group `g` (`lanes` tokens of it real), the first `valid` rows
+/// written.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tile<B: KBlock>(
+    panel: &Panel,
+    acts: &Transposed,
+    g: usize,
+    nb: usize,
+    out: *mut f32,
+    job: &Job<'_>,
+    valid: usize,
+    lanes: usize,
+) {
+    let subs = QK / B::SUB;
+    // SAFETY (whole body): the caller guarantees the features and the outputs; every index below
+    // is inside the vectors built for `nb` blocks and this group.
+    unsafe {
+        let zero = _mm256_setzero_si256();
+        let mut acc = [_mm256_setzero_ps(); ROWS];
+        for b in 0..nb {
+            let values = acts.values.as_ptr().add((g * nb + b) * QK / 4) as *const __m256i;
+            let sums = acts.sums.as_ptr().add((g * nb + b) * 16) as *const __m256i;
+            let mut s1 = [zero; ROWS];
+            let mut s2 = [zero; ROWS];
+            let codes: [*const u8; ROWS] = std::array::from_fn(|r| panel.codes[r * nb + b].as_ptr() as *const u8);
+            for s in 0..subs {
+                let mut dot = [zero; ROWS];
+                for k in 0..B::SUB / 4 {
+                    let four = s * B::SUB / 4 + k;
+                    let y = _mm256_loadu_si256(values.add(four));
+                    for r in 0..ROWS {
+                        let w = _mm256_set1_epi32((codes[r].add(4 * four) as *const i32).read_unaligned());
+                        dot[r] = _mm256_dpbusd_epi32(dot[r], w, y);
+                    }
+                }
+                // The activations' sum over this scale's values (16 or 32 of them).
+                let ysum = if B::SUB == 16 {
+                    _mm256_loadu_si256(sums.add(s))
+                } else {
+                    _mm256_add_epi32(_mm256_loadu_si256(sums.add(2 * s)), _mm256_loadu_si256(sums.add(2 * s + 1)))
+                };
+                let bias = if B::BIAS != 0 { _mm256_mullo_epi32(ysum, _mm256_set1_epi32(B::BIAS)) } else { zero };
+                for r in 0..ROWS {
+                    let at = r * nb + b;
+                    let d = if B::BIAS != 0 { _mm256_sub_epi32(dot[r], bias) } else { dot[r] };
+                    s1[r] = _mm256_add_epi32(s1[r], _mm256_mullo_epi32(d, _mm256_set1_epi32(panel.scales[at][s])));
+                    if B::HAS_MIN {
+                        s2[r] = _mm256_add_epi32(s2[r], _mm256_mullo_epi32(ysum, _mm256_set1_epi32(panel.mins[at][s])));
+                    }
+                }
+            }
+            let dy = _mm256_loadu_ps(acts.d[g * nb + b].as_ptr());
+            for r in 0..ROWS {
+                let (d, dmin) = panel.d[r * nb + b];
+                let mut res = _mm256_mul_ps(_mm256_cvtepi32_ps(s1[r]), _mm256_set1_ps(d));
+                if B::HAS_MIN {
+                    res = _mm256_fnmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(s2[r]), res);
+                }
+                acc[r] = _mm256_fmadd_ps(res, dy, acc[r]);
+            }
+        }
+        let (ts, rs) = (job.layout.token_stride, job.layout.row_stride);
+        for (r, a) in acc.iter().enumerate().take(valid) {
+            let mut lane = [0f32; LANES];
+            _mm256_storeu_ps(lane.as_mut_ptr(), *a);
+            for (t, v) in lane.iter().enumerate().take(lanes) {
+                *out.add(t * ts + r * rs) = *v;
+            }
+        }
+    }
+}
+
+/// Q4_K (`FIVE` false) and Q5_K (`FIVE` true).
+pub(super) struct Q45K<const FIVE: bool>;
+
+impl<const FIVE: bool> KBlock for Q45K<FIVE> {
+    const BYTES: usize = if FIVE { 176 } else { 144 };
+    const SUB: usize = 32;
+    const HAS_MIN: bool = true;
+    const BIAS: i32 = 0;
+    #[inline(always)]
+    unsafe fn unpack(
+        x: *const u8,
+        codes: &mut [__m256i; 8],
+        scales: &mut [i32; 16],
+        mins: &mut [i32; 8],
+    ) -> (f32, f32) {
+        // SAFETY: the caller guarantees a whole block at `x` and AVX2.
+        unsafe {
+            // The 12 bytes of 6-bit scales and minimums, decoded as llama.cpp does.
+            let mut utmp = [0u32; 4];
+            std::ptr::copy_nonoverlapping(x.add(4), utmp.as_mut_ptr() as *mut u8, 12);
+            utmp[3] = ((utmp[2] >> 4) & 0x0f0f0f0f) | (((utmp[1] >> 6) & 0x03030303) << 4);
+            let uaux = utmp[1] & 0x3f3f3f3f;
+            utmp[1] = (utmp[2] & 0x0f0f0f0f) | (((utmp[0] >> 6) & 0x03030303) << 4);
+            utmp[2] = uaux;
+            utmp[0] &= 0x3f3f3f3f;
+            let bytes: [u8; 16] = std::mem::transmute(utmp);
+            for s in 0..8 {
+                scales[s] = bytes[s] as i32;
+                mins[s] = bytes[8 + s] as i32;
+            }
+            let m4 = _mm256_set1_epi8(0xF);
+            let hbits = if FIVE { _mm256_loadu_si256(x.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
+            let q = x.add(if FIVE { 48 } else { 16 });
+            for j in 0..4 {
+                let bits = _mm256_loadu_si256(q.add(32 * j) as *const __m256i);
+                let mut low = _mm256_and_si256(bits, m4);
+                let mut high = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                if FIVE {
+                    let (bl, bh) = (_mm256_set1_epi8(1 << (2 * j)), _mm256_set1_epi8(1 << (2 * j + 1)));
+                    let sixteen = _mm256_set1_epi8(16);
+                    low = _mm256_or_si256(
+                        low,
+                        _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, bl), bl), sixteen),
+                    );
+                    high = _mm256_or_si256(
+                        high,
+                        _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, bh), bh), sixteen),
+                    );
+                }
+                codes[2 * j] = low;
+                codes[2 * j + 1] = high;
+            }
+            (f16_at(x), f16_at(x.add(2)))
+        }
+    }
+}
+
+pub(super) struct Q6K;
+
+impl KBlock for Q6K {
+    const BYTES: usize = 210;
+    const SUB: usize = 16;
+    const HAS_MIN: bool = false;
+    const BIAS: i32 = 32;
+    #[inline(always)]
+    unsafe fn unpack(
+        x: *const u8,
+        codes: &mut [__m256i; 8],
+        scales: &mut [i32; 16],
+        _mins: &mut [i32; 8],
+    ) -> (f32, f32) {
+        // SAFETY: the caller guarantees a whole block at `x` and AVX2.
+        unsafe {
+            let m3 = _mm256_set1_epi8(3);
+            let m15 = _mm256_set1_epi8(15);
+            for j in 0..2 {
+                let low1 = _mm256_loadu_si256(x.add(64 * j) as *const __m256i);
+                let low2 = _mm256_loadu_si256(x.add(64 * j + 32) as *const __m256i);
+                let high = _mm256_loadu_si256(x.add(128 + 32 * j) as *const __m256i);
+                let h0 = _mm256_slli_epi16(_mm256_and_si256(high, m3), 4);
+                let h1 = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(12)), 2);
+                let h2 = _mm256_and_si256(high, _mm256_set1_epi8(48));
+                let h3 = _mm256_srli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(-64)), 2);
+                codes[4 * j] = _mm256_or_si256(_mm256_and_si256(low1, m15), h0);
+                codes[4 * j + 1] = _mm256_or_si256(_mm256_and_si256(low2, m15), h1);
+                codes[4 * j + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low1, 4), m15), h2);
+                codes[4 * j + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low2, 4), m15), h3);
+            }
+            for (s, scale) in scales.iter_mut().enumerate() {
+                *scale = *x.add(192 + s) as i8 as i32;
+            }
+            (f16_at(x.add(208)), 0.0)
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The VNNI kernel of the 32-value formats for many tokens at once (prefill, large decode
+//! batches): weight rows are unpacked once into a panel and then multiplied by every token of the
+//! job, four rows by four tokens at a time.
+//!
+//! Why a second kernel: the one-row tiles unpack each weight block again for every four tokens and
+//! spend a sign instruction, a scalar multiply and a broadcast on every (row, token) pair; at 512
+//! tokens that bookkeeping, not the integer products, was most of the time. Here the panel holds
+//! the values as unsigned bytes (the format's offset added, so `vpdpbusd` takes them as they
+//! are), the offset's share of each lane is taken back once per token and block (it seeds the
+//! accumulating `vpdpbusd`), and the scales of four rows meet four tokens' in vector multiplies.
+//!
+//! The results are the same bits as the one-row tiles and llama.cpp's vector dot product: each
+//! lane's integer sum is exact either way (Σ(q + o)·y − o·Σy = Σq·y, far from overflow), and the
+//! lanes are converted, scaled by the same rounded product of the two scales and added block by
+//! block into the same eight float lanes, summed last by `hsum8`.
+
+use std::arch::x86_64::*;
+
+use super::{Block, Job, hsum8, prefetch_ahead};
+
+/// Weight rows unpacked and multiplied together.
+const ROWS: usize = 4;
+
+/// From how many tokens a job's 32-value products take the panel kernel (below it, unpacking a
+/// panel costs more than it saves).
+pub(super) const PANEL_FROM: usize = 8;
+
+/// A panel: `ROWS` weight rows' blocks unpacked, block-major (`[block][row]`).
+struct Panel {
+    values: Vec<__m256i>,
+    scales: Vec<f32>,
+    mins: Vec<f32>,
+}
+
+/// Every product of the job's rows and tokens (the tokens at least [`PANEL_FROM`]).
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C, AVX-512 VNNI and VL; the job's bounds were checked by
+/// `matmul_tiles`.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(super) unsafe fn multiply<B: Block>(job: &Job<'_>) {
+    let nb = job.acts.nb;
+    let mut panel = Panel {
+        values: vec![_mm256_setzero_si256(); nb * ROWS],
+        scales: vec![0.0; nb * ROWS],
+        mins: if B::HAS_MIN { vec![0.0; nb * ROWS] } else { Vec::new() },
+    };
+    let (t0, t1) = (job.tokens.start, job.tokens.end);
+    for r0 in (0..job.rows).step_by(ROWS) {
+        let valid = (job.rows - r0).min(ROWS);
+        // SAFETY: rows r0..r0 + valid are inside the job; a short panel repeats its last row.
+        unsafe { unpack::<B>(job, r0, valid, &mut panel) };
+        let mut t = t0;
+        while t < t1 {
+            let group = (t1 - t).min(4);
+            // SAFETY: tokens t..t + group and rows r0..r0 + valid are inside the checked bounds.
+            unsafe {
+                let out = job.out.add((t - t0) * job.layout.token_stride + r0 * job.layout.row_stride);
+                match group {
+                    4 => tile::<B, 4>(&panel, job, t, out, valid),
+                    3 => tile::<B, 3>(&panel, job, t, out, valid),
+                    2 => tile::<B, 2>(&panel, job, t, out, valid),
+                    _ => tile::<B, 1>(&panel, job, t, out, valid),
+                }
+            }
+            t += group;
+        }
+    }
+}
+
+/// Unpack rows `r0..r0 + valid` of the job's weights into `panel` (rows past `valid` repeat the
+/// last one; their products are computed and not written).
+#[inline(always)]
+unsafe fn unpack<B: Block>(job: &Job<'_>, r0: usize, valid: usize, panel: &mut Panel) {
+    let nb = job.acts.nb;
+    for r in 0..ROWS {
+        // SAFETY (whole loop): the row is inside the job, and `nb` blocks of it are readable.
+        unsafe {
+            let row = job.w.add((r0 + r.min(valid - 1)) * job.row_bytes);
+            for b in 0..nb {
+                let wb = row.add(b * B::BYTES);
+                prefetch_ahead(wb, B::BYTES);
+                let (d, values) = B::load_unsigned(wb);
+                *panel.values.get_unchecked_mut(b * ROWS + r) = values;
+                *panel.scales.get_unchecked_mut(b * ROWS + r) = d;
+                if B::HAS_MIN {
+                    *panel.mins.get_unchecked_mut(b * ROWS + r) = B::min(wb);
+                }
+            }
+        }
+    }
+}
+
+/// The panel's rows by tokens `first..first + T`, each product reduced as llama.cpp's vector dot
+/// product reduces it; the first `valid` rows written.
+#[inline(always)]
+unsafe fn tile<B: Block, const T: usize>(panel: &Panel, job: &Job<'_>, first: usize, out: *mut f32, valid: usize) {
+    let nb = job.acts.nb;
+    // SAFETY (whole body): the caller guarantees the features, `nb` activation blocks for tokens
+    // first..first + T, and outputs for `valid` rows and T tokens at `out`.
+    unsafe {
+        let zero = _mm256_setzero_si256();
+        let offset = _mm256_set1_epi8(B::OFFSET as i8);
+        let mut acc = [[_mm256_setzero_ps(); T]; ROWS];
+        let mut summs = [[0f32; T]; ROWS];
+        let qs = job.acts.qs.as_ptr().add(first * nb * 32);
+        let d = job.acts.d.as_ptr().add(first * nb);
+        let s = job.acts.s.as_ptr();
+        for b in 0..nb {
+            let qy: [__m256i; T] =
+                std::array::from_fn(|t| _mm256_loadu_si256(qs.add((t * nb + b) * 32) as *const __m256i));
+            // −offset · (the sum of each lane's four activations): where the lane sums start.
+            let base: [__m256i; T] = std::array::from_fn(|t| {
+                if B::OFFSET == 0 { zero } else { _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, offset, qy[t])) }
+            });
+            let dy: [__m256; T] = std::array::from_fn(|t| _mm256_set1_ps(*d.add(t * nb + b)));
+            for r in 0..ROWS {
+                let values = *panel.values.get_unchecked(b * ROWS + r);
+                let dw = _mm256_set1_ps(*panel.scales.get_unchecked(b * ROWS + r));
+                for t in 0..T {
+                    let lanes = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(base[t], values, qy[t]));
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dy[t]), lanes, acc[r][t]);
+                    if B::HAS_MIN {
+                        let sy = *s.add((first + t) * nb + b);
+                        summs[r][t] = panel.mins.get_unchecked(b * ROWS + r).mul_add(sy, summs[r][t]);
+                    }
+                }
+            }
+        }
+        let (ts, rs) = (job.layout.token_stride, job.layout.row_stride);
+        for r in 0..valid {
+            for t in 0..T {
+                let sum = hsum8(acc[r][t]);
+                *out.add(t * ts + r * rs) = if B::HAS_MIN { sum + summs[r][t] } else { sum };
+            }
+        }
+    }
+}
