@@ -116,6 +116,23 @@ impl<'a> QMatrix<'a> {
                 acts.push(QuantizedActivations::new(format, x, n, m.cols).with_peer_batch(peer_batch));
             }
         }
+        Self::matmul_many_prepared(&acts, n, products)
+    }
+
+    /// [`Self::matmul_many_batched`] with the activations already in the formats the matrices
+    /// take (one [`QuantizedActivations`] per format, each with its tokens' batch sizes).
+    ///
+    /// # Panics
+    /// If a matrix's format is missing from `acts`.
+    pub fn matmul_many_prepared(
+        acts: &[QuantizedActivations<'_>],
+        n: usize,
+        products: &mut [(QMatrix<'_>, &mut [f32])],
+    ) {
+        for (m, _) in products.iter() {
+            let format = ActivationFormat::for_weights(m.ggml_type);
+            assert!(acts.iter().any(|a| a.format == format), "no {format:?} activations for a {} matrix", m.ggml_type);
+        }
         let which = |m: &QMatrix<'_>| {
             let format = ActivationFormat::for_weights(m.ggml_type);
             acts.iter().position(|a| a.format == format).unwrap_or_default()
@@ -185,10 +202,8 @@ impl<'a> QMatrix<'a> {
             && let Some(level) = x86::level()
         {
             let w = &self.data[rows.start * self.row_bytes..rows.end * self.row_bytes];
-            // Tokens in runs whose quantised activations fit in L1 beside a block of weight rows.
-            for start in tokens.clone().step_by(TOKENS_PER_PASS) {
-                let run = start..(start + TOKENS_PER_PASS).min(tokens.end);
-                let o = &mut out[at(start, rows.start)..];
+            for run in passes(tokens.clone()) {
+                let o = &mut out[at(run.start, rows.start)..];
                 x86::matmul_tiles(level, self.ggml_type, w, rows.len(), acts.view(), run, o, layout);
             }
             return;
@@ -196,9 +211,8 @@ impl<'a> QMatrix<'a> {
         #[cfg(target_arch = "aarch64")]
         if acts.format != ActivationFormat::F32 && neon::supports(self.ggml_type) {
             let w = &self.data[rows.start * self.row_bytes..rows.end * self.row_bytes];
-            for start in tokens.clone().step_by(TOKENS_PER_PASS) {
-                let run = start..(start + TOKENS_PER_PASS).min(tokens.end);
-                let o = &mut out[at(start, rows.start)..];
+            for run in passes(tokens.clone()) {
+                let o = &mut out[at(run.start, rows.start)..];
                 neon::matmul_tiles(self.ggml_type, w, rows.len(), acts.view(), run, o, layout);
             }
             return;
@@ -235,8 +249,21 @@ pub const TILED_FROM: u32 = 8;
 
 /// Tokens multiplied together by one weight block in the tile kernels.
 const TOKEN_GROUP: usize = 4;
-/// Tokens per pass over a task's weight rows (64 × 576 quantised values ≈ 37 KB, inside L1).
+/// Tokens per pass over a task's weight rows at most (64 × 576 quantised values ≈ 37 KB, inside L1).
 const TOKENS_PER_PASS: usize = 64;
+
+/// `tokens` in passes of at most [`TOKENS_PER_PASS`], as even as they can be: 130 tokens are
+/// three passes of 44, 43 and 43, not 64, 64 and a last 2 too few for the panel kernels.
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+fn passes(tokens: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    let count = tokens.len().div_ceil(TOKENS_PER_PASS).max(1);
+    let (base, extra) = (tokens.len() / count, tokens.len() % count);
+    (0..count).scan(tokens.start, move |start, i| {
+        let run = *start..*start + base + usize::from(i < extra);
+        *start = run.end;
+        Some(run)
+    })
+}
 
 /// Quantised activations of a batch of tokens as the SIMD kernels read them, `nb` blocks per token.
 #[derive(Clone, Copy)]
@@ -260,4 +287,23 @@ pub(crate) struct Acts<'a> {
 pub(crate) struct Layout {
     pub token_stride: usize,
     pub row_stride: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_cover_the_tokens_evenly_and_in_order() {
+        let bounds = |runs: Vec<Range<usize>>| runs.into_iter().map(|r| (r.start, r.end)).collect::<Vec<_>>();
+        for (range, want) in [
+            (0..0, vec![(0, 0)]),
+            (3..10, vec![(3, 10)]),
+            (0..64, vec![(0, 64)]),
+            (0..130, vec![(0, 44), (44, 87), (87, 130)]),
+            (5..70, vec![(5, 38), (38, 70)]),
+        ] {
+            assert_eq!(bounds(passes(range.clone()).collect()), want, "{range:?}");
+        }
+    }
 }

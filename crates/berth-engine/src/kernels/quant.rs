@@ -273,6 +273,40 @@ impl<'x> QuantizedActivations<'x> {
         acts
     }
 
+    /// The quantised rows of `tokens`, in that order, as activations of their own (`x` holding
+    /// the same tokens' f32 rows, read where the format is F32). Quantising is row by row, so
+    /// this is what quantising those rows would give: an MoE layer quantises its input once, not
+    /// once per expert.
+    pub fn gather<'y>(&self, tokens: &[usize], x: &'y [f32]) -> QuantizedActivations<'y> {
+        let nb = self.blocks_per_row;
+        let per_block = self.qs.len() / self.d.len().max(1);
+        let rows = |v: &[f32]| -> Vec<f32> {
+            if v.is_empty() {
+                Vec::new()
+            } else {
+                tokens.iter().flat_map(|&t| v[t * nb..(t + 1) * nb].iter().copied()).collect()
+            }
+        };
+        QuantizedActivations {
+            format: self.format,
+            cols: self.cols,
+            blocks_per_row: nb,
+            d: rows(&self.d),
+            s: rows(&self.s),
+            bsums: if self.bsums.is_empty() {
+                Vec::new()
+            } else {
+                tokens.iter().flat_map(|&t| self.bsums[t * nb * 16..(t + 1) * nb * 16].iter().copied()).collect()
+            },
+            qs: tokens
+                .iter()
+                .flat_map(|&t| self.qs[t * nb * per_block..(t + 1) * nb * per_block].iter().copied())
+                .collect(),
+            f32_rows: x,
+            peer_batch: &[],
+        }
+    }
+
     /// Give each token the size of the batch llama.cpp would compute it in.
     pub fn with_peer_batch(mut self, peer_batch: &'x [u32]) -> Self {
         self.peer_batch = peer_batch;
@@ -1041,6 +1075,25 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Gathered rows are the rows quantised on their own, in every integer format.
+    #[test]
+    fn gathered_rows_are_those_rows_quantised() {
+        let mut seed = 17;
+        let (n, cols) = (7usize, 512usize);
+        let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut seed) * 20.0).collect();
+        let tokens = [5usize, 0, 3, 3];
+        let picked: Vec<f32> = tokens.iter().flat_map(|&t| x[t * cols..(t + 1) * cols].iter().copied()).collect();
+        for format in [ActivationFormat::Q8_0, ActivationFormat::Q8_1, ActivationFormat::Q8K] {
+            let all = QuantizedActivations::new(format, &x, n, cols);
+            let gathered = all.gather(&tokens, &[]);
+            let alone = QuantizedActivations::new(format, &picked, tokens.len(), cols);
+            assert_eq!(gathered.qs, alone.qs, "{format:?}");
+            assert_eq!(bits(&gathered.d), bits(&alone.d), "{format:?}");
+            assert_eq!(bits(&gathered.s), bits(&alone.s), "{format:?}");
+            assert_eq!(gathered.bsums, alone.bsums, "{format:?}");
         }
     }
 

@@ -11,8 +11,9 @@
 //! four tokens.
 //!
 //! Per block, as llama.cpp's tiled kernel and the one-row tiles: `s1 = Σ scale · Σ code · y`
-//! (less the codes' bias times the activations' sums, Q6_K), `s2 = Σ min · Σ y`, then
-//! `r = s1 · d − dmin · s2` (one fused multiply-add) and `acc = r · d_y + acc` (another).
+//! (less the codes' bias times `Σ scale · Σ y`, Q6_K), `s2 = Σ min · Σ y`, then
+//! `r = s1 · d − dmin · s2` (one fused multiply-add) and `acc = r · d_y + acc` (another). The
+//! terms in `Σ y` take `vpmaddwd` over pairs of 16-bit sums, not a 32-bit multiply per scale.
 
 use std::arch::x86_64::*;
 
@@ -32,12 +33,23 @@ pub(super) trait KBlock {
     const SUB: usize;
     /// The block has minimums (Q4_K, Q5_K).
     const HAS_MIN: bool;
-    /// What every code holds above its value (Q6_K's 32); taken back through the activations' sums.
-    const BIAS: i32;
+    /// log2 of what every code holds above its value (Q6_K's 32; 0 for none), taken back
+    /// through the activations' sums.
+    const BIAS_SHIFT: i32;
     /// The block's codes (256 unsigned bytes in value order, into `codes`), its scales (one per
-    /// `SUB` values) and minimums, and its `d` and `dmin`.
-    unsafe fn unpack(p: *const u8, codes: &mut [__m256i; 8], scales: &mut [i32; 16], mins: &mut [i32; 8])
-    -> (f32, f32);
+    /// `SUB` values), what multiplies the activations' sums (the minimums, or Q6_K's scales) in
+    /// pairs of 16-bit values, and its `d` and `dmin`.
+    unsafe fn unpack(
+        p: *const u8,
+        codes: &mut [__m256i; 8],
+        scales: &mut [i32; 16],
+        pairs: &mut [i32; 8],
+    ) -> (f32, f32);
+}
+
+/// Two 16-bit values in one 32-bit lane, as `vpmaddwd` reads them.
+fn pair(low: i32, high: i32) -> i32 {
+    (low as i16 as u16 as u32 | ((high as i16 as u16 as u32) << 16)) as i32
 }
 
 /// Every product of the job's rows and tokens; every token of the job is one llama.cpp computes
@@ -51,11 +63,11 @@ pub(super) unsafe fn multiply<B: KBlock>(job: &Job<'_>) {
     let nb = job.acts.nb;
     let tokens = job.tokens.len();
     let groups = tokens.div_ceil(LANES);
-    let acts = transpose(job, groups);
+    let acts = transpose::<B>(job, groups);
     let mut panel = Panel {
         codes: vec![[_mm256_setzero_si256(); 8]; ROWS * nb],
         scales: vec![[0; 16]; ROWS * nb],
-        mins: vec![[0; 8]; ROWS * nb],
+        pairs: vec![[0; 8]; ROWS * nb],
         d: vec![(0.0, 0.0); ROWS * nb],
     };
     for r0 in (0..job.rows).step_by(ROWS) {
@@ -69,17 +81,26 @@ pub(super) unsafe fn multiply<B: KBlock>(job: &Job<'_>) {
                     let p = job.w.add(row * job.row_bytes + b * B::BYTES);
                     prefetch_ahead(p, B::BYTES);
                     let at = r * nb + b;
-                    panel.d[at] = B::unpack(p, &mut panel.codes[at], &mut panel.scales[at], &mut panel.mins[at]);
+                    panel.d[at] = B::unpack(p, &mut panel.codes[at], &mut panel.scales[at], &mut panel.pairs[at]);
                 }
             }
         }
-        for g in 0..groups {
-            let lanes = (tokens - g * LANES).min(LANES);
-            // SAFETY: rows r0..r0 + valid and the group's tokens are inside the checked bounds.
+        // Token groups two at a time: each broadcast weight word then feeds two `vpdpbusd`s
+        // (loads, not arithmetic, bounded one group at a time).
+        let mut g = 0;
+        while g < groups {
+            let take = (groups - g).min(2);
+            let lanes = (tokens - g * LANES).min(take * LANES);
+            // SAFETY: rows r0..r0 + valid and the groups' tokens are inside the checked bounds.
             unsafe {
                 let out = job.out.add(g * LANES * job.layout.token_stride + r0 * job.layout.row_stride);
-                tile::<B>(&panel, &acts, g, nb, out, job, valid, lanes);
+                if take == 2 {
+                    tile::<B, 2>(&panel, &acts, g, nb, out, job, valid, lanes);
+                } else {
+                    tile::<B, 1>(&panel, &acts, g, nb, out, job, valid, lanes);
+                }
             }
+            g += take;
         }
     }
 }
@@ -88,7 +109,7 @@ pub(super) unsafe fn multiply<B: KBlock>(job: &Job<'_>) {
 struct Panel {
     codes: Vec<[__m256i; 8]>,
     scales: Vec<[i32; 16]>,
-    mins: Vec<[i32; 8]>,
+    pairs: Vec<[i32; 8]>,
     d: Vec<(f32, f32)>,
 }
 
@@ -97,17 +118,18 @@ struct Panel {
 struct Transposed {
     /// `[group][block][QK / 4]`: four consecutive values of each token.
     values: Vec<[i32; LANES]>,
-    /// `[group][block][16]`: the sums of each 16 values.
+    /// `[group][block][8]`: the sums of the values of each scale (16 or 32 values), in pairs of
+    /// 16-bit halves (32 × 127 fits).
     sums: Vec<[i32; LANES]>,
     /// `[group][block]`: the activations' scales.
     d: Vec<[f32; LANES]>,
 }
 
-fn transpose(job: &Job<'_>, groups: usize) -> Transposed {
+fn transpose<B: KBlock>(job: &Job<'_>, groups: usize) -> Transposed {
     let nb = job.acts.nb;
     let mut t = Transposed {
         values: vec![[0; LANES]; groups * nb * QK / 4],
-        sums: vec![[0; LANES]; groups * nb * 16],
+        sums: vec![[0; LANES]; groups * nb * 8],
         d: vec![[0.0; LANES]; groups * nb],
     };
     for (i, token) in job.tokens.clone().enumerate() {
@@ -119,8 +141,10 @@ fn transpose(job: &Job<'_>, groups: usize) -> Transposed {
                 t.values[(g * nb + b) * QK / 4 + k][lane] =
                     i32::from_le_bytes([four[0] as u8, four[1] as u8, four[2] as u8, four[3] as u8]);
             }
-            for (k, &s) in job.acts.bsums[block * 16..(block + 1) * 16].iter().enumerate() {
-                t.sums[(g * nb + b) * 16 + k][lane] = s as i32;
+            let bs = &job.acts.bsums[block * 16..(block + 1) * 16];
+            let sum = |s: usize| if B::SUB == 16 { bs[s] as i32 } else { bs[2 * s] as i32 + bs[2 * s + 1] as i32 };
+            for k in 0..QK / B::SUB / 2 {
+                t.sums[(g * nb + b) * 8 + k][lane] = pair(sum(2 * k), sum(2 * k + 1));
             }
             t.d[g * nb + b][lane] = job.acts.d[block];
         }
@@ -128,11 +152,11 @@ fn transpose(job: &Job<'_>, groups: usize) -> Transposed {
     t
 }
 
-/// The panel's rows by token group `g` (`lanes` tokens of it real), the first `valid` rows
-/// written.
+/// The panel's rows by token groups `g..g + G` (`lanes` tokens of them real), the first `valid`
+/// rows written.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn tile<B: KBlock>(
+unsafe fn tile<B: KBlock, const G: usize>(
     panel: &Panel,
     acts: &Transposed,
     g: usize,
@@ -144,57 +168,67 @@ unsafe fn tile<B: KBlock>(
 ) {
     let subs = QK / B::SUB;
     // SAFETY (whole body): the caller guarantees the features and the outputs; every index below
-    // is inside the vectors built for `nb` blocks and this group.
+    // is inside the vectors built for `nb` blocks and these groups.
     unsafe {
         let zero = _mm256_setzero_si256();
-        let mut acc = [_mm256_setzero_ps(); ROWS];
+        let mut acc = [[_mm256_setzero_ps(); G]; ROWS];
         for b in 0..nb {
-            let values = acts.values.as_ptr().add((g * nb + b) * QK / 4) as *const __m256i;
-            let sums = acts.sums.as_ptr().add((g * nb + b) * 16) as *const __m256i;
-            let mut s1 = [zero; ROWS];
-            let mut s2 = [zero; ROWS];
+            let values: [*const __m256i; G] =
+                std::array::from_fn(|i| acts.values.as_ptr().add(((g + i) * nb + b) * QK / 4) as *const __m256i);
+            let sums: [*const __m256i; G] =
+                std::array::from_fn(|i| acts.sums.as_ptr().add(((g + i) * nb + b) * 8) as *const __m256i);
+            let mut s1 = [[zero; G]; ROWS];
             let codes: [*const u8; ROWS] = std::array::from_fn(|r| panel.codes[r * nb + b].as_ptr() as *const u8);
             for s in 0..subs {
-                let mut dot = [zero; ROWS];
+                let mut dot = [[zero; G]; ROWS];
                 for k in 0..B::SUB / 4 {
                     let four = s * B::SUB / 4 + k;
-                    let y = _mm256_loadu_si256(values.add(four));
+                    let y: [__m256i; G] = std::array::from_fn(|i| _mm256_loadu_si256(values[i].add(four)));
                     for r in 0..ROWS {
                         let w = _mm256_set1_epi32((codes[r].add(4 * four) as *const i32).read_unaligned());
-                        dot[r] = _mm256_dpbusd_epi32(dot[r], w, y);
+                        for i in 0..G {
+                            dot[r][i] = _mm256_dpbusd_epi32(dot[r][i], w, y[i]);
+                        }
                     }
                 }
-                // The activations' sum over this scale's values (16 or 32 of them).
-                let ysum = if B::SUB == 16 {
-                    _mm256_loadu_si256(sums.add(s))
-                } else {
-                    _mm256_add_epi32(_mm256_loadu_si256(sums.add(2 * s)), _mm256_loadu_si256(sums.add(2 * s + 1)))
-                };
-                let bias = if B::BIAS != 0 { _mm256_mullo_epi32(ysum, _mm256_set1_epi32(B::BIAS)) } else { zero };
                 for r in 0..ROWS {
-                    let at = r * nb + b;
-                    let d = if B::BIAS != 0 { _mm256_sub_epi32(dot[r], bias) } else { dot[r] };
-                    s1[r] = _mm256_add_epi32(s1[r], _mm256_mullo_epi32(d, _mm256_set1_epi32(panel.scales[at][s])));
-                    if B::HAS_MIN {
-                        s2[r] = _mm256_add_epi32(s2[r], _mm256_mullo_epi32(ysum, _mm256_set1_epi32(panel.mins[at][s])));
+                    let scale = _mm256_set1_epi32(panel.scales[r * nb + b][s]);
+                    for i in 0..G {
+                        s1[r][i] = _mm256_add_epi32(s1[r][i], _mm256_mullo_epi32(dot[r][i], scale));
                     }
                 }
             }
-            let dy = _mm256_loadu_ps(acts.d[g * nb + b].as_ptr());
+            let dy: [__m256; G] = std::array::from_fn(|i| _mm256_loadu_ps(acts.d[(g + i) * nb + b].as_ptr()));
             for r in 0..ROWS {
+                let pairs = &panel.pairs[r * nb + b];
                 let (d, dmin) = panel.d[r * nb + b];
-                let mut res = _mm256_mul_ps(_mm256_cvtepi32_ps(s1[r]), _mm256_set1_ps(d));
-                if B::HAS_MIN {
-                    res = _mm256_fnmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(s2[r]), res);
+                for i in 0..G {
+                    // The minimums' term (Q4_K, Q5_K) or the bias's (Q6_K): pairs of factors
+                    // times pairs of the activations' sums.
+                    let mut s2 = zero;
+                    for (k, &factors) in pairs.iter().enumerate().take(subs / 2) {
+                        let term = _mm256_madd_epi16(_mm256_set1_epi32(factors), _mm256_loadu_si256(sums[i].add(k)));
+                        s2 = _mm256_add_epi32(s2, term);
+                    }
+                    let mut s1 = s1[r][i];
+                    if B::BIAS_SHIFT != 0 {
+                        s1 = _mm256_sub_epi32(s1, _mm256_sllv_epi32(s2, _mm256_set1_epi32(B::BIAS_SHIFT)));
+                    }
+                    let mut res = _mm256_mul_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(d));
+                    if B::HAS_MIN {
+                        res = _mm256_fnmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(s2), res);
+                    }
+                    acc[r][i] = _mm256_fmadd_ps(res, dy[i], acc[r][i]);
                 }
-                acc[r] = _mm256_fmadd_ps(res, dy, acc[r]);
             }
         }
         let (ts, rs) = (job.layout.token_stride, job.layout.row_stride);
         for (r, a) in acc.iter().enumerate().take(valid) {
-            let mut lane = [0f32; LANES];
-            _mm256_storeu_ps(lane.as_mut_ptr(), *a);
-            for (t, v) in lane.iter().enumerate().take(lanes) {
+            let mut lane = [[0f32; LANES]; G];
+            for i in 0..G {
+                _mm256_storeu_ps(lane[i].as_mut_ptr(), a[i]);
+            }
+            for (t, v) in lane.iter().flatten().enumerate().take(lanes) {
                 *out.add(t * ts + r * rs) = *v;
             }
         }
@@ -208,13 +242,13 @@ impl<const FIVE: bool> KBlock for Q45K<FIVE> {
     const BYTES: usize = if FIVE { 176 } else { 144 };
     const SUB: usize = 32;
     const HAS_MIN: bool = true;
-    const BIAS: i32 = 0;
+    const BIAS_SHIFT: i32 = 0;
     #[inline(always)]
     unsafe fn unpack(
         x: *const u8,
         codes: &mut [__m256i; 8],
         scales: &mut [i32; 16],
-        mins: &mut [i32; 8],
+        pairs: &mut [i32; 8],
     ) -> (f32, f32) {
         // SAFETY: the caller guarantees a whole block at `x` and AVX2.
         unsafe {
@@ -229,7 +263,9 @@ impl<const FIVE: bool> KBlock for Q45K<FIVE> {
             let bytes: [u8; 16] = std::mem::transmute(utmp);
             for s in 0..8 {
                 scales[s] = bytes[s] as i32;
-                mins[s] = bytes[8 + s] as i32;
+            }
+            for (k, factors) in pairs.iter_mut().enumerate().take(4) {
+                *factors = pair(bytes[8 + 2 * k] as i32, bytes[9 + 2 * k] as i32);
             }
             let m4 = _mm256_set1_epi8(0xF);
             let hbits = if FIVE { _mm256_loadu_si256(x.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
@@ -264,13 +300,13 @@ impl KBlock for Q6K {
     const BYTES: usize = 210;
     const SUB: usize = 16;
     const HAS_MIN: bool = false;
-    const BIAS: i32 = 32;
+    const BIAS_SHIFT: i32 = 5;
     #[inline(always)]
     unsafe fn unpack(
         x: *const u8,
         codes: &mut [__m256i; 8],
         scales: &mut [i32; 16],
-        _mins: &mut [i32; 8],
+        pairs: &mut [i32; 8],
     ) -> (f32, f32) {
         // SAFETY: the caller guarantees a whole block at `x` and AVX2.
         unsafe {
@@ -291,6 +327,9 @@ impl KBlock for Q6K {
             }
             for (s, scale) in scales.iter_mut().enumerate() {
                 *scale = *x.add(192 + s) as i8 as i32;
+            }
+            for (k, factors) in pairs.iter_mut().enumerate() {
+                *factors = pair(scales[2 * k], scales[2 * k + 1]);
             }
             (f16_at(x.add(208)), 0.0)
         }

@@ -3,6 +3,7 @@
 
 use super::weights::{Experts, GateUp, Weight};
 use super::{Batch, DecoderModel, rows};
+use crate::kernels::quant::{ActivationFormat, QuantizedActivations};
 use crate::kernels::{QMatrix, ops};
 use crate::model::config::{Activation, ExpertConfig};
 
@@ -77,6 +78,15 @@ impl DecoderModel {
                 chosen_by[expert].push((t, slot));
             }
         }
+        // The input quantised once for every expert that reads it: quantising is row by row, so
+        // an expert's gathered rows are what quantising its tokens alone would give.
+        let formats = [gate, up].map(|w| ActivationFormat::for_weights(self.expert(w, 0).ggml_type));
+        let quantized: Vec<QuantizedActivations<'_>> = if formats.contains(&ActivationFormat::F32) {
+            Vec::new()
+        } else {
+            let distinct = if formats[0] == formats[1] { &formats[..1] } else { &formats[..] };
+            distinct.iter().map(|&f| QuantizedActivations::new(f, h, n, d)).collect()
+        };
         // Each expert over the tokens that chose it; results kept per (token, pick) for the sum.
         let mut picked = vec![0f32; n * e.used * d];
         let (n_ff, mut x, mut g, mut u, mut y) = (e.n_ff, Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -85,10 +95,6 @@ impl DecoderModel {
                 continue;
             }
             let m = users.len();
-            x.clear();
-            for &(t, _) in users {
-                x.extend_from_slice(&h[t * d..(t + 1) * d]);
-            }
             let mut per_sequence: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
             for &(t, _) in users {
                 if lb[t] > 1 {
@@ -101,7 +107,18 @@ impl DecoderModel {
             u.resize(m * n_ff, 0.0);
             y.resize(m * d, 0.0);
             let (wg, wu) = (self.expert(gate, expert), self.expert(up, expert));
-            QMatrix::matmul_many_batched(&x, m, &user_lb, &mut [(wg, &mut g), (wu, &mut u)]);
+            if quantized.is_empty() {
+                x.clear();
+                for &(t, _) in users {
+                    x.extend_from_slice(&h[t * d..(t + 1) * d]);
+                }
+                QMatrix::matmul_many_batched(&x, m, &user_lb, &mut [(wg, &mut g), (wu, &mut u)]);
+            } else {
+                let tokens: Vec<usize> = users.iter().map(|&(t, _)| t).collect();
+                let acts: Vec<QuantizedActivations<'_>> =
+                    quantized.iter().map(|q| q.gather(&tokens, &[]).with_peer_batch(&user_lb)).collect();
+                QMatrix::matmul_many_prepared(&acts, m, &mut [(wg, &mut g), (wu, &mut u)]);
+            }
             rows(&mut g, n_ff, |i, gr| ops::swiglu_ggml(gr, &u[i * n_ff..(i + 1) * n_ff]));
             self.expert(down, expert).matmul_batched(&g, m, &user_lb, &mut y);
             for (r, &(t, slot)) in users.iter().enumerate() {
