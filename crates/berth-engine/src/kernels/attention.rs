@@ -129,6 +129,59 @@ mod x86 {
         }
     }
 
+    /// Round every value to f16 and back, eight at a time (`vcvtps2ph` rounds to nearest even,
+    /// as `half`'s conversion does); returns how many were rounded (a multiple of 8).
+    ///
+    /// # Safety
+    /// The CPU must have AVX and F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn round_f16(x: &mut [f32]) -> usize {
+        let whole = x.len() / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            // SAFETY: `i + 8 <= whole <= x.len()`.
+            unsafe {
+                let at = x.as_mut_ptr().add(i);
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(at));
+                _mm256_storeu_ps(at, _mm256_cvtph_ps(h));
+            }
+        }
+        whole
+    }
+
+    /// `acc[d0..d0 + 8N] = Σ_r rows[r][d0..d0 + 8N] · p[r·stride]` over `count` rows `hd` apart,
+    /// each lane one chain of fused multiply-adds from zero in row order, held in registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `count` rows of `hd` values at `rows`, `count` values
+    /// `stride` apart at `p`, and `d0 + 8N <= hd` values at `acc`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn accumulate<const N: usize>(
+        rows: *const f32,
+        hd: usize,
+        d0: usize,
+        p: *const f32,
+        stride: usize,
+        count: usize,
+        acc: *mut f32,
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            let mut a = [_mm256_setzero_ps(); N];
+            for r in 0..count {
+                let pr = _mm256_set1_ps(*p.add(r * stride));
+                let row = rows.add(r * hd + d0);
+                for (i, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(8 * i)), pr, *a);
+                }
+            }
+            for (i, a) in a.iter().enumerate() {
+                _mm256_storeu_ps(acc.add(d0 + 8 * i), *a);
+            }
+        }
+    }
+
     /// # Safety
     /// The CPU must have AVX2 and FMA.
     #[inline]
@@ -180,6 +233,89 @@ fn widen(src: &[u16], dst: &mut [f32]) {
     }
 }
 
+/// Round every value to f16 and back, as llama.cpp stores the query and the probabilities before
+/// multiplying them by the f16 cache (vectorised where the CPU converts in hardware: one call per
+/// value was a fifth of attention's time).
+fn round_f16(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    let done = if super::x86::has_avx2() {
+        // SAFETY: F16C and AVX were detected (`has_avx2` checks F16C too).
+        unsafe { x86::round_f16(x) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    let t = f16::table();
+    for v in &mut x[done..] {
+        *v = t[f16::from_f32(*v) as usize];
+    }
+}
+
+/// The reduction lanes (slots) of the values' sum: position j feeds slot `j % slots`.
+fn slots(order: Order) -> usize {
+    match order {
+        Order::Gemm => 16,
+        Order::Gemv => 64,
+    }
+}
+
+/// Where position j's row is in widened values laid out by slot: each slot's positions
+/// contiguous and in order, so a slot's sum reads one stream and stays in registers.
+fn slot_row(j: usize, slots: usize, rounds: usize) -> usize {
+    (j % slots) * rounds + j / slots
+}
+
+/// Every slot's sum of values times probabilities over positions `visible`, from values laid
+/// out by slot (`rounds` rows per slot): `acc[slot][d] = Σ p_j · v_j[d]` over the slot's positions
+/// in order, one fused multiply-add each from zero; a slot without positions stays zero.
+fn accumulate_slots(v: &[f32], hd: usize, rounds: usize, probs: &[f32], visible: Range<usize>, acc: &mut [f32]) {
+    let slots = acc.len() / hd;
+    for slot in 0..slots {
+        let r_lo = visible.start.saturating_sub(slot).div_ceil(slots);
+        let r_hi = visible.end.saturating_sub(slot).div_ceil(slots);
+        if r_lo >= r_hi {
+            continue;
+        }
+        let rows = &v[(slot * rounds + r_lo) * hd..(slot * rounds + r_hi) * hd];
+        let p = &probs[slot + slots * r_lo..];
+        let count = r_hi - r_lo;
+        assert!(p.len() > (count - 1) * slots);
+        let dst = &mut acc[slot * hd..(slot + 1) * hd];
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::has_avx2() && hd.is_multiple_of(8) {
+            let (rp, pp, ap) = (rows.as_ptr(), p.as_ptr(), dst.as_mut_ptr());
+            let mut d0 = 0;
+            while d0 < hd {
+                let width = match hd - d0 {
+                    64.. => 64,
+                    32.. => 32,
+                    16.. => 16,
+                    _ => 8,
+                };
+                // SAFETY: AVX2 and FMA were detected; `count` rows of `hd` values, `count`
+                // probabilities `slots` apart (asserted) and `hd` outputs; `d0 + width <= hd`.
+                unsafe {
+                    match width {
+                        64 => x86::accumulate::<8>(rp, hd, d0, pp, slots, count, ap),
+                        32 => x86::accumulate::<4>(rp, hd, d0, pp, slots, count, ap),
+                        16 => x86::accumulate::<2>(rp, hd, d0, pp, slots, count, ap),
+                        _ => x86::accumulate::<1>(rp, hd, d0, pp, slots, count, ap),
+                    }
+                }
+                d0 += width;
+            }
+            continue;
+        }
+        for (r, row) in rows.chunks_exact(hd).enumerate() {
+            let pr = p[r * slots];
+            for (a, &x) in dst.iter_mut().zip(row) {
+                *a = x.mul_add(pr, *a);
+            }
+        }
+    }
+}
+
 /// One sequence's part of a batched attention step.
 pub struct SeqKv<'a> {
     /// Its tokens' rows in the step's queries and outputs.
@@ -216,6 +352,8 @@ struct HeadJob<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
+    /// The values are laid out by the order's slots, this many rows per slot (else by position).
+    v_rounds: Option<usize>,
     pos: usize,
     order: Order,
 }
@@ -257,18 +395,26 @@ impl Attention {
         crate::team().for_each_mut(&mut jobs, |job| {
             let seq = &seqs[job.seq];
             let len = seq.first + (job.rows.end - seq.rows.start);
+            let order_at = |t: usize| {
+                let pos = seq.first + (t - seq.rows.start);
+                if pos < seq.gemm_until { Order::Gemm } else { Order::Gemv }
+            };
+            // Values by slot where every token of the job reduces them in the same order.
+            let (first_order, last_order) = (order_at(job.rows.start), order_at(job.rows.end - 1));
+            let v_slots = (first_order == last_order).then(|| slots(first_order));
+            let v_rounds = v_slots.map(|slots| len.div_ceil(slots));
             WIDENED.with_borrow_mut(|(k, v)| {
-                self.widen_head(seq, job.kvh, len, block_tokens, k, v);
+                self.widen_head(seq, job.kvh, len, block_tokens, v_slots, k, v);
                 job.out.resize(job.rows.len() * group * hd, 0.0);
                 SCRATCH.with_borrow_mut(|scratch| {
                     for (i, t) in job.rows.clone().enumerate() {
                         let pos = seq.first + (t - seq.rows.start);
-                        let order = if pos < seq.gemm_until { Order::Gemm } else { Order::Gemv };
+                        let order = order_at(t);
                         for g in 0..group {
                             let h = job.kvh * group + g;
                             let q_head = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
                             let dst = &mut job.out[(i * group + g) * hd..(i * group + g + 1) * hd];
-                            self.head(&HeadJob { q: q_head, k, v, pos, order }, dst, scratch);
+                            self.head(&HeadJob { q: q_head, k, v, v_rounds, pos, order }, dst, scratch);
                         }
                     }
                 });
@@ -288,20 +434,24 @@ impl Attention {
         }
     }
 
-    /// Widen key/value head `kvh` of positions `0..len` into `k` and `v` (`head_dim` per position).
+    /// Widen key/value head `kvh` of positions `0..len` into `k` and `v` (`head_dim` per position;
+    /// the values by slot where `v_slots` is given, see [`slot_row`]).
+    #[allow(clippy::too_many_arguments)]
     fn widen_head(
         &self,
         seq: &SeqKv<'_>,
         kvh: usize,
         len: usize,
         block_tokens: usize,
+        v_slots: Option<usize>,
         k: &mut Vec<f32>,
         v: &mut Vec<f32>,
     ) {
         let hd = self.head_dim;
         let kv_dim = self.n_head_kv * hd;
+        let v_row = |j: usize| v_slots.map_or(j, |slots| slot_row(j, slots, len.div_ceil(slots)));
         k.resize(len * hd, 0.0);
-        v.resize(len * hd, 0.0);
+        v.resize(v_slots.map_or(len, |slots| len.div_ceil(slots) * slots) * hd, 0.0);
         let ty = seq.kv_type;
         // Word offsets: a head's values are a whole number of q8_0 blocks, so it starts on one.
         let (row, head_at, head_len) = (ty.row_words(kv_dim), ty.row_words(kvh * hd), ty.row_words(hd));
@@ -309,7 +459,7 @@ impl Attention {
             let (block, slot) = (j / block_tokens, j % block_tokens);
             let at = slot * row + head_at;
             let (ks, vs) = (&seq.k_blocks[block][at..at + head_len], &seq.v_blocks[block][at..at + head_len]);
-            let (kd, vd) = (&mut k[j * hd..(j + 1) * hd], &mut v[j * hd..(j + 1) * hd]);
+            let (kd, vd) = (&mut k[j * hd..(j + 1) * hd], &mut v[v_row(j) * hd..(v_row(j) + 1) * hd]);
             match ty {
                 KvType::F16 => {
                     widen(ks, kd);
@@ -342,7 +492,7 @@ impl Attention {
 
     #[inline(always)]
     fn head_portable(&self, job: &HeadJob<'_>, out: &mut [f32], scratch: &mut HeadScratch) {
-        let &HeadJob { q, k, v, pos, order } = job;
+        let &HeadJob { q, k, v, v_rounds, pos, order } = job;
         let hd = self.head_dim;
         let valid = pos + 1;
         // Positions a sliding window no longer sees are masked like the future (ggml's
@@ -352,10 +502,10 @@ impl Attention {
         // so is the query, for the gemv order's 64-element steps.
         let padded = valid.next_multiple_of(64);
         let hd_padded = hd.next_multiple_of(64);
-        let t = f16::table();
         let HeadScratch { qh, scores, acc } = scratch;
         qh.clear();
-        qh.extend(q.iter().map(|&x| t[f16::from_f32(x) as usize]));
+        qh.extend_from_slice(q);
+        round_f16(qh);
         qh.resize(hd_padded, 0.0);
         scores.clear();
         scores.resize(padded, 0.0);
@@ -367,22 +517,23 @@ impl Attention {
             }
         }
         ops::softmax_ggml(scores, first..valid, self.scale);
+        round_f16(&mut scores[first..valid]);
         // Values: position j feeds lane j % 16 (and accumulator (j % 64) / 16 in gemv order) of
         // every output dimension; positions past `valid` carry probability zero. Accumulators
         // are lane-major ([lane][dim]): each position's value row updates one contiguous slice,
         // so the update vectorises over the head dimension.
-        let slots = match order {
-            Order::Gemm => 16,
-            Order::Gemv => 64,
-        };
+        let slots = slots(order);
         acc.clear();
         acc.resize(slots * hd, 0.0);
-        for (j, &s) in scores.iter().enumerate().take(valid).skip(first) {
-            let p = t[f16::from_f32(s) as usize];
-            let row = &v[j * hd..(j + 1) * hd];
-            let slot = j % slots;
-            for (a, &x) in acc[slot * hd..(slot + 1) * hd].iter_mut().zip(row) {
-                *a = x.mul_add(p, *a);
+        if let Some(rounds) = v_rounds {
+            accumulate_slots(v, hd, rounds, scores, first..valid, acc);
+        } else {
+            for (j, &p) in scores.iter().enumerate().take(valid).skip(first) {
+                let row = &v[j * hd..(j + 1) * hd];
+                let slot = j % slots;
+                for (a, &x) in acc[slot * hd..(slot + 1) * hd].iter_mut().zip(row) {
+                    *a = x.mul_add(p, *a);
+                }
             }
         }
         // The reductions of `fold4` and `reduce16`, done for every output dimension at once:
@@ -448,10 +599,22 @@ mod tests {
         }
     }
 
-    /// The fast loops equal the lane-by-lane definitions in `ops` bit for bit.
+    /// The fast loops equal the lane-by-lane definitions in `ops` bit for bit: one token and
+    /// runs of tokens sharing their keys and values, each order and both in one run, head sizes of one and of one and
+    /// a half register blocks, with and without a sliding window.
     #[test]
     fn matches_the_reference_reductions() {
-        let (n_head, n_head_kv, hd) = (4, 2, 64);
+        for hd in [64usize, 96] {
+            for window in [None, Some(21)] {
+                for tokens in [1usize, 5] {
+                    check_against_reference(hd, window, tokens);
+                }
+            }
+        }
+    }
+
+    fn check_against_reference(hd: usize, window: Option<usize>, tokens: usize) {
+        let (n_head, n_head_kv) = (4, 2);
         let kv_dim = n_head_kv * hd;
         let mut seed = 5u64;
         let mut rnd = || {
@@ -461,19 +624,21 @@ mod tests {
         let positions = 70;
         let k: Vec<u16> = (0..positions * kv_dim).map(|_| f16::from_f32(rnd())).collect();
         let v: Vec<u16> = (0..positions * kv_dim).map(|_| f16::from_f32(rnd())).collect();
-        let q: Vec<f32> = (0..n_head * hd).map(|_| rnd()).collect();
-        let att = Attention::causal(n_head, n_head_kv, hd);
+        let q: Vec<f32> = (0..tokens * n_head * hd).map(|_| rnd()).collect();
+        let att = Attention { window, ..Attention::causal(n_head, n_head_kv, hd) };
         // Cache blocks of 16 positions (the last one partly used).
         let block = 16 * kv_dim;
         let k_blocks: Vec<Vec<u16>> = k.chunks(block).map(|b| [b, &vec![0; block - b.len()]].concat()).collect();
         let v_blocks: Vec<Vec<u16>> = v.chunks(block).map(|b| [b, &vec![0; block - b.len()]].concat()).collect();
-        for order in [Order::Gemm, Order::Gemv] {
-            let pos = positions - 1;
-            let mut fast = vec![0f32; n_head * hd];
+        let q_dim = n_head * hd;
+        let first_pos = positions - tokens;
+        // All prompt (gemm), all generated (gemv), and a run with both (its values by position).
+        for gemm_until in [positions, 0, first_pos + 2] {
+            let mut fast = vec![0f32; tokens * q_dim];
             let seq = SeqKv {
-                rows: 0..1,
-                first: pos,
-                gemm_until: if order == Order::Gemm { positions } else { 0 },
+                rows: 0..tokens,
+                first: first_pos,
+                gemm_until,
                 kv_type: KvType::F16,
                 k_blocks: k_blocks.iter().map(|b| b.as_slice()).collect(),
                 v_blocks: v_blocks.iter().map(|b| b.as_slice()).collect(),
@@ -481,27 +646,41 @@ mod tests {
             att.batch(&q, &[seq], 16, &mut fast);
             // Reference: the closure-based definitions.
             let t = f16::table();
-            for h in 0..n_head {
-                let kvh = h / 2;
-                let qh: Vec<f32> = q[h * hd..(h + 1) * hd].iter().map(|&x| t[f16::from_f32(x) as usize]).collect();
-                let padded = (pos + 1).next_multiple_of(64);
-                let mut scores = vec![0f32; padded];
-                for (j, s) in scores.iter_mut().enumerate().take(pos + 1) {
-                    let kat = |d: usize| t[k[j * kv_dim + kvh * hd + d] as usize];
-                    *s = match order {
-                        Order::Gemm => ops::dot_f16_gemm(kat, |d| qh[d], hd),
-                        Order::Gemv => ops::dot_f16_gemv(kat, |d| qh[d], hd),
-                    };
-                }
-                ops::softmax_ggml(&mut scores, 0..pos + 1, 1.0 / 8.0);
-                let probs: Vec<f32> = scores.iter().map(|&s| t[f16::from_f32(s) as usize]).collect();
-                for d in 0..hd {
-                    let vat = |j: usize| if j <= pos { t[v[j * kv_dim + kvh * hd + d] as usize] } else { 0.0 };
-                    let want = match order {
-                        Order::Gemm => ops::dot_f16_gemm(vat, |j| probs[j], padded),
-                        Order::Gemv => ops::dot_f16_gemv(vat, |j| probs[j], padded),
-                    };
-                    assert_eq!(fast[h * hd + d].to_bits(), want.to_bits(), "{order:?} head {h} dim {d}");
+            for (i, pos) in (first_pos..positions).enumerate() {
+                let order = if pos < gemm_until { Order::Gemm } else { Order::Gemv };
+                let visible = window.map_or(0, |w| (pos + 1).saturating_sub(w))..pos + 1;
+                for h in 0..n_head {
+                    let kvh = h / 2;
+                    let q = &q[i * q_dim..(i + 1) * q_dim];
+                    let qh: Vec<f32> = q[h * hd..(h + 1) * hd].iter().map(|&x| t[f16::from_f32(x) as usize]).collect();
+                    let padded = (pos + 1).next_multiple_of(64);
+                    let mut scores = vec![0f32; padded];
+                    for (j, s) in scores.iter_mut().enumerate().take(pos + 1) {
+                        let kat = |d: usize| if d < hd { t[k[j * kv_dim + kvh * hd + d] as usize] } else { 0.0 };
+                        *s = match order {
+                            Order::Gemm => ops::dot_f16_gemm(kat, |d| qh[d], hd),
+                            Order::Gemv => {
+                                ops::dot_f16_gemv(kat, |d| qh.get(d).copied().unwrap_or(0.0), hd.next_multiple_of(64))
+                            }
+                        };
+                    }
+                    ops::softmax_ggml(&mut scores, visible.clone(), 1.0 / (hd as f32).sqrt());
+                    let probs: Vec<f32> = scores.iter().map(|&s| t[f16::from_f32(s) as usize]).collect();
+                    for d in 0..hd {
+                        let vat = |j: usize| {
+                            if visible.contains(&j) { t[v[j * kv_dim + kvh * hd + d] as usize] } else { 0.0 }
+                        };
+                        let want = match order {
+                            Order::Gemm => ops::dot_f16_gemm(vat, |j| probs[j], padded),
+                            Order::Gemv => ops::dot_f16_gemv(vat, |j| probs[j], padded),
+                        };
+                        let got = fast[i * q_dim + h * hd + d];
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{order:?} hd {hd} {window:?} token {i} head {h} dim {d}"
+                        );
+                    }
                 }
             }
         }

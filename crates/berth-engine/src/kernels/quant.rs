@@ -4,6 +4,8 @@
 //! Q8_0 weights against Q8_0 activations, Q4_1 against Q8_1), so berth's numbers agree with it to
 //! within float rounding; other formats are dequantised to f32 and dotted in f32.
 
+use std::borrow::Cow;
+
 use berth_formats::gguf::GgmlType;
 use half::{bf16, f16};
 
@@ -209,7 +211,8 @@ pub struct QuantizedActivations<'x> {
     /// Per block: the sums of each 16 quantised values (Q8_K only).
     bsums: Vec<i16>,
     qs: Vec<i8>,
-    f32_rows: &'x [f32],
+    /// The tokens' f32 rows: borrowed, or gathered (F32 only, where the kernels read them).
+    f32_rows: Cow<'x, [f32]>,
     /// Per token: the size of the batch llama.cpp would compute it in (see [`super::Acts`]).
     peer_batch: &'x [u32],
 }
@@ -230,7 +233,7 @@ impl<'x> QuantizedActivations<'x> {
             s: Vec::new(),
             bsums: Vec::new(),
             qs: Vec::new(),
-            f32_rows: x,
+            f32_rows: Cow::Borrowed(x),
             peer_batch: &[],
         };
         let nb = n * blocks_per_row;
@@ -273,11 +276,10 @@ impl<'x> QuantizedActivations<'x> {
         acts
     }
 
-    /// The quantised rows of `tokens`, in that order, as activations of their own (`x` holding
-    /// the same tokens' f32 rows, read where the format is F32). Quantising is row by row, so
-    /// this is what quantising those rows would give: an MoE layer quantises its input once, not
-    /// once per expert.
-    pub fn gather<'y>(&self, tokens: &[usize], x: &'y [f32]) -> QuantizedActivations<'y> {
+    /// The rows of `tokens`, in that order, as activations of their own. Quantising is row by
+    /// row, so this is what quantising those rows would give: an MoE layer quantises its input
+    /// once, not once per expert.
+    pub fn gather<'y>(&self, tokens: &[usize]) -> QuantizedActivations<'y> {
         let nb = self.blocks_per_row;
         let per_block = self.qs.len() / self.d.len().max(1);
         let rows = |v: &[f32]| -> Vec<f32> {
@@ -302,7 +304,11 @@ impl<'x> QuantizedActivations<'x> {
                 .iter()
                 .flat_map(|&t| self.qs[t * nb * per_block..(t + 1) * nb * per_block].iter().copied())
                 .collect(),
-            f32_rows: x,
+            f32_rows: if self.format == ActivationFormat::F32 {
+                Cow::Owned(tokens.iter().flat_map(|&t| self.row_f32(t).iter().copied()).collect())
+            } else {
+                Cow::Owned(Vec::new())
+            },
             peer_batch: &[],
         }
     }
@@ -963,6 +969,7 @@ mod tests {
     /// One weight row times token `t` in the order of llama.cpp's tiled K-quant kernel, written
     /// from its definition: per block, the exact integer sums of scales × codes × activations and
     /// of minimums × activation sums, scaled once, added with one fused multiply-add.
+    #[cfg(target_arch = "x86_64")]
     fn tiled_reference(ty: GgmlType, w: &[u8], acts: &QuantizedActivations<'_>, t: usize) -> f32 {
         let nb = acts.blocks_per_row;
         let bytes = w.len() / nb;
@@ -1078,7 +1085,8 @@ mod tests {
         }
     }
 
-    /// Gathered rows are the rows quantised on their own, in every integer format.
+    /// Gathered rows are the rows quantised on their own in every integer format, and the rows
+    /// themselves in F32.
     #[test]
     fn gathered_rows_are_those_rows_quantised() {
         let mut seed = 17;
@@ -1088,13 +1096,15 @@ mod tests {
         let picked: Vec<f32> = tokens.iter().flat_map(|&t| x[t * cols..(t + 1) * cols].iter().copied()).collect();
         for format in [ActivationFormat::Q8_0, ActivationFormat::Q8_1, ActivationFormat::Q8K] {
             let all = QuantizedActivations::new(format, &x, n, cols);
-            let gathered = all.gather(&tokens, &[]);
+            let gathered = all.gather(&tokens);
             let alone = QuantizedActivations::new(format, &picked, tokens.len(), cols);
             assert_eq!(gathered.qs, alone.qs, "{format:?}");
             assert_eq!(bits(&gathered.d), bits(&alone.d), "{format:?}");
             assert_eq!(bits(&gathered.s), bits(&alone.s), "{format:?}");
             assert_eq!(gathered.bsums, alone.bsums, "{format:?}");
         }
+        let gathered = QuantizedActivations::new(ActivationFormat::F32, &x, n, cols).gather(&tokens);
+        assert_eq!(bits(&gathered.f32_rows), bits(&picked));
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {

@@ -17,7 +17,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Job, f16_at, prefetch_ahead};
+use super::{Job, f16_at, k4_scales_mins, prefetch_ahead, q6k_codes, q45k_codes};
 
 /// Weight rows multiplied together.
 const ROWS: usize = 4;
@@ -252,42 +252,17 @@ impl<const FIVE: bool> KBlock for Q45K<FIVE> {
     ) -> (f32, f32) {
         // SAFETY: the caller guarantees a whole block at `x` and AVX2.
         unsafe {
-            // The 12 bytes of 6-bit scales and minimums, decoded as llama.cpp does.
-            let mut utmp = [0u32; 4];
-            std::ptr::copy_nonoverlapping(x.add(4), utmp.as_mut_ptr() as *mut u8, 12);
-            utmp[3] = ((utmp[2] >> 4) & 0x0f0f0f0f) | (((utmp[1] >> 6) & 0x03030303) << 4);
-            let uaux = utmp[1] & 0x3f3f3f3f;
-            utmp[1] = (utmp[2] & 0x0f0f0f0f) | (((utmp[0] >> 6) & 0x03030303) << 4);
-            utmp[2] = uaux;
-            utmp[0] &= 0x3f3f3f3f;
-            let bytes: [u8; 16] = std::mem::transmute(utmp);
+            let bytes = k4_scales_mins(x);
             for s in 0..8 {
                 scales[s] = bytes[s] as i32;
             }
             for (k, factors) in pairs.iter_mut().enumerate().take(4) {
                 *factors = pair(bytes[8 + 2 * k] as i32, bytes[9 + 2 * k] as i32);
             }
-            let m4 = _mm256_set1_epi8(0xF);
             let hbits = if FIVE { _mm256_loadu_si256(x.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
             let q = x.add(if FIVE { 48 } else { 16 });
             for j in 0..4 {
-                let bits = _mm256_loadu_si256(q.add(32 * j) as *const __m256i);
-                let mut low = _mm256_and_si256(bits, m4);
-                let mut high = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-                if FIVE {
-                    let (bl, bh) = (_mm256_set1_epi8(1 << (2 * j)), _mm256_set1_epi8(1 << (2 * j + 1)));
-                    let sixteen = _mm256_set1_epi8(16);
-                    low = _mm256_or_si256(
-                        low,
-                        _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, bl), bl), sixteen),
-                    );
-                    high = _mm256_or_si256(
-                        high,
-                        _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, bh), bh), sixteen),
-                    );
-                }
-                codes[2 * j] = low;
-                codes[2 * j + 1] = high;
+                (codes[2 * j], codes[2 * j + 1]) = q45k_codes::<FIVE>(q, hbits, j);
             }
             (f16_at(x), f16_at(x.add(2)))
         }
@@ -310,20 +285,8 @@ impl KBlock for Q6K {
     ) -> (f32, f32) {
         // SAFETY: the caller guarantees a whole block at `x` and AVX2.
         unsafe {
-            let m3 = _mm256_set1_epi8(3);
-            let m15 = _mm256_set1_epi8(15);
             for j in 0..2 {
-                let low1 = _mm256_loadu_si256(x.add(64 * j) as *const __m256i);
-                let low2 = _mm256_loadu_si256(x.add(64 * j + 32) as *const __m256i);
-                let high = _mm256_loadu_si256(x.add(128 + 32 * j) as *const __m256i);
-                let h0 = _mm256_slli_epi16(_mm256_and_si256(high, m3), 4);
-                let h1 = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(12)), 2);
-                let h2 = _mm256_and_si256(high, _mm256_set1_epi8(48));
-                let h3 = _mm256_srli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(-64)), 2);
-                codes[4 * j] = _mm256_or_si256(_mm256_and_si256(low1, m15), h0);
-                codes[4 * j + 1] = _mm256_or_si256(_mm256_and_si256(low2, m15), h1);
-                codes[4 * j + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low1, 4), m15), h2);
-                codes[4 * j + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low2, 4), m15), h3);
+                codes[4 * j..4 * j + 4].copy_from_slice(&q6k_codes(x, j));
             }
             for (s, scale) in scales.iter_mut().enumerate() {
                 *scale = *x.add(192 + s) as i8 as i32;

@@ -95,10 +95,15 @@ pub fn matmul_tiles(
     // checked it); every access stays inside the bounds asserted above.
     unsafe {
         match (level, ty) {
+            (Level::Avx2, GgmlType::Q8_0) if many => panel::multiply_avx2::<Q8_0>(&job),
             (Level::Avx2, GgmlType::Q8_0) => avx2::<Q8_0>(&job),
+            (Level::Avx2, GgmlType::Q4_0) if many => panel::multiply_avx2::<Q4_0>(&job),
             (Level::Avx2, GgmlType::Q4_0) => avx2::<Q4_0>(&job),
+            (Level::Avx2, GgmlType::Q4_1) if many => panel::multiply_avx2::<Q4_1>(&job),
             (Level::Avx2, GgmlType::Q4_1) => avx2::<Q4_1>(&job),
+            (Level::Avx2, GgmlType::Q5_0) if many => panel::multiply_avx2::<Q5_0>(&job),
             (Level::Avx2, GgmlType::Q5_0) => avx2::<Q5_0>(&job),
+            (Level::Avx2, GgmlType::Q5_1) if many => panel::multiply_avx2::<Q5_1>(&job),
             (Level::Avx2, GgmlType::Q5_1) => avx2::<Q5_1>(&job),
             (Level::Avx2, GgmlType::Q4_K) => avx2::<Q4K>(&job),
             (Level::Avx2, GgmlType::Q5_K) => avx2::<Q5K>(&job),
@@ -285,7 +290,6 @@ unsafe fn tile_q4_5_k<const FIVE: bool, const T: usize>(
     // SAFETY (whole body): the caller guarantees AVX2, `nb` blocks at `w`, and `nb` Q8_K
     // activation blocks for tokens first..first+T.
     unsafe {
-        let m4 = _mm256_set1_epi8(0xF);
         let mut acc = [_mm256_setzero_ps(); T];
         // Q4_K keeps the minimums' term in four lanes, Q5_K as one scalar (llama.cpp's kernels).
         let mut acc_m = [_mm_setzero_ps(); T];
@@ -297,15 +301,8 @@ unsafe fn tile_q4_5_k<const FIVE: bool, const T: usize>(
             prefetch_ahead(x, Q45K::<FIVE>::BYTES);
             let wd = f16_at(x);
             let wmin = f16_at(x.add(2));
-            let mut utmp = [0u32; 4];
-            std::ptr::copy_nonoverlapping(x.add(4), utmp.as_mut_ptr() as *mut u8, 12);
-            utmp[3] = ((utmp[2] >> 4) & 0x0f0f0f0f) | (((utmp[1] >> 6) & 0x03030303) << 4);
-            let uaux = utmp[1] & 0x3f3f3f3f;
-            utmp[1] = (utmp[2] & 0x0f0f0f0f) | (((utmp[0] >> 6) & 0x03030303) << 4);
-            utmp[2] = uaux;
-            utmp[0] &= 0x3f3f3f3f;
-            let mins_and_scales =
-                _mm256_cvtepu8_epi16(_mm_set_epi32(utmp[3] as i32, utmp[2] as i32, utmp[1] as i32, utmp[0] as i32));
+            let scales_mins = k4_scales_mins(x);
+            let mins_and_scales = _mm256_cvtepu8_epi16(_mm_loadu_si128(scales_mins.as_ptr() as *const __m128i));
             let mins = _mm256_extracti128_si256(mins_and_scales, 1);
             let sc128 = _mm256_extracti128_si256(mins_and_scales, 0);
             let scales = _mm256_set_m128i(sc128, sc128);
@@ -315,18 +312,7 @@ unsafe fn tile_q4_5_k<const FIVE: bool, const T: usize>(
             for j in 0..4 {
                 let scale_l = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j));
                 let scale_h = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j + 1));
-                let q5bits = _mm256_loadu_si256(q5.add(32 * j) as *const __m256i);
-                let mut q4l = _mm256_and_si256(q5bits, m4);
-                let mut q4h = _mm256_and_si256(_mm256_srli_epi16(q5bits, 4), m4);
-                if FIVE {
-                    // The fifth bit of each value: bit 2j (low nibbles) or 2j + 1 (high) of qh.
-                    let (bl, bh) = (_mm256_set1_epi8(1 << (2 * j)), _mm256_set1_epi8(1 << (2 * j + 1)));
-                    let sixteen = _mm256_set1_epi8(16);
-                    let fifth_l = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, bl), bl), sixteen);
-                    let fifth_h = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, bh), bh), sixteen);
-                    q4l = _mm256_add_epi8(q4l, fifth_l);
-                    q4h = _mm256_add_epi8(q4h, fifth_h);
-                }
+                let (q4l, q4h) = q45k_codes::<FIVE>(q5, hbits, j);
                 for (t, sum) in sumi.iter_mut().enumerate() {
                     let q8 = acts.qs.as_ptr().add(((first + t) * nb + i) * 256 + 64 * j);
                     let q8l = _mm256_loadu_si256(q8 as *const __m256i);
@@ -383,8 +369,6 @@ impl Kernel for Q6K {
         let nb = acts.nb;
         // SAFETY (whole body): as for Q4K.
         unsafe {
-            let m3 = _mm256_set1_epi8(3);
-            let m15 = _mm256_set1_epi8(15);
             let mut acc = [_mm256_setzero_ps(); T];
             let tiled = tiled_tokens::<T>(acts, first);
             let mut tiled_acc = [0f32; T];
@@ -395,19 +379,7 @@ impl Kernel for Q6K {
                 let scales = _mm_loadu_si128(x.add(192) as *const __m128i);
                 let mut sumi = [_mm256_setzero_si256(); T];
                 for j in 0..2 {
-                    let q4bits1 = _mm256_loadu_si256(x.add(64 * j) as *const __m256i);
-                    let q4bits2 = _mm256_loadu_si256(x.add(64 * j + 32) as *const __m256i);
-                    let q4bits_h = _mm256_loadu_si256(x.add(128 + 32 * j) as *const __m256i);
-                    let q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bits_h, m3), 4);
-                    let q4h_1 = _mm256_slli_epi16(_mm256_and_si256(q4bits_h, _mm256_set1_epi8(12)), 2);
-                    let q4h_2 = _mm256_and_si256(q4bits_h, _mm256_set1_epi8(48));
-                    let q4h_3 = _mm256_srli_epi16(_mm256_and_si256(q4bits_h, _mm256_set1_epi8(-64)), 2);
-                    let q = [
-                        _mm256_or_si256(_mm256_and_si256(q4bits1, m15), q4h_0),
-                        _mm256_or_si256(_mm256_and_si256(q4bits2, m15), q4h_1),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m15), q4h_2),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m15), q4h_3),
-                    ];
+                    let q = q6k_codes(x, j);
                     let sc: [__m256i; 4] = std::array::from_fn(|k| {
                         _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, scale_shuffle(4 * j + k)))
                     });
@@ -438,6 +410,79 @@ impl Kernel for Q6K {
                 *out.add(t * token_stride) = if tiled[t] { tiled_acc[t] } else { hsum8(*a) };
             }
         }
+    }
+}
+
+/// A Q4_K/Q5_K block's 12 bytes of 6-bit scales and minimums, decoded as llama.cpp does: the
+/// eight scales in bytes 0..8, the eight minimums in 8..16.
+///
+/// # Safety
+/// A whole block at `x`.
+#[inline(always)]
+pub(super) unsafe fn k4_scales_mins(x: *const u8) -> [u8; 16] {
+    let mut utmp = [0u32; 4];
+    // SAFETY: the caller guarantees the block; 12 bytes into a 16-byte array.
+    unsafe { std::ptr::copy_nonoverlapping(x.add(4), utmp.as_mut_ptr() as *mut u8, 12) };
+    utmp[3] = ((utmp[2] >> 4) & 0x0f0f0f0f) | (((utmp[1] >> 6) & 0x03030303) << 4);
+    let uaux = utmp[1] & 0x3f3f3f3f;
+    utmp[1] = (utmp[2] & 0x0f0f0f0f) | (((utmp[0] >> 6) & 0x03030303) << 4);
+    utmp[2] = uaux;
+    utmp[0] &= 0x3f3f3f3f;
+    let mut bytes = [0u8; 16];
+    for (k, word) in utmp.iter().enumerate() {
+        bytes[4 * k..4 * k + 4].copy_from_slice(&word.to_le_bytes());
+    }
+    bytes
+}
+
+/// Values 64j..64j+64 of a Q4_K/Q5_K block as one byte each: the low nibbles of the 32 bytes at
+/// `q + 32j` (values 64j..64j+32) and their high nibbles (the next 32); for Q5_K (`FIVE`), the
+/// fifth bit of each from `hbits` (bit 2j for the low nibbles, 2j + 1 for the high).
+///
+/// # Safety
+/// AVX2; 32 bytes at `q + 32j`.
+#[inline(always)]
+pub(super) unsafe fn q45k_codes<const FIVE: bool>(q: *const u8, hbits: __m256i, j: usize) -> (__m256i, __m256i) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0xF);
+        let bits = _mm256_loadu_si256(q.add(32 * j) as *const __m256i);
+        let mut low = _mm256_and_si256(bits, m4);
+        let mut high = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+        if FIVE {
+            let (bl, bh) = (_mm256_set1_epi8(1 << (2 * j)), _mm256_set1_epi8(1 << (2 * j + 1)));
+            let sixteen = _mm256_set1_epi8(16);
+            low = _mm256_or_si256(low, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, bl), bl), sixteen));
+            high = _mm256_or_si256(high, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, bh), bh), sixteen));
+        }
+        (low, high)
+    }
+}
+
+/// Values 128j..128j+128 of a Q6_K block at `x` as 6-bit codes, one byte each (the value plus 32),
+/// in four registers of 32 consecutive values.
+///
+/// # Safety
+/// AVX2; a whole block at `x`; `j` is 0 or 1.
+#[inline(always)]
+pub(super) unsafe fn q6k_codes(x: *const u8, j: usize) -> [__m256i; 4] {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let m3 = _mm256_set1_epi8(3);
+        let m15 = _mm256_set1_epi8(15);
+        let low1 = _mm256_loadu_si256(x.add(64 * j) as *const __m256i);
+        let low2 = _mm256_loadu_si256(x.add(64 * j + 32) as *const __m256i);
+        let high = _mm256_loadu_si256(x.add(128 + 32 * j) as *const __m256i);
+        let h0 = _mm256_slli_epi16(_mm256_and_si256(high, m3), 4);
+        let h1 = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(12)), 2);
+        let h2 = _mm256_and_si256(high, _mm256_set1_epi8(48));
+        let h3 = _mm256_srli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(-64)), 2);
+        [
+            _mm256_or_si256(_mm256_and_si256(low1, m15), h0),
+            _mm256_or_si256(_mm256_and_si256(low2, m15), h1),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low1, 4), m15), h2),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low2, 4), m15), h3),
+        ]
     }
 }
 

@@ -25,9 +25,19 @@ const ROWS: usize = 4;
 /// panel costs more than it saves).
 pub(super) const PANEL_FROM: usize = 8;
 
+/// Tokens multiplied together with the panel's rows: VNNI's 32 registers hold four rows by four
+/// tokens' accumulators; AVX2's 16 hold four rows by two.
+const TOKENS_VNNI: usize = 4;
+const TOKENS_AVX2: usize = 2;
+
 /// A panel: `ROWS` weight rows' blocks unpacked, block-major (`[block][row]`).
 struct Panel {
+    /// VNNI: the values plus the format's offset, as unsigned bytes. AVX2: `vpmaddubsw` would
+    /// saturate on such bytes (Q8_0's reach 255), so the values' magnitudes, or the values
+    /// themselves where they are unsigned.
     values: Vec<__m256i>,
+    /// AVX2 and signed values: the values, whose signs go onto the activations (the sign trick).
+    signs: Vec<__m256i>,
     scales: Vec<f32>,
     mins: Vec<f32>,
 }
@@ -39,28 +49,50 @@ struct Panel {
 /// `matmul_tiles`.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 pub(super) unsafe fn multiply<B: Block>(job: &Job<'_>) {
+    // SAFETY: forwarded from the caller.
+    unsafe { multiply_with::<B, true>(job) }
+}
+
+/// [`multiply`] with AVX2's `vpmaddubsw` and `vpmaddwd` instead of `vpdpbusd`.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; the job's bounds were checked by `matmul_tiles`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn multiply_avx2<B: Block>(job: &Job<'_>) {
+    // SAFETY: forwarded from the caller.
+    unsafe { multiply_with::<B, false>(job) }
+}
+
+#[inline(always)]
+unsafe fn multiply_with<B: Block, const VNNI: bool>(job: &Job<'_>) {
     let nb = job.acts.nb;
+    // SAFETY: the callers have AVX.
+    let zero = unsafe { _mm256_setzero_si256() };
     let mut panel = Panel {
-        values: vec![_mm256_setzero_si256(); nb * ROWS],
+        values: vec![zero; nb * ROWS],
+        signs: if !VNNI && B::SIGNED { vec![zero; nb * ROWS] } else { Vec::new() },
         scales: vec![0.0; nb * ROWS],
         mins: if B::HAS_MIN { vec![0.0; nb * ROWS] } else { Vec::new() },
     };
+    let tokens = if VNNI { TOKENS_VNNI } else { TOKENS_AVX2 };
     let (t0, t1) = (job.tokens.start, job.tokens.end);
     for r0 in (0..job.rows).step_by(ROWS) {
         let valid = (job.rows - r0).min(ROWS);
         // SAFETY: rows r0..r0 + valid are inside the job; a short panel repeats its last row.
-        unsafe { unpack::<B>(job, r0, valid, &mut panel) };
+        unsafe { unpack::<B, VNNI>(job, r0, valid, &mut panel) };
         let mut t = t0;
         while t < t1 {
-            let group = (t1 - t).min(4);
+            let group = (t1 - t).min(tokens);
             // SAFETY: tokens t..t + group and rows r0..r0 + valid are inside the checked bounds.
             unsafe {
                 let out = job.out.add((t - t0) * job.layout.token_stride + r0 * job.layout.row_stride);
-                match group {
-                    4 => tile::<B, 4>(&panel, job, t, out, valid),
-                    3 => tile::<B, 3>(&panel, job, t, out, valid),
-                    2 => tile::<B, 2>(&panel, job, t, out, valid),
-                    _ => tile::<B, 1>(&panel, job, t, out, valid),
+                match (VNNI, group) {
+                    (true, 4) => tile::<B, 4>(&panel, job, t, out, valid),
+                    (true, 3) => tile::<B, 3>(&panel, job, t, out, valid),
+                    (true, 2) => tile::<B, 2>(&panel, job, t, out, valid),
+                    (true, _) => tile::<B, 1>(&panel, job, t, out, valid),
+                    (false, 2) => tile_avx2::<B, 2>(&panel, job, t, out, valid),
+                    (false, _) => tile_avx2::<B, 1>(&panel, job, t, out, valid),
                 }
             }
             t += group;
@@ -71,7 +103,7 @@ pub(super) unsafe fn multiply<B: Block>(job: &Job<'_>) {
 /// Unpack rows `r0..r0 + valid` of the job's weights into `panel` (rows past `valid` repeat the
 /// last one; their products are computed and not written).
 #[inline(always)]
-unsafe fn unpack<B: Block>(job: &Job<'_>, r0: usize, valid: usize, panel: &mut Panel) {
+unsafe fn unpack<B: Block, const VNNI: bool>(job: &Job<'_>, r0: usize, valid: usize, panel: &mut Panel) {
     let nb = job.acts.nb;
     for r in 0..ROWS {
         // SAFETY (whole loop): the row is inside the job, and `nb` blocks of it are readable.
@@ -80,12 +112,67 @@ unsafe fn unpack<B: Block>(job: &Job<'_>, r0: usize, valid: usize, panel: &mut P
             for b in 0..nb {
                 let wb = row.add(b * B::BYTES);
                 prefetch_ahead(wb, B::BYTES);
-                let (d, values) = B::load_unsigned(wb);
+                let (d, values) = if VNNI {
+                    B::load_unsigned(wb)
+                } else {
+                    let (d, q) = B::load(wb);
+                    if B::SIGNED {
+                        *panel.signs.get_unchecked_mut(b * ROWS + r) = q;
+                        (d, _mm256_sign_epi8(q, q))
+                    } else {
+                        (d, q)
+                    }
+                };
                 *panel.values.get_unchecked_mut(b * ROWS + r) = values;
                 *panel.scales.get_unchecked_mut(b * ROWS + r) = d;
                 if B::HAS_MIN {
                     *panel.mins.get_unchecked_mut(b * ROWS + r) = B::min(wb);
                 }
+            }
+        }
+    }
+}
+
+/// [`tile`] for AVX2: each lane's integer sum by `vpmaddubsw` and `vpmaddwd` of the magnitudes and
+/// the signed activations, as llama.cpp's AVX2 vector dot product sums it.
+#[inline(always)]
+unsafe fn tile_avx2<B: Block, const T: usize>(panel: &Panel, job: &Job<'_>, first: usize, out: *mut f32, valid: usize) {
+    let nb = job.acts.nb;
+    // SAFETY (whole body): as for `tile`.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); T]; ROWS];
+        let mut summs = [[0f32; T]; ROWS];
+        let qs = job.acts.qs.as_ptr().add(first * nb * 32);
+        let d = job.acts.d.as_ptr().add(first * nb);
+        let s = job.acts.s.as_ptr();
+        for b in 0..nb {
+            let qy: [__m256i; T] =
+                std::array::from_fn(|t| _mm256_loadu_si256(qs.add((t * nb + b) * 32) as *const __m256i));
+            let dy: [__m256; T] = std::array::from_fn(|t| _mm256_set1_ps(*d.add(t * nb + b)));
+            for r in 0..ROWS {
+                let values = *panel.values.get_unchecked(b * ROWS + r);
+                let dw = _mm256_set1_ps(*panel.scales.get_unchecked(b * ROWS + r));
+                for t in 0..T {
+                    let sy = if B::SIGNED {
+                        _mm256_sign_epi8(qy[t], *panel.signs.get_unchecked(b * ROWS + r))
+                    } else {
+                        qy[t]
+                    };
+                    let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(values, sy)));
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dy[t]), lanes, acc[r][t]);
+                    if B::HAS_MIN {
+                        let sy = *s.add((first + t) * nb + b);
+                        summs[r][t] = panel.mins.get_unchecked(b * ROWS + r).mul_add(sy, summs[r][t]);
+                    }
+                }
+            }
+        }
+        let (ts, rs) = (job.layout.token_stride, job.layout.row_stride);
+        for r in 0..valid {
+            for t in 0..T {
+                let sum = hsum8(acc[r][t]);
+                *out.add(t * ts + r * rs) = if B::HAS_MIN { sum + summs[r][t] } else { sum };
             }
         }
     }

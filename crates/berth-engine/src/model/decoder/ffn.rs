@@ -80,16 +80,16 @@ impl DecoderModel {
         }
         // The input quantised once for every expert that reads it: quantising is row by row, so
         // an expert's gathered rows are what quantising its tokens alone would give.
-        let formats = [gate, up].map(|w| ActivationFormat::for_weights(self.expert(w, 0).ggml_type));
-        let quantized: Vec<QuantizedActivations<'_>> = if formats.contains(&ActivationFormat::F32) {
-            Vec::new()
-        } else {
-            let distinct = if formats[0] == formats[1] { &formats[..1] } else { &formats[..] };
-            distinct.iter().map(|&f| QuantizedActivations::new(f, h, n, d)).collect()
-        };
+        let mut formats = vec![ActivationFormat::for_weights(self.expert(gate, 0).ggml_type)];
+        let up_format = ActivationFormat::for_weights(self.expert(up, 0).ggml_type);
+        if up_format != formats[0] {
+            formats.push(up_format);
+        }
+        let quantized: Vec<QuantizedActivations<'_>> =
+            formats.iter().map(|&f| QuantizedActivations::new(f, h, n, d)).collect();
         // Each expert over the tokens that chose it; results kept per (token, pick) for the sum.
         let mut picked = vec![0f32; n * e.used * d];
-        let (n_ff, mut x, mut g, mut u, mut y) = (e.n_ff, Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (n_ff, mut g, mut u, mut y) = (e.n_ff, Vec::new(), Vec::new(), Vec::new());
         for (expert, users) in chosen_by.iter().enumerate() {
             if users.is_empty() {
                 continue;
@@ -107,18 +107,10 @@ impl DecoderModel {
             u.resize(m * n_ff, 0.0);
             y.resize(m * d, 0.0);
             let (wg, wu) = (self.expert(gate, expert), self.expert(up, expert));
-            if quantized.is_empty() {
-                x.clear();
-                for &(t, _) in users {
-                    x.extend_from_slice(&h[t * d..(t + 1) * d]);
-                }
-                QMatrix::matmul_many_batched(&x, m, &user_lb, &mut [(wg, &mut g), (wu, &mut u)]);
-            } else {
-                let tokens: Vec<usize> = users.iter().map(|&(t, _)| t).collect();
-                let acts: Vec<QuantizedActivations<'_>> =
-                    quantized.iter().map(|q| q.gather(&tokens, &[]).with_peer_batch(&user_lb)).collect();
-                QMatrix::matmul_many_prepared(&acts, m, &mut [(wg, &mut g), (wu, &mut u)]);
-            }
+            let tokens: Vec<usize> = users.iter().map(|&(t, _)| t).collect();
+            let acts: Vec<QuantizedActivations<'_>> =
+                quantized.iter().map(|q| q.gather(&tokens).with_peer_batch(&user_lb)).collect();
+            QMatrix::matmul_many_prepared(&acts, m, &mut [(wg, &mut g), (wu, &mut u)]);
             rows(&mut g, n_ff, |i, gr| ops::swiglu_ggml(gr, &u[i * n_ff..(i + 1) * n_ff]));
             self.expert(down, expert).matmul_batched(&g, m, &user_lb, &mut y);
             for (r, &(t, slot)) in users.iter().enumerate() {
