@@ -382,7 +382,8 @@ mod ggml_tests {
             assert_eq!(expf(200.0), f32::INFINITY);
         }
         // The variants differ only in how the last steps round.
-        let differ = (0..10_000).map(|i| i as f32 * -0.001_3).filter(|&x| ggml_expf_avx512(x) != ggml_expf_avx2(x)).count();
+        let differ =
+            (0..10_000).map(|i| i as f32 * -0.001_3).filter(|&x| ggml_expf_avx512(x) != ggml_expf_avx2(x)).count();
         assert!(differ > 0 && differ < 5_000, "{differ}");
     }
 
