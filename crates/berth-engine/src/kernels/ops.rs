@@ -110,96 +110,33 @@ mod tests {
 
 // ---- Functions that reproduce ggml's AVX-512 code paths exactly (see quant.rs for why). ----
 
-/// Whether llama.cpp built for this CPU takes ggml's AVX-512 paths (`__AVX512F__` and
-/// `__AVX512DQ__`): its 16-lane `expf` and softmax chunks. An x86 CPU without them gets the AVX2
-/// paths, whose `expf` rounds differently and whose softmax sums 8-wide chunks; a SwiGLU model's
-/// answers then drift from llama.cpp's by a tenth of a nat (measured on a Zen 2 EPYC). Elsewhere
-/// the AVX-512 definitions stay.
-pub fn ggml_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX512.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    true
-}
-
-/// ggml's vectorised `expf` (`ggml_v_expf`) lane by lane, in the variant llama.cpp built for this
-/// CPU takes (see [`ggml_avx512`]): a polynomial approximation whose results differ from libm's
-/// `expf` in the last bits.
+/// ggml's vectorised `expf` (`ggml_v_expf`, AVX-512 variant), lane by lane: a polynomial
+/// approximation whose results differ from libm's `expf` in the last bits.
 #[inline(always)]
 pub fn ggml_expf(x: f32) -> f32 {
-    if ggml_avx512() { ggml_expf_avx512(x) } else { ggml_expf_avx2(x) }
-}
-
-/// The range reduction both variants share: `n` = x / ln 2 rounded, `b` = x − n · ln 2, and `z`
-/// (whose low bits hold `n`).
-#[inline(always)]
-fn expf_reduce(x: f32) -> (f32, f32, f32) {
     let r = f32::from_bits(0x4B40_0000); // 0x1.8p23
     let z = x.mul_add(f32::from_bits(0x3FB8_AA3B), r); // 0x1.715476p+0
     let n = z - r;
     let b = (-n).mul_add(f32::from_bits(0x35BF_BE8E), (-n).mul_add(f32::from_bits(0x3F31_7200), x)); // 0x1.7f7d1cp-20, 0x1.62e4p-1
-    (z, n, b)
-}
-
-/// The polynomial in `b` both variants share; its last term `last` is `c · b + 1` in one fused
-/// step (AVX-512) or a plain `c · b` (AVX2, which adds the 1 in its scaling).
-#[inline(always)]
-fn expf_poly(b: f32, last: f32) -> f32 {
-    let u = b * b;
-    (f32::from_bits(0x3C07_2010).mul_add(b, f32::from_bits(0x3D2B_9F17)))
-        .mul_add(u, f32::from_bits(0x3E2A_AF33).mul_add(b, f32::from_bits(0x3EFF_FEDB)))
-        .mul_add(u, last)
-}
-
-/// `0x1.ffffecp-1`, the polynomial's linear coefficient.
-const EXPF_C1: u32 = 0x3F7F_FFF6;
-
-/// `ggml_v_expf`, AVX-512 variant.
-#[inline(always)]
-pub fn ggml_expf_avx512(x: f32) -> f32 {
-    let (_, n, b) = expf_reduce(x);
     if n.abs() > 192.0 {
         return if n <= 0.0 { 0.0 } else { f32::INFINITY };
     }
-    let j = expf_poly(b, f32::from_bits(EXPF_C1).mul_add(b, 1.0));
+    let u = b * b;
+    let j = (f32::from_bits(0x3C07_2010).mul_add(b, f32::from_bits(0x3D2B_9F17)))
+        .mul_add(u, f32::from_bits(0x3E2A_AF33).mul_add(b, f32::from_bits(0x3EFF_FEDB)))
+        .mul_add(u, f32::from_bits(0x3F7F_FFF6).mul_add(b, 1.0));
     // _mm512_scalef_ps: j · 2^n with a single rounding (exact in f64, rounded once to f32).
     // 2^n is built from its exponent bits: |n| ≤ 192 here, well inside f64's range.
     let scale = f64::from_bits(((n as i64 + 1023) as u64) << 52);
     (j as f64 * scale) as f32
 }
 
-/// `ggml_v_expf`, AVX2 (and SSE with FMA) variant: `k · j + k` with `k` = 2^n from its exponent
-/// bits, or two scalings where 2^n would leave f32's exponent range.
-#[inline(always)]
-pub fn ggml_expf_avx2(x: f32) -> f32 {
-    let (z, n, b) = expf_reduce(x);
-    let j = expf_poly(b, f32::from_bits(EXPF_C1) * b);
-    let e = z.to_bits() << 23;
-    let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
-    if n.abs() <= 126.0 {
-        return j.mul_add(k, k);
-    }
-    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
-    let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
-    let s2 = f32::from_bits(e.wrapping_sub(g));
-    if n.abs() > 192.0 { s1 * s1 } else { s2.mul_add(j, s2) * s1 }
-}
-
 fma_dispatch! {
 /// `gate ← silu(gate) · up`, as `ggml_vec_swiglu_f32` computes it.
 pub fn swiglu_ggml(gate: &mut [f32], up: &[f32]) {
-    // The variant chosen once, outside the loop, so that each loop vectorises.
-    if ggml_avx512() {
-        for (g, u) in gate.iter_mut().zip(up) {
-            *g = (*g / (1.0 + ggml_expf_avx512(0.0 - *g))) * u;
-        }
-    } else {
-        for (g, u) in gate.iter_mut().zip(up) {
-            *g = (*g / (1.0 + ggml_expf_avx2(0.0 - *g))) * u;
-        }
+    for (g, u) in gate.iter_mut().zip(up) {
+        let e = ggml_expf(0.0 - *g);
+        *g = (*g / (1.0 + e)) * u;
     }
 }
 }
@@ -269,27 +206,14 @@ pub fn dot_f32_ggml(a: &[f32], b: &[f32]) -> f32 {
 pub fn softmax_row_ggml(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
-    let whole;
-    if ggml_avx512() {
-        whole = x.len() / 16 * 16;
-        for chunk in x[..whole].chunks_exact_mut(16) {
-            let mut e = [0f32; 16];
-            for (v, s) in e.iter_mut().zip(chunk.iter()) {
-                *v = ggml_expf_avx512(*s - max);
-            }
-            chunk.copy_from_slice(&e);
-            sum += reduce16(&e) as f64;
+    let whole = x.len() / 16 * 16;
+    for chunk in x[..whole].chunks_exact_mut(16) {
+        let mut e = [0f32; 16];
+        for (v, s) in e.iter_mut().zip(chunk.iter()) {
+            *v = ggml_expf(*s - max);
         }
-    } else {
-        whole = x.len() / 8 * 8;
-        for chunk in x[..whole].chunks_exact_mut(8) {
-            let mut e = [0f32; 8];
-            for (v, s) in e.iter_mut().zip(chunk.iter()) {
-                *v = ggml_expf_avx2(*s - max);
-            }
-            chunk.copy_from_slice(&e);
-            sum += reduce8(&e) as f64;
-        }
+        chunk.copy_from_slice(&e);
+        sum += reduce16(&e) as f64;
     }
     for v in &mut x[whole..] {
         *v = (*v - max).exp();
@@ -297,13 +221,6 @@ pub fn softmax_row_ggml(x: &mut [f32]) {
     }
     let inv = (1.0 / sum) as f32;
     x.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// ggml's AVX2 reduction of eight lanes: halves, then pairs (0 + 2, 1 + 3), then those two.
-#[inline(always)]
-pub fn reduce8(a: &[f32; 8]) -> f32 {
-    let t = [a[4] + a[0], a[5] + a[1], a[6] + a[2], a[7] + a[3]];
-    (t[0] + t[2]) + (t[1] + t[3])
 }
 
 /// GCC's `_mm512_reduce_add_ps`: halves, then quarters, then pairs.
@@ -372,19 +289,12 @@ mod ggml_tests {
 
     #[test]
     fn ggml_expf_is_close_to_exp() {
-        for expf in [ggml_expf_avx512, ggml_expf_avx2] {
-            for x in [-100.0f32, -20.0, -1.5, -0.1, 0.0, 0.3, 1.0, 10.0, 80.0, 88.0] {
-                let (a, b) = (expf(x), x.exp());
-                assert!(((a - b) / b).abs() < 1e-6, "{x}: {a} vs {b}");
-            }
-            assert_eq!(expf(f32::NEG_INFINITY), 0.0);
-            assert_eq!(expf(-200.0), 0.0);
-            assert_eq!(expf(200.0), f32::INFINITY);
+        for x in [-100.0f32, -20.0, -1.5, -0.1, 0.0, 0.3, 1.0, 10.0, 80.0] {
+            let (a, b) = (ggml_expf(x), x.exp());
+            assert!(((a - b) / b).abs() < 1e-6, "{x}: {a} vs {b}");
         }
-        // The variants differ only in how the last steps round.
-        let differ =
-            (0..10_000).map(|i| i as f32 * -0.001_3).filter(|&x| ggml_expf_avx512(x) != ggml_expf_avx2(x)).count();
-        assert!(differ > 0 && differ < 5_000, "{differ}");
+        assert_eq!(ggml_expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(ggml_expf(-200.0), 0.0);
     }
 
     #[test]
