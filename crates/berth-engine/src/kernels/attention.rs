@@ -343,6 +343,8 @@ struct Job {
     seq: usize,
     kvh: usize,
     rows: Range<usize>,
+    /// The reduction order of every token of the run.
+    order: Order,
     out: Vec<f32>,
 }
 
@@ -352,8 +354,8 @@ struct HeadJob<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
-    /// The values are laid out by the order's slots, this many rows per slot (else by position).
-    v_rounds: Option<usize>,
+    /// The values are laid out by the order's slots, this many rows per slot.
+    v_rounds: usize,
     pos: usize,
     order: Order,
 }
@@ -385,31 +387,36 @@ impl Attention {
         let group = self.n_head / self.n_head_kv;
         let mut jobs = Vec::new();
         for (s, seq) in seqs.iter().enumerate() {
+            // A run never mixes the two orders, so each job lays its values out by its order's
+            // slots: the rows before `gemm_until` and those after are split apart.
+            let split = (seq.rows.start + seq.gemm_until.saturating_sub(seq.first)).min(seq.rows.end);
             // Longest runs first, so the workers finish together.
-            let starts: Vec<usize> = seq.rows.clone().step_by(TOKENS_PER_JOB).collect();
-            for &start in starts.iter().rev() {
-                let rows = start..(start + TOKENS_PER_JOB).min(seq.rows.end);
-                jobs.extend((0..self.n_head_kv).map(|kvh| Job { seq: s, kvh, rows: rows.clone(), out: Vec::new() }));
+            for (part, order) in [(split..seq.rows.end, Order::Gemv), (seq.rows.start..split, Order::Gemm)] {
+                let starts: Vec<usize> = part.clone().step_by(TOKENS_PER_JOB).collect();
+                for &start in starts.iter().rev() {
+                    let rows = start..(start + TOKENS_PER_JOB).min(part.end);
+                    jobs.extend((0..self.n_head_kv).map(|kvh| Job {
+                        seq: s,
+                        kvh,
+                        rows: rows.clone(),
+                        order,
+                        out: Vec::new(),
+                    }));
+                }
             }
         }
         crate::team().for_each_mut(&mut jobs, |job| {
             let seq = &seqs[job.seq];
-            let len = seq.first + (job.rows.end - seq.rows.start);
-            let order_at = |t: usize| {
-                let pos = seq.first + (t - seq.rows.start);
-                if pos < seq.gemm_until { Order::Gemm } else { Order::Gemv }
-            };
-            // Values by slot where every token of the job reduces them in the same order.
-            let (first_order, last_order) = (order_at(job.rows.start), order_at(job.rows.end - 1));
-            let v_slots = (first_order == last_order).then(|| slots(first_order));
-            let v_rounds = v_slots.map(|slots| len.div_ceil(slots));
+            let first_pos = seq.first + (job.rows.start - seq.rows.start);
+            let len = first_pos + job.rows.len();
+            let (order, v_slots) = (job.order, slots(job.order));
+            let v_rounds = len.div_ceil(v_slots);
             WIDENED.with_borrow_mut(|(k, v)| {
                 self.widen_head(seq, job.kvh, len, block_tokens, v_slots, k, v);
                 job.out.resize(job.rows.len() * group * hd, 0.0);
                 SCRATCH.with_borrow_mut(|scratch| {
                     for (i, t) in job.rows.clone().enumerate() {
-                        let pos = seq.first + (t - seq.rows.start);
-                        let order = order_at(t);
+                        let pos = first_pos + i;
                         for g in 0..group {
                             let h = job.kvh * group + g;
                             let q_head = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
@@ -435,7 +442,7 @@ impl Attention {
     }
 
     /// Widen key/value head `kvh` of positions `0..len` into `k` and `v` (`head_dim` per position;
-    /// the values by slot where `v_slots` is given, see [`slot_row`]).
+    /// the values laid out by `v_slots` slots, see [`slot_row`]).
     #[allow(clippy::too_many_arguments)]
     fn widen_head(
         &self,
@@ -443,15 +450,16 @@ impl Attention {
         kvh: usize,
         len: usize,
         block_tokens: usize,
-        v_slots: Option<usize>,
+        v_slots: usize,
         k: &mut Vec<f32>,
         v: &mut Vec<f32>,
     ) {
         let hd = self.head_dim;
         let kv_dim = self.n_head_kv * hd;
-        let v_row = |j: usize| v_slots.map_or(j, |slots| slot_row(j, slots, len.div_ceil(slots)));
+        let rounds = len.div_ceil(v_slots);
+        let v_row = |j: usize| slot_row(j, v_slots, rounds);
         k.resize(len * hd, 0.0);
-        v.resize(v_slots.map_or(len, |slots| len.div_ceil(slots) * slots) * hd, 0.0);
+        v.resize(rounds * v_slots * hd, 0.0);
         let ty = seq.kv_type;
         // Word offsets: a head's values are a whole number of q8_0 blocks, so it starts on one.
         let (row, head_at, head_len) = (ty.row_words(kv_dim), ty.row_words(kvh * hd), ty.row_words(hd));
@@ -520,22 +528,10 @@ impl Attention {
         round_f16(&mut scores[first..valid]);
         // Values: position j feeds lane j % 16 (and accumulator (j % 64) / 16 in gemv order) of
         // every output dimension; positions past `valid` carry probability zero. Accumulators
-        // are lane-major ([lane][dim]): each position's value row updates one contiguous slice,
-        // so the update vectorises over the head dimension.
-        let slots = slots(order);
+        // are lane-major ([lane][dim]), so each slot's sum vectorises over the head dimension.
         acc.clear();
-        acc.resize(slots * hd, 0.0);
-        if let Some(rounds) = v_rounds {
-            accumulate_slots(v, hd, rounds, scores, first..valid, acc);
-        } else {
-            for (j, &p) in scores.iter().enumerate().take(valid).skip(first) {
-                let row = &v[j * hd..(j + 1) * hd];
-                let slot = j % slots;
-                for (a, &x) in acc[slot * hd..(slot + 1) * hd].iter_mut().zip(row) {
-                    *a = x.mul_add(p, *a);
-                }
-            }
-        }
+        acc.resize(slots(order) * hd, 0.0);
+        accumulate_slots(v, hd, v_rounds, scores, first..valid, acc);
         // The reductions of `fold4` and `reduce16`, done for every output dimension at once:
         // each step adds whole lane rows, so it vectorises over the head dimension.
         let add = |acc: &mut [f32], dst: usize, a: usize, b: usize| {
@@ -632,7 +628,7 @@ mod tests {
         let v_blocks: Vec<Vec<u16>> = v.chunks(block).map(|b| [b, &vec![0; block - b.len()]].concat()).collect();
         let q_dim = n_head * hd;
         let first_pos = positions - tokens;
-        // All prompt (gemm), all generated (gemv), and a run with both (its values by position).
+        // All prompt (gemm), all generated (gemv), and a run with both (split into a job per order).
         for gemm_until in [positions, 0, first_pos + 2] {
             let mut fast = vec![0f32; tokens * q_dim];
             let seq = SeqKv {

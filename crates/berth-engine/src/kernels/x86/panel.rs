@@ -1,6 +1,7 @@
-//! The VNNI kernel of the 32-value formats for many tokens at once (prefill, large decode
+//! The panel kernel of the 32-value formats for many tokens at once (prefill, large decode
 //! batches): weight rows are unpacked once into a panel and then multiplied by every token of the
-//! job, four rows by four tokens at a time.
+//! job, four rows by four tokens at a time (by two on AVX2 without VNNI, whose 16 registers hold
+//! fewer accumulators).
 //!
 //! Why a second kernel: the one-row tiles unpack each weight block again for every four tokens and
 //! spend a sign instruction, a scalar multiply and a broadcast on every (row, token) pair; at 512
@@ -8,6 +9,8 @@
 //! the values as unsigned bytes (the format's offset added, so `vpdpbusd` takes them as they
 //! are), the offset's share of each lane is taken back once per token and block (it seeds the
 //! accumulating `vpdpbusd`), and the scales of four rows meet four tokens' in vector multiplies.
+//! Without VNNI the panel holds magnitudes and signs instead, and `vpmaddubsw` with `vpmaddwd`
+//! make the lanes (the sign trick of llama.cpp's AVX2 kernel); the tile is the same.
 //!
 //! The results are the same bits as the one-row tiles and llama.cpp's vector dot product: each
 //! lane's integer sum is exact either way (Σ(q + o)·y − o·Σy = Σq·y, far from overflow), and the
@@ -86,13 +89,12 @@ unsafe fn multiply_with<B: Block, const VNNI: bool>(job: &Job<'_>) {
             // SAFETY: tokens t..t + group and rows r0..r0 + valid are inside the checked bounds.
             unsafe {
                 let out = job.out.add((t - t0) * job.layout.token_stride + r0 * job.layout.row_stride);
-                match (VNNI, group) {
-                    (true, 4) => tile::<B, 4>(&panel, job, t, out, valid),
-                    (true, 3) => tile::<B, 3>(&panel, job, t, out, valid),
-                    (true, 2) => tile::<B, 2>(&panel, job, t, out, valid),
-                    (true, _) => tile::<B, 1>(&panel, job, t, out, valid),
-                    (false, 2) => tile_avx2::<B, 2>(&panel, job, t, out, valid),
-                    (false, _) => tile_avx2::<B, 1>(&panel, job, t, out, valid),
+                // (The guards keep AVX2's instances to the groups it forms.)
+                match group {
+                    4 if VNNI => tile::<B, 4, VNNI>(&panel, job, t, out, valid),
+                    3 if VNNI => tile::<B, 3, VNNI>(&panel, job, t, out, valid),
+                    2 => tile::<B, 2, VNNI>(&panel, job, t, out, valid),
+                    _ => tile::<B, 1, VNNI>(&panel, job, t, out, valid),
                 }
             }
             t += group;
@@ -133,14 +135,20 @@ unsafe fn unpack<B: Block, const VNNI: bool>(job: &Job<'_>, r0: usize, valid: us
     }
 }
 
-/// [`tile`] for AVX2: each lane's integer sum by `vpmaddubsw` and `vpmaddwd` of the magnitudes and
-/// the signed activations, as llama.cpp's AVX2 vector dot product sums it.
+/// The panel's rows by tokens `first..first + T`, each product reduced as llama.cpp's vector dot
+/// product reduces it; the first `valid` rows written.
 #[inline(always)]
-unsafe fn tile_avx2<B: Block, const T: usize>(panel: &Panel, job: &Job<'_>, first: usize, out: *mut f32, valid: usize) {
+unsafe fn tile<B: Block, const T: usize, const VNNI: bool>(
+    panel: &Panel,
+    job: &Job<'_>,
+    first: usize,
+    out: *mut f32,
+    valid: usize,
+) {
     let nb = job.acts.nb;
-    // SAFETY (whole body): as for `tile`.
+    // SAFETY (whole body): the caller guarantees the features, `nb` activation blocks for tokens
+    // first..first + T, and outputs for `valid` rows and T tokens at `out`.
     unsafe {
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); T]; ROWS];
         let mut summs = [[0f32; T]; ROWS];
         let qs = job.acts.qs.as_ptr().add(first * nb * 32);
@@ -149,21 +157,18 @@ unsafe fn tile_avx2<B: Block, const T: usize>(panel: &Panel, job: &Job<'_>, firs
         for b in 0..nb {
             let qy: [__m256i; T] =
                 std::array::from_fn(|t| _mm256_loadu_si256(qs.add((t * nb + b) * 32) as *const __m256i));
+            let base: [__m256i; T] =
+                std::array::from_fn(|t| if VNNI { vnni_base::<B>(qy[t]) } else { _mm256_setzero_si256() });
             let dy: [__m256; T] = std::array::from_fn(|t| _mm256_set1_ps(*d.add(t * nb + b)));
             for r in 0..ROWS {
-                let values = *panel.values.get_unchecked(b * ROWS + r);
-                let dw = _mm256_set1_ps(*panel.scales.get_unchecked(b * ROWS + r));
+                let at = b * ROWS + r;
+                let dw = _mm256_set1_ps(*panel.scales.get_unchecked(at));
                 for t in 0..T {
-                    let sy = if B::SIGNED {
-                        _mm256_sign_epi8(qy[t], *panel.signs.get_unchecked(b * ROWS + r))
-                    } else {
-                        qy[t]
-                    };
-                    let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(values, sy)));
+                    let lanes = _mm256_cvtepi32_ps(lane_sums::<B, VNNI>(panel, at, qy[t], base[t]));
                     acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dy[t]), lanes, acc[r][t]);
                     if B::HAS_MIN {
                         let sy = *s.add((first + t) * nb + b);
-                        summs[r][t] = panel.mins.get_unchecked(b * ROWS + r).mul_add(sy, summs[r][t]);
+                        summs[r][t] = panel.mins.get_unchecked(at).mul_add(sy, summs[r][t]);
                     }
                 }
             }
@@ -178,48 +183,35 @@ unsafe fn tile_avx2<B: Block, const T: usize>(panel: &Panel, job: &Job<'_>, firs
     }
 }
 
-/// The panel's rows by tokens `first..first + T`, each product reduced as llama.cpp's vector dot
-/// product reduces it; the first `valid` rows written.
+/// VNNI: −offset · (the sum of each lane's four activations), where the lane sums of one token's
+/// block start.
 #[inline(always)]
-unsafe fn tile<B: Block, const T: usize>(panel: &Panel, job: &Job<'_>, first: usize, out: *mut f32, valid: usize) {
-    let nb = job.acts.nb;
-    // SAFETY (whole body): the caller guarantees the features, `nb` activation blocks for tokens
-    // first..first + T, and outputs for `valid` rows and T tokens at `out`.
+unsafe fn vnni_base<B: Block>(qy: __m256i) -> __m256i {
+    // SAFETY: only VNNI's instances call it.
     unsafe {
         let zero = _mm256_setzero_si256();
-        let offset = _mm256_set1_epi8(B::OFFSET as i8);
-        let mut acc = [[_mm256_setzero_ps(); T]; ROWS];
-        let mut summs = [[0f32; T]; ROWS];
-        let qs = job.acts.qs.as_ptr().add(first * nb * 32);
-        let d = job.acts.d.as_ptr().add(first * nb);
-        let s = job.acts.s.as_ptr();
-        for b in 0..nb {
-            let qy: [__m256i; T] =
-                std::array::from_fn(|t| _mm256_loadu_si256(qs.add((t * nb + b) * 32) as *const __m256i));
-            // −offset · (the sum of each lane's four activations): where the lane sums start.
-            let base: [__m256i; T] = std::array::from_fn(|t| {
-                if B::OFFSET == 0 { zero } else { _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, offset, qy[t])) }
-            });
-            let dy: [__m256; T] = std::array::from_fn(|t| _mm256_set1_ps(*d.add(t * nb + b)));
-            for r in 0..ROWS {
-                let values = *panel.values.get_unchecked(b * ROWS + r);
-                let dw = _mm256_set1_ps(*panel.scales.get_unchecked(b * ROWS + r));
-                for t in 0..T {
-                    let lanes = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(base[t], values, qy[t]));
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dy[t]), lanes, acc[r][t]);
-                    if B::HAS_MIN {
-                        let sy = *s.add((first + t) * nb + b);
-                        summs[r][t] = panel.mins.get_unchecked(b * ROWS + r).mul_add(sy, summs[r][t]);
-                    }
-                }
-            }
+        if B::OFFSET == 0 {
+            zero
+        } else {
+            _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, _mm256_set1_epi8(B::OFFSET as i8), qy))
         }
-        let (ts, rs) = (job.layout.token_stride, job.layout.row_stride);
-        for r in 0..valid {
-            for t in 0..T {
-                let sum = hsum8(acc[r][t]);
-                *out.add(t * ts + r * rs) = if B::HAS_MIN { sum + summs[r][t] } else { sum };
-            }
+    }
+}
+
+/// The eight lanes' integer sums of panel entry `at` and one token's block `qy`: by `vpdpbusd`
+/// of the offset values from `base` (VNNI), or by `vpmaddubsw` and `vpmaddwd` of the magnitudes
+/// and the signed activations, as llama.cpp's AVX2 vector dot product sums them. Either way each
+/// lane's sum is exact, so the two give the same integers.
+#[inline(always)]
+unsafe fn lane_sums<B: Block, const VNNI: bool>(panel: &Panel, at: usize, qy: __m256i, base: __m256i) -> __m256i {
+    // SAFETY (whole body): `at` is inside the panel; the caller has the features of its level.
+    unsafe {
+        let values = *panel.values.get_unchecked(at);
+        if VNNI {
+            _mm256_dpbusd_epi32(base, values, qy)
+        } else {
+            let sy = if B::SIGNED { _mm256_sign_epi8(qy, *panel.signs.get_unchecked(at)) } else { qy };
+            _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(values, sy))
         }
     }
 }
