@@ -23,6 +23,8 @@ use super::{Block, Job, hsum8, prefetch_ahead};
 
 /// Weight rows unpacked and multiplied together.
 const ROWS: usize = 4;
+// The mins of a block's rows are one `__m128`.
+const _: () = assert!(ROWS == 4);
 
 /// From how many tokens a job's 32-value products take the panel kernel (below it, unpacking a
 /// panel costs more than it saves).
@@ -150,7 +152,9 @@ unsafe fn tile<B: Block, const T: usize, const VNNI: bool>(
     // first..first + T, and outputs for `valid` rows and T tokens at `out`.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); T]; ROWS];
-        let mut summs = [[0f32; T]; ROWS];
+        // The mins' share, the four rows of a token in one vector (kept out of the row loop: written
+        // per row and token, the compiler gathered and stored it through memory every block).
+        let mut summs = [_mm_setzero_ps(); T];
         let qs = job.acts.qs.as_ptr().add(first * nb * 32);
         let d = job.acts.d.as_ptr().add(first * nb);
         let s = job.acts.s.as_ptr();
@@ -160,24 +164,31 @@ unsafe fn tile<B: Block, const T: usize, const VNNI: bool>(
             let base: [__m256i; T] =
                 std::array::from_fn(|t| if VNNI { vnni_base::<B>(qy[t]) } else { _mm256_setzero_si256() });
             let dy: [__m256; T] = std::array::from_fn(|t| _mm256_set1_ps(*d.add(t * nb + b)));
+            if B::HAS_MIN {
+                // The same fused multiply-add per row and token as one at a time.
+                let mins = _mm_loadu_ps(panel.mins.as_ptr().add(b * ROWS));
+                for (t, summ) in summs.iter_mut().enumerate() {
+                    *summ = _mm_fmadd_ps(mins, _mm_set1_ps(*s.add((first + t) * nb + b)), *summ);
+                }
+            }
             for r in 0..ROWS {
                 let at = b * ROWS + r;
                 let dw = _mm256_set1_ps(*panel.scales.get_unchecked(at));
                 for t in 0..T {
                     let lanes = _mm256_cvtepi32_ps(lane_sums::<B, VNNI>(panel, at, qy[t], base[t]));
                     acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dy[t]), lanes, acc[r][t]);
-                    if B::HAS_MIN {
-                        let sy = *s.add((first + t) * nb + b);
-                        summs[r][t] = panel.mins.get_unchecked(at).mul_add(sy, summs[r][t]);
-                    }
                 }
             }
         }
         let (ts, rs) = (job.layout.token_stride, job.layout.row_stride);
+        let mut mins_share = [[0f32; ROWS]; T];
+        for (lanes, summ) in mins_share.iter_mut().zip(summs) {
+            _mm_storeu_ps(lanes.as_mut_ptr(), summ);
+        }
         for r in 0..valid {
             for t in 0..T {
                 let sum = hsum8(acc[r][t]);
-                *out.add(t * ts + r * rs) = if B::HAS_MIN { sum + summs[r][t] } else { sum };
+                *out.add(t * ts + r * rs) = if B::HAS_MIN { sum + mins_share[t][r] } else { sum };
             }
         }
     }
