@@ -187,6 +187,48 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_qk(q: &[f32], k: &[f32], order: Order) -> f32 {
+        // SAFETY: forwarded from the caller.
+        let t3 = unsafe { lanes8(q, k, order) };
+        // The rest of reduce16: 4..8 onto 0..4, then (0 + 2) + (1 + 3).
+        let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+        let pairs = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
+        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
+    }
+
+    /// [`dot_qk`] of eight keys, rows of `hd` values one after another in `k`, into `out`: the
+    /// same additions lane for lane, with the last steps of `reduce16` done for the eight sums
+    /// together by transposing (one horizontal reduction per key was most of the scores' time).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `k` holds at least `8 * hd` values.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_qk8(q: &[f32], k: &[f32], hd: usize, order: Order, out: &mut [f32]) {
+        assert!(k.len() >= 8 * hd && out.len() >= 8);
+        // SAFETY: forwarded from the caller; each row is inside `k`.
+        let t: [__m256; 8] = std::array::from_fn(|j| unsafe { lanes8(q, &k[j * hd..(j + 1) * hd], order) });
+        // Lanes 4..8 onto 0..4, keys j and j + 4 in one register's halves.
+        let u: [__m256; 4] = std::array::from_fn(|j| {
+            _mm256_add_ps(_mm256_permute2f128_ps(t[j], t[j + 4], 0x31), _mm256_permute2f128_ps(t[j], t[j + 4], 0x20))
+        });
+        // (0 + 2) and (1 + 3): pairs of 64-bit halves interleaved and added.
+        let pairs = |a: __m256, b: __m256| {
+            let (a, b) = (_mm256_castps_pd(a), _mm256_castps_pd(b));
+            _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)))
+        };
+        // Keys 0, 1 | 4, 5 and 2, 3 | 6, 7, two lanes each; the last step adds each key's two.
+        let (p01, p23) = (pairs(u[0], u[1]), pairs(u[2], u[3]));
+        let even = _mm256_shuffle_ps::<0b10_00_10_00>(p01, p23);
+        let odd = _mm256_shuffle_ps::<0b11_01_11_01>(p01, p23);
+        // SAFETY: `out` holds eight values (asserted).
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(even, odd)) };
+    }
+
+    /// q·k's sixteen lanes (four accumulators folded in the gemv order) with lanes 8..16 added
+    /// onto 0..8: the first step of `reduce16`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lanes8(q: &[f32], k: &[f32], order: Order) -> __m256 {
         let n = q.len().min(k.len()) / 16 * 16;
         // SAFETY: every load reads 8 floats at an offset below `n`, inside both slices.
         let at = |s: &[f32], i: usize| unsafe { _mm256_loadu_ps(s.as_ptr().add(i)) };
@@ -210,11 +252,7 @@ mod x86 {
                 hi[0] = _mm256_add_ps(_mm256_add_ps(hi[0], hi[2]), _mm256_add_ps(hi[1], hi[3]));
             }
         }
-        // reduce16: lanes 8..16 onto 0..8, then 4..8 onto 0..4, then (0 + 2) + (1 + 3).
-        let t3 = _mm256_add_ps(hi[0], lo[0]);
-        let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
-        let pairs = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
-        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
+        _mm256_add_ps(hi[0], lo[0])
     }
 }
 
@@ -517,10 +555,21 @@ impl Attention {
         qh.resize(hd_padded, 0.0);
         scores.clear();
         scores.resize(padded, 0.0);
-        for (j, s) in scores.iter_mut().enumerate().take(valid).skip(first) {
-            let row = &k[j * hd..(j + 1) * hd];
-            *s = dot_qk(qh, row, order);
-            if let Some(cap) = self.softcap {
+        #[allow(unused_mut)]
+        let mut done = first;
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::has_avx2() {
+            while done + 8 <= valid {
+                // SAFETY: AVX2 and FMA were detected; keys done..done + 8 are inside `k`.
+                unsafe { x86::dot_qk8(qh, &k[done * hd..(done + 8) * hd], hd, order, &mut scores[done..done + 8]) };
+                done += 8;
+            }
+        }
+        for (j, s) in scores.iter_mut().enumerate().take(valid).skip(done) {
+            *s = dot_qk(qh, &k[j * hd..(j + 1) * hd], order);
+        }
+        if let Some(cap) = self.softcap {
+            for s in &mut scores[first..valid] {
                 *s = ops::softcap(*s, cap);
             }
         }
@@ -591,6 +640,20 @@ mod tests {
                 // SAFETY: AVX2 and FMA were detected above.
                 let fast = unsafe { x86::dot_qk(&q, &k, order) };
                 assert_eq!(fast.to_bits(), dot_qk_portable(&q, &k, order).to_bits(), "{order:?} {len}");
+            }
+        }
+        // Eight keys reduced together give each key's own sum.
+        for hd in [64usize, 96, 128] {
+            let q: Vec<f32> = (0..hd.next_multiple_of(64)).map(|i| if i < hd { rnd() } else { 0.0 }).collect();
+            let k: Vec<f32> = (0..8 * hd).map(|_| rnd()).collect();
+            for order in [Order::Gemm, Order::Gemv] {
+                let mut eight = [0f32; 8];
+                // SAFETY: AVX2 and FMA were detected above; `k` holds eight rows.
+                unsafe { x86::dot_qk8(&q, &k, hd, order, &mut eight) };
+                for (j, got) in eight.iter().enumerate() {
+                    let want = dot_qk_portable(&q, &k[j * hd..(j + 1) * hd], order);
+                    assert_eq!(got.to_bits(), want.to_bits(), "{order:?} hd {hd} key {j}");
+                }
             }
         }
     }
