@@ -171,12 +171,12 @@ unsafe fn tile<B: Block, const T: usize, const VNNI: bool>(
                     *summ = _mm_fmadd_ps(mins, _mm_set1_ps(*s.add((first + t) * nb + b)), *summ);
                 }
             }
-            for r in 0..ROWS {
+            for (r, acc) in acc.iter_mut().enumerate() {
                 let at = b * ROWS + r;
                 let dw = _mm256_set1_ps(*panel.scales.get_unchecked(at));
                 for t in 0..T {
                     let lanes = _mm256_cvtepi32_ps(lane_sums::<B, VNNI>(panel, at, qy[t], base[t]));
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dy[t]), lanes, acc[r][t]);
+                    acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dy[t]), lanes, acc[t]);
                 }
             }
         }
