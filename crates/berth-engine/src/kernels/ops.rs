@@ -289,12 +289,13 @@ mod ggml_tests {
 
     #[test]
     fn ggml_expf_is_close_to_exp() {
-        for x in [-100.0f32, -20.0, -1.5, -0.1, 0.0, 0.3, 1.0, 10.0, 80.0] {
+        for x in [-100.0f32, -20.0, -1.5, -0.1, 0.0, 0.3, 1.0, 10.0, 80.0, 88.0] {
             let (a, b) = (ggml_expf(x), x.exp());
             assert!(((a - b) / b).abs() < 1e-6, "{x}: {a} vs {b}");
         }
         assert_eq!(ggml_expf(f32::NEG_INFINITY), 0.0);
         assert_eq!(ggml_expf(-200.0), 0.0);
+        assert_eq!(ggml_expf(200.0), f32::INFINITY);
     }
 
     #[test]
